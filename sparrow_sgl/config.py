@@ -1,0 +1,200 @@
+"""Configuration dataclasses: sparse attention settings and the position-dependent KV budget schedule.
+
+`Schedule` is the JSON contract shared by every engine and trainer (see DESIGN.md §3):
+    {"page_size": 16, "bin_tokens": 2048, "budgets": [...], "tau": 0.86, "quantile": 0.05,
+     "dense_layers": [0, 1], "model": "..."}
+`budgets[i]` is the number of KV tokens each (request, KV head) may attend to while the request's total KV length
+lies in bin i (`[i * bin_tokens, (i + 1) * bin_tokens)`); the last entry holds beyond the last bin. `null` means
+dense. Budgets count every attended page, including the sink and local pages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+SCORERS = ("centroid", "quest")
+KV_LAYOUTS = ("NHD", "HND")
+
+
+class ConfigError(ValueError):
+    """A configuration or schedule that cannot be used; the message names the problem."""
+
+
+def _reject_unknown_keys(cls: type, data: dict, where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+
+
+@dataclass(slots=True)
+class SparsityConfig:
+    """How decode attention picks its pages.
+
+    page_size: tokens per KV page (the unit of selection).
+    sink_pages / local_pages: first and last pages of a sequence that are always attended.
+    scorer: "centroid" (mean key of the page, the paper's choice) or "quest" (per-channel min/max upper bound).
+    dense_layers: layer indices that always attend densely.
+    kv_layout: "NHD" caches are [pages, page_size, kv_heads, head_dim]; "HND" are [pages, kv_heads, page_size, dim].
+    """
+
+    page_size: int = 16
+    sink_pages: int = 1
+    local_pages: int = 2
+    scorer: str = "centroid"
+    dense_layers: tuple[int, ...] = (0, 1)
+    kv_layout: str = "NHD"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.page_size, int) or self.page_size < 1:
+            raise ConfigError(f"page_size must be a positive integer, got {self.page_size!r}")
+        if self.sink_pages < 0 or self.local_pages < 0:
+            raise ConfigError(f"sink_pages and local_pages must be >= 0, got {self.sink_pages}, {self.local_pages}")
+        if self.local_pages < 1:
+            raise ConfigError("local_pages must be >= 1: the page holding the current token is always attended")
+        if self.scorer not in SCORERS:
+            raise ConfigError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ConfigError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
+        self.dense_layers = tuple(int(i) for i in self.dense_layers)
+        if any(i < 0 for i in self.dense_layers):
+            raise ConfigError(f"dense_layers must be non-negative layer indices, got {list(self.dense_layers)}")
+
+    @property
+    def reserved_pages(self) -> int:
+        return self.sink_pages + self.local_pages
+
+    @property
+    def min_budget(self) -> int:
+        """Smallest budget in tokens: the sink and local pages."""
+        return self.reserved_pages * self.page_size
+
+    def is_dense_layer(self, layer: int | None) -> bool:
+        return layer is not None and layer in self.dense_layers
+
+
+@dataclass(slots=True)
+class Schedule:
+    """KV budget (tokens per request and KV head) as a step function of the request's total KV length."""
+
+    budgets: list[int | None] = field(default_factory=lambda: [None])
+    page_size: int = 16
+    bin_tokens: int = 2048
+    tau: float = 0.86
+    quantile: float = 0.05
+    dense_layers: list[int] = field(default_factory=lambda: [0, 1])
+    model: str = ""
+    name: str = ""
+    sink_pages: int = 1
+    local_pages: int = 2
+    scorer: str = "centroid"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budgets, list | tuple) or len(self.budgets) == 0:
+            raise ConfigError(f"schedule budgets must be a non-empty list, got {self.budgets!r}")
+        self.budgets = list(self.budgets)
+        if not isinstance(self.bin_tokens, int) or self.bin_tokens < 1:
+            raise ConfigError(f"bin_tokens must be a positive integer, got {self.bin_tokens!r}")
+        if not (0.0 < float(self.tau) < 1.0):
+            raise ConfigError(f"tau must lie in (0, 1), got {self.tau!r}")
+        if not (0.0 < float(self.quantile) < 1.0):
+            raise ConfigError(f"quantile must lie in (0, 1), got {self.quantile!r}")
+        self.dense_layers = [int(i) for i in self.dense_layers]
+        sparsity = self.sparsity()  # validates page_size, sink/local pages, scorer
+        for i, budget in enumerate(self.budgets):
+            if budget is None:
+                continue
+            if isinstance(budget, bool) or not isinstance(budget, int):
+                raise ConfigError(f"budget of bin {i} must be an integer number of tokens or null, got {budget!r}")
+            if budget % self.page_size != 0:
+                raise ConfigError(
+                    f"budget of bin {i} ({budget} tokens) is not a multiple of the page size ({self.page_size})"
+                )
+            if budget < sparsity.min_budget:
+                raise ConfigError(
+                    f"budget of bin {i} ({budget} tokens) is below the {sparsity.reserved_pages} always-kept "
+                    f"sink+local pages ({sparsity.min_budget} tokens)"
+                )
+
+    # -- queries ------------------------------------------------------------------------------------------------
+    def bin_of(self, position: int) -> int:
+        if position < 0:
+            raise ValueError(f"position must be >= 0, got {position}")
+        return min(position // self.bin_tokens, len(self.budgets) - 1)
+
+    def budget_at(self, position: int) -> int | None:
+        """KV budget in tokens for a request whose total KV length is `position`; None means dense."""
+        return self.budgets[self.bin_of(position)]
+
+    @property
+    def is_dense(self) -> bool:
+        return all(b is None for b in self.budgets)
+
+    def sparsity(self) -> SparsityConfig:
+        return SparsityConfig(
+            page_size=self.page_size,
+            sink_pages=self.sink_pages,
+            local_pages=self.local_pages,
+            scorer=self.scorer,
+            dense_layers=tuple(self.dense_layers),
+        )
+
+    def describe(self) -> str:
+        parts = []
+        for i, b in enumerate(self.budgets):
+            start = i * self.bin_tokens
+            span = f"{start}+" if i == len(self.budgets) - 1 else f"{start}-{start + self.bin_tokens}"
+            parts.append(f"{span}: {'dense' if b is None else f'{b} tok'}")
+        return f"{self.name or 'schedule'} [" + ", ".join(parts) + "]"
+
+    # -- JSON ---------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "schedule") -> Schedule:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        _reject_unknown_keys(cls, data, where)
+        if "budgets" not in data:
+            raise ConfigError(f"{where}: missing required key 'budgets'")
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Schedule:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"schedule file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"schedule file {path} is not valid JSON: {e}") from e
+        return cls.from_dict(data, where=f"schedule file {path}")
+
+    # -- constructors -------------------------------------------------------------------------------------------
+    @classmethod
+    def dense(cls, **kw) -> Schedule:
+        return cls(budgets=[None], name="dense", **kw)
+
+    @classmethod
+    def fixed(cls, budget: int, **kw) -> Schedule:
+        return cls(budgets=[int(budget)], name=f"fixed:{budget}", **kw)
+
+
+def budget_pages(budget_tokens: int | None, seq_len: int, page_size: int) -> int:
+    """Number of pages a request with `seq_len` tokens attends to under `budget_tokens` (None = all)."""
+    n_pages = math.ceil(seq_len / page_size)
+    if budget_tokens is None:
+        return n_pages
+    return min(n_pages, budget_tokens // page_size)

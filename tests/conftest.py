@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random Qwen3 models saved in HF format (built offline, once per session)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparrow_sgl.tiny import TinyModelSpec, save_tiny_model
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 4-layer Qwen3 (4 query heads, 2 KV heads, head_dim 16) with a byte-level BPE tokenizer."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), TinyModelSpec())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """Build (and cache) tiny models of other shapes: `tiny_model_factory(num_key_value_heads=1, ...)`."""
+    cache = {}
+
+    def make(**overrides):
+        key = tuple(sorted(overrides.items()))
+        if key not in cache:
+            spec = TinyModelSpec(**overrides)
+            cache[key] = save_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-var"), spec)
+        return cache[key]
+
+    return make
