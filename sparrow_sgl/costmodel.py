@@ -1,0 +1,384 @@
+"""Decode cost of dense vs block-sparse rollouts: the paper's analytic eFLOPs model and a measured-timing model.
+
+Analytic (Sparrow §3.3 + App. F), per decode step of a batch, summed over layers:
+    compute  = 2 * matmul_params * batch                               linear layers + LM head
+             + sum_seq 4 * q_heads * head_dim * attended_tokens        QK^T and PV
+             + sum_seq 2 * kv_heads * head_dim * pages                 page scoring (sparse layers, when selecting)
+    memory   = weight_bytes                                            weights, read once per step
+             + sum_seq kv_dim * attended_tokens * kv_bytes             K and V of the attended pages
+             + sum_seq kv_heads * head_dim * pages * summary_bytes     page summaries read by the scorer
+    eFLOPs   = compute + I * memory,  I = peak FLOP/s / bandwidth;   seconds = eFLOPs / peak FLOP/s
+Dense layers (the schedule's `dense_layers`) always attend the whole context. Integrated over a rollout's length
+distribution this reproduces the paper's closed form: 2PN*L_out + rN(2L_in+L_out)L_out*D + I*(... + N*L_out^2*D).
+
+Measured: rows of per-step decode time written by the GPU benchmarks (`bench/results/*.json`), one JSON object
+per row (a JSON list, an object with "rows", or JSON lines):
+    {"kind": "decode_step", "model": "qwen3-4b", "gpu": "H100", "batch": 16, "context": 16384,
+     "budget": 1024 | null, "step_ms": 21.3}
+`context` is the KV length of every request in the batch, `budget` the KV tokens per (request, KV head), null for
+dense. The model interpolates linearly in context (extrapolating from the last two points), linearly between
+measured budgets, and takes the measured batch nearest in log scale.
+
+Rollouts are modelled as continuous batching at a steady `batch` of concurrent requests: each decode step of a
+request costs its own attention plus 1/batch of the step's weight traffic and linear compute. Prefill is dense and
+compute-bound in both cases; the drain at the end of a rollout (batch emptying) is not modelled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sparrow_sgl.config import ConfigError, Schedule
+from sparrow_sgl.hardware import Hardware, ModelShape, get_hardware, get_model_shape
+
+DENSE = math.inf  # budget value meaning "attend everything"
+
+
+def schedule_budgets(schedule: Schedule, contexts: np.ndarray) -> np.ndarray:
+    """Budget in tokens (inf for dense) at each KV length, vectorized `schedule.budget_at`."""
+    table = np.array([DENSE if b is None else float(b) for b in schedule.budgets])
+    bins = np.minimum(np.asarray(contexts) // schedule.bin_tokens, len(table) - 1)
+    return table[bins]
+
+
+def _as_budget_array(budget, shape) -> np.ndarray:
+    if budget is None:
+        return np.full(shape, DENSE)
+    arr = np.asarray(budget, dtype=object)
+    if arr.dtype == object:
+        arr = np.where(arr == None, DENSE, arr).astype(float)  # noqa: E711 (elementwise None test)
+    return np.broadcast_to(arr.astype(float), shape)
+
+
+@dataclass(slots=True)
+class StepCost:
+    """Cost of one decode step of a whole batch."""
+
+    flops: float  # compute, FLOP
+    bytes: float  # memory traffic, bytes
+    eflops: float  # compute + I * bytes, FLOP
+    seconds: float  # eflops / peak FLOP/s
+
+
+class CostModel:
+    """Common rollout integration; subclasses give the per-token decode time at each KV length."""
+
+    def token_seconds(self, contexts: np.ndarray, budgets: np.ndarray, batch: int, schedule: Schedule) -> np.ndarray:
+        raise NotImplementedError
+
+    def prefill_seconds(self, prompt_lens: np.ndarray) -> np.ndarray:
+        return np.zeros_like(prompt_lens, dtype=float)
+
+    def predict_rollout_time(
+        self,
+        schedule: Schedule | None,
+        lengths: Sequence[int] | np.ndarray,
+        batch: int,
+        prompt_len: int | Sequence[int] = 0,
+        include_prefill: bool = True,
+    ) -> float:
+        """Seconds to generate `lengths` response tokens per request, `batch` requests decoding concurrently."""
+        schedule = schedule or Schedule.dense()
+        gen, prompt = _lengths(lengths, prompt_len)
+        if batch < 1:
+            raise ConfigError(f"batch must be >= 1, got {batch}")
+        # The first response token comes from the prefill; decode step k (k >= 1) runs at KV length prompt + k.
+        contexts = np.arange(1, int((prompt + gen).max()) + 1)
+        per_token = self.token_seconds(contexts, schedule_budgets(schedule, contexts), batch, schedule)
+        cumulative = np.concatenate([[0.0], np.cumsum(per_token)])
+        decode = cumulative[prompt + gen - 1] - cumulative[prompt]
+        prefill = self.prefill_seconds(prompt) if include_prefill else 0.0
+        return float(np.sum(decode + prefill))
+
+    def speedup(
+        self,
+        schedule: Schedule,
+        lengths: Sequence[int] | np.ndarray,
+        batch: int,
+        prompt_len: int | Sequence[int] = 0,
+        include_prefill: bool = True,
+    ) -> float:
+        """Predicted rollout speedup of `schedule` over dense decode (same lengths, batch, sparsity settings)."""
+        dense = _dense_like(schedule)
+        t_dense = self.predict_rollout_time(dense, lengths, batch, prompt_len, include_prefill)
+        t_sparse = self.predict_rollout_time(schedule, lengths, batch, prompt_len, include_prefill)
+        return t_dense / t_sparse
+
+
+def _dense_like(schedule: Schedule) -> Schedule:
+    return Schedule.dense(
+        page_size=schedule.page_size, bin_tokens=schedule.bin_tokens, dense_layers=list(schedule.dense_layers)
+    )
+
+
+def _lengths(lengths, prompt_len) -> tuple[np.ndarray, np.ndarray]:
+    gen = np.atleast_1d(np.asarray(lengths, dtype=np.int64))
+    if gen.size == 0:
+        raise ConfigError("lengths is empty: give at least one response length")
+    if (gen < 1).any():
+        raise ConfigError("response lengths must be >= 1 token")
+    prompt = np.broadcast_to(np.asarray(prompt_len, dtype=np.int64), gen.shape)
+    if (prompt < 0).any():
+        raise ConfigError("prompt lengths must be >= 0")
+    return gen, prompt
+
+
+class AnalyticCost(CostModel):
+    """The paper's eFLOPs model for a model shape on a hardware preset.
+
+    kv_bytes / weight_bytes: bytes per element (2 for bf16). summary_bytes: bytes per element of a page summary
+    (the centroid scorer reads one vector per page and KV head, Quest reads two). bytes_only=True drops compute and
+    gives the "bytes limit": time = memory traffic / bandwidth.
+    """
+
+    def __init__(
+        self,
+        model: str | ModelShape,
+        hardware: str | Hardware = "h100",
+        kv_bytes: int = 2,
+        weight_bytes: int = 2,
+        summary_bytes: int = 2,
+        bytes_only: bool = False,
+    ):
+        self.model = get_model_shape(model)
+        self.hardware = get_hardware(hardware)
+        self.kv_bytes, self.weight_bytes, self.summary_bytes = kv_bytes, weight_bytes, summary_bytes
+        self.bytes_only = bytes_only
+
+    # -- per request and step ----------------------------------------------------------------------------------
+    def _attention_terms(self, contexts: np.ndarray, budgets: np.ndarray, schedule: Schedule):
+        """(flops, bytes) of attention + selection for one request at each KV length, summed over layers."""
+        m = self.model
+        n_dense = sum(1 for i in set(schedule.dense_layers) if i < m.num_layers)
+        n_sparse = m.num_layers - n_dense
+        ctx = np.asarray(contexts, dtype=float)
+        pages = np.ceil(ctx / schedule.page_size)
+        attended = np.minimum(budgets, ctx)
+        selecting = budgets < pages * schedule.page_size  # selection is skipped when every page fits the budget
+        vectors = 2 if schedule.scorer == "quest" else 1
+        attn_flops = lambda tokens: 4.0 * m.num_heads * m.head_dim * tokens
+        kv_traffic = lambda tokens: float(m.kv_dim * self.kv_bytes) * tokens
+        summary_elems = float(vectors * m.num_kv_heads * m.head_dim) * pages
+        select_flops = np.where(selecting, 2.0 * summary_elems, 0.0)
+        select_bytes = np.where(selecting, self.summary_bytes * summary_elems, 0.0)
+        flops = n_dense * attn_flops(ctx) + n_sparse * (attn_flops(attended) + select_flops)
+        traffic = n_dense * kv_traffic(ctx) + n_sparse * (kv_traffic(attended) + select_bytes)
+        return flops, traffic
+
+    def _to_seconds(self, flops, traffic):
+        if self.bytes_only:
+            return traffic / self.hardware.bandwidth
+        return (flops + self.hardware.flops_per_byte * traffic) / self.hardware.peak_flops
+
+    def token_seconds(self, contexts, budgets, batch, schedule):
+        flops, traffic = self._attention_terms(contexts, budgets, schedule)
+        shared_flops = 2.0 * self.model.matmul_params  # per token, whatever the batch
+        shared_bytes = float(self.model.matmul_params * self.weight_bytes) / batch
+        return self._to_seconds(flops + shared_flops, traffic + shared_bytes)
+
+    def prefill_seconds(self, prompt_lens):
+        m = self.model
+        p = np.asarray(prompt_lens, dtype=float)
+        flops = 2.0 * m.matmul_params * p + 2.0 * m.num_heads * m.head_dim * p * p * m.num_layers  # causal half
+        kv_writes = float(m.kv_dim * self.kv_bytes * m.num_layers) * p
+        return self._to_seconds(flops, kv_writes)
+
+    # -- reporting ----------------------------------------------------------------------------------------------
+    def step_cost(self, batch: int, context: int, budget: int | None, schedule: Schedule | None = None) -> StepCost:
+        """One decode step of `batch` requests that all sit at KV length `context`."""
+        schedule = schedule or Schedule.dense()
+        ctx = np.array([float(context)])
+        flops, traffic = self._attention_terms(ctx, _as_budget_array(budget, ctx.shape), schedule)
+        flops = float(flops[0]) * batch + 2.0 * self.model.matmul_params * batch
+        traffic = float(traffic[0]) * batch + float(self.model.matmul_params * self.weight_bytes)
+        eflops = self.hardware.flops_per_byte * traffic + (0.0 if self.bytes_only else flops)
+        return StepCost(flops, traffic, eflops, eflops / self.hardware.peak_flops)
+
+
+def bytes_limit_speedup(
+    model: str | ModelShape,
+    schedule: Schedule,
+    lengths: Sequence[int] | np.ndarray,
+    batch: int,
+    prompt_len: int | Sequence[int] = 0,
+) -> float:
+    """Upper bound on the decode speedup when decode is purely memory-bound: weights + KV + summaries bytes."""
+    return AnalyticCost(model, "h100", bytes_only=True).speedup(
+        schedule, lengths, batch, prompt_len, include_prefill=False
+    )
+
+
+# -- measured mode ------------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class DecodeRow:
+    model: str
+    batch: int
+    context: int
+    budget: int | None
+    step_ms: float
+    gpu: str = ""
+
+
+def load_decode_rows(paths: str | Path | Iterable[str | Path]) -> list[DecodeRow]:
+    """Read `decode_step` rows from benchmark JSON files (list, {"rows": [...]}, or JSON lines); others skipped."""
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    rows: list[DecodeRow] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ConfigError(f"benchmark file not found: {path}")
+        for i, obj in enumerate(_json_objects(path)):
+            if obj.get("kind", "decode_step") != "decode_step":
+                continue
+            try:
+                budget = obj.get("budget")
+                rows.append(
+                    DecodeRow(
+                        model=str(obj.get("model", "")),
+                        batch=int(obj["batch"]),
+                        context=int(obj["context"]),
+                        budget=None if budget is None else int(budget),
+                        step_ms=float(obj["step_ms"]),
+                        gpu=str(obj.get("gpu", "")),
+                    )
+                )
+            except (KeyError, TypeError, ValueError) as e:
+                raise ConfigError(f"{path}: row {i} is not a decode_step row (batch, context, step_ms): {e}") from e
+    return rows
+
+
+def _json_objects(path: Path) -> list[dict]:
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is neither JSON nor JSON lines: {e}") from e
+    if isinstance(data, dict):
+        data = data.get("rows", [data])
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ConfigError(f"{path}: expected a list of row objects")
+    return data
+
+
+class MeasuredCost(CostModel):
+    """Per-step decode time interpolated from benchmark rows of one model (and GPU)."""
+
+    def __init__(self, rows: Sequence[DecodeRow], model: str | None = None, gpu: str | None = None):
+        if model:
+            rows = [r for r in rows if r.model == model]
+        if gpu:
+            rows = [r for r in rows if gpu.lower() in r.gpu.lower()]
+        if not rows:
+            raise ConfigError(f"no decode_step rows for model={model!r} gpu={gpu!r}")
+        self.rows = list(rows)
+        self.batches = sorted({r.batch for r in self.rows})
+
+    @classmethod
+    def from_json(cls, paths, model: str | None = None, gpu: str | None = None) -> MeasuredCost:
+        return cls(load_decode_rows(paths), model=model, gpu=gpu)
+
+    def nearest_batch(self, batch: int) -> int:
+        return min(self.batches, key=lambda b: (abs(math.log(b / batch)), b))
+
+    def _curve(self, batch: int, budget: float) -> tuple[np.ndarray, np.ndarray]:
+        """(contexts, step seconds) measured at this batch and budget, averaged over repeats."""
+        key = None if budget == DENSE else int(budget)
+        points: dict[int, list[float]] = {}
+        for r in self.rows:
+            if r.batch == batch and r.budget == key:
+                points.setdefault(r.context, []).append(r.step_ms / 1e3)
+        ctx = np.array(sorted(points), dtype=float)
+        return ctx, np.array([np.mean(points[int(c)]) for c in ctx])
+
+    def step_seconds(self, batch: int, contexts, budget: int | float | None) -> np.ndarray:
+        """Per-step time of a batch at each KV length (nearest measured batch; interpolated budget)."""
+        b = self.nearest_batch(batch)
+        budget = DENSE if budget is None else float(budget)
+        ctx = np.atleast_1d(np.asarray(contexts, dtype=float))
+        measured = sorted({DENSE if r.budget is None else float(r.budget) for r in self.rows if r.batch == b})
+        if budget in measured:
+            return _interp_linear(ctx, *self._curve(b, budget))
+        finite = [x for x in measured if x != DENSE]
+        if not finite:
+            raise ConfigError(f"no sparse decode_step rows at batch {b} to estimate budget {int(budget)}")
+        lo = max([x for x in finite if x < budget], default=finite[0])
+        hi = min([x for x in finite if x > budget], default=finite[-1])
+        y_lo, y_hi = _interp_linear(ctx, *self._curve(b, lo)), _interp_linear(ctx, *self._curve(b, hi))
+        if lo == hi:
+            return y_lo
+        w = (budget - lo) / (hi - lo)
+        return (1 - w) * y_lo + w * y_hi
+
+    def token_seconds(self, contexts, budgets, batch, schedule):
+        out = np.empty(len(contexts), dtype=float)
+        for budget in np.unique(budgets):
+            where = budgets == budget
+            out[where] = self.step_seconds(batch, contexts[where], budget) / batch
+        return out
+
+
+def _interp_linear(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """Linear interpolation that extrapolates linearly beyond both ends (decode time is affine in context)."""
+    if xp.size == 0:
+        raise ConfigError("no measured points for this batch and budget")
+    if xp.size == 1:
+        return np.full_like(x, fp[0])
+    y = np.interp(x, xp, fp)
+    left, right = x < xp[0], x > xp[-1]
+    y[left] = fp[0] + (x[left] - xp[0]) * (fp[1] - fp[0]) / (xp[1] - xp[0])
+    y[right] = fp[-1] + (x[right] - xp[-1]) * (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
+    return np.maximum(y, 0.0)
+
+
+def make_cost_model(
+    model: str | ModelShape | None = None,
+    hardware: str | Hardware = "h100",
+    measured: str | Path | Sequence[str | Path] | None = None,
+    gpu: str | None = None,
+) -> CostModel:
+    """Measured model when benchmark files are given, otherwise the analytic one."""
+    if measured:
+        name = model if isinstance(model, str) else (model.name if model else None)
+        return MeasuredCost.from_json(measured, model=name, gpu=gpu)
+    if model is None:
+        raise ConfigError("the analytic cost model needs a model: a Qwen3 shape name or a model dir")
+    return AnalyticCost(model, hardware)
+
+
+def predict_rollout_time(
+    schedule: Schedule | None,
+    lengths: Sequence[int] | np.ndarray,
+    batch: int,
+    *,
+    model: str | ModelShape | None = None,
+    hardware: str | Hardware = "h100",
+    prompt_len: int | Sequence[int] = 0,
+    cost: CostModel | None = None,
+) -> float:
+    """Seconds of decode (+ prefill) for a length distribution; the model defaults to `schedule.model`."""
+    cost = cost or make_cost_model(model or (schedule.model if schedule else None) or None, hardware)
+    return cost.predict_rollout_time(schedule, lengths, batch, prompt_len)
+
+
+def speedup(
+    schedule: Schedule,
+    lengths: Sequence[int] | np.ndarray = (32768,),
+    batch: int = 16,
+    *,
+    model: str | ModelShape | None = None,
+    hardware: str | Hardware = "h100",
+    prompt_len: int | Sequence[int] = 0,
+    cost: CostModel | None = None,
+) -> float:
+    """Predicted rollout speedup of `schedule` over dense; the model defaults to `schedule.model`."""
+    cost = cost or make_cost_model(model or schedule.model or None, hardware)
+    return cost.speedup(schedule, lengths, batch, prompt_len)
