@@ -1,6 +1,6 @@
 """`sparrow` command line: each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args)`.
 
-Modules are imported when the parser is built, so they must keep heavy imports (sglang, ray, triton) inside `run`.
+Only the invoked subcommand's module is imported; it keeps heavy imports (sglang, ray, triton) inside `run`.
 """
 
 from __future__ import annotations
@@ -22,24 +22,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """All subcommands are listed; only the one named in `argv` has its module imported and its options added."""
     parser = argparse.ArgumentParser(prog="sparrow", description="Sparse rollouts for long-context RL of LLMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in (argv or []) if not a.startswith("-")), None)
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if not module_name.startswith(e.name or "\0"):
-                raise
-            continue  # this subcommand's module is not part of this build yet
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not hasattr(args, "_run"):
         parser.print_help()

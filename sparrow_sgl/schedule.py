@@ -59,5 +59,6 @@ def resolve_schedule(spec: str | Schedule | None, page_size: int = 16) -> Schedu
     if spec.endswith(".json") or Path(spec).exists():
         return Schedule.load(spec)
     raise ConfigError(
-        f"unknown schedule {spec!r}: use 'dense', 'fixed:N', a schedule JSON file, or one of {', '.join(preset_names())}"
+        f"unknown schedule {spec!r}: use 'dense', 'fixed:N', a schedule JSON file, "
+        f"or one of {', '.join(preset_names())}"
     )

@@ -51,7 +51,8 @@ class PageSummaries:
         Several keys may land in the same page in one call (prefill).
         """
         if keys.dim() != 3 or keys.shape[1:] != self.key_sum.shape[1:]:
-            raise ValueError(f"keys must be [N, {self.key_sum.shape[1]}, {self.key_sum.shape[2]}], got {tuple(keys.shape)}")
+            expected = f"[N, {self.key_sum.shape[1]}, {self.key_sum.shape[2]}]"
+            raise ValueError(f"keys must be {expected}, got {tuple(keys.shape)}")
         pages = pages.to(device=self.count.device, dtype=torch.long)
         fresh = pages[offsets.to(pages.device) == 0]
         if fresh.numel():
