@@ -27,8 +27,15 @@ def test_qwen3_shapes_match_published_parameter_counts():
 def test_model_shape_from_hf_config_object_and_dir(tmp_path):
     from transformers import Qwen3Config
 
-    cfg = Qwen3Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=16, intermediate_size=128, vocab_size=512)
+    cfg = Qwen3Config(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        vocab_size=512,
+    )
     shape = ModelShape.from_hf_config(cfg, name="tiny")
     assert (shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.gqa_ratio) == (4, 2, 16, 2)
     cfg.save_pretrained(tmp_path)
@@ -108,9 +115,18 @@ def test_paper_presets_predicted_rollout_speedup_is_in_the_papers_range(size):
 
 def _bench_rows(cost: AnalyticCost, batches, contexts, budgets):
     return [
-        {"kind": "decode_step", "model": "qwen3-4b", "gpu": "NVIDIA H100", "batch": b, "context": c, "budget": k,
-         "step_ms": 1e3 * cost.step_cost(b, c, k).seconds}
-        for b in batches for c in contexts for k in budgets
+        {
+            "kind": "decode_step",
+            "model": "qwen3-4b",
+            "gpu": "NVIDIA H100",
+            "batch": b,
+            "context": c,
+            "budget": k,
+            "step_ms": 1e3 * cost.step_cost(b, c, k).seconds,
+        }
+        for b in batches
+        for c in contexts
+        for k in budgets
     ]
 
 

@@ -1,0 +1,133 @@
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from sparrow_sgl.calibrate import CalibrationTable
+from sparrow_sgl.cli import main
+from sparrow_sgl.config import ConfigError, Schedule
+from sparrow_sgl.costmodel import AnalyticCost
+from sparrow_sgl.mismatch import BinStat
+from sparrow_sgl.plan import MISSING, OK, RAISED, UNSATISFIABLE, parse_lengths, plan_schedule
+
+BIN = 2048
+
+
+def make_table(tails: dict, counts: dict | None = None, **kw) -> CalibrationTable:
+    """tails: {budget or None: [tail per bin]} (None in the list = empty bin)."""
+    budgets = {}
+    for budget, row in tails.items():
+        stats = []
+        for i, t in enumerate(row):
+            n = 0 if t is None else (counts or {}).get((budget, i), 500)
+            stats.append(BinStat(i * BIN, (i + 1) * BIN, n, t, None if t is None else min(1.0, t + 0.1)))
+        budgets["dense" if budget is None else str(budget)] = stats
+    return CalibrationTable(model="qwen3-4b", bin_tokens=BIN, budgets=budgets, **kw)
+
+
+def test_picks_known_cheapest_budget_per_bin():
+    table = make_table({
+        512: [0.95, 0.85, 0.80, 0.70],
+        1024: [0.97, 0.90, 0.87, 0.80],
+        2048: [0.99, 0.95, 0.93, 0.88],
+    })  # fmt: skip
+    plan = plan_schedule(table, tau=0.86)
+    assert plan.schedule.budgets == [512, 1024, 1024, 2048]
+    assert [d.status for d in plan.bins] == [OK] * 4
+    assert [d.tail for d in plan.bins] == [0.95, 0.90, 0.87, 0.88]
+    # a margin asks for more headroom
+    assert plan_schedule(table, tau=0.86, margin=0.02).schedule.budgets == [512, 1024, 2048, 2048]
+
+
+def test_budgets_are_monotone_with_position():
+    table = make_table({512: [0.80, 0.90, 0.70, 0.90], 1024: [0.90, 0.95, 0.75, 0.95], 2048: [0.95, 0.97, 0.90, 0.97]})
+    plan = plan_schedule(table, tau=0.86)
+    assert plan.schedule.budgets == [1024, 1024, 2048, 2048]
+    assert [d.status for d in plan.bins] == [OK, RAISED, OK, RAISED]
+
+
+def test_unsatisfiable_bin_goes_dense_and_is_reported():
+    table = make_table({512: [0.90, 0.80, 0.90], 1024: [0.95, 0.84, 0.95]})
+    plan = plan_schedule(table, tau=0.86)
+    assert plan.schedule.budgets == [512, None, None]  # later bins stay dense: budgets never decrease
+    assert plan.flagged(UNSATISFIABLE) == [1]
+    assert "dense: no budget passes" in plan.report()
+
+
+def test_bins_without_data_borrow_the_safer_neighbour_and_are_flagged():
+    table = make_table(
+        {512: [0.90, 0.95, 0.80, 0.80, None], 1024: [0.95, 0.96, 0.90, 0.88, None]},
+        counts={(512, 1): 3, (1024, 1): 3},  # too few tokens to trust
+    )
+    plan = plan_schedule(table, tau=0.86, min_count=20)
+    assert plan.schedule.budgets == [512, 1024, 1024, 1024, 1024]
+    assert plan.flagged(MISSING) == [1, 4]
+    # more bins than measured: the trailing ones take the last measured rule
+    assert plan_schedule(table, tau=0.86, num_bins=7).schedule.budgets[-1] == 1024
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_equals_brute_force_cheapest_monotone_schedule(seed):
+    rng = np.random.default_rng(seed)
+    grid, n_bins = [512, 1024, 2048], 4
+    base = np.sort(rng.uniform(0.75, 0.99, size=(n_bins, len(grid))), axis=1)  # tails rise with the budget
+    table = make_table({b: list(base[:, j]) for j, b in enumerate(grid)})
+    cost = AnalyticCost("qwen3-4b", "h100")
+    lengths = [n_bins * BIN - 100]
+
+    def time_of(budgets):
+        return cost.predict_rollout_time(Schedule(budgets=list(budgets), bin_tokens=BIN), lengths, batch=16)
+
+    options = [*grid, None]
+    best = None
+    for combo in itertools.product(options, repeat=n_bins):
+        key = [float("inf") if b is None else b for b in combo]
+        if key != sorted(key):
+            continue
+        feasible = all(b is None or base[i, grid.index(b)] >= 0.86 for i, b in enumerate(combo))
+        if feasible and (best is None or time_of(combo) < time_of(best)):
+            best = combo
+    assert plan_schedule(table, tau=0.86).schedule.budgets == list(best)
+
+
+def test_warnings_for_noise_floor_and_topk_mode():
+    table = make_table({512: [0.9, 0.9], None: [0.99, 0.85]}, mode="topk")
+    plan = plan_schedule(table, tau=0.86)
+    assert any("noise floor" in w and "bin 1" in w for w in plan.warnings)
+    assert any("top-k" in w for w in plan.warnings)
+    with pytest.raises(ConfigError, match="no sparse budgets"):
+        plan_schedule(make_table({None: [0.99]}))
+
+
+def test_parse_lengths(tmp_path):
+    assert list(parse_lengths("4096")) == [4096]
+    assert list(parse_lengths("1,2,3")) == [1, 2, 3]
+    u = parse_lengths("uniform:1000:2000:11")
+    assert u.size == 11 and u.min() == 1000 and u.max() == 2000
+    f = tmp_path / "rollouts.jsonl"
+    f.write_text(json.dumps({"token_ids": [1, 2, 3]}) + "\n" + json.dumps({"length": 7}) + "\n")
+    assert list(parse_lengths(str(f))) == [3, 7]
+    with pytest.raises(ConfigError, match="lengths"):
+        parse_lengths("uniform:a:b")
+
+
+def test_cli_plans_from_a_table_and_writes_a_schedule(tmp_path, capsys):
+    table = make_table({512: [0.95, 0.85, 0.80], 1024: [0.97, 0.90, 0.87]})
+    table.settings = {"page_size": 16, "scorer": "centroid", "dense_layers": [0, 1]}
+    path = tmp_path / "calib.json"
+    table.save(path)
+    out = tmp_path / "sched.json"
+    assert main(["plan", str(path), "--out", str(out), "--lengths", "6000", "--explain"]) == 0
+    schedule = Schedule.load(out)
+    assert schedule.budgets == [512, 1024, 1024] and schedule.tau == 0.86 and schedule.bin_tokens == BIN
+    text = capsys.readouterr().out
+    assert "predicted rollout speedup vs dense" in text and "0.9500" in text and "0.8700" in text
+
+
+def test_cli_explains_a_paper_preset(capsys):
+    assert main(["plan", "--preset", "qwen3-4b-0.86", "--explain", "--hardware", "h100"]) == 0
+    text = capsys.readouterr().out
+    assert "38000-40000" in text and "8192 (512p)" in text
+    assert "predicted rollout speedup vs dense" in text and "bytes limit" in text
+    assert main(["plan"]) == 2  # neither a table nor a preset: a clear error, no traceback
