@@ -40,6 +40,15 @@ def sparse_decode(
     _check_shapes(q, k_cache, v_cache, block_table, seq_lens, cfg)
     if cfg.is_dense_layer(layer):
         budget = None
+    if q.is_cuda:  # kernels (FlashInfer / Triton) when importable; the torch code below stays the reference
+        from sparrow_sgl.attention.kernels import dispatch
+
+        backend = dispatch.pick_backend(q, k_cache, cfg, sparse=budget is not None)
+        if backend != "torch":
+            return dispatch.sparse_decode_cuda(
+                q, k_cache, v_cache, block_table, seq_lens, budget, cfg,
+                summaries=summaries, scale=scale, return_selection=return_selection, backend=backend,
+            )
     if budget is not None and summaries is None:
         summaries = PageSummaries.from_cache(k_cache, block_table, seq_lens, cfg)
     selection = select_pages(q, summaries if budget is not None else None, block_table, seq_lens, budget, cfg)

@@ -1,0 +1,161 @@
+"""Paged block-sparse decode attention in Triton: the fallback when FlashInfer is absent (or the layout is NHD).
+
+Split-KV (flash-decoding): grid (batch * kv_heads, splits). A program takes one (request, KV head), all query heads
+of its GQA group at once (a [group, D] x [D, tokens] product on the tensor cores), and a contiguous slice of the
+row's selected pages; it keeps an online softmax and writes its partial output and log-sum-exp. A second kernel
+merges the splits. Works on either cache layout through strides.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from sparrow_sgl.attention.pages import to_hnd
+from sparrow_sgl.config import SparsityConfig
+
+
+@triton.jit
+def _sparse_decode_kernel(
+    q_ptr, stride_qb, stride_qh,
+    k_ptr, v_ptr, stride_kp, stride_kh, stride_kt,
+    block_table_ptr, stride_btb,
+    seq_lens_ptr,
+    pages_ptr, stride_pb, stride_ph,
+    counts_ptr, stride_cb, stride_ch,
+    part_out_ptr, part_lse_ptr,
+    pages_per_split, scale,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_P: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    b = row // KV_HEADS
+    h = row % KV_HEADS
+    seq = tl.load(seq_lens_ptr + b).to(tl.int32)
+    count = tl.load(counts_ptr + b * stride_cb + h * stride_ch).to(tl.int32)
+    first = split * pages_per_split
+    last = tl.minimum(first + pages_per_split, count)
+    d = tl.arange(0, HEAD_DIM)
+    g = tl.arange(0, BLOCK_G)
+    q = tl.load(q_ptr + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + d[None, :],
+                mask=(g < GROUP)[:, None], other=0.0)
+    tok = tl.arange(0, BLOCK_P * PAGE)
+    in_page = tok % PAGE
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for e in range(first, last, BLOCK_P):
+        entry = e + tok // PAGE
+        ok = entry < last
+        logical = tl.load(pages_ptr + b * stride_pb + h * stride_ph + entry, mask=ok, other=0)
+        phys = tl.load(block_table_ptr + b * stride_btb + logical, mask=ok, other=0).to(tl.int64)
+        ok = ok & (logical * PAGE + in_page < seq)
+        offs = phys * stride_kp + h * stride_kh + in_page * stride_kt
+        k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_P * PAGE]
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the first token of a selected page always exists
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + offs[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    head = h * GROUP + g
+    part = (b * KV_HEADS * GROUP + head) * SPLITS + split
+    has = first < last
+    out = tl.where(has, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(has, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=(g < GROUP)[:, None])
+    tl.store(part_lse_ptr + part, lse, mask=g < GROUP)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh,
+    Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0)  # b * q_heads + head
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(part_lse_ptr + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.where(lse > float("-inf"), tl.exp(lse - m), 0.0)
+    parts = tl.load(part_out_ptr + (row * SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=(s < SPLITS)[:, None])
+    out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+    b = row // Q_HEADS
+    tl.store(out_ptr + b * stride_ob + (row % Q_HEADS) * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan_splits(rows: int, max_entries: int, block_p: int, num_sms: int) -> tuple[int, int]:
+    """(splits, pages per split): enough programs to fill the GPU twice over, each with >= block_p pages."""
+    chunks = max(triton.cdiv(max_entries, block_p), 1)
+    splits = min(max(triton.cdiv(2 * num_sms, rows), 1), chunks)
+    pages_per_split = triton.cdiv(chunks, splits) * block_p
+    return triton.cdiv(max(max_entries, 1), pages_per_split), pages_per_split
+
+
+def triton_attend_pages(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    pages: torch.Tensor,
+    counts: torch.Tensor,
+    cfg: SparsityConfig,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of q [batch, q_heads, D] over the pages listed per (request, KV head).
+
+    pages: [batch, kv_heads or 1, K] logical page indices, the first counts[b, h] of each row attended (any order);
+    counts: [batch, kv_heads or 1] int. Size-1 head dims broadcast (dense: one list for all heads).
+    """
+    batch, q_heads, head_dim = q.shape
+    k_hnd, v_hnd = to_hnd(k_cache, cfg), to_hnd(v_cache, cfg)
+    kv_heads = k_hnd.shape[1]
+    if k_hnd.stride() != v_hnd.stride() or k_hnd.stride(3) != 1:
+        raise ValueError("k_cache and v_cache must share strides with a contiguous head_dim")
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"head_dim must be a power of two >= 16 for the Triton kernel, got {head_dim}")
+    if pages.dim() != 3 or pages.shape[0] != batch or counts.shape != pages.shape[:2]:
+        raise ValueError(f"pages [batch, heads, K] and counts [batch, heads] disagree: {pages.shape}, {counts.shape}")
+    group = q_heads // kv_heads
+    block_p = max(1, 64 // cfg.page_size)
+    splits, pages_per_split = plan_splits(batch * kv_heads, pages.shape[2], block_p, _num_sms(q.device))
+    part_out = torch.empty(batch * q_heads * splits, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch * q_heads * splits, dtype=torch.float32, device=q.device)
+    head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    _sparse_decode_kernel[(batch * kv_heads, splits)](
+        q, q.stride(0), q.stride(1),
+        k_hnd, v_hnd, k_hnd.stride(0), k_hnd.stride(1), k_hnd.stride(2),
+        block_table, block_table.stride(0),
+        seq_lens,
+        pages, pages.stride(0), head_stride(pages),
+        counts, counts.stride(0), head_stride(counts),
+        part_out, part_lse,
+        pages_per_split, scale,
+        KV_HEADS=kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        PAGE=cfg.page_size, BLOCK_P=block_p, SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )
+    if out is None:
+        out = torch.empty_like(q)
+    _merge_splits_kernel[(batch * q_heads,)](
+        part_out, part_lse, out, out.stride(0), out.stride(1),
+        Q_HEADS=q_heads, HEAD_DIM=head_dim, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+    )
+    return out
