@@ -198,3 +198,72 @@ def budget_pages(budget_tokens: int | None, seq_len: int, page_size: int) -> int
     if budget_tokens is None:
         return n_pages
     return min(n_pages, budget_tokens // page_size)
+
+
+ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How the embedded engine loads a model and sizes its paged KV cache.
+
+    model: local HF directory (config.json, safetensors, tokenizer files).
+    device: "cpu", "cuda" or "cuda:N". dtype: "auto" = float32 on CPU, bfloat16 on CUDA.
+    page_size / sink_pages / local_pages / scorer: the KV page geometry and the sparse-selection defaults used for
+        schedules given by name ("dense", "fixed:N"); a `Schedule` object or JSON file brings its own.
+    kv_gb: GiB of KV cache (pages + page summaries). None = `gpu_memory_fraction` of free GPU memory on CUDA,
+        `DEFAULT_CPU_KV_GB` on CPU. num_kv_pages overrides both with an exact page count (tests, benchmarks).
+    max_num_seqs: sequences decoded together. max_model_len: prompt + response limit (None = the model's
+        max_position_embeddings). max_prefill_tokens: prompt tokens per prefill step (one longer prompt runs alone).
+    seed: base seed for sampling when `SamplingParams.seed` is None.
+    """
+
+    model: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    page_size: int = 16
+    sink_pages: int = 1
+    local_pages: int = 2
+    scorer: str = "centroid"
+    kv_gb: float | None = None
+    gpu_memory_fraction: float = 0.8
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    seed: int = 0
+    num_kv_pages: int | None = None
+    max_prefill_tokens: int = 16384
+
+    DEFAULT_CPU_KV_GB = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str | os.PathLike) or not str(self.model):
+            raise ConfigError(f"EngineConfig.model must be a local model directory, got {self.model!r}")
+        self.model = str(self.model)
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.dtype not in ENGINE_DTYPES:
+            raise ConfigError(f"dtype must be one of {ENGINE_DTYPES}, got {self.dtype!r}")
+        self.sparsity()  # validates page_size, sink/local pages and scorer
+        if self.kv_gb is not None and not self.kv_gb > 0:
+            raise ConfigError(f"kv_gb must be > 0 GiB, got {self.kv_gb!r}")
+        if not (0.0 < self.gpu_memory_fraction <= 1.0):
+            raise ConfigError(f"gpu_memory_fraction must lie in (0, 1], got {self.gpu_memory_fraction!r}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2 tokens, got {self.max_model_len}")
+        if self.num_kv_pages is not None and self.num_kv_pages < 1:
+            raise ConfigError(f"num_kv_pages must be >= 1, got {self.num_kv_pages}")
+        if self.max_prefill_tokens < 1:
+            raise ConfigError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
+
+    def sparsity(self, dense_layers: tuple[int, ...] | list[int] = (0, 1)) -> SparsityConfig:
+        """Selection settings for the engine's HND page layout."""
+        return SparsityConfig(
+            page_size=self.page_size,
+            sink_pages=self.sink_pages,
+            local_pages=self.local_pages,
+            scorer=self.scorer,
+            dense_layers=tuple(dense_layers),
+            kv_layout="HND",
+        )

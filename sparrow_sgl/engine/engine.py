@@ -1,0 +1,429 @@
+"""The embedded rollout engine: `Engine(EngineConfig).generate(prompts, SamplingParams, schedule)` -> Rollouts.
+
+One loop serves generation and scoring: the scheduler admits groups of samples whose worst-case KV pages fit,
+prefill runs the group's prompt once (its samples share the pages), and every decode step attends to the pages
+the schedule's budget allows at each request's current length. Scoring with a schedule runs the very same loop
+with the response tokens forced, so it reproduces the sparse-decode log-probs of those tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from sparrow_sgl.config import ConfigError, EngineConfig, Schedule, SparsityConfig
+from sparrow_sgl.engine.block_manager import BlockManager
+from sparrow_sgl.engine.kv_cache import GIB, KVCache, bytes_per_page, plan_num_pages
+from sparrow_sgl.engine.loader import load_model, load_weights, read_hf_config, resolve_dtype
+from sparrow_sgl.engine.lora import AdapterMerger
+from sparrow_sgl.engine.model_runner import ModelRunner
+from sparrow_sgl.engine.sampler import Sampler
+from sparrow_sgl.engine.sampling_params import SamplingParams
+from sparrow_sgl.engine.scheduler import Scheduler
+from sparrow_sgl.engine.scoring import ScoreRequest, ScoreResult
+from sparrow_sgl.engine.sequence import Sequence, SequenceGroup
+from sparrow_sgl.rollout import Rollout
+from sparrow_sgl.schedule import resolve_schedule
+
+_SEED_MIX = 1_000_003
+_SCORE_CHUNK_ELEMENTS = 2**26  # logits elements per scoring chunk (256 MiB of float32)
+
+
+def _mix_seed(*parts: int) -> int:
+    seed = 0
+    for part in parts:
+        seed = (seed * _SEED_MIX + int(part)) % (2**63)
+    return seed
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.hf_config = read_hf_config(config.model)
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, config.device)
+        self.model = load_model(config.model, self.hf_config, config.device, self.dtype)
+        self.tokenizer = _load_tokenizer(config.model)
+        self.eos_token_ids = _eos_token_ids(config.model, self.hf_config, self.tokenizer)
+        self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
+        self.kv_cache = self._allocate_kv_cache()
+        self.block_manager = BlockManager(self.kv_cache.num_pages, config.page_size)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.sampler = Sampler()
+        self._adapter = AdapterMerger(self.model.hf_parameters())
+        self._next_seq_id = 0
+        self._unseeded_calls = 0
+
+    # -- setup ----------------------------------------------------------------------------------------------------
+    def _allocate_kv_cache(self) -> KVCache:
+        cfg, hf = self.config, self.hf_config
+        head_dim = self.model.model.layers[0].self_attn.head_dim
+        shape = (hf.num_hidden_layers, hf.num_key_value_heads, cfg.page_size, head_dim)
+        page_bytes = bytes_per_page(*shape, self.dtype)
+        num_pages = plan_num_pages(cfg, page_bytes)
+        cache = KVCache(
+            hf.num_hidden_layers, num_pages, hf.num_key_value_heads, cfg.page_size, head_dim, self.dtype, self.device
+        )
+        cache.bind(self.model.attention_layers)
+        print(
+            f"sparrow engine: KV pool of {num_pages} pages x {cfg.page_size} tokens = {cache.num_tokens} tokens "
+            f"({num_pages * page_bytes / GIB:.3f} GiB, {self.dtype} on {self.device})",
+            file=sys.stderr,
+        )
+        return cache
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    def resolve_schedule(self, schedule: Schedule | str | None) -> Schedule:
+        """A Schedule for this engine. Named 'dense' / 'fixed:N' take the engine's sink/local/scorer settings."""
+        named = schedule is None or (isinstance(schedule, str) and schedule.strip().split(":")[0] in ("dense", "fixed"))
+        resolved = resolve_schedule(schedule, page_size=self.config.page_size)
+        if named:
+            cfg = self.config
+            resolved = dataclasses.replace(
+                resolved, sink_pages=cfg.sink_pages, local_pages=cfg.local_pages, scorer=cfg.scorer
+            )
+        if resolved.page_size != self.config.page_size:
+            raise ConfigError(
+                f"schedule {resolved.name or ''!r} uses page_size {resolved.page_size} but the engine's KV pages "
+                f"hold {self.config.page_size} tokens; build the engine with page_size={resolved.page_size}"
+            )
+        return resolved
+
+    def _sparsity(self, schedule: Schedule) -> SparsityConfig:
+        return dataclasses.replace(schedule.sparsity(), kv_layout="HND")
+
+    # -- public API -------------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | None = None,
+        schedule: Schedule | str | None = None,
+        progress: bool = True,
+    ) -> list[Rollout]:
+        """len(prompts) * n rollouts in prompt-major order (all samples of prompt 0, then prompt 1, ...)."""
+        params = params or SamplingParams()
+        schedule = self.resolve_schedule(schedule)
+        prompt_ids = self._encode(prompts)
+        base_seed = params.seed
+        if base_seed is None:
+            base_seed = _mix_seed(self.config.seed, self._unseeded_calls)
+            self._unseeded_calls += 1
+        groups = []
+        for j, ids in enumerate(prompt_ids):
+            self._check_length(ids, 1, f"prompt {j}")
+            max_new = min(params.max_new_tokens, self.max_model_len - len(ids))
+            seqs = []
+            for i in range(params.n):
+                generator = torch.Generator().manual_seed(_mix_seed(base_seed, j, i))
+                seqs.append(self._new_sequence(ids, params, max_new, j, i, generator=generator))
+            groups += self._split_group(seqs)
+        self._run(groups, schedule, self._sample, progress, "generate")
+        seqs = sorted((s for g in groups for s in g.seqs), key=lambda s: (s.prompt_index, s.sample_index))
+        return [self._rollout(s, schedule) for s in seqs]
+
+    def score(
+        self,
+        prompt_ids: list[list[int]],
+        response_ids: list[list[int]],
+        sparse: Schedule | str | None = None,
+        topk: int = 0,
+        return_full: bool = False,
+        temperature: float = 1.0,
+        progress: bool = False,
+    ) -> list[ScoreResult]:
+        """Teacher-forced log-probs of each response given its prompt (results on CPU).
+
+        sparse=None: dense, one prefill over prompt + response. sparse=schedule: dense prefill of the prompt, then
+        the response tokens fed one by one through the sparse decode step, so the page selection (and the log-probs)
+        are exactly those of a sparse rollout of the same tokens. Log-probs use logits / temperature (no top-k/p).
+        """
+        if len(prompt_ids) != len(response_ids):
+            raise ConfigError(f"score got {len(prompt_ids)} prompts but {len(response_ids)} responses")
+        request = ScoreRequest(temperature=temperature, topk=topk, return_full=return_full)
+        for j, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+            self._check_length(list(p), len(r), f"request {j}")
+        if sparse is None:
+            return self._score_dense(prompt_ids, response_ids, request, progress)
+        return self._score_sparse(prompt_ids, response_ids, self.resolve_schedule(sparse), request, progress)
+
+    def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the base weights in place; the active adapter (if any) is merged again."""
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        if self._adapter.active is not None:
+            items = self._adapter.route_update(items)
+        load_weights(self.model, items, where="update_weights")
+
+    def set_adapter(self, path: str | Path | None) -> None:
+        """Serve base + the peft LoRA adapter at `path` (None: the base weights, restored exactly)."""
+        self._adapter.set(path)
+
+    @property
+    def adapter_path(self) -> str | None:
+        return self._adapter.active.path if self._adapter.active is not None else None
+
+    def pool_usage(self) -> dict:
+        """Pages of the KV pool: total, in use now, and the peak of the last generate/score call."""
+        bm = self.block_manager
+        return {
+            "pages": bm.num_pages,
+            "used_pages": bm.num_used,
+            "peak_used_pages": bm.peak_used,
+            "page_size": bm.page_size,
+        }
+
+    # -- requests -----------------------------------------------------------------------------------------------------
+    def _encode(self, prompts) -> list[list[int]]:
+        if not isinstance(prompts, list | tuple):
+            raise ConfigError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__}")
+        out = []
+        for j, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ConfigError(f"{self.config.model} has no tokenizer: pass token ids instead of text")
+                out.append(self.tokenizer.encode(prompt))
+            elif isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
+                out.append([int(t) for t in prompt])
+            else:
+                raise ConfigError(f"prompt {j} is neither text nor a list of token ids: {type(prompt).__name__}")
+        return out
+
+    def _check_length(self, prompt: list[int], response_len: int, what: str) -> None:
+        if not prompt:
+            raise ConfigError(f"{what}: the prompt is empty (at least one token is needed)")
+        vocab = self.hf_config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ConfigError(f"{what}: token ids must lie in [0, {vocab})")
+        if len(prompt) + response_len > self.max_model_len:
+            raise ConfigError(
+                f"{what}: {len(prompt)} prompt tokens + {response_len} exceed max_model_len={self.max_model_len}"
+            )
+
+    def _new_sequence(self, prompt, params, max_new, prompt_index, sample_index=0, **kw) -> Sequence:
+        self._next_seq_id += 1
+        return Sequence(self._next_seq_id, list(prompt), params, max_new, prompt_index, sample_index, **kw)
+
+    def _split_group(self, seqs: list[Sequence]) -> list[SequenceGroup]:
+        """Samples of one prompt as few groups as the pool and max_num_seqs allow (each group prefills once)."""
+        bm, size = self.block_manager, len(seqs)
+        prompt_len, capacity = len(seqs[0].prompt_ids), seqs[0].kv_capacity
+        while size > 1 and (
+            bm.group_pages(prompt_len, size, capacity) > bm.num_pages or size > self.config.max_num_seqs
+        ):
+            size -= 1
+        return [SequenceGroup(seqs[i : i + size]) for i in range(0, len(seqs), size)]
+
+    def _rollout(self, seq: Sequence, schedule: Schedule) -> Rollout:
+        k = seq.params.logprobs_topk
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else None
+        return Rollout(
+            prompt_ids=seq.prompt_ids,
+            token_ids=seq.output_ids,
+            logprobs=seq.logprobs,
+            finish_reason=seq.finish_reason,
+            topk_ids=seq.topk_ids if k else None,
+            topk_logprobs=seq.topk_logprobs if k else None,
+            prompt_index=seq.prompt_index,
+            sample_index=seq.sample_index,
+            text=text,
+            meta={
+                "schedule": schedule.name or "custom",
+                "kv_tokens_mean": seq.kv_tokens_mean,
+                "decode_steps": seq.decode_steps,
+            },
+        )
+
+    # -- the loop -----------------------------------------------------------------------------------------------------
+    def _run(
+        self,
+        groups: list[SequenceGroup],
+        schedule: Schedule,
+        choose: Callable[[list[Sequence], torch.Tensor], None],
+        progress: bool,
+        desc: str,
+    ) -> None:
+        """Run every group to completion; `choose(seqs, logits)` appends each sequence's next token."""
+        from tqdm.auto import tqdm
+
+        sparsity = self._sparsity(schedule)
+        num_sparse = sum(1 for i in range(self.num_layers) if not sparsity.is_dense_layer(i))
+        scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_prefill_tokens)
+        for group in groups:
+            scheduler.add(group)
+        self.block_manager.reset_peak()
+        bar = tqdm(total=sum(g.n for g in groups), desc=desc, unit="seq", disable=not progress, file=sys.stderr)
+        tokens, start = 0, time.perf_counter()
+        try:
+            with torch.inference_mode():
+                while not scheduler.is_finished():
+                    step = scheduler.schedule()
+                    if step.is_prefill:
+                        seqs, logits = self._prefill(step.groups, sparsity)
+                    else:
+                        seqs, logits = step.seqs, self._decode(step.seqs, schedule, sparsity, num_sparse)
+                    choose(seqs, logits)
+                    tokens += len(seqs)
+                    for seq in seqs:
+                        if seq.is_finished:
+                            scheduler.finish(seq)
+                            bar.update(1)
+                    rate = tokens / max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"{rate:.1f} tok/s, running {len(scheduler.running)}", refresh=False)
+        finally:
+            bar.close()
+            for seq in list(scheduler.running):  # an interrupted run must not leak pages
+                scheduler.finish(seq)
+
+    def _prefill(self, groups: list[SequenceGroup], sparsity: SparsityConfig) -> tuple[list[Sequence], torch.Tensor]:
+        leaders = [g.leader for g in groups]
+        hidden = self.runner.prefill(leaders, [s.prompt_ids for s in leaders], sparsity)
+        last = torch.tensor([len(s.prompt_ids) for s in leaders], device=self.device).cumsum(0) - 1
+        logits = self.model.compute_logits(hidden[last])
+        self.kv_cache.copy_pages([c[0] for g in groups for c in g.copies], [c[1] for g in groups for c in g.copies])
+        seqs, rows = [], []
+        for row, group in enumerate(groups):
+            for seq in group.seqs:
+                seq.num_cached = group.prompt_len
+                seqs.append(seq)
+                rows.append(row)
+        return seqs, logits[rows]
+
+    def _decode(self, seqs: list[Sequence], schedule: Schedule, sparsity: SparsityConfig, num_sparse: int):
+        budgets = [schedule.budget_at(s.num_cached + 1) for s in seqs]
+        logits, attended = self.runner.decode(seqs, budgets, sparsity, num_sparse)
+        for seq, tokens in zip(seqs, attended.tolist()):
+            seq.num_cached += 1
+            seq.attended_tokens_sum += tokens
+            seq.decode_steps += 1
+        return logits
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        out = self.sampler(logits, seqs)
+        for i, seq in enumerate(seqs):
+            token = out.token_ids[i]
+            seq.output_ids.append(token)
+            seq.logprobs.append(out.logprobs[i])
+            if seq.params.logprobs_topk:
+                seq.topk_ids.append(out.topk_ids[i])
+                seq.topk_logprobs.append(out.topk_logprobs[i])
+            if token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.eos_token_ids):
+                seq.finish_reason = "stop"
+            elif len(seq.output_ids) >= seq.max_new_tokens:
+                seq.finish_reason = "length"
+
+    # -- scoring ------------------------------------------------------------------------------------------------------
+    def _score_sparse(self, prompts, responses, schedule: Schedule, request: ScoreRequest, progress: bool):
+        params = SamplingParams(temperature=request.temperature, logprobs_topk=0)
+        groups, seqs = [], []
+        for j, (prompt, response) in enumerate(zip(prompts, responses)):
+            if len(response):
+                seq = self._new_sequence(prompt, params, len(response), j, forced_ids=[int(t) for t in response])
+                seqs.append(seq)
+                groups.append(SequenceGroup([seq]))
+
+        def force(batch: list[Sequence], logits: torch.Tensor) -> None:
+            targets = torch.tensor([s.forced_ids[len(s.output_ids)] for s in batch], device=logits.device)
+            chosen, top_ids, top_vals, full = request.rows(logits, targets)
+            for i, seq in enumerate(batch):
+                seq.output_ids.append(int(targets[i]))
+                seq.logprobs.append(float(chosen[i]))
+                if top_ids is not None:
+                    seq.topk_ids.append(top_ids[i].tolist())
+                    seq.topk_logprobs.append(top_vals[i].tolist())
+                if full is not None:
+                    seq.full_logprobs.append(full[i].cpu())
+                if len(seq.output_ids) == len(seq.forced_ids):
+                    seq.finish_reason = "length"
+
+        self._run(groups, schedule, force, progress, "score")
+        by_prompt = {s.prompt_index: s for s in seqs}
+        vocab = self.hf_config.vocab_size
+        results = []
+        for j in range(len(prompts)):
+            seq = by_prompt.get(j)
+            if seq is None:
+                results.append(request.result([], 0, vocab))
+                continue
+            parts = (
+                torch.tensor(seq.logprobs, dtype=torch.float32),
+                torch.tensor(seq.topk_ids, dtype=torch.long) if request.topk else None,
+                torch.tensor(seq.topk_logprobs, dtype=torch.float32) if request.topk else None,
+                torch.stack(seq.full_logprobs) if request.return_full else None,
+            )
+            results.append(request.result([parts], len(seq.output_ids), vocab))
+        return results
+
+    def _score_dense(self, prompts, responses, request: ScoreRequest, progress: bool) -> list[ScoreResult]:
+        vocab = self.hf_config.vocab_size
+        results: list[ScoreResult | None] = [None] * len(prompts)
+        params = SamplingParams(max_new_tokens=1)
+        groups = []
+        for j, (prompt, response) in enumerate(zip(prompts, responses)):
+            if not len(response):
+                results[j] = request.result([], 0, vocab)
+                continue
+            tokens = list(prompt) + [int(t) for t in response[:-1]]
+            seq = self._new_sequence(tokens, params, 1, j, forced_ids=[int(t) for t in response])
+            groups.append(SequenceGroup([seq]))
+        scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_prefill_tokens)
+        for group in groups:
+            scheduler.add(group)
+        chunk_rows = max(1, _SCORE_CHUNK_ELEMENTS // vocab)
+        sparsity = self.config.sparsity()
+        try:
+            with torch.inference_mode():
+                while not scheduler.is_finished():
+                    seqs = [g.leader for g in scheduler.schedule().groups]
+                    hidden = self.runner.prefill(seqs, [s.prompt_ids for s in seqs], sparsity)
+                    start = 0
+                    for seq in seqs:
+                        n_resp = len(seq.forced_ids)
+                        first = start + len(seq.prompt_ids) - n_resp  # row predicting the first response token
+                        targets = torch.tensor(seq.forced_ids, device=self.device)
+                        parts = []
+                        for c in range(0, n_resp, chunk_rows):
+                            rows = hidden[first + c : first + min(c + chunk_rows, n_resp)]
+                            parts.append(request.rows(self.model.compute_logits(rows), targets[c : c + chunk_rows]))
+                        results[seq.prompt_index] = request.result(parts, n_resp, vocab)
+                        start += len(seq.prompt_ids)
+                        seq.finish_reason = "length"
+                        scheduler.finish(seq)
+        finally:
+            for seq in list(scheduler.running):
+                scheduler.finish(seq)
+        return results
+
+
+def _load_tokenizer(model_dir: str):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        print(f"sparrow engine: no tokenizer loaded from {model_dir} ({e}); token-id prompts only", file=sys.stderr)
+        return None
+
+
+def _eos_token_ids(model_dir: str, hf_config, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+
+    def add(value) -> None:
+        if value is None:
+            return
+        ids.update([value] if isinstance(value, int) else value)
+
+    add(getattr(hf_config, "eos_token_id", None))
+    gen_file = Path(model_dir) / "generation_config.json"
+    if gen_file.is_file():
+        add(json.loads(gen_file.read_text()).get("eos_token_id"))
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+    return frozenset(ids)

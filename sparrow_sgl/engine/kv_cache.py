@@ -1,0 +1,76 @@
+"""The paged KV pool: per-layer K/V pages in HND layout plus per-layer page summaries, sized from a memory budget."""
+
+from __future__ import annotations
+
+import torch
+
+from sparrow_sgl.attention import PageSummaries
+from sparrow_sgl.config import ConfigError, EngineConfig
+
+GIB = 1024**3
+_SUMMARY_FIELDS = ("key_sum", "count", "key_min", "key_max")
+
+
+def bytes_per_page(num_layers: int, kv_heads: int, page_size: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one page takes over all layers: K and V plus the float32 summaries (sum, min, max, count)."""
+    kv = 2 * kv_heads * page_size * head_dim * dtype.itemsize
+    summaries = 3 * kv_heads * head_dim * 4 + 4
+    return num_layers * (kv + summaries)
+
+
+def plan_num_pages(cfg: EngineConfig, page_bytes: int) -> int:
+    """Pages in the pool: `num_kv_pages`, else `kv_gb` GiB, else a fraction of free GPU memory / a CPU default."""
+    if cfg.num_kv_pages is not None:
+        return cfg.num_kv_pages
+    if cfg.kv_gb is not None:
+        budget = cfg.kv_gb * GIB
+    elif cfg.device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(cfg.device))
+        budget = free * cfg.gpu_memory_fraction
+    else:
+        budget = EngineConfig.DEFAULT_CPU_KV_GB * GIB
+    pages = int(budget // page_bytes)
+    if pages < 1:
+        raise ConfigError(f"KV budget of {budget / GIB:.3g} GiB holds no page of {page_bytes} bytes; raise kv_gb")
+    return pages
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        kv_heads: int,
+        page_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_layers, num_pages, kv_heads, page_size, head_dim)
+        # zeros, not empty: attention reads whole pages and masks the unwritten tail, which must not hold NaNs
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.summaries = [PageSummaries.allocate(num_pages, kv_heads, head_dim, device) for _ in range(num_layers)]
+        self.num_pages, self.page_size = num_pages, page_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    def bind(self, attention_layers) -> None:
+        """Give each attention layer its slice of the pool."""
+        for i, attn in enumerate(attention_layers):
+            attn.k_cache, attn.v_cache, attn.summaries = self.k[i], self.v[i], self.summaries[i]
+
+    def copy_pages(self, src: list[int], dst: list[int]) -> None:
+        """Copy K, V and summaries of pages `src` to `dst` in every layer (copy-on-write of shared pages)."""
+        if not src:
+            return
+        device = self.k.device
+        src_t, dst_t = torch.tensor(src, device=device), torch.tensor(dst, device=device)
+        self.k[:, dst_t] = self.k[:, src_t]
+        self.v[:, dst_t] = self.v[:, src_t]
+        for summaries in self.summaries:
+            for name in _SUMMARY_FIELDS:
+                tensor = getattr(summaries, name)
+                tensor[dst_t] = tensor[src_t]

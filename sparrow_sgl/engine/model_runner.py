@@ -1,0 +1,94 @@
+"""Runs one engine step on the model: builds the step's attention context (slots, block tables, lengths, budgets).
+
+Prefill packs every new token of the admitted sequences into one batch and returns their final hidden states;
+decode feeds each running sequence's last token and returns next-token logits plus the attended KV tokens.
+The decode forward reads only tensors from the context (no Python branching on data), so it can be graph-captured.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparrow_sgl.config import SparsityConfig
+from sparrow_sgl.engine.context import Context, reset_context, set_context
+from sparrow_sgl.engine.kv_cache import KVCache
+from sparrow_sgl.engine.model import Qwen3ForCausalLM
+from sparrow_sgl.engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: Qwen3ForCausalLM, kv_cache: KVCache, device: torch.device) -> None:
+        self.model, self.kv_cache, self.device = model, kv_cache, device
+        self.page_size = kv_cache.page_size
+        self._table_key: tuple[int, ...] = ()
+        self._table: torch.Tensor | None = None
+
+    def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        """[batch, max_pages] padded with page 0; cached while the batch keeps the same sequences."""
+        key = tuple(s.seq_id for s in seqs)
+        if key != self._table_key:
+            width = max(len(s.block_table) for s in seqs)
+            rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+            self._table, self._table_key = self._tensor(rows, torch.int32), key
+        return self._table
+
+    def _slots(self, seqs: list[Sequence], spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        pages, offsets = [], []
+        for seq, (start, end) in zip(seqs, spans):
+            for pos in range(start, end):
+                pages.append(seq.block_table[pos // self.page_size])
+                offsets.append(pos % self.page_size)
+        return self._tensor(pages), self._tensor(offsets)
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence], tokens: list[list[int]], sparsity: SparsityConfig) -> torch.Tensor:
+        """Feed `tokens[i]` after the `num_cached` cached tokens of seqs[i]; returns packed hidden [T, hidden]."""
+        spans = [(s.num_cached, s.num_cached + len(t)) for s, t in zip(seqs, tokens)]
+        input_ids = self._tensor([t for toks in tokens for t in toks])
+        positions = self._tensor([p for start, end in spans for p in range(start, end)])
+        slot_pages, slot_offsets = self._slots(seqs, spans)
+        set_context(
+            Context(
+                is_prefill=True,
+                sparsity=sparsity,
+                slot_pages=slot_pages,
+                slot_offsets=slot_offsets,
+                block_tables=self._block_tables(seqs),
+                query_lens=[len(t) for t in tokens],
+                prefill_kv_lens=[end for _, end in spans],
+            )
+        )
+        try:
+            return self.model(input_ids, positions)
+        finally:
+            reset_context()
+
+    @torch.inference_mode()
+    def decode(
+        self, seqs: list[Sequence], budgets: list[int | None], sparsity: SparsityConfig, num_sparse_layers: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits [B, V] float32 and mean attended KV tokens per sparse layer and KV head [B]."""
+        positions = self._tensor([s.num_cached for s in seqs])
+        seq_lens = positions + 1
+        slot_pages, slot_offsets = self._slots(seqs, [(s.num_cached, s.num_cached + 1) for s in seqs])
+        context = Context(
+            is_prefill=False,
+            sparsity=sparsity,
+            slot_pages=slot_pages,
+            slot_offsets=slot_offsets,
+            block_tables=self._block_tables(seqs),
+            seq_lens=seq_lens,
+            budgets=self._tensor([-1 if b is None else b for b in budgets]),
+            attended_tokens=torch.zeros(len(seqs), device=self.device),
+        )
+        set_context(context)
+        try:
+            hidden = self.model(self._tensor([s.last_token for s in seqs]), positions)
+            logits = self.model.compute_logits(hidden)
+        finally:
+            reset_context()
+        attended = context.attended_tokens / num_sparse_layers if num_sparse_layers else seq_lens.float()
+        return logits, attended
