@@ -147,9 +147,21 @@ class FlashInferSparseDecoder:
 class FlashInferDenseDecoder:
     """Plain FlashInfer paged decode over every page (pages shared by the KV heads), either layout."""
 
-    def __init__(self, kv_layout: str, group: int, device: torch.device | str) -> None:
+    def __init__(
+        self, kv_layout: str, group: int, device: torch.device | str, use_cuda_graph: bool = False,
+        batch: int = 0, max_pages: int = 0,
+    ) -> None:
+        """use_cuda_graph needs the fixed batch and the most pages all requests hold together."""
         self.kv_layout = kv_layout
-        self.wrapper = _wrapper(kv_layout, group, False, torch.device(device), {})
+        device = torch.device(device)
+        buffers = {}
+        if use_cuda_graph:
+            buffers = dict(
+                paged_kv_indptr_buffer=torch.zeros(batch + 1, dtype=torch.int32, device=device),
+                paged_kv_indices_buffer=torch.zeros(max_pages, dtype=torch.int32, device=device),
+                paged_kv_last_page_len_buffer=torch.zeros(batch, dtype=torch.int32, device=device),
+            )
+        self.wrapper = _wrapper(kv_layout, group, use_cuda_graph, device, buffers)
 
     def plan(self, block_table, seq_lens, q_heads, kv_heads, head_dim, page_size, dtype, scale=None) -> None:
         indptr, indices, last_len = dense_csr(block_table, seq_lens, page_size)

@@ -135,6 +135,7 @@ def select_pages_into(
     scores: torch.Tensor | None = None,
     csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     pages_per_prog: int = 128,
+    topk: bool = True,
 ) -> torch.Tensor:
     """Write the selected logical pages of every (request, KV head) into `pages_out` [batch, kv_heads, K] int32.
 
@@ -187,6 +188,8 @@ def select_pages_into(
         BLOCK_P=block_p, PAGES_PER_PROG=pages_per_prog, QUEST=quest, DIVIDE=count is not None,
         num_warps=4,
     )
+    if not topk:  # scoring only (benchmarks time the two launches apart)
+        return scores
     block_n = max(triton.next_power_of_2(max_pages), 16)
     indices, row_start, last_len = csr if csr is not None else (pages_out, pages_out, pages_out)
     _topk_pages_kernel[(rows,)](

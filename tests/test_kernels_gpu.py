@@ -1,0 +1,347 @@
+"""Kernels (Triton selection / decode / summary update, FlashInfer per-KV-head decode) equal the torch reference.
+
+`-m gpu` tests run on the device machine. The CPU tests check the pure index math (per-head view, ragged page
+lists, split planning, backend choice) and the benchmark helpers; with SPARROW_TRITON_INTERPRET=1 and triton
+installed, the Triton kernels also run on CPU through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from sparrow_sgl.attention import PageSummaries, score_pages, select_pages
+from sparrow_sgl.attention.decode import attend_pages, sparse_decode
+from sparrow_sgl.attention.kernels import dispatch
+from sparrow_sgl.attention.kernels.flashinfer_decode import (
+    dense_csr,
+    per_head_page_ids,
+    per_head_view,
+    row_start_from_counts,
+    selection_to_csr,
+)
+from sparrow_sgl.config import SparsityConfig
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
+INTERPRET = os.environ.get("SPARROW_TRITON_INTERPRET") == "1" and HAS_TRITON and not torch.cuda.is_available()
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported (inside the tests)
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+needs_flashinfer = pytest.mark.skipif(not HAS_FLASHINFER, reason="needs flashinfer")
+interpret_only = pytest.mark.skipif(not INTERPRET, reason="set SPARROW_TRITON_INTERPRET=1 (CPU, triton installed)")
+
+
+def make_problem(layout="HND", seq=(100, 300, 17, 64), q_heads=8, kv_heads=2, head_dim=128, dtype=torch.float32,
+                 device="cpu", seed=0, page_size=16):
+    """Random paged caches with pages scattered over a pool; block-table columns past a request's pages are -1."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(seq)
+    seq_lens = torch.tensor(seq, dtype=torch.int32)
+    n_pages = [math.ceil(s / page_size) for s in seq]
+    max_pages = max(n_pages) + 2
+    pool = sum(n_pages) + 7
+    perm = torch.randperm(pool, generator=gen)
+    block_table = torch.full((batch, max_pages), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(n_pages):
+        block_table[b, :n] = perm[used : used + n].int()
+        used += n
+    shape = (pool, page_size, kv_heads, head_dim) if layout == "NHD" else (pool, kv_heads, page_size, head_dim)
+    k = torch.randn(shape, generator=gen).to(dtype)
+    v = torch.randn(shape, generator=gen).to(dtype)
+    q = torch.randn(batch, q_heads, head_dim, generator=gen).to(dtype)
+    return [t.to(device) for t in (q, k, v, block_table, seq_lens)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a).all()
+    return float((a - b).norm() / b.norm())
+
+
+def reference_scores(q, summaries, block_table, seq_lens, cfg):
+    """The reference's masked scores: forced pages +inf, missing pages -inf."""
+    scores = score_pages(q.float(), summaries, block_table, cfg)
+    n_pages = (seq_lens.long() + cfg.page_size - 1) // cfg.page_size
+    idx = torch.arange(block_table.shape[1], device=q.device)[None, :]
+    forced = (idx < cfg.sink_pages) | (idx >= n_pages[:, None] - cfg.local_pages)
+    scores = scores.masked_fill(forced[:, None, :], float("inf"))
+    return scores.masked_fill(~(idx < n_pages[:, None])[:, None, :], float("-inf"))
+
+
+def assert_same_up_to_ties(got, ref, scores, rtol=1e-4):
+    """Same number of pages per row, ascending, and no unselected page scores clearly above a selected one."""
+    assert got.valid.shape == ref.valid.shape and torch.equal(got.valid.cpu(), ref.valid.cpu())
+    pages, valid = got.pages.cpu(), got.valid.cpu()
+    scores = scores.cpu()
+    n = scores.shape[-1]
+    chosen = torch.zeros(*scores.shape[:-1], n + 1, dtype=torch.bool)  # padding scatters into the extra column
+    chosen = chosen.scatter_(-1, torch.where(valid, pages, n), valid)[..., :n]
+    assert torch.equal(chosen.sum(-1), valid.sum(-1)), "duplicate pages in a row"
+    steps = pages[..., 1:] - pages[..., :-1]
+    assert bool((steps[valid[..., 1:]] > 0).all()), "pages not ascending"
+    finite = lambda s, fill: torch.where(torch.isfinite(s), s, torch.full_like(s, fill))
+    low = finite(scores.masked_fill(~chosen, float("inf")), 3e38).amin(-1)
+    high = finite(scores.masked_fill(chosen, float("-inf")), -3e38).amax(-1)
+    slack = rtol * (1 + torch.maximum(low.abs(), high.abs()))
+    assert bool((high <= low + slack).all()), "an unselected page outscores a selected one"
+
+
+def attend_csr_reference(q, k_view, v_view, indptr, indices, last_len, group):
+    """What FlashInfer computes for per-(request, KV head) ragged page lists over the per-head view (torch)."""
+    rows, _, page_size, head_dim = q.shape[0] * q.shape[1] // group, 1, k_view.shape[2], q.shape[-1]
+    qr = q.float().reshape(rows, group, head_dim)
+    outs = []
+    for r in range(rows):
+        ids = indices[indptr[r] : indptr[r + 1]].long()
+        keys = k_view[ids, 0].float().reshape(-1, head_dim)
+        values = v_view[ids, 0].float().reshape(-1, head_dim)
+        n = (len(ids) - 1) * page_size + int(last_len[r])
+        logits = qr[r] @ keys[:n].T / math.sqrt(head_dim)
+        outs.append(torch.softmax(logits, -1) @ values[:n])
+    return torch.stack(outs).reshape(q.shape)
+
+
+# ---------------------------------------------------------------- CPU: index math and helpers
+
+def test_per_head_view_indexes_head_h_of_page_p():
+    cache = torch.randn(5, 3, 16, 8)
+    view = per_head_view(cache)
+    assert view.shape == (15, 1, 16, 8) and view.data_ptr() == cache.data_ptr()
+    ids = per_head_page_ids(torch.tensor([[[4, 1], [0, 2], [3, 3]]]), kv_heads=3)
+    for h in range(3):
+        for i in range(2):
+            p = int(torch.tensor([[4, 1], [0, 2], [3, 3]])[h, i])
+            assert torch.equal(view[ids[0, h, i], 0], cache[p, h])
+    with pytest.raises(ValueError, match="contiguous HND"):
+        per_head_view(cache.transpose(1, 2))
+
+
+@pytest.mark.parametrize("budget", [48, [32, 96, None, 48], 10_000])
+def test_selection_csr_over_per_head_view_equals_reference(budget):
+    cfg = SparsityConfig(kv_layout="HND")
+    q, k, v, block_table, seq_lens = make_problem("HND")
+    summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
+    selection = select_pages(q, summaries, block_table, seq_lens, budget, cfg)
+    indptr, indices, last_len = selection_to_csr(selection, block_table, seq_lens, 16, kv_heads=2)
+    assert indptr.dtype == indices.dtype == last_len.dtype == torch.int32
+    assert int(indptr[-1]) == indices.numel() == int(selection.valid.expand(4, 2, -1).sum())
+    out = attend_csr_reference(q, per_head_view(k), per_head_view(v), indptr, indices, last_len, group=4)
+    ref = attend_pages(q, k, v, block_table, seq_lens, selection, cfg)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_dense_csr_lists_every_page():
+    _, _, _, block_table, seq_lens = make_problem("HND", seq=(1, 16, 17, 40))
+    indptr, indices, last_len = dense_csr(block_table, seq_lens, 16)
+    assert indptr.tolist() == [0, 1, 2, 4, 7]
+    assert last_len.tolist() == [1, 16, 1, 8]
+    assert torch.equal(indices[4:7], block_table[3, :3])
+    assert row_start_from_counts(torch.tensor([[2, 3], [1, 4]])).tolist() == [0, 2, 5, 6, 10]
+
+
+@needs_triton
+def test_plan_splits_covers_every_entry():
+    from sparrow_sgl.attention.kernels.triton_decode import plan_splits
+
+    for rows, entries in [(1, 1), (64, 512), (1024, 32), (16, 4096), (8, 3)]:
+        splits, per_split = plan_splits(rows, entries, 4, num_sms=132)
+        assert per_split % 4 == 0 and splits * per_split >= entries and (splits - 1) * per_split < entries
+
+
+def test_pick_backend_cpu_is_torch_and_env_is_validated(monkeypatch):
+    q, k, *_ = make_problem()
+    assert dispatch.pick_backend(q, k, SparsityConfig(), sparse=True) == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "cuda-magic")
+    with pytest.raises(ValueError, match="SPARROW_ATTN_BACKEND"):
+        dispatch.pick_backend(q, k, SparsityConfig(), sparse=True)
+
+
+def test_bench_helpers_parse_and_append(tmp_path):
+    from bench.common import emit, parse_ints
+
+    assert parse_ints("512, 1k,8K,64k") == [512, 1024, 8192, 65536]
+    emit("unit", {"a": 1}, tmp_path)
+    emit("unit", {"a": 2}, tmp_path)
+    assert [r["a"] for r in json.loads((tmp_path / "unit.json").read_text())] == [1, 2]
+
+
+def test_sparrow_bench_cli_parses():
+    from sparrow_sgl.cli import build_parser
+
+    argv = ["bench", "attention", "--contexts", "8k", "--batches", "8"]
+    args = build_parser(argv).parse_args(argv)
+    assert args.name == "attention" and args.bench_args == ["--contexts", "8k", "--batches", "8"]
+    from sparrow_sgl.bench import load
+
+    assert hasattr(load("selection"), "main")
+
+
+# ---------------------------------------------------------------- kernels vs reference (GPU, or CPU interpreter)
+
+def _devices():
+    return ["cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def _kernel_test(fn):
+    """Run on the GPU (marked gpu) and, when opted in, on the CPU interpreter."""
+    return pytest.mark.parametrize("device", [
+        pytest.param("cuda", marks=pytest.mark.gpu),
+        pytest.param("cpu", marks=interpret_only),
+    ])(needs_triton(fn))
+
+
+@_kernel_test
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("scorer", ["centroid", "quest"])
+def test_triton_selection_matches_reference(device, layout, scorer):
+    from sparrow_sgl.attention.kernels.triton_select import triton_select_pages
+
+    cfg = SparsityConfig(kv_layout=layout, scorer=scorer)
+    q, k, v, block_table, seq_lens = make_problem(layout, seq=(100, 300, 17, 1000, 64), device=device)
+    summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
+    for budget in (48, [64, 96, None, 512, 16], 160):
+        ref = select_pages(q, summaries, block_table, seq_lens, budget, cfg)
+        got = triton_select_pages(q, summaries, block_table, seq_lens, budget, cfg)
+        assert got.pages.shape == ref.pages.shape
+        assert_same_up_to_ties(got, ref, reference_scores(q, summaries, block_table, seq_lens, cfg))
+
+
+@_kernel_test
+def test_triton_selection_writes_flashinfer_page_lists(device):
+    from sparrow_sgl.attention.kernels.triton_select import select_pages_into
+
+    cfg = SparsityConfig(kv_layout="HND")
+    q, k, _, block_table, seq_lens = make_problem("HND", device=device)
+    summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
+    limit = torch.tensor([3, 6, 9, 4], dtype=torch.int32, device=device)
+    n_pages = (seq_lens + 15) // 16
+    indptr = row_start_from_counts(torch.minimum(limit, n_pages).repeat_interleave(2))
+    indices = torch.full((int(indptr[-1]),), -7, dtype=torch.int32, device=device)
+    last_len = torch.zeros(8, dtype=torch.int32, device=device)
+    pages = torch.full((4, 2, 9), -5, dtype=torch.int32, device=device)
+    select_pages_into(q, block_table, seq_lens, limit, cfg, pages, key_sum=summaries.key_sum, count=summaries.count,
+                      csr=(indices, indptr[:-1], last_len))
+    ref = select_pages(q, summaries, block_table, seq_lens, (limit * 16).tolist(), cfg)
+    want_indptr, want_indices, want_last = selection_to_csr(ref, block_table, seq_lens, 16, 2)
+    assert torch.equal(indptr, want_indptr) and torch.equal(last_len, want_last)
+    assert torch.equal(indices, want_indices)
+    assert bool((pages >= 0).all()), "padding entries left unwritten"
+
+
+@_kernel_test
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_decode_matches_reference(device, layout, dtype):
+    from sparrow_sgl.attention.kernels.triton_decode import triton_attend_pages
+
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("bf16 dot is GPU-only in the interpreter")
+    cfg = SparsityConfig(kv_layout=layout)
+    q, k, v, block_table, seq_lens = make_problem(layout, dtype=dtype, device=device)
+    summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for budget in ([48, 96, None, 32], None):
+        selection = select_pages(q, summaries if budget else None, block_table, seq_lens, budget, cfg)
+        ref = attend_pages(q.float(), k.float(), v.float(), block_table, seq_lens, selection, cfg)
+        counts = selection.valid.sum(-1).to(torch.int32)
+        out = triton_attend_pages(q, k, v, block_table, seq_lens, selection.pages.int(), counts, cfg)
+        assert out.dtype == dtype and rel_err(out, ref) < tol
+
+
+@_kernel_test
+def test_triton_summary_update_matches_torch(device):
+    from sparrow_sgl.attention.kernels.triton_summaries import append_decode
+
+    ref = PageSummaries.allocate(12, 2, 128, device=device)
+    got = PageSummaries.allocate(12, 2, 128, device=device)
+    for step in range(20):
+        pages = torch.tensor([step // 8, 5 + step // 8, 11], device=device)
+        offsets = torch.tensor([step % 8, step % 8, step % 3], device=device)
+        keys = torch.randn(3, 2, 128, device=device)
+        ref.append(pages, offsets, keys)
+        append_decode(got, pages, offsets, keys)
+    for name in ("key_sum", "count", "key_min", "key_max"):
+        assert torch.allclose(getattr(got, name).float(), getattr(ref, name).float(), atol=1e-5), name
+
+
+# ---------------------------------------------------------------- FlashInfer and dispatch (GPU only)
+
+@pytest.mark.gpu
+@needs_flashinfer
+@pytest.mark.parametrize("q_heads", [16, 32, 40])  # groups 2, 4 and 5 (5: FlashInfer's tensor-core path)
+def test_flashinfer_sparse_matches_reference(q_heads):
+    from sparrow_sgl.attention.kernels.flashinfer_decode import flashinfer_attend_selection
+
+    cfg = SparsityConfig(kv_layout="HND")
+    q, k, v, block_table, seq_lens = make_problem("HND", q_heads=q_heads, kv_heads=8, dtype=torch.bfloat16,
+                                                  device="cuda", seq=(100, 300, 17, 1000))
+    summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
+    selection = select_pages(q, summaries, block_table, seq_lens, [64, 128, None, 256], cfg)
+    ref = attend_pages(q.float(), k.float(), v.float(), block_table, seq_lens, selection, cfg)
+    out = flashinfer_attend_selection(q, k, v, block_table, seq_lens, selection, 16)
+    assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.gpu
+@needs_flashinfer
+@needs_triton
+def test_flashinfer_decoder_with_fused_selection_in_a_cuda_graph():
+    from bench.common import capture_graph
+    from sparrow_sgl.attention.kernels.flashinfer_decode import FlashInferSparseDecoder
+    from sparrow_sgl.attention.kernels.triton_select import select_pages_into
+
+    cfg = SparsityConfig(kv_layout="HND")
+    q, k, v, block_table, seq_lens = make_problem("HND", q_heads=32, kv_heads=8, dtype=torch.bfloat16, device="cuda",
+                                                  seq=(500, 300, 1000, 640))
+    summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
+    limit = torch.full((4,), 8, dtype=torch.int32, device="cuda")
+    pages = torch.empty(4, 8, 8, dtype=torch.int32, device="cuda")
+    scores = torch.empty(4, 8, block_table.shape[1], device="cuda")
+    decoder = FlashInferSparseDecoder(4, 8, 32, 128, 16, 8, torch.bfloat16, "cuda", use_cuda_graph=True)
+    decoder.plan(limit)
+    out = torch.empty_like(q)
+
+    def step():
+        select_pages_into(q, block_table, seq_lens, limit, cfg, pages, key_sum=summaries.key_sum,
+                          count=summaries.count, scores=scores, csr=decoder.csr)
+        decoder.run(q, k, v, out=out)
+
+    graph = capture_graph(step)
+    for _ in range(2):  # new queries: the replay must re-select
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        torch.cuda.synchronize()
+        selection = select_pages(q, summaries, block_table, seq_lens, 128, cfg)
+        ref = attend_pages(q.float(), k.float(), v.float(), block_table, seq_lens, selection, cfg)
+        assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flashinfer", "triton", "torch"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_sparse_decode_on_cuda_equals_cpu_reference(backend, layout, monkeypatch):
+    if backend == "flashinfer" and not HAS_FLASHINFER or backend == "triton" and not HAS_TRITON:
+        pytest.skip(f"{backend} not installed")
+    cfg = SparsityConfig(kv_layout=layout)
+    cpu = make_problem(layout, dtype=torch.bfloat16, q_heads=16, kv_heads=4)
+    gpu = [t.cuda() for t in cpu]
+    monkeypatch.setenv(dispatch.ENV_VAR, backend)
+    for budget, layer in [(48, 5), ([32, 96, None, 64], 7), (64, 0), (None, 9)]:
+        sparse = budget is not None and not cfg.is_dense_layer(layer)
+        if backend == "flashinfer" and sparse and layout == "NHD":
+            with pytest.raises(ValueError, match="flashinfer"):
+                sparse_decode(*gpu, budget, cfg, layer=layer)
+            continue
+        want, want_sel = sparse_decode(*[t.float() if t.is_floating_point() else t for t in cpu], budget, cfg,
+                                       layer=layer, return_selection=True)
+        got, got_sel = sparse_decode(*gpu, budget, cfg, layer=layer, return_selection=True)
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape
+        assert torch.equal(got_sel.valid.cpu(), want_sel.valid)
+        assert rel_err(got, want) < 2e-2, (budget, layer)
