@@ -176,7 +176,7 @@ class _Run:
             record = json.loads(line)
             facts = record.get("facts", facts)
             returncode = record.get("exit", returncode)
-        if not facts.get("pid_namespace") and self.job["uid"] is not None:
+        if self.job["uid"] is not None:
             _sweep_uid(self.job["uid"])
         res = SandboxResult("ok", returncode, self.out["stdout"].decode(errors="replace"),
                             self.out["stderr"].decode(errors="replace"), elapsed, self.truncated,
@@ -204,21 +204,33 @@ def _classify(res: SandboxResult, timed_out: bool, cfg: SandboxConfig, init_code
     return "failed", f"exit code {res.returncode}"
 
 
-def _sweep_uid(uid: int, rounds: int = 20) -> None:
-    """SIGKILL every process of `uid` (the run's own uid), repeating while a fork race leaves survivors."""
-    for _ in range(rounds):
-        found = False
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/status") as f:
-                    real_uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
-                if real_uid == uid:
-                    os.kill(int(pid), signal.SIGKILL)
-                    found = True
-            except (OSError, StopIteration, ValueError):
-                continue
-        if not found:
+def _sweep_uid(uid: int, budget_s: float = 2.0) -> None:
+    """SIGKILL every live process of `uid` (the run's own uid) until none is left or `budget_s` passes; a PID
+    namespace's members die asynchronously after its init, and a fork race can leave survivors."""
+    deadline = time.monotonic() + budget_s
+    while time.monotonic() < deadline:
+        alive = [pid for pid, (real_uid, state) in _proc_table().items() if real_uid == uid and state != "Z"]
+        if not alive:
             return
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.01)
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (real uid, state letter) of every process visible in /proc."""
+    table = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            table[int(pid)] = (int(fields["Uid"].split()[0]), fields["State"].split()[0])
+        except (OSError, KeyError, ValueError, IndexError):
+            continue
+    return table
 
 
 @dataclass(slots=True)

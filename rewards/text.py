@@ -32,4 +32,4 @@ def extract_code(response: str) -> str:
         return python[-1]
     if blocks:
         return blocks[-1][1]
-    return text.strip() + "\n"
+    return re.sub(r"\A(?:[ \t]*\n)+", "", text).rstrip() + "\n"  # keep the first line's indent (a bare body)

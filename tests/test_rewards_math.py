@@ -1,0 +1,118 @@
+"""Math reward: answer extraction, math-verify equivalence, hang timeouts, MATH-500 / GSM8K round trips."""
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from rewards import math as m
+
+DATA = Path(m.__file__).parent / "data"
+
+
+def _rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("so \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("\\boxed{1} then \\boxed{\\{1, \\{2\\}\\}}", "\\{1, \\{2\\}\\}"),
+    ("\\fbox{42}", "42"),
+    ("\\boxed 7 is it", "7"),
+    ("Thus the final answer is: $x^2+1$.", "x^2+1"),
+    ("He pays 5 * 2 = 10\n#### 1,000", "1000"),
+    ("<think>maybe \\boxed{3}</think>The answer is 4.", "4"),
+    ("reasoning only</think>\\boxed{5}", "5"),
+    ("0.5", "0.5"),
+])
+def test_extract_answer(text, answer):
+    assert m.extract_answer(text) == answer
+
+
+def test_unclosed_think_and_long_text_have_no_answer():
+    assert m.extract_answer("<think>so the answer is \\boxed{3} but wait") is None
+    assert m.extract_answer("word " * 40) is None
+    assert m.score_with_reason("word " * 40, "3")[1].startswith("no final answer")
+
+
+@pytest.mark.parametrize("a, b", [("\\frac12", "0.5"), ("0.5", "1/2"), ("1/2", "\\frac12"), ("\\frac{1}{2}", "1/2")])
+def test_equivalent_forms_agree(a, b):
+    assert m.score(a, b) == 1.0
+    assert m.score(f"The answer is \\boxed{{{b}}}", f"#### {a}") == 1.0
+
+
+@pytest.mark.parametrize("response, reference, expected", [
+    ("\\boxed{[1, 2)}", "[1,2)", 1.0),
+    ("\\boxed{(1, 2]}", "[1,2)", 0.0),
+    ("\\boxed{\\{3, 1, 2\\}}", "\\{1,2,3\\}", 1.0),
+    ("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt{2}}{2}", 1.0),
+    ("\\boxed{2x+2}", "2(x+1)", 1.0),
+    ("\\boxed{0.33}", "\\frac13", 0.0),
+    ("<think>\\boxed{7}</think> \\boxed{8}", "7", 0.0),
+])
+def test_math_verify_cases(response, reference, expected):
+    assert m.score(response, reference) == expected
+
+
+def test_hanging_verification_times_out_with_reason():
+    start = time.monotonic()
+    s, reason = m.score_with_reason("\\boxed{9^{9^{9^{9}}}}", "3", timeout_s=1.0)
+    assert (s, reason.startswith("timeout")) == (0.0, True), reason
+    assert time.monotonic() - start < 15
+    assert m.score("\\boxed{3}", "3") == 1.0  # the killed worker was replaced
+
+
+def test_score_works_off_the_main_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as ex:
+        assert list(ex.map(lambda r: m.score(r, "\\frac12"), ["0.5", "0.6"])) == [1.0, 0.0]
+
+
+def test_bad_input_is_named():
+    with pytest.raises(TypeError, match="must be str"):
+        m.score(None, "1")
+    with pytest.raises(ValueError, match="2 responses but 1 references"):
+        m.score_batch(["1", "2"], ["1"])
+
+
+def _wrong_answers(answers: list[str]) -> list[str]:
+    """For every answer, another item's answer that differs from it as text (also after 'x=' prefixes)."""
+    key = lambda a: re.sub(r"^[a-z]\s*=\s*", "", re.sub(r"\s+", "", a))
+    wrong = []
+    for i, a in enumerate(answers):
+        j = (i + 1) % len(answers)
+        while key(answers[j]) == key(a):
+            j = (j + 1) % len(answers)
+        wrong.append(answers[j])
+    return wrong
+
+
+def test_every_math500_reference_round_trips():
+    """Each reference (a full solution) vs its answer as "The answer is X" (no textual shortcut, so math-verify
+    decides every pair), then vs another problem's answer boxed."""
+    golds = [r["answer"] for r in _rows("math500/test.jsonl")]
+    answers = [m.extract_answer(g) for g in golds]
+    assert all(answers), "every MATH-500 solution has a final answer"
+    scorer = m.MathScorer(workers=2, shortcut=False)
+    try:
+        right = scorer.score_with_reasons([f"Reasoning. The answer is {a}." for a in answers], golds)
+        wrong = scorer.score_with_reasons([f"\\boxed{{{w}}}" for w in _wrong_answers(answers)], golds)
+    finally:
+        scorer.close()
+    failed = [(i, answers[i], reason) for i, (s, reason) in enumerate(right) if s != 1.0]
+    assert not failed, f"{len(failed)} of 500 references do not round-trip: {failed[:5]}"
+    false_pos = [(i, answers[i], reason) for i, (s, reason) in enumerate(wrong) if s != 0.0]
+    assert not false_pos, f"{len(false_pos)} wrong answers accepted: {false_pos[:5]}"
+
+
+def test_every_gsm8k_test_reference_round_trips():
+    golds = [r["answer"] for r in _rows("gsm8k/test.jsonl")]
+    answers = [m.extract_answer(g) for g in golds]
+    assert all(a and re.fullmatch(r"-?\d+(\.\d+)?", a) for a in answers)
+    right = m.score_batch([f"<think>Let me see.</think>So \\boxed{{{a}}}" for a in answers], golds, workers=2)
+    wrong = m.score_batch([f"The answer is {float(a) + 1:g}." for a in answers], golds, workers=2)
+    assert right.count(1.0) == len(golds) == 1319
+    assert wrong.count(0.0) == len(golds)
