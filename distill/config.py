@@ -25,7 +25,11 @@ class DistillConfig:
     ppo_coef: float = 1.0
     epochs: int = 1
     margin: float = 0.0  # a cheaper schedule must reach tau + margin before the re-planner switches to it
-    heldout_prompts: int = 8
+    heldout_prompts: int = 8  # held-out task prompts the re-planner measures tails on
+    replan_samples: int = 2  # responses per held-out prompt
+    replan_candidates: int = 2  # cheaper schedules tried per re-plan
+    replan_factor: float = 0.75  # each candidate scales every sparse budget by this factor
+    replan_ignore_eos: bool = False  # generate the full max_new_tokens when measuring (covers late bins)
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -38,4 +42,10 @@ class DistillConfig:
             raise ConfigError(f"distill.kl_mode must be one of {KL_MODES}, got {self.kl_mode!r}")
         if self.kl_coef < 0 or self.lr <= 0:
             raise ConfigError(f"distill.kl_coef must be >= 0 and lr > 0, got {self.kl_coef}, {self.lr}")
+        if self.epochs < 1 or self.heldout_prompts < 1 or self.replan_samples < 1 or self.replan_candidates < 1:
+            raise ConfigError("distill.epochs, heldout_prompts, replan_samples and replan_candidates must be >= 1")
+        if not 0.0 < self.replan_factor < 1.0:
+            raise ConfigError(f"distill.replan_factor must lie in (0, 1), got {self.replan_factor}")
+        if not 0.0 <= self.dropout < 1.0 or self.ppo_coef < 0 or self.margin < 0:
+            raise ConfigError("distill.dropout must lie in [0, 1), ppo_coef and margin must be >= 0")
         self.target_modules = tuple(self.target_modules)

@@ -41,7 +41,10 @@ class RolloutLora:
             target_modules=list(self.cfg.target_modules),
             bias="none",
         )
+        trainable = [p for p in policy.parameters() if p.requires_grad]
         self.model = get_peft_model(shadow_of(policy), lora)
+        for p in trainable:  # peft freezes the base it wraps — here θ's own tensors, which the policy step trains
+            p.requires_grad_(True)
 
     # -- parameters ---------------------------------------------------------------------------------------------
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -56,8 +59,7 @@ class RolloutLora:
     @contextlib.contextmanager
     def frozen_base(self) -> Iterator[None]:
         """θ stops requiring grad (so a backward only reaches φ); restored on exit."""
-        lora_ids = {id(p) for p in self.parameters()}
-        base = [p for p in self.model.parameters() if id(p) not in lora_ids and p.requires_grad]
+        base = [p for p in self.policy.parameters() if p.requires_grad]
         for p in base:
             p.requires_grad_(False)
         for p in self.parameters():

@@ -116,6 +116,34 @@ def response_logprobs(
     return gather_response_logprobs(logits, input_ids, prompt_lens, response_lens, temperature, return_full)
 
 
+def sparse_token_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    schedule: Schedule | None,
+    *,
+    temperature: float = 1.0,
+    keep_dist: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`RolloutBatch`-aligned log-probs: column j holds token j's log-prob from the logits at j - 1 (column 0: 0).
+
+    input_ids [B, L] right-padded (the batch's own layout). Returns (logprobs [B, L] float32, full log-distributions
+    [B, L, V] or None) under the sparse rollout attention (dense when `schedule` is None or dense). Differentiable.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
+    if schedule is None or schedule.is_dense:
+        logits = model(input_ids=input_ids, use_cache=False).logits
+    else:
+        logits = sparse_forward_logits(model, input_ids, prompt_lens, schedule, backend=backend)
+    log_dist = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    picked = log_dist.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    logprobs = torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
+    full = torch.cat([torch.zeros_like(log_dist[:, :1]), log_dist], dim=1) if keep_dist else None
+    return logprobs, full
+
+
 def pack_right_padded(
     prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
