@@ -23,10 +23,14 @@ from rewards.pool import KillablePool
 from rewards.text import strip_thinking
 
 DEFAULT_TIMEOUT_S = 5.0
+_WORKER_MEMORY_MB = 4096  # address-space cap of a verifier process (sympy can blow up on adversarial input)
 _BARE_MAX_CHARS = 100  # a reference or response without markers is taken whole only when this short
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*")
 _ANSWER_IS = re.compile(r"(?i)\bthe\s+(?:final\s+)?answer\s+is\s*:?\s*(.+)")
 _HASHES = re.compile(r"####\s*(.+)")
+_CLAUSE_END = re.compile(r"\.\s|;\s|,?\s+(?:because|since|so|as|which|where|and\s+so)\b"
+                         r"|,\s+(?!and\b|or\b)[A-Za-z]{3,}\b")
+_TRAILING_WORDS = re.compile(r"^(.*\d[^A-Za-z]*?)\s+(?:[A-Za-z]{2,}\s*)+$")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 
 
@@ -59,16 +63,31 @@ def _clean(answer: str) -> str:
     return answer
 
 
+def _first_clause(answer: str) -> str:
+    """'18. Done' -> '18', '5, since x' -> '5', '18 dollars' -> '18': the answer ends at the first sentence
+    break or connective outside brackets; trailing plain words after a number are units."""
+    depth = 0
+    for i, ch in enumerate(answer):
+        depth += (ch in "([{") - (ch in ")]}")
+        if depth <= 0 and _CLAUSE_END.match(answer, i):
+            answer = answer[:i]
+            break
+    words = _TRAILING_WORDS.match(answer.strip())
+    return words.group(1) if words else answer
+
+
 def extract_answer(text: str) -> str | None:
     """The final answer of a response or reference (see module docstring), or None when there is none."""
     text = strip_thinking(text)
     boxed = last_boxed(text)
     if boxed is not None:
         return _clean(boxed)
-    for pattern in (_ANSWER_IS, _HASHES):
-        found = pattern.findall(text)
-        if found:
-            return _clean(found[-1])
+    found = _ANSWER_IS.findall(text)
+    if found:
+        return _clean(_first_clause(_clean(found[-1])))
+    found = _HASHES.findall(text)
+    if found:
+        return _clean(found[-1])
     text = text.strip()
     if text and len(text) <= _BARE_MAX_CHARS:
         return _clean(text)
@@ -131,7 +150,7 @@ class MathScorer:
             raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
         self.timeout_s = timeout_s
         self.shortcut = shortcut  # textually identical answers score 1.0 without math-verify
-        self.pool = KillablePool("rewards.math:_verify_pair", workers)
+        self.pool = KillablePool("rewards.math:_verify_pair", workers, memory_mb=_WORKER_MEMORY_MB)
 
     def score_with_reasons(self, responses: Sequence[str], references: Sequence[str],
                            timeout_s: float | None = None) -> list[tuple[float, str]]:

@@ -56,11 +56,12 @@ class _Worker:
 class KillablePool:
     """`workers` processes running `target` ("module:function") on picklable items; one `map` at a time."""
 
-    def __init__(self, target: str, workers: int | None = None):
+    def __init__(self, target: str, workers: int | None = None, memory_mb: int | None = None):
         module, _, name = target.partition(":")
         if not module or not name:
             raise ValueError(f"target must look like 'package.module:function', got {target!r}")
         self.target = target
+        self.memory_mb = memory_mb  # RLIMIT_AS of each worker: a runaway item dies alone (MemoryError)
         self.workers = max(1, workers or min(os.cpu_count() or 1, 8))
         self._pool: list[_Worker] = []
         self._lock = threading.Lock()
@@ -68,7 +69,8 @@ class KillablePool:
     def _spawn(self) -> _Worker:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        proc = subprocess.Popen([sys.executable, "-m", "rewards.pool", self.target], stdin=subprocess.PIPE,
+        argv = [sys.executable, "-m", "rewards.pool", self.target, str(self.memory_mb or 0)]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, env=env, start_new_session=True)
         return _Worker(proc)
 
@@ -159,7 +161,11 @@ class KillablePool:
         self.close()
 
 
-def _serve(target: str) -> None:
+def _serve(target: str, memory_mb: int) -> None:
+    if memory_mb > 0:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
     module, _, name = target.partition(":")
     fn = getattr(importlib.import_module(module), name)
     inp, out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
@@ -180,4 +186,4 @@ def _serve(target: str) -> None:
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1])
+    _serve(sys.argv[1], int(sys.argv[2]))

@@ -26,6 +26,10 @@ def _rows(name: str) -> list[dict]:
     ("<think>maybe \\boxed{3}</think>The answer is 4.", "4"),
     ("reasoning only</think>\\boxed{5}", "5"),
     ("0.5", "0.5"),
+    ("The answer is 18 dollars.", "18"),
+    ("so the answer is 18. Done.", "18"),
+    ("The answer is: 5, since x > 0", "5"),
+    ("The answer is \\(\\frac{3}{4}\\).", "\\frac{3}{4}"),
 ])
 def test_extract_answer(text, answer):
     assert m.extract_answer(text) == answer
@@ -62,6 +66,12 @@ def test_hanging_verification_times_out_with_reason():
     assert (s, reason.startswith("timeout")) == (0.0, True), reason
     assert time.monotonic() - start < 15
     assert m.score("\\boxed{3}", "3") == 1.0  # the killed worker was replaced
+
+
+def test_memory_blowup_is_contained():
+    s, reason = m.score_with_reason("\\boxed{10^{10^{10}}}", "1", timeout_s=3.0)
+    assert s == 0.0 and reason
+    assert m.score("\\boxed{2}", "2") == 1.0
 
 
 def test_score_works_off_the_main_thread():
