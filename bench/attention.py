@@ -17,7 +17,16 @@ import math
 
 import torch
 
-from bench.common import copy_bandwidth_gbs, device_info, emit, graph_time_us, parse_ints, require_cuda, time_us
+from bench.common import (
+    copy_bandwidth_gbs,
+    device_info,
+    emit,
+    graph_time_us,
+    parse_ints,
+    progress,
+    require_cuda,
+    time_us,
+)
 
 MODELS = {  # q heads, kv heads, head dim (Qwen3-8B has the 4B's attention shape)
     "qwen3-1.7b": (16, 8, 128),
@@ -143,8 +152,8 @@ def sparse_row(pool, q, block_table, context, budget, bw, reps, triton_decode: b
     batch, q_heads, head_dim = q.shape
     kv_heads = pool.k.shape[1]
     step = SparseStep(pool, q, block_table, context, budget)
-    ref = step.attend_triton() if triton_decode else None
     step.select()
+    ref = step.attend_triton() if triton_decode else None
     out = step.attend()
     row = {"budget": budget}
     if ref is not None:
@@ -175,7 +184,7 @@ def sparse_row(pool, q, block_table, context, budget, bw, reps, triton_decode: b
     return row
 
 
-def run_model(pool, model, contexts, batches, budgets, bw, reps, triton_decode) -> list[dict]:
+def run_model(pool, model, contexts, batches, budgets, bw, reps, triton_decode, out_dir=None) -> list[dict]:
     q_heads, kv_heads, head_dim = MODELS[model]
     rows = []
     for context in contexts:
@@ -188,11 +197,15 @@ def run_model(pool, model, contexts, batches, budgets, bw, reps, triton_decode) 
                     "context": context, "batch": batch}
             dense = dense_row(pool, q, block_table, context, bw, reps)
             rows.append(base | dense)
+            progress("attention", rows[-1], out_dir)
             for budget in budgets:
                 if budget < context:
                     sparse = sparse_row(pool, q, block_table, context, budget, bw, reps, triton_decode,
                                         dense["dense_graph_us"])
                     rows.append(base | sparse)
+                    progress("attention", rows[-1], out_dir)
+                    print(f"{model} ctx {context} batch {batch} budget {budget}: step {sparse['step_graph_us']} us, "
+                          f"{sparse['step_over_floor']}x floor, dense {dense['dense_graph_us']} us", flush=True)
             torch.cuda.empty_cache()
     return rows
 
@@ -239,9 +252,9 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     pool = KVPool(max(max(contexts) * max(batches), max(s_ctx) * max(s_batch)), kv_heads, head_dim)
     rows = []
     for model in models:
-        rows += run_model(pool, model, contexts, batches, budgets, bw, args.reps, not args.no_triton)
+        rows += run_model(pool, model, contexts, batches, budgets, bw, args.reps, not args.no_triton, args.results_dir)
     for model in slice_models:
-        rows += run_model(pool, model, s_ctx, s_batch, s_budget, bw, args.reps, not args.no_triton)
+        rows += run_model(pool, model, s_ctx, s_batch, s_budget, bw, args.reps, not args.no_triton, args.results_dir)
     record = {"bench": "attention", **device_info(), "copy_bw_gbs": bw, "page_size": PAGE, "dtype": "bfloat16",
               "timing": "median of reps, cold L2 each run; *_graph_us = CUDA graph replay", "rows": rows}
     emit("attention", record, args.results_dir)

@@ -108,6 +108,14 @@ def emit(name: str, record: dict, out_dir: str | Path | None = None) -> dict:
     return record
 
 
+def progress(name: str, row: dict, out_dir: str | Path | None = None) -> None:
+    """Append one row to <out_dir>/<name>.partial.jsonl as it is measured (kept if the run is cut short)."""
+    path = results_dir(None if out_dir is None else str(out_dir)) / f"{name}.partial.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def parse_ints(text: str) -> list[int]:
     """'512,1k,8K' -> [512, 1024, 8192]."""
     out = []

@@ -15,7 +15,16 @@ import argparse
 import torch
 
 from bench.attention import MODELS, PAGE, KVPool, SparseStep, summary_bytes
-from bench.common import copy_bandwidth_gbs, device_info, emit, graph_time_us, parse_ints, require_cuda, time_us
+from bench.common import (
+    copy_bandwidth_gbs,
+    device_info,
+    emit,
+    graph_time_us,
+    parse_ints,
+    progress,
+    require_cuda,
+    time_us,
+)
 
 VARIANTS = ("centroid_fp32", "quest_fp32", "centroid_bf16")
 
@@ -114,6 +123,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                 for variant in variants:
                     rows.append(base | measure(pool, q, block_table, context, budget, variant, bf16_centroids, bw,
                                                args.reps))
+                    progress("selection", rows[-1], args.results_dir)
             torch.cuda.empty_cache()
     record = {"bench": "selection", **device_info(), "copy_bw_gbs": bw, "page_size": PAGE, "rows": rows}
     emit("selection", record, args.results_dir)

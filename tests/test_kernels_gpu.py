@@ -333,7 +333,8 @@ def test_sparse_decode_on_cuda_equals_cpu_reference(backend, layout, monkeypatch
     cpu = make_problem(layout, dtype=torch.bfloat16, q_heads=16, kv_heads=4)
     gpu = [t.cuda() for t in cpu]
     monkeypatch.setenv(dispatch.ENV_VAR, backend)
-    for budget, layer in [(48, 5), ([32, 96, None, 64], 7), (64, 0), (None, 9)]:
+    # budgets >= sink + local pages (48 tokens): below that the reference breaks ties among forced pages arbitrarily
+    for budget, layer in [(48, 5), ([48, 96, None, 64], 7), (64, 0), (None, 9)]:
         sparse = budget is not None and not cfg.is_dense_layer(layer)
         if backend == "flashinfer" and sparse and layout == "NHD":
             with pytest.raises(ValueError, match="flashinfer"):

@@ -120,6 +120,10 @@ def _topk_pages_kernel(
         tl.store(last_len_ptr + row, last_len)
 
 
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def select_pages_into(
     q: torch.Tensor,
     block_table: torch.Tensor,
@@ -134,7 +138,7 @@ def select_pages_into(
     key_max: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
     csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    pages_per_prog: int = 128,
+    pages_per_prog: int | None = None,
     topk: bool = True,
 ) -> torch.Tensor:
     """Write the selected logical pages of every (request, KV head) into `pages_out` [batch, kv_heads, K] int32.
@@ -171,9 +175,11 @@ def select_pages_into(
     if scores is None:
         scores = torch.empty(batch, kv_heads, max_pages, dtype=torch.float32, device=q.device)
     group = q_heads // kv_heads
+    rows = batch * kv_heads
+    if pages_per_prog is None:  # about 4 programs per SM: latency-bound small batches need the parallelism
+        pages_per_prog = min(max(triton.next_power_of_2(rows * max_pages // (4 * _num_sms(q.device))), 32), 256)
     pages_per_prog = min(pages_per_prog, triton.next_power_of_2(max_pages))
     block_p = min(32, pages_per_prog)
-    rows = batch * kv_heads
     stride_sp, stride_sh = summary.stride(0), summary.stride(1)
     _score_pages_kernel[(rows, triton.cdiv(max_pages, pages_per_prog))](
         q, q.stride(0), q.stride(1),
