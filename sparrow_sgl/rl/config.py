@@ -63,6 +63,7 @@ class TrainConfig:
     entropy_coef: float = 0.0
     # -- monitoring ---------------------------------------------------------------------------------------------
     bin_tokens: int = 2048
+    hardware: str = "h100"  # cost-model preset for `sparse/speedup_predicted` (h100, h200, cpu, ...)
     tau: float = 0.86
     quantile: float = 0.05
     mismatch: str = "full"  # acceptance rate over the full vocabulary, or top-k lists ("topk", needs topk > 0)

@@ -1,0 +1,151 @@
+"""Per-step metrics: names, per-bin tails, JSON lines, PNG plots.
+
+Names follow the ecosystem so a run's log reads next to OpenRLHF's and verl's: `timing/*` (seconds),
+`rollout/*`, `train/*`, and the `sparse/` family — `sparse/tail_p5/bin_{i}` (5th percentile of the acceptance rate
+in position bin i), `sparse/tail_p5/min`, `sparse/kv_budget_mean` (attended KV tokens per sparse step),
+`sparse/is_truncated_frac`, `sparse/speedup_predicted`, ... Every per-token statistic counts response tokens only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from sparrow_sgl.mismatch import BinStat, min_tail, tail_by_bin
+
+
+def tail_metrics(
+    alpha: torch.Tensor,
+    positions: torch.Tensor,
+    response_mask: torch.Tensor,
+    bin_tokens: int,
+    quantile: float = 0.05,
+    prefix: str = "sparse",
+) -> tuple[dict[str, float], list[BinStat]]:
+    """Per-bin q-quantile of the acceptance rate over response tokens: `{prefix}/tail_p5/bin_i`, `.../min`."""
+    mask = response_mask.bool() & ~torch.isnan(alpha)
+    stats = tail_by_bin(alpha[mask], positions[mask], bin_tokens=bin_tokens, q=quantile)
+    tag = f"tail_p{round(100 * quantile):g}"
+    out = {f"{prefix}/{tag}/bin_{i}": s.tail for i, s in enumerate(stats) if s.tail is not None}
+    lowest = min_tail(stats)
+    if lowest is not None:
+        out[f"{prefix}/{tag}/min"] = lowest
+        out[f"{prefix}/alpha_mean"] = float(alpha[mask].mean())
+    return out, stats
+
+
+def masked_stats(values: torch.Tensor, mask: torch.Tensor) -> float:
+    mask = mask.bool()
+    return float(values[mask].float().mean()) if bool(mask.any()) else float("nan")
+
+
+class MetricsLog:
+    """Append-only `metrics.jsonl` (one object per step) plus `events.jsonl` (one-off records)."""
+
+    def __init__(self, out_dir: str | os.PathLike, resume_step: int | None = None) -> None:
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        self.events_path = self.dir / "events.jsonl"
+        if resume_step is None:
+            for p in (self.path, self.events_path):
+                p.unlink(missing_ok=True)
+        else:  # drop steps logged after the checkpoint we resume from (they will be redone)
+            self._truncate(resume_step)
+
+    def log(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def event(self, step: int, kind: str, **data) -> None:
+        with self.events_path.open("a") as f:
+            f.write(json.dumps({"step": step, "event": kind, **{k: _plain(v) for k, v in data.items()}}) + "\n")
+
+    def records(self) -> list[dict]:
+        return read_jsonl(self.path)
+
+    def _truncate(self, step: int) -> None:
+        for p in (self.path, self.events_path):
+            if p.exists():
+                keep = [r for r in read_jsonl(p) if r.get("step", 0) <= step]
+                p.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def plot_run(records: list[dict], out_dir: str | os.PathLike, tau: float | None = None) -> list[Path]:
+    """reward.png (reward vs step), tails.png (per-bin tail vs step, tau drawn), timing.png; returns the paths."""
+    if not records:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps = [r["step"] for r in records]
+    paths = []
+
+    def series(key):
+        return [r.get(key) if r.get(key) is not None else float("nan") for r in records]
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, series("rollout/reward_mean"), marker="o", label="reward (mean)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(_save(fig, out_dir / "reward.png"))
+
+    tail_keys = sorted(
+        {k for r in records for k in r if k.startswith("sparse/tail_p5/bin_")}, key=lambda k: int(k.rsplit("_", 1)[1])
+    )
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in tail_keys:
+        ax.plot(steps, series(key), marker=".", label=key.rsplit("/", 1)[1])
+    if tau is not None:
+        ax.axhline(tau, color="red", linestyle="--", label=f"tau = {tau}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("5th-percentile acceptance rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out_dir / "tails.png"))
+
+    timing_keys = sorted({k for r in records for k in r if k.startswith("timing/")})
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in timing_keys:
+        ax.plot(steps, series(key), marker=".", label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("seconds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out_dir / "timing.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
