@@ -1,0 +1,82 @@
+"""`sparrow generate` end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sparrow_sgl.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: extra threads only contend on a shared CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write_prompts(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_generate_cli_writes_rollouts(tiny_model_dir, tmp_path, capsys):
+    prompts = _write_prompts(
+        tmp_path / "p.jsonl",
+        [
+            {"id": "a", "prompt": "what is the value of x?"},
+            {"prompt_ids": [5, 6, 7, 8]},
+            {"messages": [{"role": "user", "content": "2 + 2"}]},
+        ],
+    )
+    out = tmp_path / "out" / "r.jsonl"
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--n",
+        "2",
+        "--schedule",
+        "fixed:16",
+        "--page-size",
+        "4",
+        "--max-new-tokens",
+        "12",
+        "--seed",
+        "0",
+        "--chat",
+        "--logprobs-topk",
+        "3",
+        "--kv-gb",
+        "0.01",
+    ]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and rows[0]["id"] == "a" and "id" not in rows[2]
+    assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(p, s) for p in range(3) for s in range(2)]
+    assert rows[2]["prompt_ids"] == [5, 6, 7, 8]
+    assert all(len(r["topk_ids"]) == len(r["token_ids"]) for r in rows)
+    assert all(r["meta"]["schedule"] == "fixed:16" for r in rows)
+    err = capsys.readouterr().err
+    assert "KV pool of" in err and "tokens/s" in err
+
+
+def test_generate_cli_errors(tiny_model_dir, tmp_path, capsys):
+    prompts = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    base = ["generate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o.jsonl"), "--kv-gb", "0.01"]
+    assert main([*base, "--prompts", str(prompts), "--schedule", "bogus"]) == 2
+    assert "unknown schedule" in capsys.readouterr().err
+    assert main([*base, "--prompts", str(tmp_path / "missing.jsonl")]) == 2
+    assert "prompts file not found" in capsys.readouterr().err
+    bad = _write_prompts(tmp_path / "bad.jsonl", [{"text": "hi"}])
+    assert main([*base, "--prompts", str(bad)]) == 2
+    assert "needs 'prompt'" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompts", str(prompts), "--out", "x"]) == 2
+    assert "model directory not found" in capsys.readouterr().err
