@@ -59,6 +59,7 @@ def main() -> int:
     parser.add_argument("--budget", type=int, default=256, help="sparse KV budget in tokens (fixed schedule)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu (the regression number) or cuda (a smoke check)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = TinyModelSpec(
@@ -72,7 +73,7 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory() as model_dir:
         save_tiny_model(model_dir, spec)
-        engine = Engine(EngineConfig(model=model_dir, kv_gb=0.25))
+        engine = Engine(EngineConfig(model=model_dir, kv_gb=0.25, device=args.device))
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(10, 1000, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
         params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, seed=0, ignore_eos=True)
@@ -80,7 +81,8 @@ def main() -> int:
         sparse = measure(engine, prompts, params, f"fixed:{args.budget}", args.repeats)
     result = {
         "bench": "engine_cpu",
-        "machine": platform.processor() or platform.machine(),
+        "machine": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine(),
+        "device": args.device,
         "threads": args.threads,
         "torch": torch.__version__,
         "model": {

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from sparrow_sgl.config import EngineConfig
 from sparrow_sgl.engine import Engine
 
+# SPARROW_TEST_DEVICE=cuda runs the engine tests on a GPU (float32, so the CPU tolerances hold)
+DEVICE = os.environ.get("SPARROW_TEST_DEVICE", "cpu")
+
 
 def make_engine(model_dir, **overrides) -> Engine:
-    kw = {"page_size": 4, "num_kv_pages": 512}
+    kw = {"page_size": 4, "num_kv_pages": 512, "device": DEVICE, "dtype": "float32"}
     kw.update(overrides)
     return Engine(EngineConfig(model=str(model_dir), **kw))
 

@@ -37,7 +37,7 @@ def _prefill_logits(engine, prompt: list[int], chunks: list[int]) -> torch.Tenso
     finally:
         engine.block_manager.free(seq.block_table)
     assert group.n == 1
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
@@ -83,7 +83,7 @@ def test_hf_parameter_names_match_transformers(tiny_model_factory):
         engine, hf = make_engine(model_dir), hf_model(model_dir)
         assert set(engine.model.hf_parameters()) == set(hf.state_dict())
         for name, tensor in hf.state_dict().items():
-            torch.testing.assert_close(engine.model.hf_parameters()[name], tensor, atol=0, rtol=0)
+            torch.testing.assert_close(engine.model.hf_parameters()[name].cpu(), tensor, atol=0, rtol=0)
 
 
 def test_bad_model_dir_errors(tmp_path, tiny_model_dir):

@@ -112,7 +112,7 @@ def test_update_weights_with_active_adapter_remerges(tiny_model_dir, tmp_path):
         torch.testing.assert_close(engine.model.hf_parameters()[name], tensor, atol=1e-6, rtol=0)
     engine.set_adapter(None)
     for name, tensor in new.items():
-        assert torch.equal(engine.model.hf_parameters()[name], tensor), name
+        assert torch.equal(engine.model.hf_parameters()[name].cpu(), tensor), name
 
 
 def test_bad_adapter_errors(tiny_model_dir, tmp_path):

@@ -36,12 +36,13 @@ class ModelRunner:
         return self._table
 
     def _slots(self, seqs: list[Sequence], spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Physical page and in-page offset of every new token (positions start..end-1 of each sequence)."""
         pages, offsets = [], []
         for seq, (start, end) in zip(seqs, spans):
-            for pos in range(start, end):
-                pages.append(seq.block_table[pos // self.page_size])
-                offsets.append(pos % self.page_size)
-        return self._tensor(pages), self._tensor(offsets)
+            positions = torch.arange(start, end)
+            pages.append(torch.tensor(seq.block_table)[positions // self.page_size])
+            offsets.append(positions % self.page_size)
+        return torch.cat(pages).to(self.device), torch.cat(offsets).to(self.device)
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], tokens: list[list[int]], sparsity: SparsityConfig) -> torch.Tensor:
