@@ -332,14 +332,17 @@ class Engine:
         def force(batch: list[Sequence], logits: torch.Tensor) -> None:
             targets = torch.tensor([s.forced_ids[len(s.output_ids)] for s in batch], device=logits.device)
             chosen, top_ids, top_vals, full = request.rows(logits, targets)
+            chosen, targets = chosen.tolist(), targets.tolist()  # one device-to-host copy per step, not per row
+            top_ids, top_vals = (top_ids.tolist(), top_vals.tolist()) if top_ids is not None else (None, None)
+            full = full.cpu() if full is not None else None
             for i, seq in enumerate(batch):
-                seq.output_ids.append(int(targets[i]))
-                seq.logprobs.append(float(chosen[i]))
+                seq.output_ids.append(targets[i])
+                seq.logprobs.append(chosen[i])
                 if top_ids is not None:
-                    seq.topk_ids.append(top_ids[i].tolist())
-                    seq.topk_logprobs.append(top_vals[i].tolist())
+                    seq.topk_ids.append(top_ids[i])
+                    seq.topk_logprobs.append(top_vals[i])
                 if full is not None:
-                    seq.full_logprobs.append(full[i].cpu())
+                    seq.full_logprobs.append(full[i])
                 if len(seq.output_ids) == len(seq.forced_ids):
                     seq.finish_reason = "length"
 

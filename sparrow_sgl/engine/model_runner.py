@@ -74,13 +74,13 @@ class ModelRunner:
         """Next-token logits [B, V] float32 and mean attended KV tokens per sparse layer and KV head [B]."""
         positions = self._tensor([s.num_cached for s in seqs])
         seq_lens = positions + 1
-        slot_pages, slot_offsets = self._slots(seqs, [(s.num_cached, s.num_cached + 1) for s in seqs])
+        block_tables = self._block_tables(seqs)
         context = Context(
             is_prefill=False,
             sparsity=sparsity,
-            slot_pages=slot_pages,
-            slot_offsets=slot_offsets,
-            block_tables=self._block_tables(seqs),
+            slot_pages=block_tables.gather(1, (positions // self.page_size)[:, None])[:, 0].long(),
+            slot_offsets=positions % self.page_size,
+            block_tables=block_tables,
             seq_lens=seq_lens,
             budgets=self._tensor([-1 if b is None else b for b in budgets]),
             attended_tokens=torch.zeros(len(seqs), device=self.device),

@@ -46,10 +46,10 @@ def sampling_logprobs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
     temperature = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device)
     logits = logits.float() / temperature[:, None]
     sampled = [not s.params.greedy for s in seqs]
-    top_k = torch.tensor([s.params.top_k if g else 0 for s, g in zip(seqs, sampled)], device=device)
-    top_p = torch.tensor([s.params.top_p if g else 1.0 for s, g in zip(seqs, sampled)], device=device)
-    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
-        logits = filter_top_k_top_p(logits, top_k, top_p)
+    top_k = [s.params.top_k if g else 0 for s, g in zip(seqs, sampled)]
+    top_p = [s.params.top_p if g else 1.0 for s, g in zip(seqs, sampled)]
+    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        logits = filter_top_k_top_p(logits, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device))
     return torch.log_softmax(logits, dim=-1)
 
 
