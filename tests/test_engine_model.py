@@ -119,3 +119,34 @@ def test_engine_config_validation():
     ):
         with pytest.raises(ConfigError):
             EngineConfig(model="m", **bad)
+
+
+def test_sharded_checkpoint_loads(tiny_model_dir, tmp_path):
+    hf = hf_model(tiny_model_dir)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    engine = make_engine(tmp_path)
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(engine.model.hf_parameters()[name].cpu(), tensor), name
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "default", "rope_theta": 1_000_000.0},
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
+    ],
+)
+def test_rope_variants_match_transformers(tiny_model_dir, tmp_path, rope):
+    for path in tiny_model_dir.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"] = rope
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    engine, hf = make_engine(tmp_path), hf_model(tmp_path)
+    (prompt,) = random_prompts([90], seed=5)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].float()
+    torch.testing.assert_close(_prefill_logits(engine, prompt, [90]), ref, atol=1e-4, rtol=1e-4)
