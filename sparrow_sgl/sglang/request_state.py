@@ -1,0 +1,145 @@
+"""Per-request sparsity state inside the SGLang scheduler process: which schedule a request decodes with, and how
+many KV tokens its sparse steps attended (reported back in the response's `meta_info["sparrow"]`).
+
+A request picks its schedule with `sampling_params.custom_params = {"sparrow_schedule": SPEC}` where SPEC is
+"dense", "fixed:1024", a preset name, a schedule JSON path on the server, a schedule JSON object, or that object as
+a JSON string. Without it the server default applies: the `SPARROW_SCHEDULE` environment variable (set by
+`sparrow serve --schedule` / `--sparrow-schedule`), else dense. A per-request schedule may change the budgets only:
+page size, sink/local pages, scorer and dense layers must match the server's (they shape the KV summaries).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from sparrow_sgl.config import ConfigError, Schedule, SparsityConfig
+from sparrow_sgl.schedule import resolve_schedule
+
+SCHEDULE_KEY = "sparrow_schedule"  # in sampling_params.custom_params
+META_KEY = "sparrow"  # in the response's meta_info
+ENV_SCHEDULE = "SPARROW_SCHEDULE"
+MAX_TRACKED = 65536  # requests whose state is kept; the oldest go first (aborted requests never report)
+
+
+@dataclass
+class RequestSparsity:
+    schedule: Schedule
+    kv_tokens_sum: float = 0.0  # attended KV tokens summed over (sparse layer, decode step), mean over KV heads
+    sparse_steps: int = 0  # (sparse layer, decode step) pairs
+
+    def report(self) -> dict:
+        steps = self.sparse_steps
+        return {
+            "schedule": self.schedule.name or "custom",
+            "kv_tokens_mean": self.kv_tokens_sum / steps if steps else None,
+            "sparse_layer_steps": steps,
+        }
+
+
+def parse_schedule(spec) -> Schedule:
+    """A schedule from a request's `sparrow_schedule` value (string spec, JSON string or JSON object)."""
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{SCHEDULE_KEY}: not valid JSON: {e}") from e
+    if isinstance(spec, dict):
+        schedule = Schedule.from_dict(spec, where=SCHEDULE_KEY)
+        schedule.name = schedule.name or "custom"
+        return schedule
+    if isinstance(spec, str):
+        schedule = resolve_schedule(spec)
+        schedule.name = schedule.name or spec
+        return schedule
+    raise ConfigError(f"{SCHEDULE_KEY} must be a schedule name, 'fixed:N', 'dense' or a JSON object, got {spec!r}")
+
+
+@functools.cache
+def server_schedule() -> Schedule:
+    """The server's default schedule (read once per process from `SPARROW_SCHEDULE`)."""
+    return parse_schedule(os.environ.get(ENV_SCHEDULE) or "dense")
+
+
+def server_sparsity() -> SparsityConfig:
+    """Page size, sink/local pages, scorer and dense layers every request on this server shares (KV layout NHD)."""
+    cfg = server_schedule().sparsity()
+    cfg.kv_layout = "NHD"  # SGLang's buffer [slots, kv_heads, dim] viewed as [pages, page_size, kv_heads, dim]
+    return cfg
+
+
+def request_schedule(custom_params) -> Schedule:
+    """The schedule a request asked for (validated against the server's sparsity settings), else the default."""
+    spec = custom_params.get(SCHEDULE_KEY) if isinstance(custom_params, dict) else None
+    if spec is None:
+        return server_schedule()
+    schedule = parse_schedule(spec)
+    _check_compatible(schedule, server_schedule())
+    return schedule
+
+
+def _check_compatible(schedule: Schedule, server: Schedule) -> None:
+    for name in ("page_size", "sink_pages", "local_pages", "scorer", "dense_layers"):
+        mine, theirs = getattr(schedule, name), getattr(server, name)
+        if mine != theirs:
+            raise ConfigError(
+                f"{SCHEDULE_KEY}: {name}={mine!r} differs from the server's {theirs!r}; a per-request schedule may "
+                "change the budgets only"
+            )
+
+
+class RequestRegistry:
+    """rid -> RequestSparsity for the requests this scheduler serves, plus the last step's unflushed statistics."""
+
+    def __init__(self) -> None:
+        self.active = False  # set once a sparrow backend exists in this process
+        self._requests: OrderedDict[str, RequestSparsity] = OrderedDict()
+        self._pending: tuple[list[str], torch.Tensor, int] | None = None
+
+    def add(self, rid: str, custom_params) -> None:
+        if not self.active:
+            return
+        try:
+            schedule = request_schedule(custom_params)
+        except ConfigError:  # refused at the tokenizer already; keep serving with the default
+            schedule = server_schedule()
+        self._requests[rid] = RequestSparsity(schedule)
+        while len(self._requests) > MAX_TRACKED:
+            self._requests.popitem(last=False)
+
+    def get(self, rid: str) -> RequestSparsity:
+        state = self._requests.get(rid)
+        if state is None:  # e.g. a request created before the backend existed
+            state = self._requests[rid] = RequestSparsity(server_schedule())
+        return state
+
+    def record_step(self, rids: list[str], attended_sum: torch.Tensor, sparse_layers: int) -> None:
+        """Keep a decode step's per-request attended tokens (summed over sparse layers) without syncing the device."""
+        self.flush()
+        self._pending = (list(rids), attended_sum, sparse_layers)
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        rids, attended, layers = self._pending
+        self._pending = None
+        if layers == 0:
+            return
+        for rid, tokens in zip(rids, attended.tolist()):
+            state = self._requests.get(rid)
+            if state is not None:
+                state.kv_tokens_sum += tokens
+                state.sparse_steps += layers
+
+    def pop_report(self, rid: str) -> dict | None:
+        self.flush()
+        state = self._requests.pop(rid, None)
+        return state.report() if state is not None else None
+
+
+REGISTRY = RequestRegistry()
