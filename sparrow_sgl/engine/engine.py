@@ -9,7 +9,6 @@ with the response tokens forced, so it reproduces the sparse-decode log-probs of
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,19 +19,25 @@ import torch
 from sparrow_sgl.config import ConfigError, EngineConfig, Schedule, SparsityConfig
 from sparrow_sgl.engine.block_manager import BlockManager
 from sparrow_sgl.engine.kv_cache import GIB, KVCache, bytes_per_page, plan_num_pages
-from sparrow_sgl.engine.loader import load_model, load_weights, read_hf_config, resolve_dtype
+from sparrow_sgl.engine.loader import (
+    eos_token_ids,
+    load_model,
+    load_tokenizer,
+    load_weights,
+    read_hf_config,
+    resolve_dtype,
+)
 from sparrow_sgl.engine.lora import AdapterMerger
 from sparrow_sgl.engine.model_runner import ModelRunner
 from sparrow_sgl.engine.sampler import Sampler
 from sparrow_sgl.engine.sampling_params import SamplingParams
 from sparrow_sgl.engine.scheduler import Scheduler
-from sparrow_sgl.engine.scoring import ScoreRequest, ScoreResult
+from sparrow_sgl.engine.scoring import ScoreRequest, ScoreResult, score_dense, score_sparse
 from sparrow_sgl.engine.sequence import Sequence, SequenceGroup
 from sparrow_sgl.rollout import Rollout
 from sparrow_sgl.schedule import resolve_schedule
 
 _SEED_MIX = 1_000_003
-_SCORE_CHUNK_ELEMENTS = 2**26  # logits elements per scoring chunk (256 MiB of float32)
 
 
 def _mix_seed(*parts: int) -> int:
@@ -49,8 +54,8 @@ class Engine:
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, config.device)
         self.model = load_model(config.model, self.hf_config, config.device, self.dtype)
-        self.tokenizer = _load_tokenizer(config.model)
-        self.eos_token_ids = _eos_token_ids(config.model, self.hf_config, self.tokenizer)
+        self.tokenizer = load_tokenizer(config.model)
+        self.eos_token_ids = eos_token_ids(config.model, self.hf_config, self.tokenizer)
         self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
         self.kv_cache = self._allocate_kv_cache()
         self.block_manager = BlockManager(self.kv_cache.num_pages, config.page_size)
@@ -152,8 +157,8 @@ class Engine:
         for j, (p, r) in enumerate(zip(prompt_ids, response_ids)):
             self._check_length(list(p), len(r), f"request {j}")
         if sparse is None:
-            return self._score_dense(prompt_ids, response_ids, request, progress)
-        return self._score_sparse(prompt_ids, response_ids, self.resolve_schedule(sparse), request, progress)
+            return score_dense(self, prompt_ids, response_ids, request, progress)
+        return score_sparse(self, prompt_ids, response_ids, self.resolve_schedule(sparse), request, progress)
 
     def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the base weights in place; the active adapter (if any) is merged again."""
@@ -318,115 +323,3 @@ class Engine:
                 seq.finish_reason = "stop"
             elif len(seq.output_ids) >= seq.max_new_tokens:
                 seq.finish_reason = "length"
-
-    # -- scoring ------------------------------------------------------------------------------------------------------
-    def _score_sparse(self, prompts, responses, schedule: Schedule, request: ScoreRequest, progress: bool):
-        params = SamplingParams(temperature=request.temperature, logprobs_topk=0)
-        groups, seqs = [], []
-        for j, (prompt, response) in enumerate(zip(prompts, responses)):
-            if len(response):
-                seq = self._new_sequence(prompt, params, len(response), j, forced_ids=[int(t) for t in response])
-                seqs.append(seq)
-                groups.append(SequenceGroup([seq]))
-
-        def force(batch: list[Sequence], logits: torch.Tensor) -> None:
-            targets = torch.tensor([s.forced_ids[len(s.output_ids)] for s in batch], device=logits.device)
-            chosen, top_ids, top_vals, full = request.rows(logits, targets)
-            chosen, targets = chosen.tolist(), targets.tolist()  # one device-to-host copy per step, not per row
-            top_ids, top_vals = (top_ids.tolist(), top_vals.tolist()) if top_ids is not None else (None, None)
-            full = full.cpu() if full is not None else None
-            for i, seq in enumerate(batch):
-                seq.output_ids.append(targets[i])
-                seq.logprobs.append(chosen[i])
-                if top_ids is not None:
-                    seq.topk_ids.append(top_ids[i])
-                    seq.topk_logprobs.append(top_vals[i])
-                if full is not None:
-                    seq.full_logprobs.append(full[i])
-                if len(seq.output_ids) == len(seq.forced_ids):
-                    seq.finish_reason = "length"
-
-        self._run(groups, schedule, force, progress, "score")
-        by_prompt = {s.prompt_index: s for s in seqs}
-        vocab = self.hf_config.vocab_size
-        results = []
-        for j in range(len(prompts)):
-            seq = by_prompt.get(j)
-            if seq is None:
-                results.append(request.result([], 0, vocab))
-                continue
-            parts = (
-                torch.tensor(seq.logprobs, dtype=torch.float32),
-                torch.tensor(seq.topk_ids, dtype=torch.long) if request.topk else None,
-                torch.tensor(seq.topk_logprobs, dtype=torch.float32) if request.topk else None,
-                torch.stack(seq.full_logprobs) if request.return_full else None,
-            )
-            results.append(request.result([parts], len(seq.output_ids), vocab))
-        return results
-
-    def _score_dense(self, prompts, responses, request: ScoreRequest, progress: bool) -> list[ScoreResult]:
-        vocab = self.hf_config.vocab_size
-        results: list[ScoreResult | None] = [None] * len(prompts)
-        params = SamplingParams(max_new_tokens=1)
-        groups = []
-        for j, (prompt, response) in enumerate(zip(prompts, responses)):
-            if not len(response):
-                results[j] = request.result([], 0, vocab)
-                continue
-            tokens = list(prompt) + [int(t) for t in response[:-1]]
-            seq = self._new_sequence(tokens, params, 1, j, forced_ids=[int(t) for t in response])
-            groups.append(SequenceGroup([seq]))
-        scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_prefill_tokens)
-        for group in groups:
-            scheduler.add(group)
-        chunk_rows = max(1, _SCORE_CHUNK_ELEMENTS // vocab)
-        sparsity = self.config.sparsity()
-        try:
-            with torch.inference_mode():
-                while not scheduler.is_finished():
-                    seqs = [g.leader for g in scheduler.schedule().groups]
-                    hidden = self.runner.prefill(seqs, [s.prompt_ids for s in seqs], sparsity)
-                    start = 0
-                    for seq in seqs:
-                        n_resp = len(seq.forced_ids)
-                        first = start + len(seq.prompt_ids) - n_resp  # row predicting the first response token
-                        targets = torch.tensor(seq.forced_ids, device=self.device)
-                        parts = []
-                        for c in range(0, n_resp, chunk_rows):
-                            rows = hidden[first + c : first + min(c + chunk_rows, n_resp)]
-                            parts.append(request.rows(self.model.compute_logits(rows), targets[c : c + chunk_rows]))
-                        results[seq.prompt_index] = request.result(parts, n_resp, vocab)
-                        start += len(seq.prompt_ids)
-                        seq.finish_reason = "length"
-                        scheduler.finish(seq)
-        finally:
-            for seq in list(scheduler.running):
-                scheduler.finish(seq)
-        return results
-
-
-def _load_tokenizer(model_dir: str):
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        print(f"sparrow engine: no tokenizer loaded from {model_dir} ({e}); token-id prompts only", file=sys.stderr)
-        return None
-
-
-def _eos_token_ids(model_dir: str, hf_config, tokenizer) -> frozenset[int]:
-    ids: set[int] = set()
-
-    def add(value) -> None:
-        if value is None:
-            return
-        ids.update([value] if isinstance(value, int) else value)
-
-    add(getattr(hf_config, "eos_token_id", None))
-    gen_file = Path(model_dir) / "generation_config.json"
-    if gen_file.is_file():
-        add(json.loads(gen_file.read_text()).get("eos_token_id"))
-    if tokenizer is not None:
-        add(tokenizer.eos_token_id)
-    return frozenset(ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,3 +131,30 @@ def load_weights(
         if missing:
             raise ConfigError(f"{where}: checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:5]}")
     return loaded
+
+
+def load_tokenizer(model_dir: str):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        print(f"sparrow engine: no tokenizer loaded from {model_dir} ({e}); token-id prompts only", file=sys.stderr)
+        return None
+
+
+def eos_token_ids(model_dir: str, hf_config, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+
+    def add(value) -> None:
+        if value is None:
+            return
+        ids.update([value] if isinstance(value, int) else value)
+
+    add(getattr(hf_config, "eos_token_id", None))
+    gen_file = Path(model_dir) / "generation_config.json"
+    if gen_file.is_file():
+        add(json.loads(gen_file.read_text()).get("eos_token_id"))
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+    return frozenset(ids)
