@@ -163,8 +163,11 @@ def sparse_row(pool, q, block_table, context, budget, bw, reps, triton_decode: b
     for name, fn in parts.items():
         row[f"{name}_us"] = time_us(fn, reps)["median_us"]
         row[f"{name}_graph_us"] = graph_time_us(fn, reps)["median_us"]
-    if triton_decode:
+    if triton_decode:  # the Triton fallback in place of FlashInfer, same selection
         row["attn_triton_us"] = time_us(step.attend_triton, reps)["median_us"]
+        row["attn_triton_graph_us"] = graph_time_us(step.attend_triton, reps)["median_us"]
+        row["step_triton_graph_us"] = graph_time_us(lambda: (step.update(), step.select(), step.attend_triton()),
+                                                    reps)["median_us"]
     n_pages = context // PAGE
     kv_sel = batch * budget * kv_heads * head_dim * 2 * KV_BYTES
     summ = summary_bytes(batch, kv_heads, head_dim, n_pages)
@@ -180,7 +183,11 @@ def sparse_row(pool, q, block_table, context, budget, bw, reps, triton_decode: b
         "step_eager_over_floor": round(row["step_us"] / floor_us, 3),
         "selection_share": round((row["select_graph_us"] + row["update_graph_us"]) / t_step, 3),
         "speedup_vs_dense": round(dense_graph_us / t_step, 2),
+        "dense_graph_us": dense_graph_us,
     }
+    if triton_decode:
+        row["attn_triton_over_kv_floor"] = round(row["attn_triton_graph_us"] / (kv_sel / bw / 1e3), 3)
+        row["step_triton_over_floor"] = round(row["step_triton_graph_us"] / floor_us, 3)
     return row
 
 
@@ -213,14 +220,14 @@ def run_model(pool, model, contexts, batches, budgets, bw, reps, triton_decode, 
 def print_table(rows: list[dict], bw: float) -> None:
     print(f"\ncopy bandwidth {bw} GB/s; microseconds (CUDA graph); floor = (selected KV + summaries) / copy bw")
     print(f"{'model':11} {'ctx':>6} {'B':>4} {'budget':>6} {'dense':>8} {'step':>8} {'floor':>8} {'step/fl':>7} "
-          f"{'attn/kvfl':>9} {'sel%':>5} {'speedup':>7} {'triton':>8}")
+          f"{'attn/kvfl':>9} {'sel%':>5} {'speedup':>7} {'tr.step':>8} {'tr/fl':>6}")
     for r in rows:
         if r["budget"] is None:
             continue
         print(f"{r['model']:11} {r['context']:>6} {r['batch']:>4} {r['budget']:>6} "
               f"{r.get('dense_graph_us', 0):>8} {r['step_graph_us']:>8} {r['floor_us']:>8} {r['step_over_floor']:>7} "
               f"{r['attn_over_kv_floor']:>9} {100 * r['selection_share']:>5.1f} {r['speedup_vs_dense']:>7} "
-              f"{r.get('attn_triton_us', '-'):>8}")
+              f"{r.get('step_triton_graph_us', '-'):>8} {r.get('step_triton_over_floor', '-'):>6}")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
