@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (DistillSparse rollout adapter)")
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the server")
-    p.add_argument("sglang_args", nargs=argparse.REMAINDER, help="extra SGLang flags after `--`")
+    p.add_argument("--sglang-args", default="", help='extra SGLang flags, one string: "--chunked-prefill-size 4096"')
 
 
 @dataclass
@@ -69,6 +70,8 @@ class ServerSpec:
             import torch
 
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.dtype == "auto" and self.device == "cpu":
+            self.dtype = "float32"  # SGLang's "auto" turns float32 checkpoints into float16
 
     @property
     def url(self) -> str:
@@ -188,7 +191,7 @@ def start(spec: ServerSpec, log_path=None, timeout: float = 600.0) -> ServerProc
 
 
 def run(args: argparse.Namespace) -> int:
-    extra = [a for a in args.sglang_args if a != "--"]
+    extra = shlex.split(args.sglang_args)
     spec = ServerSpec(
         model=args.model,
         schedule=args.schedule,
