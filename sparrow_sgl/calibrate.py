@@ -407,28 +407,27 @@ def run(args) -> int:
         "dense_layers": [0, 1],
     }
     table = _resume_or_new(out, args, settings)
-    engine = _build_engine(args)
-    prompt_ids = encode_prompts(
-        engine.tokenizer, load_prompts(args.prompts, args.prompt_field, args.num_prompts), chat=not args.no_chat
-    )
     done = [b for b in budgets if table.has(b)]
     if done:
         print(f"resuming {out}: budgets {done} already measured")
-    calibrate(
-        engine,
-        prompt_ids,
-        budgets,
-        samples=args.samples,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        topk=args.topk,
-        noise_floor=args.noise_floor,
-        ignore_eos=args.ignore_eos,
-        score_batch=args.score_batch,
-        sparsity=sparsity,
-        table=table,
-        out=out,
-    )
+    if len(done) < len(set(budgets)) or (args.noise_floor and not table.has(None)):
+        engine = _build_engine(args)
+        prompts = load_prompts(args.prompts, args.prompt_field, args.num_prompts)
+        calibrate(
+            engine,
+            encode_prompts(engine.tokenizer, prompts, chat=not args.no_chat),
+            budgets,
+            samples=args.samples,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            topk=args.topk,
+            noise_floor=args.noise_floor,
+            ignore_eos=args.ignore_eos,
+            score_batch=args.score_batch,
+            sparsity=sparsity,
+            table=table,
+            out=out,
+        )
     plot = plot_table(table, args.plot or out.with_suffix(".png"), args.tau)
     print(f"wrote {out} and {plot}")
     print(_summary(table, args.tau))
@@ -478,8 +477,11 @@ def _summary(table: CalibrationTable, tau: float) -> str:
     lines = [f"lowest {100 * table.quantile:g}th-percentile acceptance rate over bins (tau = {tau:g}):"]
     from sparrow_sgl.mismatch import min_tail
 
-    for key in [str(b) for b in table.budget_values()] + (["dense"] if table.has(None) else []):
+    rows = [(f"{b} tok", str(b)) for b in table.budget_values()]
+    if table.has(None):
+        rows.append(("dense (noise floor)", DENSE_KEY))
+    for label, key in rows:
         low = min_tail(table.budgets[key])
         mark = "" if low is None else ("  ok" if low >= tau else "  below tau")
-        lines.append(f"  {key:>6} tok: {'n/a' if low is None else f'{low:.4f}'}{mark}")
+        lines.append(f"  {label:>19}: {'n/a' if low is None else f'{low:.4f}'}{mark}")
     return "\n".join(lines)

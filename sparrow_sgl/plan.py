@@ -200,7 +200,7 @@ def explain_schedule(schedule: Schedule, cost, batch: int, plan: Plan | None = N
         flag = "" if plan is None or plan.bins[i].status == OK else f"  [{plan.bins[i].status}]"
         span = f"{start}-{start + schedule.bin_tokens}"
         rows.append(
-            f"{span:>15} {label:>14} {read:>7.1%} {tail:>7} {dense:>9.2f} {sparse:>9.2f} {dense / sparse:>5.2f}x{flag}"
+            f"{span:>15} {label:>14} {read:>7.1%} {tail:>7} {dense:>9.4g} {sparse:>9.4g} {dense / sparse:>5.2f}x{flag}"
         )
     return "\n".join(rows)
 
