@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bin-tokens", type=int, default=2048, help="tail bin width in tokens")
     p.add_argument("--tau", type=float, default=0.86)
     p.add_argument("--replan", action="store_true", help="after distilling, try cheaper schedules (logged)")
+    p.add_argument("--replan-from", help="schedule the re-plan starts from (default: --schedule)")
     p.add_argument("--replan-factor", type=float, default=0.75)
     p.add_argument("--replan-candidates", type=int, default=2)
     p.add_argument("--margin", type=float, default=0.0)
@@ -126,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"lowest bin tail (5th percentile of acceptance rate): {_fmt(low_before)} before -> {_fmt(low_after)} "
           f"after {args.steps} steps (tau {args.tau:g})")
     if args.replan:
-        new, event = replanner.replan(args.steps, schedule)
+        current = engine.resolve_schedule(args.replan_from) if args.replan_from else schedule
+        new, event = replanner.replan(args.steps, current)
         print(event.summary())
         if new is not None:
             new.save(out / "replanned_schedule.json")

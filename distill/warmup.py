@@ -31,6 +31,22 @@ def chain_examples(tokenizer, task, indices) -> list[tuple[list[int], list[int]]
     return out
 
 
+def copy_examples(tokenizer, indices, words: int = 64, vocab: int = 48, seed: int = 0):
+    """(prompt ids, response ids + EOS): "repeat: x3 x17 ..." answered by the same words — each response token is a
+    lookup of the prompt token after the previous one (an induction head), the pattern sparse attention can miss."""
+    import random
+
+    from sparrow_sgl.rl.tasks import encode_prompt
+
+    out = []
+    for i in indices:
+        rng = random.Random(seed * 1_000_003 + i)
+        text = " ".join(f"x{rng.randrange(vocab)}" for _ in range(words))
+        response = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        out.append((encode_prompt(tokenizer, f"repeat: {text}"), response))
+    return out
+
+
 def warm_up_chain_model(
     out_dir: str | os.PathLike,
     *,
@@ -49,7 +65,9 @@ def warm_up_chain_model(
     from distill.sparse_forward import pack_right_padded
     from sparrow_sgl.rl.tasks import ChainTask
 
-    task = ChainTask(**{**DEFAULT_TASK, **(task_args or {}), "seed": seed})
+    task_args = dict(task_args or {})
+    copy = task_args.pop("copy_words", None)  # set: warm up on the copy task with that many words instead
+    task = ChainTask(**{**DEFAULT_TASK, **task_args, "seed": seed})
     out_dir = Path(out_dir)
     save_tiny_model(out_dir, TinyModelSpec(**{**DEFAULT_SPEC, **(spec or {}), "seed": seed}), task.corpus(256))
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
@@ -59,7 +77,11 @@ def warm_up_chain_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
     bar = tqdm(range(steps), desc="warm-up", unit="step", disable=not progress)
     for step in bar:
-        examples = chain_examples(tokenizer, task, range(step * batch, (step + 1) * batch))
+        indices = range(step * batch, (step + 1) * batch)
+        if copy:
+            examples = copy_examples(tokenizer, indices, words=copy, seed=seed)
+        else:
+            examples = chain_examples(tokenizer, task, indices)
         input_ids, prompt_lens, response_lens = pack_right_padded(*zip(*examples))
         logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
         targets = input_ids[:, 1:]
