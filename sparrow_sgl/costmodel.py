@@ -43,7 +43,7 @@ DENSE = math.inf  # budget value meaning "attend everything"
 def schedule_budgets(schedule: Schedule, contexts: np.ndarray) -> np.ndarray:
     """Budget in tokens (inf for dense) at each KV length, vectorized `schedule.budget_at`."""
     table = np.array([DENSE if b is None else float(b) for b in schedule.budgets])
-    bins = np.minimum(np.asarray(contexts) // schedule.bin_tokens, len(table) - 1)
+    bins = np.minimum(np.asarray(contexts).astype(np.int64) // schedule.bin_tokens, len(table) - 1)
     return table[bins]
 
 
@@ -178,9 +178,12 @@ class AnalyticCost(CostModel):
 
     def token_seconds(self, contexts, budgets, batch, schedule):
         flops, traffic = self._attention_terms(contexts, budgets, schedule)
-        shared_flops = 2.0 * self.model.matmul_params  # per token, whatever the batch
-        shared_bytes = float(self.model.matmul_params * self.weight_bytes) / batch
-        return self._to_seconds(flops + shared_flops, traffic + shared_bytes)
+        return self._to_seconds(flops, traffic) + self.shared_seconds(batch)
+
+    def shared_seconds(self, batch: int) -> float:
+        """Per-token share of the linear layers: their compute plus 1/batch of the weight traffic."""
+        m = self.model
+        return float(self._to_seconds(2.0 * m.matmul_params, float(m.matmul_params * self.weight_bytes) / batch))
 
     def prefill_seconds(self, prompt_lens):
         m = self.model
@@ -234,7 +237,7 @@ def load_decode_rows(paths: str | Path | Iterable[str | Path]) -> list[DecodeRow
         if not path.is_file():
             raise ConfigError(f"benchmark file not found: {path}")
         for i, obj in enumerate(_json_objects(path)):
-            if obj.get("kind", "decode_step") != "decode_step":
+            if obj.get("kind") != "decode_step":
                 continue
             try:
                 budget = obj.get("budget")
@@ -254,19 +257,26 @@ def load_decode_rows(paths: str | Path | Iterable[str | Path]) -> list[DecodeRow
 
 
 def _json_objects(path: Path) -> list[dict]:
+    """Rows of a JSON / JSON-lines file; a record with "rows" lends its scalar fields (gpu, date) to each row."""
     text = path.read_text()
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         try:
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is neither JSON nor JSON lines: {e}") from e
-    if isinstance(data, dict):
-        data = data.get("rows", [data])
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise ConfigError(f"{path}: expected a list of row objects")
-    return data
+    records = data if isinstance(data, list) else [data]
+    if not all(isinstance(r, dict) for r in records):
+        raise ConfigError(f"{path}: expected JSON objects")
+    rows = []
+    for record in records:
+        if not isinstance(record.get("rows"), list):
+            rows.append(record)
+            continue
+        shared = {k: v for k, v in record.items() if k != "rows" and not isinstance(v, dict | list)}
+        rows += [{**shared, **row} for row in record["rows"]]
+    return rows
 
 
 class MeasuredCost(CostModel):
@@ -319,11 +329,67 @@ class MeasuredCost(CostModel):
         return (1 - w) * y_lo + w * y_hi
 
     def token_seconds(self, contexts, budgets, batch, schedule):
+        """Per-request share of a step: step time / batch, both at the nearest measured batch."""
+        measured_batch = self.nearest_batch(batch)
         out = np.empty(len(contexts), dtype=float)
         for budget in np.unique(budgets):
             where = budgets == budget
-            out[where] = self.step_seconds(batch, contexts[where], budget) / batch
+            out[where] = self.step_seconds(measured_batch, contexts[where], budget) / measured_batch
         return out
+
+
+def load_attention_rows(paths, sparse_field: str = "step_graph_us", dense_field: str = "dense_graph_us"):
+    """Per-layer attention kernel timings of `bench/attention.py` records as rows (step_ms = one layer's step).
+
+    Sparse rows take `sparse_field` (summary update + selection + sparse decode), dense rows `dense_field`.
+    """
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    rows = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ConfigError(f"benchmark file not found: {path}")
+        for obj in _json_objects(path):
+            if obj.get("bench") != "attention":
+                continue
+            field = dense_field if obj.get("budget") is None else sparse_field
+            if obj.get(field) is None:
+                continue
+            budget = None if obj.get("budget") is None else int(obj["budget"])
+            step_ms = float(obj[field]) / 1e3
+            rows.append(DecodeRow(str(obj["model"]), int(obj["batch"]), int(obj["context"]), budget, step_ms,
+                                  str(obj.get("gpu", ""))))  # fmt: skip
+    if not rows:
+        raise ConfigError(f"no attention benchmark rows (bench == 'attention') in {[str(p) for p in paths]}")
+    return rows
+
+
+class KernelCost(CostModel):
+    """Measured per-layer attention kernels (dense and sparse step) + the analytic model's linear layers.
+
+    Per token: weights/linear share (analytic, on `hardware`) + dense layers x measured dense attention +
+    sparse layers x measured sparse step (or dense attention while the budget covers the whole context), each
+    per-request share taken at the nearest measured batch.
+    """
+
+    def __init__(self, model: str | ModelShape, rows: Sequence[DecodeRow], hardware="h100", gpu: str | None = None):
+        self.analytic = AnalyticCost(model, hardware)
+        self.kernels = MeasuredCost(rows, model=self.analytic.model.name, gpu=gpu)
+
+    @classmethod
+    def from_json(cls, model, paths, hardware="h100", gpu: str | None = None) -> KernelCost:
+        return cls(model, load_attention_rows(paths), hardware, gpu)
+
+    def token_seconds(self, contexts, budgets, batch, schedule):
+        m = self.analytic.model
+        n_dense = sum(1 for i in set(schedule.dense_layers) if i < m.num_layers)
+        dense = self.kernels.token_seconds(contexts, np.full(len(contexts), DENSE), batch, schedule)
+        sparse = self.kernels.token_seconds(contexts, budgets, batch, schedule)
+        sparse = np.where(budgets >= contexts, dense, sparse)
+        return self.analytic.shared_seconds(batch) + n_dense * dense + (m.num_layers - n_dense) * sparse
+
+    def prefill_seconds(self, prompt_lens):
+        return self.analytic.prefill_seconds(prompt_lens)
 
 
 def _interp_linear(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
@@ -344,14 +410,20 @@ def make_cost_model(
     hardware: str | Hardware = "h100",
     measured: str | Path | Sequence[str | Path] | None = None,
     gpu: str | None = None,
+    kernels: str | Path | Sequence[str | Path] | None = None,
+    summary_bytes: int = 2,
 ) -> CostModel:
-    """Measured model when benchmark files are given, otherwise the analytic one."""
+    """Measured decode steps, else measured attention kernels + analytic linear layers, else purely analytic."""
+    if kernels:
+        if model is None:
+            raise ConfigError("the kernel-measured cost model needs a model shape: a Qwen3 name or a model dir")
+        return KernelCost.from_json(model, kernels, hardware, gpu)
     if measured:
         name = model if isinstance(model, str) else (model.name if model else None)
         return MeasuredCost.from_json(measured, model=name, gpu=gpu)
     if model is None:
         raise ConfigError("the analytic cost model needs a model: a Qwen3 shape name or a model dir")
-    return AnalyticCost(model, hardware)
+    return AnalyticCost(model, hardware, summary_bytes=summary_bytes)
 
 
 def predict_rollout_time(

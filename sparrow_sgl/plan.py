@@ -218,7 +218,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="cost-model shape: qwen3-1.7b|4b|8b|14b or a model dir (default: table/preset)")
     p.add_argument("--hardware", default="h100", help="hardware preset for the analytic model (h100|h200|a100|cpu)")
     p.add_argument("--measured", nargs="+", help="benchmark JSON with decode_step rows: use measured step times")
-    p.add_argument("--gpu", help="with --measured, keep rows whose gpu field contains this")
+    p.add_argument("--kernels", nargs="+", help="bench/attention.py JSON: measured attention + analytic linear layers")
+    p.add_argument("--gpu", help="with --measured/--kernels, keep rows whose gpu field contains this")
+    p.add_argument("--summary-bytes", type=int, default=2, help="bytes per page-summary element (2 bf16, 4 fp32)")
     p.add_argument("--batch", type=int, default=16, help="concurrent requests while decoding (default 16)")
     p.add_argument("--lengths", default="uniform:1024:32768", help="response lengths: N | N1,N2 | uniform:LO:HI | file")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per request (default 256)")
@@ -246,16 +248,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_cost(schedule: Schedule, args, plan: Plan | None) -> None:
-    from sparrow_sgl.costmodel import bytes_limit_speedup, make_cost_model
+    from sparrow_sgl.costmodel import AnalyticCost, make_cost_model
 
     model = args.model or schedule.model or None
     try:
-        cost = make_cost_model(model, args.hardware, args.measured, args.gpu)
+        cost = make_cost_model(model, args.hardware, args.measured, args.gpu, args.kernels, args.summary_bytes)
     except ConfigError as e:
         print(f"no speedup prediction: {e}", file=sys.stderr)
         return
     lengths = parse_lengths(args.lengths)
-    source = "measured step times" if args.measured else f"analytic eFLOPs on {args.hardware}"
+    source = f"analytic eFLOPs on {args.hardware}"
+    if args.kernels:
+        source = f"measured attention kernels + analytic linear layers on {args.hardware}"
+    elif args.measured:
+        source = "measured decode steps"
     if args.explain:
         print(explain_schedule(schedule, cost, args.batch, plan))
     up = cost.speedup(schedule, lengths, args.batch, args.prompt_len)
@@ -265,5 +271,7 @@ def _print_cost(schedule: Schedule, args, plan: Plan | None) -> None:
         f"tokens, {lengths.size} responses of {span} tokens, mean {lengths.mean():.0f} tokens)"
     )
     if model and not args.measured:
-        limit = bytes_limit_speedup(model, schedule, [int(lengths.max())], args.batch, args.prompt_len)
+        limit = AnalyticCost(model, args.hardware, summary_bytes=args.summary_bytes, bytes_only=True).speedup(
+            schedule, [int(lengths.max())], args.batch, args.prompt_len, include_prefill=False
+        )
         print(f"bytes limit (weights + KV + summaries) growing to {lengths.max()} tokens: {limit:.2f}x")

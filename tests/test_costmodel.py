@@ -164,3 +164,37 @@ def test_measured_mode_rejects_bad_files(tmp_path):
     lines.write_text('{"batch": 8, "context": 1024, "budget": null, "step_ms": 5}\n')
     with pytest.raises(ConfigError, match="no decode_step rows"):
         MeasuredCost.from_json(lines, model="qwen3-8b")
+
+
+def test_kernel_mode_combines_measured_attention_with_analytic_linear_layers(tmp_path):
+    from sparrow_sgl.costmodel import KernelCost, load_attention_rows
+
+    # per-layer attention timings in bench/attention.py's record format: 2 us + 1 us per 1K attended tokens
+    rows = []
+    for batch in (8, 32):
+        for ctx in (8192, 16384, 32768):
+            rows.append({"model": "qwen3-4b", "batch": batch, "context": ctx, "budget": None,
+                         "dense_graph_us": batch * (2 + ctx / 1024)})  # fmt: skip
+            for budget in (1024, 4096):
+                rows.append({"model": "qwen3-4b", "batch": batch, "context": ctx, "budget": budget,
+                             "step_graph_us": batch * (3 + budget / 1024)})  # fmt: skip
+    path = tmp_path / "attention.json"
+    path.write_text(json.dumps([{"bench": "attention", "gpu": "NVIDIA H100 80GB HBM3", "rows": rows}]))
+    assert {r.gpu for r in load_attention_rows(path)} == {"NVIDIA H100 80GB HBM3"}
+    cost = KernelCost.from_json("qwen3-4b", path, "h100", gpu="H100")
+    analytic = AnalyticCost("qwen3-4b", "h100")
+    s = Schedule.fixed(1024)
+    ctx = np.array([16384.0])
+    per_token = cost.token_seconds(ctx, schedule_budgets(s, ctx), 32, s)[0]
+    want = analytic.shared_seconds(32) + 1e-6 * (2 * (2 + 16) + 34 * (3 + 1))
+    assert per_token == pytest.approx(want)
+    # while the budget covers the context, the sparse layers cost what dense attention costs
+    short = np.array([800.0])
+    assert cost.token_seconds(short, schedule_budgets(s, short), 32, s)[0] == pytest.approx(
+        cost.token_seconds(short, np.array([np.inf]), 32, s)[0]
+    )
+    assert cost.speedup(s, [30000], 32) > 1.0
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"bench": "selection", "rows": rows}]))
+    with pytest.raises(ConfigError, match="no attention benchmark rows"):
+        load_attention_rows(other)
