@@ -1,4 +1,4 @@
-"""Decode cost of dense vs block-sparse rollouts: the paper's analytic eFLOPs model and a measured-timing model.
+"""Decode cost of dense vs block-sparse rollouts: the paper's analytic eFLOPs model and measured-timing models.
 
 Analytic (Sparrow §3.3 + App. F), per decode step of a batch, summed over layers:
     compute  = 2 * matmul_params * batch                               linear layers + LM head
@@ -11,13 +11,15 @@ Analytic (Sparrow §3.3 + App. F), per decode step of a batch, summed over layer
 Dense layers (the schedule's `dense_layers`) always attend the whole context. Integrated over a rollout's length
 distribution this reproduces the paper's closed form: 2PN*L_out + rN(2L_in+L_out)L_out*D + I*(... + N*L_out^2*D).
 
-Measured: rows of per-step decode time written by the GPU benchmarks (`bench/results/*.json`), one JSON object
-per row (a JSON list, an object with "rows", or JSON lines):
+Measured (`MeasuredCost`): whole-model decode-step times written by GPU benchmarks (`bench/results/*.json`): JSON
+list, JSON lines, or records {"gpu": ..., "rows": [...]} whose scalar fields every row inherits. Rows read:
     {"kind": "decode_step", "model": "qwen3-4b", "gpu": "H100", "batch": 16, "context": 16384,
      "budget": 1024 | null, "step_ms": 21.3}
 `context` is the KV length of every request in the batch, `budget` the KV tokens per (request, KV head), null for
 dense. The model interpolates linearly in context (extrapolating from the last two points), linearly between
-measured budgets, and takes the measured batch nearest in log scale.
+measured budgets, and takes the measured batch nearest in log scale (per-request share = step time / that batch).
+Kernel-measured (`KernelCost`): `bench/attention.py` per-layer attention rows (dense_graph_us, step_graph_us)
+interpolated the same way, plus the analytic model's weights and linear layers.
 
 Rollouts are modelled as continuous batching at a steady `batch` of concurrent requests: each decode step of a
 request costs its own attention plus 1/batch of the step's weight traffic and linear compute. Prefill is dense and
