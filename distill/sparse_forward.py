@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -285,7 +286,7 @@ def _use_flex(plan: SparsePlan, query: torch.Tensor) -> bool:
 
 
 def _flex_attend(query, key, value, selection, plan: SparsePlan, scaling) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     batch, q_heads, total, _ = query.shape
     groups = q_heads // key.shape[1]
@@ -298,8 +299,16 @@ def _flex_attend(query, key, value, selection, plan: SparsePlan, scaling) -> tor
         def mask_mod(b, h, q, kv):
             return (kv <= q) & selection[b, h // groups, q, kv // page_size]
 
-    block_mask = create_block_mask(mask_mod, batch, q_heads, total, total, device=query.device)
-    return flex_attention(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=groups > 1)
+    block_mask = create_block_mask(mask_mod, batch, q_heads, total, total, device=query.device, _compile=True)
+    return _compiled_flex()(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=groups > 1)
+
+
+@functools.cache
+def _compiled_flex():
+    """flex_attention only fuses (no [T, T] scores in memory) when compiled; compiled once per process."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
 
 
 # -- plumbing ------------------------------------------------------------------------------------------------------
