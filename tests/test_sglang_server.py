@@ -23,7 +23,7 @@ from sparrow_sgl.tiny import TinyModelSpec  # noqa: E402
 pytestmark = [pytest.mark.sglang, pytest.mark.timeout(900)]
 
 LOGPROB_ATOL = 2e-4
-SPARSE = "fixed:64"  # 4 pages: with ~100-token prompts and 150 new tokens selection drops most pages
+SPARSE = "fixed:64"  # 4 pages: with ~100-token prompts and 100 new tokens selection drops most pages
 PROMPTS = [list(range(30, 130)), [7, 8, 9] * 30 + list(range(200, 220)), list(range(300, 380))]
 
 
@@ -108,7 +108,7 @@ def test_sampled_logprobs_are_those_of_the_tempered_distribution(client, hf_mode
 
 
 def test_sparse_greedy_equals_embedded_engine(client, engine):
-    params = SamplingParams(temperature=0.0, max_new_tokens=150, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_new_tokens=100, ignore_eos=True)
     ours = client.generate(PROMPTS, params, schedule=SPARSE)
     theirs = engine.generate(PROMPTS, params, schedule=SPARSE, progress=False)
     for a, b in zip(ours, theirs):
@@ -120,12 +120,25 @@ def test_sparse_greedy_equals_embedded_engine(client, engine):
 
 def test_sparse_sampled_logprobs_equal_engine_sparse_scoring(client, engine):
     """Sampled (T=1) SGLang rollouts, teacher-forced through the engine's sparse decode: same selection, same log-p."""
-    ours = client.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=120, seed=5, ignore_eos=True))
+    ours = client.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=80, seed=5, ignore_eos=True))
     scores = engine.score([r.prompt_ids for r in ours], [r.token_ids for r in ours], sparse=engine_schedule())
     dense = engine.score([r.prompt_ids for r in ours], [r.token_ids for r in ours])
     for r, s, d in zip(ours, scores, dense):
         torch.testing.assert_close(torch.tensor(r.logprobs), s.logprobs, atol=LOGPROB_ATOL, rtol=0)
         assert (s.logprobs - d.logprobs).abs().max() > 10 * LOGPROB_ATOL  # sparsity is visible: not the dense run
+
+
+def test_dense_teacher_forced_scoring_equals_transformers(client, hf_model):
+    rollouts = client.generate(PROMPTS[:2], SamplingParams(temperature=1.0, max_new_tokens=30, seed=2, ignore_eos=True))
+    scores = client.score([r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts], topk=5)
+    for r, s in zip(rollouts, scores):
+        expect = _hf_logprobs(hf_model, r.prompt_ids, r.token_ids)
+        torch.testing.assert_close(s.logprobs, expect, atol=LOGPROB_ATOL, rtol=0)
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([r.prompt_ids + r.token_ids])).logits[0, len(r.prompt_ids) - 1 : -1]
+        top = torch.log_softmax(logits.float(), -1).topk(5, dim=-1)
+        assert torch.equal(s.topk_ids, top.indices)
+        torch.testing.assert_close(s.topk_logprobs, top.values, atol=LOGPROB_ATOL, rtol=0)
 
 
 def engine_schedule():

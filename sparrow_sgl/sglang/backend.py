@@ -67,6 +67,11 @@ class SparrowAttnBackend(AttentionBackend):
             )
         if getattr(model_runner, "use_mla_backend", False):
             raise ConfigError("the sparrow backend serves MHA/GQA models only, not MLA")
+        args = getattr(model_runner, "server_args", None)
+        if getattr(args, "enable_mixed_chunk", False):  # mixed batches run decode tokens through forward_extend
+            raise ConfigError("the sparrow backend does not support --enable-mixed-chunk (decode would turn dense)")
+        if getattr(args, "speculative_algorithm", None):
+            raise ConfigError("the sparrow backend does not support speculative decoding")
         archs = getattr(model_runner.model_config.hf_config, "architectures", None) or []
         if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
             raise ConfigError(

@@ -22,6 +22,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
 from sparrow_sgl.config import Schedule
 from sparrow_sgl.rollout import Rollout
 from sparrow_sgl.sglang.request_state import META_KEY, SCHEDULE_KEY
@@ -129,6 +131,41 @@ class SGLangRolloutClient:
             },
         )
 
+    def score(
+        self,
+        prompt_ids: list[list[int]],
+        response_ids: list[list[int]],
+        sparse=None,
+        topk: int = 0,
+        temperature: float = 1.0,
+        lora=_DEFAULT,
+    ) -> list[ScoreResult]:
+        """Dense teacher-forced log-probs of `response_ids` (one prefill per pair; prefill is always dense).
+
+        Mirrors `Engine.score` for `sparse=None` at temperature 1, which is what top-k mismatch calibration needs;
+        sparse teacher forcing is not offered (use the rollout's own log-probs, which come from the sparse decode).
+        """
+        if sparse is not None:
+            raise ValueError("SGLang scoring is dense only: the sparse log-probs are the rollout's own")
+        if temperature != 1.0:
+            raise ValueError("SGLang scoring returns temperature-1 log-probs only")
+        lora = self.lora if lora is _DEFAULT else lora
+        bodies = []
+        for prompt, response in zip(prompt_ids, response_ids, strict=True):
+            body = {
+                "input_ids": list(prompt) + list(response),
+                "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
+                "return_logprob": True,
+                "logprob_start_len": len(prompt),
+                "top_logprobs_num": int(topk),
+            }
+            if lora is not None:
+                body["lora_path"] = lora
+            bodies.append(body)
+        with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, len(bodies)))) as pool:
+            results = list(pool.map(lambda b: self.post("/generate", b), bodies))
+        return [_score_result(r, len(resp), topk) for r, resp in zip(results, response_ids)]
+
     # -- weights and adapters ---------------------------------------------------------------------------------
     def flush_cache(self) -> None:
         self.post("/flush_cache", {}, expect_json=False)
@@ -194,6 +231,27 @@ class SGLangRolloutClient:
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
             raise SGLangError(0, f"SGLang server at {self.url} unreachable: {e}") from None
         return json.loads(payload) if expect_json else payload
+
+
+@dataclass
+class ScoreResult:
+    logprobs: torch.Tensor  # [T] float32
+    topk_ids: torch.Tensor | None = None  # [T, k]
+    topk_logprobs: torch.Tensor | None = None
+
+
+def _score_result(result: dict, length: int, topk: int) -> ScoreResult:
+    meta = result["meta_info"]
+    entries = (meta.get("input_token_logprobs") or [])[-length:] if length else []
+    logprobs = torch.tensor([float(e[0]) for e in entries], dtype=torch.float32)
+    if len(logprobs) != length:
+        raise SGLangError(0, f"expected {length} response log-probs from the server, got {len(logprobs)}")
+    if not topk:
+        return ScoreResult(logprobs)
+    top = (meta.get("input_top_logprobs") or [])[-length:]
+    ids = torch.tensor([[int(e[1]) for e in step] for step in top], dtype=torch.long).view(length, topk)
+    vals = torch.tensor([[float(e[0]) for e in step] for step in top], dtype=torch.float32).view(length, topk)
+    return ScoreResult(logprobs, ids, vals)
 
 
 def _error_message(payload: str) -> str:
