@@ -34,9 +34,15 @@ class PageSummaries:
     def num_pages(self) -> int:
         return self.count.shape[0]
 
-    def centroid(self) -> torch.Tensor:
-        """Mean key of every page, [num_pages, kv_heads, head_dim] float32 (0 for empty pages)."""
-        return self.key_sum / self.count.clamp(min=1).to(torch.float32)[:, None, None]
+    def centroid(self, pages: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean key of the given pages (any index shape; all pages if None), [..., kv_heads, head_dim] float32.
+
+        Empty pages give 0. Indexing before dividing keeps a decode step's cost independent of the pool size.
+        """
+        if pages is None:
+            return self.key_sum / self.count.clamp(min=1).to(torch.float32)[:, None, None]
+        counts = self.count[pages].clamp(min=1).to(torch.float32)
+        return self.key_sum[pages] / counts[..., None, None]
 
     def reset(self, pages: torch.Tensor) -> None:
         self.key_sum[pages] = 0.0

@@ -56,7 +56,7 @@ def score_pages(
     qg = q.float().view(batch, kv_heads, q_heads // kv_heads, head_dim)
     pages = block_table.long().clamp(min=0)
     if cfg.scorer == "centroid":
-        centroids = summaries.centroid()[pages]  # [batch, max_pages, kv_heads, head_dim]
+        centroids = summaries.centroid(pages)  # [batch, max_pages, kv_heads, head_dim]
         return torch.einsum("bhd,bphd->bhp", qg.mean(2), centroids)
     kmin, kmax = summaries.key_min[pages], summaries.key_max[pages]
     kmin, kmax = kmin.nan_to_num(posinf=0.0), kmax.nan_to_num(neginf=0.0)  # empty pages are masked later
