@@ -29,6 +29,8 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, q_heads, head_dim], k/v [T, kv_heads, head_dim] for the step's new tokens -> [T, q_heads, head_dim]."""
         context = get_context()
+        if context.gpu is not None:  # CUDA decode step: fused KV append + summaries, kernels (engine/cuda_graph.py)
+            return context.gpu.attend(self, q, k, v)
         self._store(context, k, v)
         return self._prefill(context, q) if context.is_prefill else self._decode(context, q)
 

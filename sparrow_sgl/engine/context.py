@@ -26,6 +26,8 @@ class Context:
     budgets: torch.Tensor | None = None
     # decode only: attended KV tokens per request, summed over sparse layers (mean over KV heads); filled by layers
     attended_tokens: torch.Tensor | None = None
+    # decode on CUDA: the graph-capturable step (engine/cuda_graph.py) that runs each layer's attention
+    gpu: object | None = None
 
 
 _CONTEXT = Context()

@@ -303,7 +303,7 @@ class Engine:
 
     def _decode(self, seqs: list[Sequence], schedule: Schedule, sparsity: SparsityConfig, num_sparse: int):
         budgets = [schedule.budget_at(s.num_cached + 1) for s in seqs]
-        logits, attended = self.runner.decode(seqs, budgets, sparsity, num_sparse)
+        logits, attended = self.runner.decode(seqs, budgets, sparsity, num_sparse, schedule=schedule)
         for seq, tokens in zip(seqs, attended.tolist()):
             seq.num_cached += 1
             seq.attended_tokens_sum += tokens

@@ -2,15 +2,17 @@
 
 Prefill packs every new token of the admitted sequences into one batch and returns their final hidden states;
 decode feeds each running sequence's last token and returns next-token logits plus the attended KV tokens.
-The decode forward reads only tensors from the context (no Python branching on data), so it can be graph-captured.
+On CUDA, decode runs the sync-free step of `cuda_graph.GraphDecodeRunner` (kernels, CUDA graphs); elsewhere (or
+with SPARROW_GPU_DECODE=off) every layer calls the `sparse_decode` reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sparrow_sgl.config import SparsityConfig
+from sparrow_sgl.config import Schedule, SparsityConfig
 from sparrow_sgl.engine.context import Context, reset_context, set_context
+from sparrow_sgl.engine.cuda_graph import GraphDecodeRunner, make_gpu_decoder
 from sparrow_sgl.engine.kv_cache import KVCache
 from sparrow_sgl.engine.model import Qwen3ForCausalLM
 from sparrow_sgl.engine.sequence import Sequence
@@ -22,6 +24,12 @@ class ModelRunner:
         self.page_size = kv_cache.page_size
         self._table_key: tuple[int, ...] = ()
         self._table: torch.Tensor | None = None
+        self._gpu: GraphDecodeRunner | bool | None = None  # built on first use; False where it does not apply
+
+    def gpu_decoder(self) -> GraphDecodeRunner | None:
+        if self._gpu is None:
+            self._gpu = make_gpu_decoder(self.model, self.device) or False
+        return self._gpu or None
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
@@ -62,16 +70,34 @@ class ModelRunner:
                 prefill_kv_lens=[end for _, end in spans],
             )
         )
+        gpu = self.gpu_decoder()
         try:
-            return self.model(input_ids, positions)
+            hidden = self.model(input_ids, positions)
         finally:
             reset_context()
+        if gpu is not None:
+            gpu.refresh_centroids(slot_pages)  # the bf16 centroid copy, if kept, of the pages just written
+        return hidden
 
     @torch.inference_mode()
     def decode(
-        self, seqs: list[Sequence], budgets: list[int | None], sparsity: SparsityConfig, num_sparse_layers: int
+        self,
+        seqs: list[Sequence],
+        budgets: list[int | None],
+        sparsity: SparsityConfig,
+        num_sparse_layers: int,
+        schedule: Schedule | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token logits [B, V] float32 and mean attended KV tokens per sparse layer and KV head [B]."""
+        """Next-token logits [B, V] float32 and mean attended KV tokens per sparse layer and KV head [B].
+
+        With `schedule` given and a CUDA device, the GPU step computes the budgets itself from the schedule.
+        """
+        gpu = self.gpu_decoder() if schedule is not None else None
+        if gpu is not None:
+            return gpu.decode(
+                [s.last_token for s in seqs], [s.num_cached for s in seqs], [s.block_table for s in seqs],
+                schedule, sparsity, table_key=tuple(s.seq_id for s in seqs),
+            )
         positions = self._tensor([s.num_cached for s in seqs])
         seq_lens = positions + 1
         block_tables = self._block_tables(seqs)

@@ -81,10 +81,24 @@ def row_start_from_counts(row_counts: torch.Tensor) -> torch.Tensor:
     return indptr
 
 
-def _wrapper(kv_layout: str, group: int, use_cuda_graph: bool, device: torch.device, buffers: dict):
+def _host_int32(values) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.int32, device="cpu")
+
+
+def _host_indptr(counts) -> tuple[torch.Tensor, int]:
+    """CPU int32 indptr [n + 1] of host counts, and its total: FlashInfer plans from host data without a sync."""
+    counts = _host_int32(counts).reshape(-1)
+    indptr = torch.zeros(counts.numel() + 1, dtype=torch.int32)
+    indptr[1:] = counts.cumsum(0)
+    return indptr, int(indptr[-1])
+
+
+def _wrapper(kv_layout: str, group: int, use_cuda_graph: bool, device: torch.device, buffers: dict, workspace=None):
+    """workspace: FlashInfer's float scratch; wrappers that never run at the same time may share one."""
     import flashinfer
 
-    workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    if workspace is None:
+        workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
     return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
         workspace, kv_layout, use_cuda_graph=use_cuda_graph, use_tensor_cores=group not in CUDA_CORE_GROUPS,
         **buffers,
@@ -101,7 +115,7 @@ class FlashInferSparseDecoder:
 
     def __init__(
         self, batch: int, kv_heads: int, q_heads: int, head_dim: int, page_size: int, max_pages_per_row: int,
-        dtype: torch.dtype, device: torch.device | str, use_cuda_graph: bool = False,
+        dtype: torch.dtype, device: torch.device | str, use_cuda_graph: bool = False, workspace=None,
     ) -> None:
         if q_heads % kv_heads:
             raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
@@ -116,7 +130,7 @@ class FlashInferSparseDecoder:
         if use_cuda_graph:
             buffers = dict(paged_kv_indptr_buffer=self.indptr, paged_kv_indices_buffer=self.indices,
                            paged_kv_last_page_len_buffer=self.last_len)
-        self.wrapper = _wrapper("HND", self.group, use_cuda_graph, device, buffers)
+        self.wrapper = _wrapper("HND", self.group, use_cuda_graph, device, buffers, workspace)
 
     @property
     def csr(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,6 +151,17 @@ class FlashInferSparseDecoder:
             sm_scale=1.0 / math.sqrt(self.head_dim) if scale is None else scale,
         )
 
+    def plan_host(self, row_counts, last_len, scale: float | None = None) -> None:
+        """plan() from host data (no device sync): pages [rows] and last-page lengths [rows] of every row."""
+        indptr, total = _host_indptr(row_counts)
+        if total > self.indices.numel():
+            raise ValueError(f"{total} pages exceed the decoder's {self.indices.numel()}-entry page list")
+        self.wrapper.plan(
+            indptr, self.indices[:total], _host_int32(last_len), self.group, 1, self.head_dim, self.page_size,
+            q_data_type=self.dtype, kv_data_type=self.dtype,
+            sm_scale=1.0 / math.sqrt(self.head_dim) if scale is None else scale,
+        )
+
     def run(self, q: torch.Tensor, k_cache_hnd: torch.Tensor, v_cache_hnd: torch.Tensor, out=None) -> torch.Tensor:
         q_rows = q.view(self.rows, self.group, self.head_dim)
         out_rows = None if out is None else out.view(self.rows, self.group, self.head_dim)
@@ -149,7 +174,7 @@ class FlashInferDenseDecoder:
 
     def __init__(
         self, kv_layout: str, group: int, device: torch.device | str, use_cuda_graph: bool = False,
-        batch: int = 0, max_pages: int = 0,
+        batch: int = 0, max_pages: int = 0, workspace=None,
     ) -> None:
         """use_cuda_graph needs the fixed batch and the most pages all requests hold together."""
         self.kv_layout = kv_layout
@@ -161,13 +186,26 @@ class FlashInferDenseDecoder:
                 paged_kv_indices_buffer=torch.zeros(max_pages, dtype=torch.int32, device=device),
                 paged_kv_last_page_len_buffer=torch.zeros(batch, dtype=torch.int32, device=device),
             )
-        self.wrapper = _wrapper(kv_layout, group, use_cuda_graph, device, buffers)
+        self.buffers = buffers  # graph mode: the indices buffer can be filled on the device (see plan_host)
+        self.wrapper = _wrapper(kv_layout, group, use_cuda_graph, device, buffers, workspace)
 
     def plan(self, block_table, seq_lens, q_heads, kv_heads, head_dim, page_size, dtype, scale=None) -> None:
         indptr, indices, last_len = dense_csr(block_table, seq_lens, page_size)
         self.wrapper.plan(
             indptr, indices, last_len, q_heads, kv_heads, head_dim, page_size, q_data_type=dtype, kv_data_type=dtype,
             sm_scale=1.0 / math.sqrt(head_dim) if scale is None else scale,
+        )
+
+    def plan_host(self, n_pages, last_len, q_heads, kv_heads, head_dim, page_size, dtype, scale=None) -> None:
+        """Graph mode, plan from host page counts without touching the page ids: the caller writes request i's
+        pages into `buffers["paged_kv_indices_buffer"][indptr[i]:indptr[i + 1]]` on the device before run()."""
+        indptr, total = _host_indptr(n_pages)
+        indices = self.buffers["paged_kv_indices_buffer"]
+        if total > indices.numel():
+            raise ValueError(f"{total} pages exceed the decoder's {indices.numel()}-entry page list")
+        self.wrapper.plan(
+            indptr, indices[:total], _host_int32(last_len), q_heads, kv_heads, head_dim, page_size,
+            q_data_type=dtype, kv_data_type=dtype, sm_scale=1.0 / math.sqrt(head_dim) if scale is None else scale,
         )
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:

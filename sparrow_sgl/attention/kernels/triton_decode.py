@@ -2,8 +2,9 @@
 
 Split-KV (flash-decoding): grid (batch * kv_heads, splits). A program takes one (request, KV head), all query heads
 of its GQA group at once (a [group, D] x [D, tokens] product on the tensor cores), and a contiguous slice of the
-row's selected pages; it keeps an online softmax and writes its partial output and log-sum-exp. A second kernel
-merges the splits. Works on either cache layout through strides.
+row's selected pages (each row's own count is split evenly, so one fixed grid suits a CUDA graph); it keeps
+an online softmax and writes its partial output and log-sum-exp. A second kernel merges the splits.
+Works on either cache layout through strides.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _sparse_decode_kernel(
     pages_ptr, stride_pb, stride_ph,
     counts_ptr, stride_cb, stride_ch,
     part_out_ptr, part_lse_ptr,
-    pages_per_split, scale,
+    scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_P: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -37,8 +38,9 @@ def _sparse_decode_kernel(
     h = row % KV_HEADS
     seq = tl.load(seq_lens_ptr + b).to(tl.int32)
     count = tl.load(counts_ptr + b * stride_cb + h * stride_ch).to(tl.int32)
-    first = split * pages_per_split
-    last = tl.minimum(first + pages_per_split, count)
+    # chunks of BLOCK_P entries go round-robin to the SPLITS programs of the row: short rows of a batch whose grid
+    # was sized for long ones (a CUDA graph) still spread over every split
+    first = split * BLOCK_P
     d = tl.arange(0, HEAD_DIM)
     g = tl.arange(0, BLOCK_G)
     q = tl.load(q_ptr + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + d[None, :],
@@ -48,9 +50,9 @@ def _sparse_decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for e in range(first, last, BLOCK_P):
+    for e in range(first, count, SPLITS * BLOCK_P):
         entry = e + tok // PAGE
-        ok = entry < last
+        ok = entry < count
         logical = tl.load(pages_ptr + b * stride_pb + h * stride_ph + entry, mask=ok, other=0)
         phys = tl.load(block_table_ptr + b * stride_btb + logical, mask=ok, other=0).to(tl.int64)
         ok = ok & (logical * PAGE + in_page < seq)
@@ -67,7 +69,7 @@ def _sparse_decode_kernel(
         m_i = m_new
     head = h * GROUP + g
     part = (b * KV_HEADS * GROUP + head) * SPLITS + split
-    has = first < last
+    has = first < count
     out = tl.where(has, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(has, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=(g < GROUP)[:, None])
@@ -133,7 +135,7 @@ def triton_attend_pages(
         raise ValueError(f"pages [batch, heads, K] and counts [batch, heads] disagree: {pages.shape}, {counts.shape}")
     group = q_heads // kv_heads
     block_p = max(1, 64 // cfg.page_size)
-    splits, pages_per_split = plan_splits(batch * kv_heads, pages.shape[2], block_p, _num_sms(q.device))
+    splits, _ = plan_splits(batch * kv_heads, pages.shape[2], block_p, _num_sms(q.device))
     part_out = torch.empty(batch * q_heads * splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch * q_heads * splits, dtype=torch.float32, device=q.device)
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0
@@ -146,7 +148,7 @@ def triton_attend_pages(
         pages, pages.stride(0), head_stride(pages),
         counts, counts.stride(0), head_stride(counts),
         part_out, part_lse,
-        pages_per_split, scale,
+        scale,
         KV_HEADS=kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE=cfg.page_size, BLOCK_P=block_p, SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

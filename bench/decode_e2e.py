@@ -1,0 +1,331 @@
+"""End-to-end decode step of full Qwen3-shaped models (random bf16 weights) through the engine's CUDA-graph step.
+
+For each model (shapes from the cost model's Qwen3 presets) the KV pool holds `batch` requests of up to
+`--max-context` tokens each (random K/V, each request on its own pages: no page is shared between requests), the
+largest batch that fits next to the weights. The engine's graph-captured decode step (`engine/cuda_graph.py`) is
+timed (CUDA-graph replay, median) at sampled contexts for the dense schedule and the paper preset
+`qwen3-*-0.86`, in several variants (FlashInfer or Triton attention; float32 key sums or a bf16 centroid copy
+for page scoring). Step times are integrated over a rollout whose sequences grow from 1 to `--max-context`
+tokens -> rollout speedup, printed next to the bytes-limit speedup of the cost model (weights + KV + summaries)
+and their ratio. Rows go to `bench/results/decode_e2e.json` (a flat JSON list) in the cost model's `decode_step`
+format, plus one `decode_rollout` summary row per model and variant.
+
+    python -m bench.decode_e2e                                  # 1.7B, 4B, 8B, contexts 1K..32K
+    python -m bench.decode_e2e --models qwen3-1.7b --contexts 2k,16k,32k --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from bench.common import copy_bandwidth_gbs, device_info, parse_ints, require_cuda, results_dir, time_us
+
+PAGE = 16
+GIB = 2**30
+DEFAULT_CONTEXTS = "1k," + ",".join(f"{k}k" for k in range(2, 33, 2))
+SPARSE_VARIANTS = {  # name -> (dense-layer backend, sparse-layer backend, bf16 centroid copy)
+    "sparse-fi": ("flashinfer", "flashinfer", False),
+    "sparse-triton": ("flashinfer", "triton", False),
+    "sparse-fi-bf16c": ("flashinfer", "flashinfer", True),
+    "sparse-triton-bf16c": ("flashinfer", "triton", True),
+}
+DENSE_VARIANTS = {"dense-fi": "flashinfer", "dense-triton": "triton"}
+
+
+def hf_like_config(shape, max_context: int) -> SimpleNamespace:
+    """The attributes the engine's Qwen3 model reads from a HF config."""
+    return SimpleNamespace(
+        vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads, head_dim=shape.head_dim, rms_norm_eps=1e-6, attention_bias=False,
+        tie_word_embeddings=shape.tie_word_embeddings, rope_theta=1_000_000.0, rope_parameters=None,
+        max_position_embeddings=max(max_context, 40960),
+    )
+
+
+def random_model(shape, max_context: int):
+    """The engine's Qwen3ForCausalLM with random bf16 weights (norms 1), built on the meta device first."""
+    from sparrow_sgl.engine.model import Qwen3ForCausalLM
+
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = Qwen3ForCausalLM(hf_like_config(shape, max_context))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.to_empty(device="cuda")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    model.tie_weights()
+    model.init_rotary()
+    return model.eval()
+
+
+def page_bytes(shape) -> int:
+    """Bytes of one page over all layers: K + V (bf16), float32 key sums + count, bf16 centroid copy."""
+    per_layer = 2 * shape.num_kv_heads * PAGE * shape.head_dim * 2 + shape.num_kv_heads * shape.head_dim * (4 + 2) + 4
+    return shape.num_layers * per_layer
+
+
+class RandomPool:
+    """Paged K/V of every layer filled with random values, with consistent key sums, counts and centroids."""
+
+    def __init__(self, shape, num_pages: int, seed: int = 0) -> None:
+        from sparrow_sgl.attention import PageSummaries
+
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        L, kv, D = shape.num_layers, shape.num_kv_heads, shape.head_dim
+        self.k = torch.empty(L, num_pages, kv, PAGE, D, dtype=torch.bfloat16, device="cuda")
+        self.v = torch.empty_like(self.k)
+        self.summaries, self.centroids = [], []
+        unused = torch.zeros(1, kv, D, device="cuda")  # centroid scorer: no min/max kept
+        for layer in range(L):
+            self.k[layer].normal_(generator=gen)
+            self.v[layer].normal_(generator=gen)
+            key_sum = torch.empty(num_pages, kv, D, dtype=torch.float32, device="cuda")
+            for s in range(0, num_pages, 8192):
+                key_sum[s : s + 8192] = self.k[layer, s : s + 8192].float().sum(2)
+            count = torch.full((num_pages,), PAGE, dtype=torch.int32, device="cuda")
+            self.summaries.append(PageSummaries(key_sum=key_sum, count=count, key_min=unused, key_max=unused))
+            self.centroids.append((key_sum / PAGE).to(torch.bfloat16))
+        self.num_pages = num_pages
+
+    def bind(self, model) -> None:
+        for i, attn in enumerate(model.attention_layers):
+            attn.k_cache, attn.v_cache, attn.summaries = self.k[i], self.v[i], self.summaries[i]
+
+
+def fit_batch(shape, max_context: int, margin_gib: float, max_batch: int) -> int:
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    per_request = math.ceil(max_context / PAGE) * page_bytes(shape)
+    return max(1, min(max_batch, int((free - margin_gib * GIB) // per_request)))
+
+
+def interp_extrapolate(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """Linear interpolation, extended linearly past both ends (step time is about affine in context)."""
+    y = np.interp(x, xp, fp)
+    if len(xp) >= 2:
+        lo, hi = x < xp[0], x > xp[-1]
+        y[lo] = fp[0] + (x[lo] - xp[0]) * (fp[1] - fp[0]) / (xp[1] - xp[0])
+        y[hi] = fp[-1] + (x[hi] - xp[-1]) * (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
+    return np.maximum(y, 0.0)
+
+
+def rollout_seconds(contexts: list[int], step_ms: list[float], max_context: int) -> float:
+    """Decode time of one rollout step per KV length 1..max_context, from step times measured at `contexts`."""
+    grid = np.arange(1, max_context + 1, dtype=float)
+    return float(interp_extrapolate(grid, np.asarray(contexts, float), np.asarray(step_ms, float)).sum() / 1e3)
+
+
+def bytes_terms(model_name: str, batch: int, context: int, schedule, summary_bytes: int) -> float:
+    """Bytes one decode step moves (weights + KV + summaries) under the cost model's bytes-only accounting."""
+    from sparrow_sgl.costmodel import AnalyticCost
+
+    cost = AnalyticCost(model_name, "h100", summary_bytes=summary_bytes, bytes_only=True)
+    return cost.step_cost(batch, context, schedule.budget_at(context), schedule).bytes
+
+
+def measure(runner, tokens, positions, block_tables, schedule, sparsity, reps: int, wall_reps: int) -> dict:
+    runner.decode(tokens, positions, block_tables, schedule, sparsity, table_key="bench")  # captures on first use
+    torch.cuda.synchronize()
+    step = runner.last_step
+    fn = step.graph.replay if step.graph is not None else step.forward
+    timing = time_us(fn, reps=reps, warmup=2, flush=False)
+    start = time.perf_counter()
+    for _ in range(wall_reps):
+        runner.decode(tokens, positions, block_tables, schedule, sparsity, table_key="bench")
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) / wall_reps * 1e3
+    return {"step_ms": round(timing["median_us"] / 1e3, 4), "step_p20_ms": round(timing["p20_us"] / 1e3, 4),
+            "step_p80_ms": round(timing["p80_us"] / 1e3, 4), "wall_ms": round(wall_ms, 4),
+            "graph": step.graph is not None}
+
+
+def run_model(name: str, args, bw: float, info: dict) -> list[dict]:
+    from sparrow_sgl.attention.kernels import dispatch
+    from sparrow_sgl.config import Schedule
+    from sparrow_sgl.costmodel import bytes_limit_speedup
+    from sparrow_sgl.engine.cuda_graph import GraphDecodeRunner
+    from sparrow_sgl.hardware import get_model_shape
+    from sparrow_sgl.schedule import load_preset
+
+    shape = get_model_shape(name)
+    preset = load_preset(f"{name}-0.86")
+    dense = Schedule.dense(page_size=PAGE, bin_tokens=preset.bin_tokens, dense_layers=list(preset.dense_layers))
+    sparsity = dataclasses.replace(preset.sparsity(), kv_layout="HND")
+    contexts = [c for c in parse_ints(args.contexts) if c <= args.max_context]
+    model = random_model(shape, args.max_context)
+    batch = args.batch or fit_batch(shape, args.max_context, args.margin_gib, args.max_batch)
+    pages_per_request = math.ceil(args.max_context / PAGE)
+    pool = RandomPool(shape, batch * pages_per_request)
+    pool.bind(model)
+    gen = torch.Generator().manual_seed(1)
+    block_tables = torch.randperm(pool.num_pages, generator=gen).view(batch, pages_per_request).int().numpy()
+    tokens = torch.randint(0, shape.vocab_size, (batch,), generator=gen).tolist()
+    print(f"{name}: batch {batch} x {args.max_context} tokens, KV pool {pool.num_pages} pages "
+          f"({pool.num_pages * page_bytes(shape) / GIB:.1f} GiB), weights "
+          f"{sum(p.numel() for p in model.parameters()) * 2 / GIB:.1f} GiB", flush=True)
+    fi = dispatch.installed("flashinfer")
+    variants = {}
+    for vname, backend in DENSE_VARIANTS.items():
+        if backend == "triton" or fi:
+            variants[vname] = (dense, GraphDecodeRunner(model, "cuda", dense_backend=backend, sparse_backend=backend))
+    for vname, (dense_be, sparse_be, bf16c) in SPARSE_VARIANTS.items():
+        if not fi:
+            dense_be, sparse_be = "triton", "triton"
+            if "fi" in vname:
+                continue
+        runner = GraphDecodeRunner(model, "cuda", dense_backend=dense_be, sparse_backend=sparse_be)
+        runner.centroids = pool.centroids if bf16c else None
+        variants[vname] = (preset, runner)
+    base = {"kind": "decode_step", "model": name, "gpu": info.get("gpu"), "batch": batch, "torch": info["torch"],
+            "date": info["date"], "copy_bw_gbs": bw, "page_size": PAGE, "dtype": "bfloat16"}
+    rows = []
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress is also printed line by line
+        tqdm = None
+    bar = tqdm(total=len(contexts) * len(variants), desc=name, unit="step") if tqdm else None
+    for context in contexts:
+        positions = [context - 1] * batch
+        for vname, (schedule, runner) in variants.items():
+            m = measure(runner, tokens, positions, block_tables, schedule, sparsity, args.reps, args.wall_reps)
+            bf16c = runner.centroids is not None
+            nbytes = bytes_terms(name, batch, context, schedule, 2 if bf16c else 4)
+            row = base | {"context": context, "budget": schedule.budget_at(context), "variant": vname,
+                          "schedule": schedule.name, "dense_backend": runner.dense_backend,
+                          "sparse_backend": runner.sparse_backend if schedule is preset else None,
+                          "centroids": "bf16" if bf16c else "float32-sum"} | m
+            row |= {"tokens_per_s": round(batch / (m["step_ms"] / 1e3), 1), "bytes_gb": round(nbytes / 1e9, 4),
+                    "floor_ms": round(nbytes / (bw * 1e9) * 1e3, 4)}
+            row["over_floor"] = round(m["step_ms"] / row["floor_ms"], 3)
+            rows.append(row)
+            print(json.dumps({k: row[k] for k in ("model", "variant", "context", "budget", "step_ms", "wall_ms",
+                                                    "over_floor")}), flush=True)
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    rows += summarize(name, rows, preset, dense, batch, args.max_context, bytes_limit_speedup(
+        name, preset, [args.max_context], batch), base)
+    del variants, pool, model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def summarize(name, rows, preset, dense, batch, max_context, limit, base) -> list[dict]:
+    """Per-context speedups vs the best dense variant, rollout speedups, and the kind of each step row."""
+    by_variant: dict[str, list[dict]] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], []).append(r)
+    totals = {v: rollout_seconds([r["context"] for r in rs], [r["step_ms"] for r in rs], max_context)
+              for v, rs in by_variant.items()}
+    dense_names = [v for v in totals if v.startswith("dense")]
+    sparse_names = [v for v in totals if v.startswith("sparse")]
+    best_dense = min(dense_names, key=totals.get)
+    best_sparse = min(sparse_names, key=totals.get)
+    dense_at = {r["context"]: r for r in by_variant[best_dense]}
+    for r in rows:
+        if r["variant"] not in (best_dense, best_sparse):
+            r["kind"] = "decode_step_variant"
+        if r["variant"].startswith("sparse"):
+            d = dense_at[r["context"]]
+            limit_ctx = bytes_terms(name, batch, r["context"], dense, 2) / bytes_terms(name, batch, r["context"],
+                                                                                       preset, 2)
+            r |= {"speedup": round(d["step_ms"] / r["step_ms"], 3), "bytes_limit_speedup": round(limit_ctx, 3),
+                  "ratio_to_bytes_limit": round(d["step_ms"] / r["step_ms"] / limit_ctx, 3)}
+    summary = []
+    for v in sparse_names:
+        speedup = totals[best_dense] / totals[v]
+        summary.append(base | {
+            "kind": "decode_rollout", "variant": v, "schedule": preset.name, "dense_variant": best_dense,
+            "max_context": max_context, "rollout_dense_s": round(totals[best_dense], 3),
+            "rollout_sparse_s": round(totals[v], 3), "rollout_speedup": round(speedup, 3),
+            "bytes_limit_speedup": round(limit, 3), "ratio_to_bytes_limit": round(speedup / limit, 3),
+            "dense_tokens_per_s": round(batch * max_context / totals[best_dense], 1),
+            "sparse_tokens_per_s": round(batch * max_context / totals[v], 1), "best": v == best_sparse,
+            "note": "step times interpolated linearly between sampled contexts; every request at the same length",
+        })
+    return summary
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Extend the flat JSON list at `path` (what `costmodel.load_decode_rows` reads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(path.read_text()) if path.is_file() else []
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(existing + rows, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\nrollout 1 -> max_context tokens, every request growing together; ms = CUDA-graph step (median)")
+    print(f"{'model':11} {'batch':>5} {'variant':20} {'speedup':>8} {'bytes-limit':>11} {'ratio':>6} "
+          f"{'dense tok/s':>11} {'sparse tok/s':>12}")
+    for r in rows:
+        if r["kind"] == "decode_rollout":
+            print(f"{r['model']:11} {r['batch']:>5} {r['variant']:20} {r['rollout_speedup']:>7}x "
+                  f"{r['bytes_limit_speedup']:>10}x {r['ratio_to_bytes_limit']:>6} {r['dense_tokens_per_s']:>11} "
+                  f"{r['sparse_tokens_per_s']:>12}" + ("  <- best" if r["best"] else ""))
+    print(f"\n{'model':11} {'ctx':>6} {'variant':20} {'budget':>6} {'step ms':>8} {'wall ms':>8} {'x floor':>7} "
+          f"{'speedup':>7} {'limit':>6}")
+    for r in rows:
+        if r["kind"] != "decode_rollout" and r["context"] in (2048, 8192, 16384, 24576, 32768):
+            print(f"{r['model']:11} {r['context']:>6} {r['variant']:20} {str(r['budget']):>6} {r['step_ms']:>8} "
+                  f"{r['wall_ms']:>8} {r['over_floor']:>7} {r.get('speedup', '-'):>7} "
+                  f"{r.get('bytes_limit_speedup', '-'):>6}")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="qwen3-1.7b,qwen3-4b,qwen3-8b")
+    p.add_argument("--contexts", default=DEFAULT_CONTEXTS, help="KV lengths (tokens) at which the step is timed")
+    p.add_argument("--max-context", type=int, default=32768, help="rollout length; sizes the KV pool per request")
+    p.add_argument("--batch", type=int, default=0, help="requests (0 = the largest that fits)")
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--margin-gib", type=float, default=4.0, help="GPU memory left for activations and graphs")
+    p.add_argument("--reps", type=int, default=10, help="timed graph replays per point (median)")
+    p.add_argument("--wall-reps", type=int, default=3, help="host-inclusive decode calls per point (mean)")
+    p.add_argument("--results-dir", default=None, help="where decode_e2e.json is extended (default bench/results)")
+    return p
+
+
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> list[dict]:
+    args = args or build_parser().parse_args(argv)
+    require_cuda()
+    info = device_info()
+    bw = copy_bandwidth_gbs()
+    print(f"{info.get('gpu')}: copy bandwidth {bw} GB/s (read + write)", flush=True)
+    out = results_dir(args.results_dir) / "decode_e2e.json"
+    rows = []
+    with torch.inference_mode():
+        for name in [m for m in args.models.split(",") if m]:
+            try:
+                model_rows = run_model(name, args, bw, info)
+            except torch.cuda.OutOfMemoryError as e:
+                print(f"{name}: out of GPU memory ({e}); lower --batch or raise --margin-gib", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            append_rows(out, model_rows)  # per model, so a cut-short run keeps what it measured
+            rows += model_rows
+    print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

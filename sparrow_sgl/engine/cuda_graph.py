@@ -1,0 +1,354 @@
+"""Sync-free GPU decode for the engine, captured in CUDA graphs per padded batch size and replayed every step.
+
+A step reads only static device buffers: the host copies the tokens and positions (one small copy) and, when the
+batch changes, the block tables. Inside the captured forward the device derives sequence lengths, KV slots and each
+request's page budget from a device table of the schedule's per-bin budgets, so budgets are data: one graph serves
+every schedule with the same page-list width. Each attention layer then runs, all in the same graph:
+  1. `append_kv_decode`: the new token's K/V into the paged cache and its page summary, one Triton launch;
+  2. dense layers (and dense schedules): FlashInfer paged decode over every page, or the Triton decode;
+  3. sparse layers: Triton page selection (writing FlashInfer's per-KV-head page lists when FlashInfer attends),
+     then block-sparse decode over the selected pages.
+FlashInfer plans on the host before each replay from host-known page counts (no device sync). Graphs are captured
+lazily per `StepKey`; a step that cannot be captured runs the same code eagerly. `SPARROW_GPU_DECODE` = graph
+(default) | eager (same step, no capture) | off (the per-layer `sparse_decode` reference path).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sparrow_sgl.attention.kernels import dispatch
+from sparrow_sgl.config import Schedule, SparsityConfig
+from sparrow_sgl.engine.context import Context, reset_context, set_context
+
+MODE_ENV = "SPARROW_GPU_DECODE"
+MODES = ("graph", "eager", "off")
+CENTROID_ENV = "SPARROW_BF16_CENTROIDS"
+PADDED_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MAX_BINS = 256  # budget bins a graph's device table holds (the last bin repeats past a schedule's end)
+MIN_WIDTH = 16  # smallest block-table width (pages) of a captured step
+
+
+def decode_mode() -> str:
+    mode = os.environ.get(MODE_ENV, "").strip().lower() or "graph"
+    if mode not in MODES:
+        raise ValueError(f"{MODE_ENV}={mode!r}: choose one of {MODES}")
+    return mode
+
+
+def padded_batch(n: int) -> int:
+    """The captured batch size that holds n requests (n itself past the largest)."""
+    return next((size for size in PADDED_BATCHES if n <= size), n)
+
+
+def table_width(max_pages: int) -> int:
+    """Block-table columns of a step: the longest request's pages rounded up to a power of two."""
+    return max(MIN_WIDTH, 1 << max(max_pages - 1, 0).bit_length())
+
+
+def budget_table(schedule: Schedule, width: int) -> tuple[np.ndarray, int]:
+    """(pages per bin [MAX_BINS] int32 with dense bins = width and the last bin repeated, page-list width K)."""
+    if len(schedule.budgets) > MAX_BINS:
+        raise ValueError(f"schedule has {len(schedule.budgets)} bins; the graph table holds {MAX_BINS}")
+    pages = [width if b is None else min(b // schedule.page_size, width) for b in schedule.budgets]
+    table = np.full(MAX_BINS, pages[-1], dtype=np.int32)
+    table[: len(pages)] = pages
+    k_cols = min(width, max(16, 1 << (max(pages) - 1).bit_length()))
+    return table, k_cols
+
+
+def host_budget_pages(table: np.ndarray, bin_tokens: int, seq_lens: np.ndarray) -> np.ndarray:
+    """What the graph computes on the device: the page budget of each request from its KV length."""
+    return table[np.minimum(seq_lens // bin_tokens, MAX_BINS - 1)]
+
+
+def default_backend(dtype: torch.dtype, head_dim: int) -> str:
+    """FlashInfer where it serves the cache (fp16/bf16, head_dim 64/128/256), else Triton; SPARROW_ATTN_BACKEND wins."""
+    forced = os.environ.get(dispatch.ENV_VAR, "").strip().lower()
+    fi_ok = dispatch.installed("flashinfer") and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128, 256)
+    if forced == "flashinfer" and not fi_ok:
+        raise ValueError(f"{dispatch.ENV_VAR}=flashinfer cannot serve a {dtype} cache with head_dim {head_dim}")
+    if forced in ("flashinfer", "triton"):
+        return forced
+    return "flashinfer" if fi_ok else "triton"
+
+
+@dataclass(frozen=True, slots=True)
+class StepKey:
+    """What a captured graph fixes: batch, block-table width, dense or sparse, page-list width, selection settings."""
+
+    batch: int
+    width: int
+    sparse: bool
+    k_cols: int
+    sparsity: tuple
+
+    @staticmethod
+    def of(n: int, width: int, k_cols: int | None, cfg: SparsityConfig) -> StepKey:
+        settings = (cfg.page_size, cfg.sink_pages, cfg.local_pages, cfg.scorer, tuple(cfg.dense_layers))
+        return StepKey(padded_batch(n), width, k_cols is not None, k_cols or 0, settings)
+
+
+class DecodeStep:
+    """Static buffers of one `StepKey` and the forward that is captured; attention layers call `attend`."""
+
+    def __init__(self, runner: GraphDecodeRunner, key: StepKey, cfg: SparsityConfig) -> None:
+        from sparrow_sgl.attention.kernels.flashinfer_decode import FlashInferDenseDecoder, FlashInferSparseDecoder
+
+        self.runner, self.key, self.cfg = runner, key, cfg
+        dev, bs, width = runner.device, key.batch, key.width
+        self.inputs = torch.zeros(2 * bs + 1, dtype=torch.long, device=dev)  # tokens | positions | live rows
+        self.block_table = torch.zeros(bs, width, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(bs, device=dev)
+        self.cols = torch.arange(width, device=dev)
+        self.logits = torch.zeros(bs, runner.vocab_size, dtype=torch.float32, device=dev)
+        self.attended = torch.zeros(bs, dtype=torch.float32, device=dev)
+        self.dense_pages = self.cols.to(torch.int32)[None, None, :].expand(bs, 1, width)
+        if key.sparse:
+            self.pages = torch.zeros(bs, runner.kv_heads, key.k_cols, dtype=torch.int32, device=dev)
+            self.scores = torch.zeros(bs, runner.kv_heads, width, dtype=torch.float32, device=dev)
+        self.fi_dense = self.fi_sparse = None
+        group = runner.q_heads // runner.kv_heads
+        if runner.dense_backend == "flashinfer":
+            self.fi_dense = FlashInferDenseDecoder("HND", group, dev, use_cuda_graph=True, batch=bs,
+                                                   max_pages=bs * width + 1, workspace=runner.workspace())
+        if key.sparse and runner.sparse_backend == "flashinfer":
+            self.fi_sparse = FlashInferSparseDecoder(bs, runner.kv_heads, runner.q_heads, runner.head_dim,
+                                                     cfg.page_size, key.k_cols, runner.dtype, dev,
+                                                     use_cuda_graph=True, workspace=runner.workspace())
+        self.table_key: object = None
+        self.n_live = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager = False
+
+    # -- host side, before each run -------------------------------------------------------------------------------
+    def load(self, token_ids, positions, block_tables, table_key=None) -> None:
+        """Copy the step's inputs; block tables only when `table_key` changes (None: always)."""
+        n, bs, width = len(token_ids), self.key.batch, self.key.width
+        host = np.zeros(2 * bs + 1, dtype=np.int64)
+        host[:n], host[bs : bs + n], host[2 * bs] = token_ids, positions, n
+        self.inputs.copy_(torch.from_numpy(host))
+        self.n_live = n
+        if table_key is None or table_key != self.table_key:
+            table = np.zeros((bs, width), dtype=np.int32)
+            for i, row in enumerate(block_tables):
+                table[i, : len(row)] = row
+            self.block_table.copy_(torch.from_numpy(table))
+            self.table_key = table_key
+
+    def plan(self, positions) -> None:
+        """Plan FlashInfer from host page counts (no device sync); nothing to do for the Triton kernels."""
+        if self.fi_dense is None and self.fi_sparse is None:
+            return
+        runner, page, bs = self.runner, self.cfg.page_size, self.key.batch
+        seq = np.ones(bs, dtype=np.int64)
+        seq[: len(positions)] = np.asarray(positions, dtype=np.int64) + 1
+        n_pages = (seq + page - 1) // page
+        last_len = seq - (n_pages - 1) * page
+        if self.fi_dense is not None:
+            self.fi_dense.plan_host(n_pages, last_len, runner.q_heads, runner.kv_heads, runner.head_dim, page,
+                                    runner.dtype, runner.scale)
+        if self.fi_sparse is not None:
+            counts = np.minimum(host_budget_pages(runner.host_table, runner.host_bin_tokens, seq), n_pages)
+            kv = runner.kv_heads  # the last page is always selected (local pages), so rows end with its fill
+            self.fi_sparse.plan_host(np.repeat(counts, kv), np.repeat(last_len, kv), runner.scale)
+
+    # -- device side: what the graph captures ---------------------------------------------------------------------
+    def forward(self) -> None:
+        runner, cfg, bs, page = self.runner, self.cfg, self.key.batch, self.cfg.page_size
+        tokens, positions = self.inputs[:bs], self.inputs[bs : 2 * bs]
+        live = self.rows < self.inputs[2 * bs]
+        self.seq_lens = (positions + 1).to(torch.int32)
+        slot = self.block_table.gather(1, (positions // page)[:, None])[:, 0]
+        self.slot_pages = torch.where(live, slot, torch.full_like(slot, -1))  # padding rows write nothing
+        self.slot_offsets = (positions % page).to(torch.int32)
+        n_pages = (self.seq_lens + page - 1) // page
+        self.dense_counts = n_pages[:, None]
+        attended = self.seq_lens
+        if self.key.sparse:
+            bins = torch.div(self.seq_lens, runner.bin_tokens, rounding_mode="floor").clamp(max=MAX_BINS - 1)
+            self.budget_pages = runner.bin_table[bins.long()]
+            k = torch.minimum(self.budget_pages, n_pages)
+            self.sparse_counts = k[:, None].expand(bs, runner.kv_heads)
+            # sink and local pages are always kept, so a request's last (partial) page is always among its k
+            attended = torch.where(k >= n_pages, self.seq_lens, (k - 1) * page + self.seq_lens - (n_pages - 1) * page)
+        self.attended.copy_(attended)
+        if self.fi_dense is not None:
+            self._fill_dense_page_list(n_pages)
+        set_context(Context(is_prefill=False, sparsity=cfg, gpu=self))
+        try:
+            hidden = runner.model(tokens, positions)
+            self.logits.copy_(runner.model.compute_logits(hidden))
+        finally:
+            reset_context()
+
+    def _fill_dense_page_list(self, n_pages: torch.Tensor) -> None:
+        """FlashInfer's dense page list from the block table, at the row starts plan() wrote (extras to a dump slot)."""
+        indptr = self.fi_dense.buffers["paged_kv_indptr_buffer"][:-1].long()
+        indices = self.fi_dense.buffers["paged_kv_indices_buffer"]
+        target = indptr[:, None] + self.cols[None, :]
+        dump = torch.full_like(target, indices.numel() - 1)
+        target = torch.where(self.cols[None, :] < n_pages[:, None], target, dump)
+        indices.scatter_(0, target.flatten(), self.block_table.flatten())
+
+    def attend(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One layer's decode attention (called by `PagedAttention.forward` while this step is the context)."""
+        from sparrow_sgl.attention.kernels.triton_decode import triton_attend_pages
+        from sparrow_sgl.attention.kernels.triton_select import select_pages_into
+        from sparrow_sgl.attention.kernels.triton_summaries import append_kv_decode
+
+        cfg, summaries = self.cfg, layer.summaries
+        centroid = self.runner.centroids[layer.layer_idx] if self.runner.centroids else None
+        append_kv_decode(layer.k_cache, layer.v_cache, summaries, self.slot_pages, self.slot_offsets, k, v,
+                         minmax=cfg.scorer == "quest", centroid=centroid)
+        if not self.key.sparse or cfg.is_dense_layer(layer.layer_idx):
+            if self.fi_dense is not None:
+                return self.fi_dense.run(q, layer.k_cache, layer.v_cache)
+            return triton_attend_pages(q, layer.k_cache, layer.v_cache, self.block_table, self.seq_lens,
+                                       self.dense_pages, self.dense_counts, cfg, layer.scale)
+        use_centroid = centroid is not None and cfg.scorer == "centroid"
+        select_pages_into(
+            q, self.block_table, self.seq_lens, self.budget_pages, cfg, self.pages,
+            key_sum=centroid if use_centroid else summaries.key_sum, count=None if use_centroid else summaries.count,
+            key_min=summaries.key_min, key_max=summaries.key_max, scores=self.scores,
+            csr=self.fi_sparse.csr if self.fi_sparse is not None else None,
+        )
+        if self.fi_sparse is not None:
+            return self.fi_sparse.run(q, layer.k_cache, layer.v_cache)
+        return triton_attend_pages(q, layer.k_cache, layer.v_cache, self.block_table, self.seq_lens, self.pages,
+                                   self.sparse_counts, cfg, layer.scale)
+
+
+class GraphDecodeRunner:
+    """Decode steps of one model on CUDA: `decode(...)` loads a step's buffers, plans, and replays its graph."""
+
+    def __init__(
+        self,
+        model,
+        device: torch.device | str,
+        *,
+        use_graphs: bool = True,
+        dense_backend: str | None = None,
+        sparse_backend: str | None = None,
+        bf16_centroids: bool = False,
+    ) -> None:
+        layers = model.attention_layers
+        first = layers[0]
+        self.model, self.device = model, torch.device(device)
+        self.q_heads, self.kv_heads, self.head_dim = first.num_heads, first.num_kv_heads, first.head_dim
+        self.scale, self.dtype = first.scale, first.k_cache.dtype
+        self.vocab_size = model.lm_head.weight.shape[0]
+        self.use_graphs = use_graphs
+        self.dense_backend = dense_backend or default_backend(self.dtype, self.head_dim)
+        self.sparse_backend = sparse_backend or default_backend(self.dtype, self.head_dim)
+        self.bin_table = torch.zeros(MAX_BINS, dtype=torch.int32, device=self.device)
+        self.bin_tokens = torch.ones(1, dtype=torch.int32, device=self.device)
+        self.host_table, self.host_bin_tokens = np.zeros(MAX_BINS, dtype=np.int32), 1
+        self.centroids: list[torch.Tensor] | None = None
+        if bf16_centroids:  # a half-size copy of the centroids for the scorer, kept by the append kernel
+            self.centroids = [torch.zeros_like(a.summaries.key_sum, dtype=torch.bfloat16) for a in layers]
+            self.refresh_centroids()
+        self.steps: dict[StepKey, DecodeStep] = {}
+        self.last_step: DecodeStep | None = None
+        self._pool = None
+        self._workspace: torch.Tensor | None = None
+
+    def workspace(self) -> torch.Tensor:
+        from sparrow_sgl.attention.kernels.flashinfer_decode import WORKSPACE_BYTES
+
+        if self._workspace is None:
+            self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        return self._workspace
+
+    @torch.inference_mode()
+    def refresh_centroids(self, pages: torch.Tensor | None = None) -> None:
+        """Recompute the bf16 centroid copy of `pages` (all when None) from the float32 sums (after a prefill)."""
+        if not self.centroids:
+            return
+        for attn, centroid in zip(self.model.attention_layers, self.centroids):
+            s = attn.summaries
+            if pages is None:
+                centroid.copy_(s.centroid())
+            else:
+                p = pages.to(device=centroid.device, dtype=torch.long)
+                centroid[p] = (s.key_sum[p] / s.count[p].clamp(min=1)[:, None, None].float()).to(centroid.dtype)
+
+    @torch.inference_mode()
+    def decode(self, token_ids, positions, block_tables, schedule: Schedule, sparsity: SparsityConfig,
+               table_key=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits [n, V] float32 and attended KV tokens [n] (device views, valid until the next call).
+
+        token_ids / positions (= tokens already cached) / block_tables: host data of the n requests.
+        """
+        n = len(token_ids)
+        width = table_width(max(len(row) for row in block_tables))
+        k_cols = None
+        if not schedule.is_dense:
+            table, k_cols = budget_table(schedule, width)
+            self._load_schedule(table, schedule.bin_tokens)
+        key = StepKey.of(n, width, k_cols, sparsity)
+        step = self.steps.get(key)
+        if step is None:
+            step = self.steps[key] = DecodeStep(self, key, sparsity)
+        step.load(token_ids, positions, block_tables, table_key)
+        step.plan(positions)
+        self._run(step)
+        self.last_step = step
+        return step.logits[:n], step.attended[:n]
+
+    def _load_schedule(self, table: np.ndarray, bin_tokens: int) -> None:
+        if bin_tokens != self.host_bin_tokens or not np.array_equal(table, self.host_table):
+            self.bin_table.copy_(torch.from_numpy(table))
+            self.bin_tokens.fill_(bin_tokens)
+            self.host_table, self.host_bin_tokens = table, bin_tokens
+
+    def _run(self, step: DecodeStep) -> None:
+        if not self.use_graphs or step.eager:
+            step.forward()
+            return
+        if step.graph is None:
+            try:
+                step.graph = self._capture(step)
+            except Exception as e:  # noqa: BLE001 - any capture failure falls back to the same step, eagerly
+                print(f"sparrow engine: CUDA graph capture failed for {step.key} ({e}); running eagerly",
+                      file=sys.stderr)
+                step.eager = True
+                step.inputs[2 * step.key.batch].fill_(step.n_live)
+                torch.cuda.synchronize(self.device)
+                step.forward()
+                return
+        step.graph.replay()
+
+    def _capture(self, step: DecodeStep) -> torch.cuda.CUDAGraph:
+        """Warm up (compiles the kernels) and capture with every row marked padding, so nothing is written twice."""
+        live = step.inputs[2 * step.key.batch]
+        live.fill_(0)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            step.forward()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            step.forward()
+        self._pool = graph.pool()
+        live.fill_(step.n_live)
+        return graph
+
+
+def make_gpu_decoder(model, device: torch.device) -> GraphDecodeRunner | None:
+    """The engine's GPU decode runner, or None where it does not apply (CPU, `off`, no Triton, odd head_dim)."""
+    if device.type != "cuda" or decode_mode() == "off" or not dispatch.installed("triton"):
+        return None
+    if os.environ.get(dispatch.ENV_VAR, "").strip().lower() == "torch":
+        return None
+    head_dim = model.attention_layers[0].head_dim
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        return None
+    bf16 = os.environ.get(CENTROID_ENV, "") == "1"
+    return GraphDecodeRunner(model, device, use_graphs=decode_mode() == "graph", bf16_centroids=bf16)

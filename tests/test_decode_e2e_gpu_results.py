@@ -1,0 +1,74 @@
+"""CPU checks of the end-to-end decode benchmark: its rollout integration, and that the committed GPU results load
+into the measured cost model (`costmodel.MeasuredCost`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.decode_e2e import append_rows, interp_extrapolate, rollout_seconds, summarize
+from sparrow_sgl.config import Schedule
+from sparrow_sgl.costmodel import MeasuredCost, load_decode_rows
+from sparrow_sgl.schedule import load_preset
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "decode_e2e.json"
+
+
+def test_interpolation_extends_linearly_and_integrates_per_token():
+    x = np.array([0.0, 1.0, 5.0, 12.0])
+    assert interp_extrapolate(x, np.array([1.0, 5.0, 10.0]), np.array([2.0, 6.0, 11.0])).tolist() == [1, 2, 6, 13]
+    # step time = context / 1000 ms -> sum over 1..N of c/1000 ms
+    assert rollout_seconds([1000, 2000], [1.0, 2.0], 100) == pytest.approx(sum(range(1, 101)) / 1e6)
+
+
+def _rows(batch=4):
+    preset = load_preset("qwen3-1.7b-0.86")
+    rows = []
+    for ctx in (2048, 16384, 32768):
+        rows.append({"kind": "decode_step", "model": "qwen3-1.7b", "gpu": "X", "batch": batch, "context": ctx,
+                     "budget": None, "step_ms": 1.0 + ctx / 1000, "variant": "dense-fi"})
+        rows.append({"kind": "decode_step", "model": "qwen3-1.7b", "gpu": "X", "batch": batch, "context": ctx,
+                     "budget": preset.budget_at(ctx), "step_ms": 1.0 + ctx / 4000, "variant": "sparse-fi"})
+        rows.append({"kind": "decode_step", "model": "qwen3-1.7b", "gpu": "X", "batch": batch, "context": ctx,
+                     "budget": preset.budget_at(ctx), "step_ms": 2.0 + ctx / 4000, "variant": "sparse-triton"})
+    return rows, preset
+
+
+def test_summary_marks_the_best_variants_and_compares_with_the_bytes_limit():
+    rows, preset = _rows()
+    dense = Schedule.dense(bin_tokens=preset.bin_tokens)
+    summary = summarize("qwen3-1.7b", rows, preset, dense, 4, 32768, limit=3.0, base={"model": "qwen3-1.7b"})
+    assert {r["variant"] for r in rows if r["kind"] == "decode_step"} == {"dense-fi", "sparse-fi"}
+    best = next(s for s in summary if s["best"])
+    assert best["variant"] == "sparse-fi" and best["rollout_speedup"] > 1
+    assert best["ratio_to_bytes_limit"] == pytest.approx(best["rollout_speedup"] / 3.0, abs=1e-3)
+    sparse32 = next(r for r in rows if r["variant"] == "sparse-fi" and r["context"] == 32768)
+    assert sparse32["speedup"] == pytest.approx((1 + 32.768) / (1 + 8.192), abs=1e-3)
+    assert sparse32["bytes_limit_speedup"] > 1
+
+
+def test_appended_rows_are_read_by_the_measured_cost_model(tmp_path):
+    rows, preset = _rows()
+    path = tmp_path / "decode_e2e.json"
+    append_rows(path, rows[:3])
+    append_rows(path, rows[3:] + [{"kind": "decode_rollout", "model": "qwen3-1.7b"}])
+    assert len(load_decode_rows(path)) == len(rows)
+    cost = MeasuredCost.from_json(path, model="qwen3-1.7b")
+    assert cost.speedup(preset, [32768], 4) > 1
+
+
+def test_committed_gpu_results_load_into_the_measured_cost_model():
+    if not RESULTS.is_file():
+        pytest.skip("bench/results/decode_e2e.json not committed yet (run python -m bench.decode_e2e on a GPU)")
+    rows = load_decode_rows(RESULTS)
+    assert rows and all(r.gpu for r in rows)
+    raw = json.loads(RESULTS.read_text())
+    assert all({"torch", "date", "gpu"} <= set(r) for r in raw)
+    for model in sorted({r.model for r in rows}):
+        cost = MeasuredCost.from_json(RESULTS, model=model)
+        batch = cost.batches[-1]
+        speedup = cost.speedup(load_preset(f"{model}-0.86"), [32768], batch)
+        assert 1.0 < speedup < 10.0, (model, speedup)
