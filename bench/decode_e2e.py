@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from bench.common import copy_bandwidth_gbs, device_info, parse_ints, require_cuda, results_dir, time_us
+from sparrow_sgl.engine.model import apply_rotary
 
 PAGE = 16
 GIB = 2**30
@@ -40,6 +43,53 @@ SPARSE_VARIANTS = {  # name -> (dense-layer backend, sparse-layer backend, bf16 
     "sparse-triton-bf16c": ("flashinfer", "triton", True),
 }
 DENSE_VARIANTS = {"dense-fi": "flashinfer", "dense-triton": "triton"}
+FUSED = "+fused"  # suffix of the what-if variants measured under `fused_elementwise`
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The engine RMSNorm's math, as a pure function for torch.compile."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def _qkv_prep(qkv, q_weight, k_weight, eps: float, cos, sin, heads: int, kv_heads: int, head_dim: int):
+    """Split + q/k RMSNorm + rotary of the engine's Qwen3Attention, as one function for torch.compile."""
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = _rms_norm(q.view(-1, heads, head_dim), q_weight, eps)
+    k = _rms_norm(k.view(-1, kv_heads, head_dim), k_weight, eps)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.view(-1, kv_heads, head_dim)
+
+
+@contextmanager
+def fused_elementwise():
+    """What-if (not the engine as shipped): the model's elementwise chains (RMSNorms, q/k norm + rotary, SiLU x up)
+    fused by torch.compile, the matmuls and attention unchanged. Patches engine.model's classes while active."""
+    from sparrow_sgl.engine import model as m
+
+    rms = torch.compile(_rms_norm, dynamic=False, fullgraph=True)
+    act = torch.compile(_silu_mul, dynamic=False, fullgraph=True)
+    prep = torch.compile(_qkv_prep, dynamic=False, fullgraph=True)
+
+    def attention_forward(self, x, cos, sin):
+        q, k, v = prep(self.qkv_proj(x), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin,
+                       self.num_heads, self.num_kv_heads, self.head_dim)
+        return self.o_proj(self.attn(q, k, v).flatten(1))
+
+    saved = (m.RMSNorm.forward, m.Qwen3MLP.forward, m.Qwen3Attention.forward)
+    m.RMSNorm.forward = lambda self, x: rms(x, self.weight, self.eps)
+    m.Qwen3MLP.forward = lambda self, x: self.down_proj(act(self.gate_up_proj(x)))
+    m.Qwen3Attention.forward = attention_forward
+    try:
+        yield
+    finally:
+        m.RMSNorm.forward, m.Qwen3MLP.forward, m.Qwen3Attention.forward = saved
 
 
 def hf_like_config(shape, max_context: int) -> SimpleNamespace:
@@ -181,26 +231,48 @@ def run_model(name: str, args, bw: float, info: dict) -> list[dict]:
           f"({pool.num_pages * page_bytes(shape) / GIB:.1f} GiB), weights "
           f"{sum(p.numel() for p in model.parameters()) * 2 / GIB:.1f} GiB", flush=True)
     fi = dispatch.installed("flashinfer")
-    variants = {}
-    for vname, backend in DENSE_VARIANTS.items():
-        if backend == "triton" or fi:
-            variants[vname] = (dense, GraphDecodeRunner(model, "cuda", dense_backend=backend, sparse_backend=backend))
-    for vname, (dense_be, sparse_be, bf16c) in SPARSE_VARIANTS.items():
+
+    def runner(dense_be, sparse_be, bf16c=False):
         if not fi:
             dense_be, sparse_be = "triton", "triton"
-            if "fi" in vname:
-                continue
-        runner = GraphDecodeRunner(model, "cuda", dense_backend=dense_be, sparse_backend=sparse_be)
-        runner.centroids = pool.centroids if bf16c else None
-        variants[vname] = (preset, runner)
+        r = GraphDecodeRunner(model, "cuda", dense_backend=dense_be, sparse_backend=sparse_be)
+        r.centroids = pool.centroids if bf16c else None
+        return r
+
+    variants = {v: (dense, runner(be, be)) for v, be in DENSE_VARIANTS.items() if fi or be == "triton"}
+    variants |= {v: (preset, runner(*cfg)) for v, cfg in SPARSE_VARIANTS.items() if fi or "fi" not in v}
     base = {"kind": "decode_step", "model": name, "gpu": info.get("gpu"), "batch": batch, "torch": info["torch"],
             "date": info["date"], "copy_bw_gbs": bw, "page_size": PAGE, "dtype": "bfloat16"}
-    rows = []
+    point = dict(name=name, base=base, batch=batch, tokens=tokens, block_tables=block_tables, sparsity=sparsity,
+                 preset=preset, contexts=contexts, args=args, bw=bw)
+    rows = measure_group(variants, **point)
+    if args.fused:
+        fused = {"dense-fi" + FUSED: (dense, runner("flashinfer", "flashinfer")),
+                 "sparse-fi-bf16c" + FUSED: (preset, runner("flashinfer", "flashinfer", True))}
+        try:
+            with fused_elementwise():
+                rows += measure_group(fused, **point)
+        except Exception as e:  # noqa: BLE001 - the what-if is optional; the engine's own numbers stand
+            print(f"{name}: fused what-if skipped ({type(e).__name__}: {e})", flush=True)
+        del fused
+    del variants
+    limit = bytes_limit_speedup(name, preset, [args.max_context], batch)
+    for family in ("", FUSED):
+        family_rows = [r for r in rows if r["variant"].endswith(FUSED) == bool(family)]
+        if family_rows:
+            rows += summarize(name, family_rows, preset, dense, batch, args.max_context, limit, base,
+                              what_if=bool(family))
+    return rows
+
+
+def measure_group(variants, *, name, base, batch, tokens, block_tables, sparsity, preset, contexts, args, bw):
+    """Time every variant at every context (graphs captured at the first context, replayed after)."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # progress is also printed line by line
         tqdm = None
     bar = tqdm(total=len(contexts) * len(variants), desc=name, unit="step") if tqdm else None
+    rows = []
     for context in contexts:
         positions = [context - 1] * batch
         for vname, (schedule, runner) in variants.items():
@@ -221,15 +293,14 @@ def run_model(name: str, args, bw: float, info: dict) -> list[dict]:
                 bar.update(1)
     if bar:
         bar.close()
-    rows += summarize(name, rows, preset, dense, batch, args.max_context, bytes_limit_speedup(
-        name, preset, [args.max_context], batch), base)
-    del variants, pool, model
-    torch.cuda.empty_cache()
     return rows
 
 
-def summarize(name, rows, preset, dense, batch, max_context, limit, base) -> list[dict]:
-    """Per-context speedups vs the best dense variant, rollout speedups, and the kind of each step row."""
+def summarize(name, rows, preset, dense, batch, max_context, limit, base, what_if=False) -> list[dict]:
+    """Per-context speedups vs the best dense variant, rollout speedups, and the kind of each step row.
+
+    The best dense and sparse variants of the engine as shipped become `decode_step` rows (the cost model's input);
+    the others, and every what-if row, `decode_step_variant`."""
     by_variant: dict[str, list[dict]] = {}
     for r in rows:
         by_variant.setdefault(r["variant"], []).append(r)
@@ -241,7 +312,7 @@ def summarize(name, rows, preset, dense, batch, max_context, limit, base) -> lis
     best_sparse = min(sparse_names, key=totals.get)
     dense_at = {r["context"]: r for r in by_variant[best_dense]}
     for r in rows:
-        if r["variant"] not in (best_dense, best_sparse):
+        if what_if or r["variant"] not in (best_dense, best_sparse):
             r["kind"] = "decode_step_variant"
         if r["variant"].startswith("sparse"):
             d = dense_at[r["context"]]
@@ -259,6 +330,7 @@ def summarize(name, rows, preset, dense, batch, max_context, limit, base) -> lis
             "bytes_limit_speedup": round(limit, 3), "ratio_to_bytes_limit": round(speedup / limit, 3),
             "dense_tokens_per_s": round(batch * max_context / totals[best_dense], 1),
             "sparse_tokens_per_s": round(batch * max_context / totals[v], 1), "best": v == best_sparse,
+            "what_if": what_if,
             "note": "step times interpolated linearly between sampled contexts; every request at the same length",
         })
     return summary
@@ -301,6 +373,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--margin-gib", type=float, default=4.0, help="GPU memory left for activations and graphs")
     p.add_argument("--reps", type=int, default=10, help="timed graph replays per point (median)")
     p.add_argument("--wall-reps", type=int, default=3, help="host-inclusive decode calls per point (mean)")
+    p.add_argument("--no-fused", dest="fused", action="store_false",
+                   help="skip the what-if variants with the model's elementwise ops fused by torch.compile")
     p.add_argument("--results-dir", default=None, help="where decode_e2e.json is extended (default bench/results)")
     return p
 
@@ -321,6 +395,9 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                 print(f"{name}: out of GPU memory ({e}); lower --batch or raise --margin-gib", flush=True)
                 torch.cuda.empty_cache()
                 continue
+            finally:
+                gc.collect()  # runners and their steps reference each other: free the model's pool now
+                torch.cuda.empty_cache()
             append_rows(out, model_rows)  # per model, so a cut-short run keeps what it measured
             rows += model_rows
     print_table(rows)
