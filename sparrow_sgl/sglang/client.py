@@ -47,8 +47,10 @@ class Canary:
 
 
 class SGLangRolloutClient:
-    def __init__(self, url: str, timeout: float = 600.0, max_concurrency: int = 64) -> None:
+    def __init__(self, url: str, timeout: float = 600.0, max_concurrency: int = 64, tokenizer=None) -> None:
+        """`tokenizer` (optional, HF): text prompts are encoded here so that `Rollout.prompt_ids` is filled."""
         self.url = url.rstrip("/")
+        self.tokenizer = tokenizer
         self.timeout = timeout
         self.max_concurrency = max_concurrency
         self.lora: str | None = None  # the rollout adapter every request uses by default
@@ -64,6 +66,8 @@ class SGLangRolloutClient:
         progress: bool = False,
     ) -> list[Rollout]:
         """`len(prompts) * params.n` rollouts, prompt-major. `params` has the fields of `engine.SamplingParams`."""
+        if self.tokenizer is not None:
+            prompts = [self.tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else p for p in prompts]
         n = int(getattr(params, "n", 1))
         jobs = [(i, j, p) for i, p in enumerate(prompts) for j in range(n)]
         lora = self.lora if lora is _DEFAULT else lora
@@ -156,7 +160,7 @@ class SGLangRolloutClient:
                 "input_ids": list(prompt) + list(response),
                 "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
                 "return_logprob": True,
-                "logprob_start_len": len(prompt),
+                "logprob_start_len": max(len(prompt) - 1, 0),  # SGLang reports None for the window's first token
                 "top_logprobs_num": int(topk),
             }
             if lora is not None:
@@ -164,7 +168,7 @@ class SGLangRolloutClient:
             bodies.append(body)
         with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, len(bodies)))) as pool:
             results = list(pool.map(lambda b: self.post("/generate", b), bodies))
-        return [_score_result(r, len(resp), topk) for r, resp in zip(results, response_ids)]
+        return [_score_result(r, list(resp), topk) for r, resp in zip(results, response_ids)]
 
     # -- weights and adapters ---------------------------------------------------------------------------------
     def flush_cache(self) -> None:
@@ -240,12 +244,13 @@ class ScoreResult:
     topk_logprobs: torch.Tensor | None = None
 
 
-def _score_result(result: dict, length: int, topk: int) -> ScoreResult:
+def _score_result(result: dict, response: list[int], topk: int) -> ScoreResult:
     meta = result["meta_info"]
+    length = len(response)
     entries = (meta.get("input_token_logprobs") or [])[-length:] if length else []
+    if [int(e[1]) for e in entries] != response or any(e[0] is None for e in entries):
+        raise SGLangError(0, "the server's input log-probs do not line up with the response tokens")
     logprobs = torch.tensor([float(e[0]) for e in entries], dtype=torch.float32)
-    if len(logprobs) != length:
-        raise SGLangError(0, f"expected {length} response log-probs from the server, got {len(logprobs)}")
     if not topk:
         return ScoreResult(logprobs)
     top = (meta.get("input_top_logprobs") or [])[-length:]
