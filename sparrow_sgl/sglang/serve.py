@@ -209,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     what = "dense baseline (stock backend)" if spec.dense else f"schedule {spec.schedule}"
     print(f"sparrow serve: starting SGLang ({spec.backend()} attention, {what}, device {spec.device})", flush=True)
     server = ServerProcess(spec, log_path=None)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwind through `finally`: the server goes down too
     try:
         server.wait_ready(args.startup_timeout)
         print(f"sparrow serve: ready at {spec.url}", flush=True)
