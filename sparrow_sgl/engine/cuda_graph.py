@@ -5,10 +5,11 @@ batch changes, the block tables. Inside the captured forward the device derives 
 request's page budget from a device table of the schedule's per-bin budgets, so budgets are data: one graph serves
 every schedule with the same page-list width. Each attention layer then runs, all in the same graph:
   1. `append_kv_decode`: the new token's K/V into the paged cache and its page summary, one Triton launch;
-  2. dense layers (and dense schedules): FlashInfer paged decode over every page, or the Triton decode;
+  2. dense layers (and dense schedules): the Triton decode over every page, or FlashInfer's paged decode;
   3. sparse layers: Triton page selection (writing FlashInfer's per-KV-head page lists when FlashInfer attends),
      then block-sparse decode over the selected pages.
-FlashInfer plans on the host before each replay from host-known page counts (no device sync). Graphs are captured
+Triton (the default) needs no planning; FlashInfer (SPARROW_ATTN_BACKEND=flashinfer) is planned on the host before
+each replay from host-known page counts (no device sync). Graphs are captured
 lazily per `StepKey`; a step that cannot be captured runs the same code eagerly. `SPARROW_GPU_DECODE` = graph
 (default) | eager (same step, no capture) | off (the per-layer `sparse_decode` reference path).
 """
@@ -68,14 +69,13 @@ def host_budget_pages(table: np.ndarray, bin_tokens: int, seq_lens: np.ndarray) 
 
 
 def default_backend(dtype: torch.dtype, head_dim: int) -> str:
-    """FlashInfer where it serves the cache (fp16/bf16, head_dim 64/128/256), else Triton; SPARROW_ATTN_BACKEND wins."""
+    """Triton unless SPARROW_ATTN_BACKEND=flashinfer: inside the graph both ran within a few percent of each other on
+    an H100, and Triton needs no per-step host planning (bench/results/NOTES.md, end-to-end decode)."""
     forced = os.environ.get(dispatch.ENV_VAR, "").strip().lower()
     fi_ok = dispatch.installed("flashinfer") and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128, 256)
     if forced == "flashinfer" and not fi_ok:
         raise ValueError(f"{dispatch.ENV_VAR}=flashinfer cannot serve a {dtype} cache with head_dim {head_dim}")
-    if forced in ("flashinfer", "triton"):
-        return forced
-    return "flashinfer" if fi_ok else "triton"
+    return "flashinfer" if forced == "flashinfer" else "triton"
 
 
 @dataclass(frozen=True, slots=True)
