@@ -1,114 +1,457 @@
-"""`sparrow demo` (foundation form): per-bin acceptance-rate tails of sparse vs dense attention on a tiny model.
+"""`sparrow demo`: the whole method end to end on one machine, with a tiny Qwen3 and the synthetic chain task.
 
-A tiny random Qwen3 teacher-forces one long sequence densely and with sparse decode attention at several fixed
-budgets; the per-token acceptance rate against the dense distribution is binned by position and its 5th percentile
-printed per bin. Random weights are sharpened (q/k norm gains) so attention is peaked enough for sparsity to matter.
+stages: build a tiny model (tokenizer trained on the task's text) -> supervised warm-up so rewards are non-zero ->
+calibrate per-bin acceptance-rate tails over a budget grid -> plan the cheapest schedule with every tail >= tau ->
+GRPO steps with sparse rollouts under that schedule (TailGuard optional) -> summary table (reward before/after,
+per-bin tail vs tau, predicted and measured speedup) and plots under `--out` (default runs/demo/).
+`--quick` is the reduced form the test suite runs; `--device cuda` runs a larger model on a longer task.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-import torch
 
-from sparrow_sgl.attention.teacher_forced import sparse_causal_attention
-from sparrow_sgl.config import SparsityConfig
-from sparrow_sgl.mismatch import acceptance_rate, min_tail, tail_by_bin
+@dataclass(slots=True)
+class DemoProfile:
+    spec: dict  # TinyModelSpec overrides
+    task: dict  # ChainTask arguments of calibration, GRPO and evaluation
+    warmup_task: dict  # ChainTask arguments of the warm-up (shorter prompts: cheaper, and the lookup transfers)
+    warmup_steps: int
+    warmup_batch: int
+    page_size: int
+    bin_tokens: int
+    budgets: list[int]  # calibration grid (tokens)
+    grpo_steps: int
+    prompts_per_step: int
+    group_size: int
+    max_new_tokens: int
+    calib_prompts: int = 4
+    calib_samples: int = 2
+    eval_prompts: int = 8
+    eval_samples: int = 2
+    warmup_lr: float = 3e-3
+    lr: float = 2e-4
+    margin: float = 0.0
+    min_count: int = 20
+    hardware: str = "cpu"
+    micro_batch_size: int = 8
+    tokenizer_vocab: int = 512
+    extra: dict = field(default_factory=dict)
 
-ATTN_NAME = "sparrow_teacher_forced"
-_active: dict = {}
+
+PROFILES = {
+    "quick": DemoProfile(
+        spec=dict(hidden_size=64, head_dim=16, intermediate_size=128, num_hidden_layers=4),
+        task=dict(num_vars=[24, 48], hops=2),
+        warmup_task=dict(num_vars=[12, 24], hops=2),
+        warmup_steps=60,
+        warmup_batch=16,
+        page_size=4,
+        bin_tokens=128,
+        budgets=[16, 32, 64],
+        grpo_steps=2,
+        prompts_per_step=2,
+        group_size=4,
+        max_new_tokens=16,
+        calib_prompts=3,
+        eval_prompts=4,
+        min_count=10,
+    ),
+    "cpu": DemoProfile(
+        spec=dict(hidden_size=64, head_dim=16, intermediate_size=128, num_hidden_layers=4),
+        task=dict(num_vars=[100, 300], hops=3),
+        warmup_task=dict(num_vars=[16, 48], hops=3),
+        warmup_steps=400,
+        warmup_batch=16,
+        page_size=16,
+        bin_tokens=512,
+        budgets=[64, 128, 256, 512],
+        grpo_steps=4,
+        prompts_per_step=4,
+        group_size=4,
+        max_new_tokens=24,
+    ),
+    "cuda": DemoProfile(
+        spec=dict(
+            hidden_size=256,
+            head_dim=32,
+            intermediate_size=768,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+        ),
+        task=dict(num_vars=[400, 1200], hops=4),
+        warmup_task=dict(num_vars=[100, 400], hops=4),
+        warmup_steps=1500,
+        warmup_batch=32,
+        page_size=16,
+        bin_tokens=2048,
+        budgets=[128, 256, 512, 1024, 2048],
+        grpo_steps=10,
+        prompts_per_step=8,
+        group_size=8,
+        max_new_tokens=40,
+        calib_prompts=16,
+        calib_samples=4,
+        eval_prompts=32,
+        eval_samples=4,
+        hardware="h100",
+        micro_batch_size=16,
+        tokenizer_vocab=1024,
+    ),
+}
+EVAL_OFFSET = 2_000_000_000  # task indices of evaluation prompts (never reached by the training cursor)
+CALIB_OFFSET = 1_500_000_000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens in the teacher-forced sequence")
-    p.add_argument("--prompt-len", type=int, default=256, help="leading tokens attended densely (prefill)")
-    p.add_argument("--budgets", default="64,128,256,512", help="comma-separated KV budgets in tokens")
-    p.add_argument("--bin-tokens", type=int, default=512, help="position bin width in tokens")
-    p.add_argument("--tau", type=float, default=0.86, help="tail threshold drawn in the table")
-    p.add_argument("--sharpen", type=float, default=4.0, help="gain applied to q/k norms of the random model")
+    p.add_argument("--quick", action="store_true", help="reduced form (tests, < ~60 s on CPU)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda runs a larger model on a longer task)")
+    p.add_argument("--out", default="runs/demo", help="output directory (models, tables, logs, plots)")
+    p.add_argument("--tau", type=float, default=0.86, help="tail threshold the planned schedule must hold")
+    p.add_argument("--margin", type=float, default=None, help="plan for tau + margin (default: the profile's)")
+    p.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the profile's)")
+    p.add_argument("--tailguard", action="store_true", help="let the TailGuard move budgets during GRPO")
     p.add_argument("--seed", type=int, default=0)
-
-
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention hook: [B, H, T, D] inputs → [B, T, H, D] output, sparse per position."""
-    cfg, budgets = _active["cfg"], _active["budgets"]
-    if cfg.is_dense_layer(module.layer_idx):
-        groups = query.shape[1] // key.shape[1]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), is_causal=True, scale=scaling
-        )
-        return out.transpose(1, 2), None
-    outs = [
-        sparse_causal_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), budgets, cfg, layer=module.layer_idx, scale=scaling
-        )
-        for q, k, v in zip(query, key, value)
-    ]
-    return torch.stack(outs), None
-
-
-@contextlib.contextmanager
-def sparse_attention(model, cfg: SparsityConfig, budgets: torch.Tensor):
-    """Run `model` (a transformers Qwen3) with position-wise sparse attention inside the block."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTN_NAME, _attention)
-    previous = model.config._attn_implementation
-    _active.update(cfg=cfg, budgets=budgets)
-    model.set_attn_implementation(ATTN_NAME)
-    try:
-        yield model
-    finally:
-        model.set_attn_implementation(previous)
-        _active.clear()
-
-
-def _build_model(args):
-    from sparrow_sgl.tiny import TinyModelSpec, build_tiny_model
-
-    model = build_tiny_model(TinyModelSpec(seed=args.seed, max_position_embeddings=max(32768, args.seq_len)))
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_norm.weight.mul_(args.sharpen)
-            layer.self_attn.k_norm.weight.mul_(args.sharpen)
-    return model
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
-    torch.manual_seed(args.seed)
-    budgets = [int(b) for b in args.budgets.split(",")]
-    cfg = SparsityConfig()
-    model = _build_model(args)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len))
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        logp_dense = model(ids).logits[0].float().log_softmax(-1)
-    positions = torch.arange(args.prompt_len, args.seq_len)
-    results = {}
-    for budget in budgets:
-        per_position = torch.full((args.seq_len,), budget)
-        per_position[: args.prompt_len] = -1  # prefill is dense
-        with torch.no_grad(), sparse_attention(model, cfg, per_position):
-            logp_sparse = model(ids).logits[0].float().log_softmax(-1)
-        alpha = acceptance_rate(logp_dense[positions], logp_sparse[positions])
-        results[budget] = tail_by_bin(alpha, positions, bin_tokens=args.bin_tokens)
-        console.print(f"budget {budget} tokens: done ({time.perf_counter() - t0:.1f} s elapsed)")
-    table = Table(title=f"5th-percentile acceptance rate per {args.bin_tokens}-token bin (tau = {args.tau})")
-    table.add_column("budget (tokens)")
-    n_bins = len(next(iter(results.values())))
-    for i in range(n_bins):
-        table.add_column(f"{i * args.bin_tokens}-{(i + 1) * args.bin_tokens} tok")
-    table.add_column("min tail >= tau")
-    for budget, stats in results.items():
-        cells = ["-" if s.tail is None else f"{s.tail:.4f}" for s in stats]
-        lowest = min_tail(stats)
-        table.add_row(str(budget), *cells, "yes" if lowest is not None and lowest >= args.tau else "no")
-    console.print(table)
-    console.print(f"total time: {time.perf_counter() - t0:.1f} s")
-    return 0
+    profile = PROFILES["quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        console.print("[red]sparrow demo: --device cuda but no CUDA device is available[/red]")
+        return 2
+    if args.steps is not None:
+        profile.grpo_steps = args.steps
+    if args.margin is not None:
+        profile.margin = args.margin
+    demo = Demo(profile, args, console)
+    return demo.run()
+
+
+class Demo:
+    def __init__(self, profile: DemoProfile, args: argparse.Namespace, console) -> None:
+        from sparrow_sgl.rl.tasks import ChainTask
+
+        self.p, self.args, self.console = profile, args, console
+        self.out = Path(args.out)
+        self.progress = not args.no_progress
+        self.task = ChainTask(**profile.task, seed=args.seed + 1)
+        self.warmup_task = ChainTask(**profile.warmup_task, seed=args.seed + 2)
+        self.times: dict[str, float] = {}
+        self.summary: dict = {"profile": asdict(profile), "device": args.device, "tau": args.tau}
+
+    def stage(self, name: str):
+        demo = self
+
+        class _Stage:
+            def __enter__(self):
+                demo.console.rule(f"[bold]{name}")
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                demo.times[name] = time.perf_counter() - self.start
+                if exc[0] is None:
+                    demo.console.print(f"{name}: {demo.times[name]:.1f} s")
+
+        return _Stage()
+
+    def run(self) -> int:
+        import torch
+
+        torch.manual_seed(self.args.seed)
+        self.out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with self.stage("model + warm-up"):
+            model_dir = self.build_and_warm_up()
+        with self.stage("engine"):
+            engine = self.build_engine(model_dir)
+        with self.stage("calibrate"):
+            table = self.calibrate(engine, model_dir)
+        with self.stage("plan"):
+            schedule, plan = self.plan(table)
+        with self.stage("evaluate before"):
+            before = self.evaluate(engine, schedule)
+        with self.stage("grpo"):
+            trainer, records = self.grpo(engine, model_dir, schedule)
+        with self.stage("evaluate after"):
+            after = self.evaluate(engine, trainer.schedule)
+        self.times["total"] = time.perf_counter() - start
+        self.report(table, plan, trainer, records, before, after)
+        return 0
+
+    # -- stages -------------------------------------------------------------------------------------------------
+    def build_and_warm_up(self) -> Path:
+        import torch
+        from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+        from sparrow_sgl.rl.warmup import response_accuracy, supervised_warmup
+        from sparrow_sgl.tiny import TinyModelSpec, save_tiny_model
+
+        p = self.p
+        model_dir = self.out / "model"
+        corpus = self.task.corpus(32) + self.warmup_task.corpus(64)
+        spec = TinyModelSpec(**{**p.spec, "vocab_size": p.tokenizer_vocab, "seed": self.args.seed})
+        save_tiny_model(model_dir, spec, extra_text=corpus)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.args.device)
+        result = supervised_warmup(
+            model,
+            tokenizer,
+            self.warmup_task,
+            steps=p.warmup_steps,
+            batch=p.warmup_batch,
+            lr=p.warmup_lr,
+            progress=self.progress,
+        )
+        eval_idx = range(EVAL_OFFSET, EVAL_OFFSET + 16)
+        acc_short = response_accuracy(model, tokenizer, self.warmup_task, eval_idx)
+        acc_long = response_accuracy(model, tokenizer, self.task, eval_idx)
+        model.cpu().save_pretrained(model_dir)
+        n_params = sum(t.numel() for t in model.parameters())
+        self.console.print(
+            f"tiny Qwen3: {n_params / 1e6:.2f} M parameters; warm-up loss {result.losses[0]:.3f} -> "
+            f"{result.losses[-1]:.3f} nats/token over {p.warmup_steps} steps; teacher-forced answer-token accuracy "
+            f"{acc_short:.3f} (warm-up lengths), {acc_long:.3f} (demo lengths)"
+        )
+        self.summary["warmup"] = {
+            "loss_first": result.losses[0],
+            "loss_last": result.losses[-1],
+            "accuracy_warmup_task": acc_short,
+            "accuracy_task": acc_long,
+            "params": n_params,
+        }
+        return model_dir
+
+    def build_engine(self, model_dir: Path):
+        from sparrow_sgl.config import EngineConfig
+        from sparrow_sgl.engine import Engine
+
+        kv_gb = 0.05 if self.args.device == "cpu" else 4.0
+        return Engine(
+            EngineConfig(
+                model=str(model_dir),
+                device=self.args.device,
+                page_size=self.p.page_size,
+                kv_gb=kv_gb,
+                seed=self.args.seed,
+            )
+        )
+
+    def prompts(self, engine, offset: int, count: int) -> list[list[int]]:
+        from sparrow_sgl.rl.tasks import encode_prompt
+
+        return [encode_prompt(engine.tokenizer, self.task.sample(offset + i).prompt) for i in range(count)]
+
+    def calibrate(self, engine, model_dir: Path):
+        from sparrow_sgl.calibrate import calibrate, plot_table
+
+        p = self.p
+        prompts = self.prompts(engine, CALIB_OFFSET, p.calib_prompts)
+        lengths = [len(x) for x in prompts]
+        self.console.print(
+            f"calibration prompts: {len(prompts)} of {min(lengths)}-{max(lengths)} tokens; budgets "
+            f"{p.budgets} tokens (page size {p.page_size}), {p.bin_tokens}-token bins"
+        )
+        sparsity = {
+            "page_size": p.page_size,
+            "sink_pages": engine.config.sink_pages,
+            "local_pages": engine.config.local_pages,
+            "scorer": engine.config.scorer,
+        }
+        table = calibrate(
+            engine,
+            prompts,
+            p.budgets,
+            samples=p.calib_samples,
+            max_new_tokens=p.max_new_tokens,
+            seed=self.args.seed,
+            bin_tokens=p.bin_tokens,
+            tau=self.args.tau,
+            noise_floor=True,
+            sparsity=sparsity,
+            progress=self.progress,
+        )
+        table.model = str(model_dir)
+        table.settings = {**table.settings, **sparsity}
+        table.save(self.out / "calibration.json")
+        plot_table(table, self.out / "calibration.png", tau=self.args.tau)
+        return table
+
+    def plan(self, table):
+        from sparrow_sgl.plan import plan_schedule
+
+        plan = plan_schedule(
+            table, tau=self.args.tau, margin=self.p.margin, min_count=self.p.min_count, name=f"demo-{self.args.tau:g}"
+        )
+        plan.schedule.save(self.out / "schedule.json")
+        self.console.print(plan.report())
+        return plan.schedule, plan
+
+    def evaluate(self, engine, schedule) -> dict:
+        from sparrow_sgl.engine import SamplingParams
+
+        p = self.p
+        samples = [self.task.sample(EVAL_OFFSET + i) for i in range(p.eval_prompts)]
+        prompts = self.prompts(engine, EVAL_OFFSET, p.eval_prompts)
+        params = SamplingParams(
+            temperature=1.0, max_new_tokens=p.max_new_tokens, n=p.eval_samples, seed=self.args.seed + 99
+        )
+        rollouts = engine.generate(prompts, params, schedule, progress=False)
+        rewards = [self.task.score(r.text or "", samples[r.prompt_index]) for r in rollouts]
+        exact = [1.0 if r == 1.0 else 0.0 for r in rewards]
+        out = {
+            "reward_mean": sum(rewards) / len(rewards),
+            "solved_frac": sum(exact) / len(exact),
+            "samples": len(rewards),
+            "schedule": schedule.describe(),
+        }
+        self.console.print(
+            f"reward {out['reward_mean']:.3f} (fully solved {out['solved_frac']:.3f}) over "
+            f"{len(rewards)} samples, schedule {schedule.describe()}"
+        )
+        return out
+
+    def grpo(self, engine, model_dir: Path, schedule):
+        from sparrow_sgl.rl.config import TrainConfig
+        from sparrow_sgl.rl.trainer import Trainer
+
+        p = self.p
+        cfg = TrainConfig(
+            model=str(model_dir),
+            out_dir=str(self.out / "grpo"),
+            device=self.args.device,
+            seed=self.args.seed,
+            steps=p.grpo_steps,
+            task="chain",
+            task_args={**p.task, "seed": self.args.seed + 1},
+            prompts_per_step=p.prompts_per_step,
+            group_size=p.group_size,
+            schedule=str(self.out / "schedule.json"),
+            tailguard=self.args.tailguard,
+            max_new_tokens=p.max_new_tokens,
+            page_size=p.page_size,
+            lr=p.lr,
+            bin_tokens=p.bin_tokens,
+            tau=self.args.tau,
+            micro_batch_size=p.micro_batch_size,
+            hardware=p.hardware,
+            progress=self.progress,
+        )
+        cfg.save(self.out / "grpo" / "config.json")
+        trainer = Trainer(cfg, engine=engine)
+        records = trainer.train()
+        return trainer, records
+
+    # -- summary ------------------------------------------------------------------------------------------------
+    def report(self, table, plan, trainer, records, before: dict, after: dict) -> None:
+        from rich.table import Table
+
+        tau = self.args.tau
+        floor = table.stats(None)
+        live = _live_tails(records)
+        t = Table(title=f"per-bin 5th-percentile acceptance rate vs tau = {tau:g}")
+        for col in (
+            "bin (tokens)",
+            "planned budget",
+            "calibrated tail",
+            "live tail (min over GRPO)",
+            "dense noise floor",
+            ">= tau",
+        ):
+            t.add_column(col)
+        bins = []
+        for d in plan.bins:
+            lt = live.get(d.bin)
+            fl = floor[d.bin].tail if d.bin < len(floor) else None
+            ok = all(x is None or x >= tau for x in (d.tail, lt))
+            row = {
+                "bin": d.bin,
+                "start": d.start,
+                "end": d.end,
+                "budget": d.budget,
+                "calibrated_tail": d.tail,
+                "live_tail_min": lt,
+                "noise_floor": fl,
+                "status": d.status,
+                "ok": ok,
+            }
+            bins.append(row)
+            t.add_row(
+                f"{d.start}-{d.end}",
+                "dense" if d.budget is None else f"{d.budget} tok",
+                _fmt(d.tail),
+                _fmt(lt),
+                _fmt(fl),
+                ("yes" if ok else "NO") + ("" if d.status == "ok" else f" ({d.status})"),
+            )
+        self.console.print(t)
+        last = records[-1] if records else {}
+        speed = Table(title="summary")
+        speed.add_column("quantity")
+        speed.add_column("value")
+        speed.add_row("reward before GRPO (eval, sparse schedule)", f"{before['reward_mean']:.3f}")
+        speed.add_row("reward after GRPO (eval, sparse schedule)", f"{after['reward_mean']:.3f}")
+        speed.add_row(
+            "GRPO train reward first -> last step",
+            f"{records[0]['rollout/reward_mean']:.3f} -> {last['rollout/reward_mean']:.3f}" if records else "-",
+        )
+        speed.add_row(
+            f"predicted rollout speedup ({self.p.hardware} cost model)",
+            _fmt(last.get("sparse/speedup_predicted"), "{:.2f}x"),
+        )
+        speed.add_row(
+            "measured rollout speedup (this machine, sparse vs dense tokens/s)",
+            _fmt(last.get("sparse/speedup_measured"), "{:.2f}x"),
+        )
+        speed.add_row(
+            "attended KV per sparse step / context",
+            f"{_fmt(last.get('sparse/kv_budget_mean'), '{:.0f}')} / "
+            f"{_fmt(last.get('sparse/kv_context_mean'), '{:.0f}')} tokens",
+        )
+        speed.add_row("TIS-truncated tokens (last step)", _fmt(last.get("sparse/is_truncated_frac"), "{:.4f}"))
+        speed.add_row("schedule", trainer.schedule.describe())
+        speed.add_row("stage times", ", ".join(f"{k} {v:.1f} s" for k, v in self.times.items()))
+        self.console.print(speed)
+        self.summary.update(
+            reward_before=before,
+            reward_after=after,
+            bins=bins,
+            schedule=trainer.schedule.to_dict(),
+            speedup_predicted=last.get("sparse/speedup_predicted"),
+            speedup_measured=last.get("sparse/speedup_measured"),
+            last_step=last,
+            times=self.times,
+            files={
+                "calibration": "calibration.json",
+                "calibration_plot": "calibration.png",
+                "schedule": "schedule.json",
+                "metrics": "grpo/metrics.jsonl",
+                "plots": "grpo/plots/",
+            },
+        )
+        (self.out / "summary.json").write_text(json.dumps(self.summary, indent=1, default=str) + "\n")
+        self.console.print(f"wrote {self.out}/summary.json, calibration.png, grpo/plots/*.png")
+
+
+def _live_tails(records: list[dict]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for r in records:
+        for k, v in r.items():
+            if k.startswith("sparse/tail_p5/bin_") and v is not None:
+                i = int(k.rsplit("_", 1)[1])
+                out[i] = min(out.get(i, 1.0), v)
+    return out
+
+
+def _fmt(x, pattern: str = "{:.4f}") -> str:
+    return "-" if x is None else pattern.format(x)

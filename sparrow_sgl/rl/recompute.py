@@ -51,6 +51,7 @@ class OldPolicy:
     logprobs: torch.Tensor  # [N, L] dense log-probs before the update (0 outside the response)
     entropy: torch.Tensor  # [N, L]
     alpha: torch.Tensor | None  # [N, L] acceptance rate dense vs rollout (NaN outside the response)
+    log_dist: torch.Tensor | None = None  # [N, L, V] full dense log-distributions (only when asked: large)
 
 
 @torch.no_grad()
@@ -61,22 +62,26 @@ def recompute_old(
     temperature: float = 1.0,
     rollout_dists: list[torch.Tensor] | None = None,
     topk: bool = False,
+    keep_dist: bool = False,
 ) -> OldPolicy:
     """Dense log-probs and entropy of every sampled token, micro-batched, plus the acceptance rate per token.
 
     rollout_dists: per row, the rollout's full log-distributions over its generated tokens ([T_i, V]), for the
     full-vocabulary acceptance rate; `topk`: use the batch's rollout top-k lists (lower bound) instead.
+    keep_dist: also return the full dense log-distributions [N, L, V] (for DistillSparse's exact KL).
     """
     was_training = model.training
     model.eval()
     n, length = batch.input_ids.shape
     logprobs, entropy = torch.zeros(n, length), torch.zeros(n, length)
     alpha = torch.full((n, length), float("nan")) if rollout_dists is not None or topk else None
+    log_dist = None
     device = next(model.parameters()).device
     try:
         for start in range(0, n, micro_batch_size):
             mb = batch.select(slice(start, start + micro_batch_size)).to(device)
-            out = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, keep_dist=alpha is not None)
+            want_dist = alpha is not None or keep_dist
+            out = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, keep_dist=want_dist)
             width = mb.input_ids.shape[1]
             rows = slice(start, start + len(mb))
             mask = mb.response_mask
@@ -84,9 +89,13 @@ def recompute_old(
             entropy[rows, :width] = (out.entropy * mask).cpu()
             if alpha is not None:
                 alpha[rows, :width] = _alpha(out.log_dist, mb, rollout_dists, start, topk).cpu()
+            if keep_dist:
+                if log_dist is None:
+                    log_dist = torch.zeros(n, length, out.log_dist.shape[-1])
+                log_dist[rows, :width] = out.log_dist.cpu()
     finally:
         model.train(was_training)
-    return OldPolicy(logprobs, entropy, alpha)
+    return OldPolicy(logprobs, entropy, alpha, log_dist)
 
 
 def _alpha(log_dist, mb: RolloutBatch, rollout_dists, row0: int, topk: bool) -> torch.Tensor:

@@ -88,7 +88,7 @@ class Trainer:
             self.policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.schedule: Schedule = self.engine.resolve_schedule(cfg.schedule)
+        self.schedule: Schedule = self._adopt_bins(self.engine.resolve_schedule(cfg.schedule))
         self.guard = self._build_guard() if cfg.tailguard else None
         self.distill = self._build_distill() if cfg.distill.enabled else None
         self.step, self.cursor = 0, 0
@@ -119,6 +119,20 @@ class Trainer:
         except ImportError as e:
             raise ConfigError(f"tailguard: true needs sparrow_sgl.tailguard.TailGuard, not in this build ({e})") from e
         return TailGuard(self.schedule, tau=self.cfg.tau)
+
+    def _adopt_bins(self, schedule: Schedule) -> Schedule:
+        """A one-budget schedule takes the run's bin width (it changes nothing for the budget, but the TailGuard
+        compares live tails per bin with it); a multi-bin schedule must already use it."""
+        if schedule.bin_tokens == self.cfg.bin_tokens:
+            return schedule
+        if len(schedule.budgets) == 1:
+            return dataclasses.replace(schedule, bin_tokens=self.cfg.bin_tokens)
+        if self.cfg.tailguard:
+            raise ConfigError(
+                f"schedule {schedule.name!r} has {schedule.bin_tokens}-token bins but bin_tokens is "
+                f"{self.cfg.bin_tokens}: the TailGuard needs both equal"
+            )
+        return schedule
 
     def _build_distill(self):
         try:
@@ -216,12 +230,12 @@ class Trainer:
             metrics.update(self._update(batch, old, weights.weights))
         with timer("sync"):
             self.engine.update_weights(self.policy.state_dict())
-        if self.distill is not None and (self.step + 1) % cfg.distill.every == 0:
-            with timer("distill"):
-                metrics.update(self._distill_step(batch, old))
         metrics.update(self._rollout_metrics(batch, rollouts, rollout_tokens / max(timer["timing/rollout"], 1e-9)))
         mismatch, stats = self._mismatch_metrics(batch, old, weights)
         metrics.update(mismatch)
+        if self.distill is not None:
+            with timer("distill"):
+                metrics.update(self._distill_step(batch, old, stats))
         if self.schedule.is_dense and cfg.noise_floor and not self.extra.get("noise_floor_done"):
             metrics.update(self._noise_floor_from(mismatch, rollout_tokens / max(timer["timing/rollout"], 1e-9)))
         self.step += 1
@@ -269,8 +283,10 @@ class Trainer:
                     temperature=cfg.temperature,
                 )
             dists = [r.full_logprobs for r in results]
+        keep_dist = self.distill is not None and cfg.distill.kl_mode != "k3"  # full-vocabulary KL needs them
         return recompute_old(
-            self.policy, batch, cfg.micro_batch_size, cfg.temperature, dists, topk=cfg.mismatch == "topk"
+            self.policy, batch, cfg.micro_batch_size, cfg.temperature, dists, topk=cfg.mismatch == "topk",
+            keep_dist=keep_dist,
         )
 
     def _update(self, batch: RolloutBatch, old: OldPolicy, is_weights: torch.Tensor) -> dict:
@@ -312,13 +328,20 @@ class Trainer:
         out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
         return out
 
-    def _distill_step(self, batch: RolloutBatch, old: OldPolicy) -> dict:
-        stats = dict(self.distill.step(batch, old.logprobs, self.step + 1))
-        new = self.distill.maybe_replan(self.step + 1, self.schedule)
-        if new is not None:
-            self.log.event(self.step + 1, "replan", old=self.schedule.describe(), new=new.describe())
+    def _distill_step(self, batch: RolloutBatch, old: OldPolicy, live_tails) -> dict:
+        """DistillSparse φ step every `distill.every` steps (θ is already updated and synced), then re-planning."""
+        step = self.step + 1
+        out = {}
+        if step % self.cfg.distill.every == 0:
+            dense = old.log_dist if self.cfg.distill.kl_mode != "k3" else old.logprobs
+            out = dict(self.distill.step(batch, dense, step, schedule=self.schedule))
+        new = self.distill.maybe_replan(step, self.schedule, live_tails=live_tails)
+        if new is not None and new.budgets != self.schedule.budgets:
+            self.log.event(step, "replan", old=self.schedule.describe(), new=new.describe())
             self.schedule = new
-        return stats
+            if self.guard is not None:
+                self.guard = self._build_guard()
+        return out
 
     def _rollout_metrics(self, batch: RolloutBatch, rollouts, tokens_per_s: float) -> dict:
         lens = batch.response_lens.float()
@@ -416,8 +439,8 @@ class Trainer:
     def _update_guard(self, stats, metrics: dict) -> None:
         if self.guard is None or stats is None:
             return
-        new = self.guard.update(stats, step=self.step)
-        if new is not None and new.budgets != self.schedule.budgets:
-            self.log.event(self.step, "tailguard", old=self.schedule.describe(), new=new.describe())
-            self.schedule = new
+        for e in self.guard.update(self.step, stats):
+            self.log.event(self.step, "tailguard", **e.to_dict())
+        if self.guard.budgets != self.schedule.budgets:
+            self.schedule = self.guard.schedule
         metrics["sparse/schedule_budget_max"] = max((b or 0) for b in self.schedule.budgets)
