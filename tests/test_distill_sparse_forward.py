@@ -156,7 +156,7 @@ def engine(tiny_model_dir):
     from sparrow_sgl.config import EngineConfig
     from sparrow_sgl.engine import Engine
 
-    return Engine(EngineConfig(model=str(tiny_model_dir), num_kv_pages=256))
+    return Engine(EngineConfig(model=str(tiny_model_dir), num_kv_pages=256, scorer="quest"))  # serves quest too
 
 
 def test_sparse_forward_matches_engine_generate_logprobs(model, engine):

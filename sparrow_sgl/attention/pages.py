@@ -17,18 +17,25 @@ from sparrow_sgl.config import SparsityConfig
 class PageSummaries:
     key_sum: torch.Tensor  # [num_pages, kv_heads, head_dim] float32 running sum of keys
     count: torch.Tensor  # [num_pages] int32 tokens written to the page
-    key_min: torch.Tensor  # [num_pages, kv_heads, head_dim] float32, +inf where empty
-    key_max: torch.Tensor  # [num_pages, kv_heads, head_dim] float32, -inf where empty
+    key_min: torch.Tensor | None  # [num_pages, kv_heads, head_dim] float32, +inf where empty; None: centroid only
+    key_max: torch.Tensor | None  # [num_pages, kv_heads, head_dim] float32, -inf where empty; None: centroid only
 
     @classmethod
-    def allocate(cls, num_pages: int, kv_heads: int, head_dim: int, device: torch.device | str = "cpu"):
+    def allocate(
+        cls, num_pages: int, kv_heads: int, head_dim: int, device: torch.device | str = "cpu", minmax: bool = True
+    ):
+        """minmax=False keeps no Quest min/max (a centroid-only cache: a third of the summary bytes)."""
         shape = (num_pages, kv_heads, head_dim)
         return cls(
             key_sum=torch.zeros(shape, dtype=torch.float32, device=device),
             count=torch.zeros(num_pages, dtype=torch.int32, device=device),
-            key_min=torch.full(shape, float("inf"), dtype=torch.float32, device=device),
-            key_max=torch.full(shape, float("-inf"), dtype=torch.float32, device=device),
+            key_min=torch.full(shape, float("inf"), dtype=torch.float32, device=device) if minmax else None,
+            key_max=torch.full(shape, float("-inf"), dtype=torch.float32, device=device) if minmax else None,
         )
+
+    @property
+    def has_minmax(self) -> bool:
+        return self.key_min is not None and self.key_max is not None
 
     @property
     def num_pages(self) -> int:
@@ -47,8 +54,9 @@ class PageSummaries:
     def reset(self, pages: torch.Tensor) -> None:
         self.key_sum[pages] = 0.0
         self.count[pages] = 0
-        self.key_min[pages] = float("inf")
-        self.key_max[pages] = float("-inf")
+        if self.has_minmax:
+            self.key_min[pages] = float("inf")
+            self.key_max[pages] = float("-inf")
 
     def append(self, pages: torch.Tensor, offsets: torch.Tensor, keys: torch.Tensor) -> None:
         """Add `keys` [N, kv_heads, head_dim] written at (`pages`[N], `offsets`[N]) to their pages' summaries.
@@ -66,6 +74,8 @@ class PageSummaries:
         keys = keys.to(self.key_sum.dtype)
         self.key_sum.index_add_(0, pages, keys)
         self.count.index_add_(0, pages, torch.ones_like(pages, dtype=torch.int32))
+        if not self.has_minmax:
+            return
         index = pages[:, None, None].expand_as(keys)
         self.key_min.scatter_reduce_(0, index, keys, reduce="amin")
         self.key_max.scatter_reduce_(0, index, keys, reduce="amax")
@@ -73,7 +83,8 @@ class PageSummaries:
     def copy_page(self, src: int, dst: int) -> None:
         """Duplicate a page's summary (copy-on-write of a shared partial page)."""
         for t in (self.key_sum, self.count, self.key_min, self.key_max):
-            t[dst] = t[src]
+            if t is not None:
+                t[dst] = t[src]
 
     @classmethod
     def from_cache(

@@ -58,6 +58,8 @@ def score_pages(
     if cfg.scorer == "centroid":
         centroids = summaries.centroid(pages)  # [batch, max_pages, kv_heads, head_dim]
         return torch.einsum("bhd,bphd->bhp", qg.mean(2), centroids)
+    if not summaries.has_minmax:
+        raise ValueError("the quest scorer needs page summaries with key_min/key_max (allocated with minmax=True)")
     kmin, kmax = summaries.key_min[pages], summaries.key_max[pages]
     kmin, kmax = kmin.nan_to_num(posinf=0.0), kmax.nan_to_num(neginf=0.0)  # empty pages are masked later
     upper = torch.maximum(

@@ -70,10 +70,12 @@ class Engine:
         cfg, hf = self.config, self.hf_config
         head_dim = self.model.model.layers[0].self_attn.head_dim
         shape = (hf.num_hidden_layers, hf.num_key_value_heads, cfg.page_size, head_dim)
-        page_bytes = bytes_per_page(*shape, self.dtype)
+        minmax = cfg.scorer == "quest"  # centroid engines keep no min/max summaries: more pages fit
+        page_bytes = bytes_per_page(*shape, self.dtype, minmax=minmax)
         num_pages = plan_num_pages(cfg, page_bytes)
         cache = KVCache(
-            hf.num_hidden_layers, num_pages, hf.num_key_value_heads, cfg.page_size, head_dim, self.dtype, self.device
+            hf.num_hidden_layers, num_pages, hf.num_key_value_heads, cfg.page_size, head_dim, self.dtype, self.device,
+            minmax=minmax,
         )
         cache.bind(self.model.attention_layers)
         print(
@@ -104,6 +106,7 @@ class Engine:
         return resolved
 
     def _sparsity(self, schedule: Schedule) -> SparsityConfig:
+        self.kv_cache.check_schedule(schedule)
         return dataclasses.replace(schedule.sparsity(), kv_layout="HND")
 
     # -- public API -------------------------------------------------------------------------------------------------

@@ -5,16 +5,19 @@ from __future__ import annotations
 import torch
 
 from sparrow_sgl.attention import PageSummaries
-from sparrow_sgl.config import ConfigError, EngineConfig
+from sparrow_sgl.config import ConfigError, EngineConfig, Schedule
 
 GIB = 1024**3
 _SUMMARY_FIELDS = ("key_sum", "count", "key_min", "key_max")
 
 
-def bytes_per_page(num_layers: int, kv_heads: int, page_size: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Bytes one page takes over all layers: K and V plus the float32 summaries (sum, min, max, count)."""
+def bytes_per_page(
+    num_layers: int, kv_heads: int, page_size: int, head_dim: int, dtype: torch.dtype, minmax: bool = True
+) -> int:
+    """Bytes one page takes over all layers: K and V plus the float32 summaries (sum and count; min and max only
+    with `minmax`, i.e. for the quest scorer)."""
     kv = 2 * kv_heads * page_size * head_dim * dtype.itemsize
-    summaries = 3 * kv_heads * head_dim * 4 + 4
+    summaries = (3 if minmax else 1) * kv_heads * head_dim * 4 + 4
     return num_layers * (kv + summaries)
 
 
@@ -45,17 +48,29 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        minmax: bool = True,
     ) -> None:
+        """minmax: keep Quest's per-page key min/max (only the quest scorer reads them; centroid engines skip them)."""
         shape = (num_layers, num_pages, kv_heads, page_size, head_dim)
         # zeros, not empty: attention reads whole pages and masks the unwritten tail, which must not hold NaNs
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.summaries = [PageSummaries.allocate(num_pages, kv_heads, head_dim, device) for _ in range(num_layers)]
-        self.num_pages, self.page_size = num_pages, page_size
+        self.summaries = [
+            PageSummaries.allocate(num_pages, kv_heads, head_dim, device, minmax=minmax) for _ in range(num_layers)
+        ]
+        self.num_pages, self.page_size, self.has_minmax = num_pages, page_size, minmax
 
     @property
     def num_tokens(self) -> int:
         return self.num_pages * self.page_size
+
+    def check_schedule(self, schedule: Schedule) -> None:
+        """A sparse quest schedule needs the min/max summaries, which a centroid engine does not keep."""
+        if schedule.scorer == "quest" and not schedule.is_dense and not self.has_minmax:
+            raise ConfigError(
+                f"schedule {schedule.name or ''!r} scores pages with 'quest' (per-page key min/max), but this engine "
+                "keeps centroid summaries only; build it with EngineConfig(scorer='quest') to serve quest schedules"
+            )
 
     def bind(self, attention_layers) -> None:
         """Give each attention layer its slice of the pool."""
@@ -73,4 +88,5 @@ class KVCache:
         for summaries in self.summaries:
             for name in _SUMMARY_FIELDS:
                 tensor = getattr(summaries, name)
-                tensor[dst_t] = tensor[src_t]
+                if tensor is not None:
+                    tensor[dst_t] = tensor[src_t]

@@ -2,16 +2,19 @@
 
 Tokens of all sequences of a step are packed into one [T] batch (no padding); attention metadata comes from the
 step `Context`. q/k/v and gate/up projections are fused for speed, but `hf_parameters()` exposes views with the
-HF parameter names so that loading, `update_weights` and LoRA merging work in HF names.
+HF parameter names so that loading, `update_weights` and LoRA merging work in HF names. The elementwise chains
+(residual add + RMSNorm, q/k norm + rotary, SiLU x up) are single ops from `engine/fused.py`: Triton kernels on
+CUDA, the plain torch math on CPU; each layer hands its residual stream to the next one's fused add + norm.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from sparrow_sgl.engine import fused
 from sparrow_sgl.engine.attention import PagedAttention
+from sparrow_sgl.engine.fused import apply_rotary  # noqa: F401 - re-exported (bench, older imports)
 
 
 class RMSNorm(nn.Module):
@@ -20,11 +23,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); residual None -> (norm(x), x). One fused kernel on CUDA."""
+        return fused.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding:
@@ -52,17 +53,6 @@ class RotaryEmbedding:
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim]; cos/sin [T, head_dim]."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return x * cos + _rotate_half(x) * sin
-
-
 class Qwen3Attention(nn.Module):
     def __init__(self, cfg, layer_idx: int) -> None:
         super().__init__()
@@ -77,11 +67,8 @@ class Qwen3Attention(nn.Module):
         self.attn = PagedAttention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = fused.qk_norm_rope(self.qkv_proj(x), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos,
+                                     sin, self.num_heads, self.num_kv_heads)
         return self.o_proj(self.attn(q, k, v).flatten(1))
 
 
@@ -93,8 +80,7 @@ class Qwen3MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -105,9 +91,13 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual stream before it): the residual add is fused into the next layer's norm."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin), residual)
+        return self.mlp(h), residual
 
 
 class Qwen3Model(nn.Module):
@@ -146,9 +136,10 @@ class Qwen3ForCausalLM(nn.Module):
         """Packed input_ids/positions [T] -> final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

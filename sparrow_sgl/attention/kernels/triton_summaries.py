@@ -58,14 +58,18 @@ def append_decode(
     if pages.shape != (n,) or offsets.shape != (n,):
         raise ValueError(f"pages and offsets must be [{n}], got {tuple(pages.shape)} and {tuple(offsets.shape)}")
     s = summaries
-    if not (s.key_sum.stride() == s.key_min.stride() == s.key_max.stride()) or s.key_sum.dtype != torch.float32:
+    if minmax and not s.has_minmax:
+        raise ValueError("minmax=True needs summaries with key_min/key_max (allocated with minmax=True)")
+    same_strides = not minmax or s.key_sum.stride() == s.key_min.stride() == s.key_max.stride()
+    if not same_strides or s.key_sum.dtype != torch.float32:
         raise ValueError("summary tensors must be float32 with equal strides")
     if n == 0:
         return
     _append_decode_kernel[(n,)](
         keys, keys.stride(0), keys.stride(1),
         pages, offsets,
-        s.key_sum, s.key_min, s.key_max, s.key_sum.stride(0), s.key_sum.stride(1),
+        s.key_sum, s.key_min if minmax else s.key_sum, s.key_max if minmax else s.key_sum,
+        s.key_sum.stride(0), s.key_sum.stride(1),
         s.count,
         KV_HEADS=kv_heads, BLOCK_H=triton.next_power_of_2(kv_heads), HEAD_DIM=head_dim, MINMAX=minmax,
     )
@@ -148,7 +152,9 @@ def append_kv_decode(
     if pages.shape != (n,) or offsets.shape != (n,):
         raise ValueError(f"pages and offsets must be [{n}], got {tuple(pages.shape)} and {tuple(offsets.shape)}")
     s = summaries
-    same_strides = s.key_sum.stride() == s.key_min.stride() == s.key_max.stride()
+    if minmax and not s.has_minmax:
+        raise ValueError("minmax=True needs summaries with key_min/key_max (allocated with minmax=True)")
+    same_strides = not minmax or s.key_sum.stride() == s.key_min.stride() == s.key_max.stride()
     if s.key_sum.dtype != torch.float32 or (minmax and not same_strides):
         raise ValueError("summary tensors must be float32 (min/max with the sum's strides)")
     if centroid is not None and (centroid.shape != s.key_sum.shape or centroid.stride(2) != 1):
