@@ -1,11 +1,17 @@
 # The two commands of README.md: `make demo` (set up + run the main job) and `make test` (set up + run the tests).
+# SGLang (torch 2.14.1, transformers 5.19.0) gets its own venv so that the core stays on the CPU torch build.
 VENV ?= .venv
+SGLANG_VENV ?= .venv-sglang
 PY := $(VENV)/bin/python
+SGLANG_TESTS := $(wildcard tests/test_sglang_*.py)
 
-.PHONY: demo test lint setup
+.PHONY: demo test test-core test-sglang lint setup setup-sglang
 
 setup:
 	bash scripts/setup_env.sh $(VENV) test,dev
+
+setup-sglang:
+	bash scripts/setup_env.sh $(SGLANG_VENV) test,sglang
 
 demo: setup
 	$(VENV)/bin/sparrow demo
@@ -13,5 +19,10 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: setup
+test: test-core test-sglang
+
+test-core: setup
 	$(PY) -m pytest -q
+
+test-sglang: setup-sglang
+	$(SGLANG_VENV)/bin/python -m pytest -q $(SGLANG_TESTS)

@@ -19,7 +19,8 @@ if [ ! -x "$venv/bin/python" ]; then
   fi
 fi
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
-if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
+# SGLang pins its own torch (2.14.1, from this machine's disk): no CPU build first in that case.
+if [[ ",$extras," != *",sglang,"* ]] && ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
   echo "setup: installing torch==2.13.0 (CPU build)"
   "${pip[@]}" torch==2.13.0
 fi
