@@ -2,13 +2,16 @@
 
 For each model (shapes from the cost model's Qwen3 presets) the KV pool holds `batch` requests of up to
 `--max-context` tokens each (random K/V, each request on its own pages: no page is shared between requests), the
-largest batch that fits next to the weights. The engine's graph-captured decode step (`engine/cuda_graph.py`) is
-timed (CUDA-graph replay, median) at sampled contexts for the dense schedule and the paper preset
-`qwen3-*-0.86`, in several variants (FlashInfer or Triton attention; float32 key sums or a bf16 centroid copy
-for page scoring). Step times are integrated over a rollout whose sequences grow from 1 to `--max-context`
-tokens -> rollout speedup, printed next to the bytes-limit speedup of the cost model (weights + KV + summaries)
-and their ratio. Rows go to `bench/results/decode_e2e.json` (a flat JSON list) in the cost model's `decode_step`
-format, plus one `decode_rollout` summary row per model and variant.
+largest batch that fits next to the weights. The engine's graph-captured decode step (`engine/cuda_graph.py`, with
+the fused elementwise kernels of `engine/fused.py`, its default on CUDA) is timed (CUDA-graph replay, median) at
+sampled contexts for the dense schedule and the paper preset `qwen3-*-0.86`, in several variants (FlashInfer or
+Triton attention; float32 key sums or a bf16 centroid copy for page scoring). `--unfused` re-times some variants
+with SPARROW_FUSED_OPS=0 (the unfused torch elementwise ops of the phase-2 engine): before/after on one machine.
+Step times are integrated over a rollout whose sequences grow from 1 to `--max-context` tokens -> rollout speedup,
+printed next to the bytes-limit speedup of the cost model (weights + KV + summaries) and their ratio. Rows go to
+`bench/results/decode_e2e.json` (a flat JSON list) in the cost model's `decode_step` format (the best dense and
+sparse variant of the engine as shipped; earlier `decode_step` rows of the same model become
+`decode_step_superseded`), plus one `decode_rollout` summary row per model and variant.
 
     python -m bench.decode_e2e                                  # 1.7B, 4B, 8B, contexts 1K..32K
     python -m bench.decode_e2e --models qwen3-1.7b --contexts 2k,16k,32k --reps 5
@@ -31,7 +34,6 @@ import numpy as np
 import torch
 
 from bench.common import copy_bandwidth_gbs, device_info, parse_ints, require_cuda, results_dir, time_us
-from sparrow_sgl.engine.model import apply_rotary
 
 PAGE = 16
 GIB = 2**30
@@ -43,53 +45,23 @@ SPARSE_VARIANTS = {  # name -> (dense-layer backend, sparse-layer backend, bf16 
     "sparse-triton-bf16c": ("flashinfer", "triton", True),
 }
 DENSE_VARIANTS = {"dense-fi": "flashinfer", "dense-triton": "triton"}
-FUSED = "+fused"  # suffix of the what-if variants measured under `fused_elementwise`
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The engine RMSNorm's math, as a pure function for torch.compile."""
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
-
-
-def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
-
-
-def _qkv_prep(qkv, q_weight, k_weight, eps: float, cos, sin, heads: int, kv_heads: int, head_dim: int):
-    """Split + q/k RMSNorm + rotary of the engine's Qwen3Attention, as one function for torch.compile."""
-    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q = _rms_norm(q.view(-1, heads, head_dim), q_weight, eps)
-    k = _rms_norm(k.view(-1, kv_heads, head_dim), k_weight, eps)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.view(-1, kv_heads, head_dim)
+UNFUSED = "+unfused"  # suffix of the variants re-timed with the unfused elementwise ops (SPARROW_FUSED_OPS=0)
 
 
 @contextmanager
-def fused_elementwise():
-    """What-if (not the engine as shipped): the model's elementwise chains (RMSNorms, q/k norm + rotary, SiLU x up)
-    fused by torch.compile, the matmuls and attention unchanged. Patches engine.model's classes while active."""
-    from sparrow_sgl.engine import model as m
+def unfused_ops():
+    """The engine's elementwise ops as plain torch (the phase-2 engine) while graphs are captured in this block."""
+    from sparrow_sgl.engine.fused import FUSED_ENV
 
-    rms = torch.compile(_rms_norm, dynamic=False, fullgraph=True)
-    act = torch.compile(_silu_mul, dynamic=False, fullgraph=True)
-    prep = torch.compile(_qkv_prep, dynamic=False, fullgraph=True)
-
-    def attention_forward(self, x, cos, sin):
-        q, k, v = prep(self.qkv_proj(x), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin,
-                       self.num_heads, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v).flatten(1))
-
-    saved = (m.RMSNorm.forward, m.Qwen3MLP.forward, m.Qwen3Attention.forward)
-    m.RMSNorm.forward = lambda self, x: rms(x, self.weight, self.eps)
-    m.Qwen3MLP.forward = lambda self, x: self.down_proj(act(self.gate_up_proj(x)))
-    m.Qwen3Attention.forward = attention_forward
+    saved = os.environ.get(FUSED_ENV)
+    os.environ[FUSED_ENV] = "0"
     try:
         yield
     finally:
-        m.RMSNorm.forward, m.Qwen3MLP.forward, m.Qwen3Attention.forward = saved
+        if saved is None:
+            os.environ.pop(FUSED_ENV, None)
+        else:
+            os.environ[FUSED_ENV] = saved
 
 
 def hf_like_config(shape, max_context: int) -> SimpleNamespace:
@@ -246,19 +218,17 @@ def run_model(name: str, args, bw: float, info: dict) -> list[dict]:
     point = dict(name=name, base=base, batch=batch, tokens=tokens, block_tables=block_tables, sparsity=sparsity,
                  preset=preset, contexts=contexts, args=args, bw=bw)
     rows = measure_group(variants, **point)
-    if args.fused:
-        fused = {"dense-fi" + FUSED: (dense, runner("flashinfer", "flashinfer")),
-                 "sparse-fi-bf16c" + FUSED: (preset, runner("flashinfer", "flashinfer", True))}
-        try:
-            with fused_elementwise():
-                rows += measure_group(fused, **point)
-        except Exception as e:  # noqa: BLE001 - the what-if is optional; the engine's own numbers stand
-            print(f"{name}: fused what-if skipped ({type(e).__name__}: {e})", flush=True)
-        del fused
+    chosen = [v for v in args.unfused.split(",") if v in variants]
+    if chosen:  # fresh runners, so their graphs are captured with the unfused ops
+        backends = {v: (be, be) for v, be in DENSE_VARIANTS.items()} | {v: c for v, c in SPARSE_VARIANTS.items()}
+        unfused = {v + UNFUSED: (variants[v][0], runner(*backends[v])) for v in chosen}
+        with unfused_ops():
+            rows += measure_group(unfused, **point)
+        del unfused
     del variants
     limit = bytes_limit_speedup(name, preset, [args.max_context], batch)
-    for family in ("", FUSED):
-        family_rows = [r for r in rows if r["variant"].endswith(FUSED) == bool(family)]
+    for family in ("", UNFUSED):
+        family_rows = [r for r in rows if r["variant"].endswith(UNFUSED) == bool(family)]
         if family_rows:
             rows += summarize(name, family_rows, preset, dense, batch, args.max_context, limit, base,
                               what_if=bool(family))
@@ -280,6 +250,7 @@ def measure_group(variants, *, name, base, batch, tokens, block_tables, sparsity
             bf16c = runner.centroids is not None
             nbytes = bytes_terms(name, batch, context, schedule, 2 if bf16c else 4)
             row = base | {"context": context, "budget": schedule.budget_at(context), "variant": vname,
+                          "fused_ops": not vname.endswith(UNFUSED),
                           "schedule": schedule.name, "dense_backend": runner.dense_backend,
                           "sparse_backend": runner.sparse_backend if schedule is preset else None,
                           "centroids": "bf16" if bf16c else "float32-sum"} | m
@@ -300,7 +271,7 @@ def summarize(name, rows, preset, dense, batch, max_context, limit, base, what_i
     """Per-context speedups vs the best dense variant, rollout speedups, and the kind of each step row.
 
     The best dense and sparse variants of the engine as shipped become `decode_step` rows (the cost model's input);
-    the others, and every what-if row, `decode_step_variant`."""
+    the others, and every what-if row (e.g. the unfused baseline), `decode_step_variant`."""
     by_variant: dict[str, list[dict]] = {}
     for r in rows:
         by_variant.setdefault(r["variant"], []).append(r)
@@ -336,10 +307,17 @@ def summarize(name, rows, preset, dense, batch, max_context, limit, base, what_i
     return summary
 
 
-def append_rows(path: Path, rows: list[dict]) -> None:
-    """Extend the flat JSON list at `path` (what `costmodel.load_decode_rows` reads)."""
+def append_rows(path: Path, rows: list[dict], supersede: bool = False) -> None:
+    """Extend the flat JSON list at `path` (what `costmodel.load_decode_rows` reads).
+
+    supersede: earlier `decode_step` rows of the models in `rows` become `decode_step_superseded` (kept, but no
+    longer averaged into the measured cost model, which should time the engine as it ships now)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(path.read_text()) if path.is_file() else []
+    fresh = {r.get("model") for r in rows if r.get("kind") == "decode_step"} if supersede else set()
+    for r in existing:
+        if r.get("kind") == "decode_step" and r.get("model") in fresh:
+            r["kind"] = "decode_step_superseded"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(existing + rows, indent=1) + "\n")
     os.replace(tmp, path)
@@ -373,8 +351,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--margin-gib", type=float, default=4.0, help="GPU memory left for activations and graphs")
     p.add_argument("--reps", type=int, default=10, help="timed graph replays per point (median)")
     p.add_argument("--wall-reps", type=int, default=3, help="host-inclusive decode calls per point (mean)")
-    p.add_argument("--no-fused", dest="fused", action="store_false",
-                   help="skip the what-if variants with the model's elementwise ops fused by torch.compile")
+    p.add_argument("--unfused", default="dense-triton,sparse-triton-bf16c",
+                   help="variants re-timed with the unfused elementwise ops (SPARROW_FUSED_OPS=0), '' for none")
     p.add_argument("--results-dir", default=None, help="where decode_e2e.json is extended (default bench/results)")
     return p
 
@@ -398,7 +376,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
             finally:
                 gc.collect()  # runners and their steps reference each other: free the model's pool now
                 torch.cuda.empty_cache()
-            append_rows(out, model_rows)  # per model, so a cut-short run keeps what it measured
+            append_rows(out, model_rows, supersede=True)  # per model, so a cut-short run keeps what it measured
             rows += model_rows
     print_table(rows)
     return rows
