@@ -1,9 +1,9 @@
 """Fused elementwise kernels (engine/fused.py, attention/kernels/triton_fused.py) and the centroid-only KV cache.
 
 CPU: the torch reference path and the KV cache's scorer handling. With SPARROW_TRITON_INTERPRET=1 (CPU, triton
-installed) the Triton kernels run through Triton's interpreter (float32 exact; its bf16 casts truncate, so bf16 is
-only checked loosely there). `-m gpu`: the kernels equal the torch math to the last bf16 bit for nearly every
-element, and the engine with fused ops generates the same greedy tokens as the unfused engine and transformers.
+installed) the Triton kernels run through Triton's interpreter. There and with `-m gpu` the kernels equal the torch
+math to the last bf16 bit for nearly every element (exp/rsqrt/summation order aside). `-m gpu`: the engine with
+fused ops generates the same greedy tokens as the unfused engine and transformers.
 """
 
 from __future__ import annotations
@@ -78,11 +78,8 @@ def _check(got: torch.Tensor, ref: torch.Tensor, device: str) -> None:
     if ref.dtype == torch.float32:
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         return
-    close = (got.float() - ref.float()).abs() <= 2e-2 + 2e-2 * ref.float().abs()
-    if device == "cuda":  # the GPU rounds to nearest like torch
-        assert close.all() and (got == ref).float().mean() >= 0.99
-    else:  # the interpreter truncates bf16 casts: rotary's cancellations can lose a few bits more
-        assert close.float().mean() >= 0.999
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    assert (got == ref).float().mean() >= 0.99
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -130,27 +127,32 @@ def test_fused_engine_equals_unfused_and_transformers(tiny_model_dir, monkeypatc
     teacher-forced distributions agree (total variation)."""
     prompts = random_prompts([30, 52, 9, 70], seed=5)
     params = SamplingParams(temperature=0.0, max_new_tokens=48, ignore_eos=True)
-    engines = {}
-    for flag in ("1", "0"):  # the switch is read while the graphs are captured, so one engine per setting
+    schedules = ("dense", "fixed:64")
+    got, scores, unfused_tokens = {}, {}, {}
+    for flag in ("1", "0"):  # the switch is read while graphs are captured: set for every call of its engine
         monkeypatch.setenv(fused.FUSED_ENV, flag)
-        engines[flag] = make_engine(tiny_model_dir, device="cuda", dtype=dtype, page_size=16, num_kv_pages=256)
-        engines[flag].generate(prompts[:1], params, schedule="fixed:32", progress=False)  # capture under the flag
-    monkeypatch.delenv(fused.FUSED_ENV)
+        engine = make_engine(tiny_model_dir, device="cuda", dtype=dtype, page_size=16, num_kv_pages=256)
+        for schedule in schedules:
+            rollouts = engine.generate(prompts, params, schedule=schedule, progress=False)
+            if flag == "1":
+                got[schedule] = rollouts
+            else:
+                unfused_tokens[schedule] = [r.token_ids for r in rollouts]
+            responses = [r.token_ids for r in got[schedule]]
+            sparse = None if schedule == "dense" else schedule
+            scores[flag, schedule] = engine.score(prompts, responses, sparse=sparse, return_full=True)
+        del engine
     hf = hf_model(tiny_model_dir, dtype=getattr(torch, dtype)).to("cuda")
-    for schedule in ("dense", "fixed:32"):
-        got = engines["1"].generate(prompts, params, schedule=schedule, progress=False)
-        responses = [r.token_ids for r in got]
-        sparse = None if schedule == "dense" else schedule
-        scores = {f: e.score(prompts, responses, sparse=sparse, return_full=True) for f, e in engines.items()}
+    for schedule in schedules:
         if dtype == "float32":
-            ref = engines["0"].generate(prompts, params, schedule=schedule, progress=False)
-            assert responses == [r.token_ids for r in ref]
-        for i, (prompt, rollout) in enumerate(zip(prompts, got)):
-            a, b = scores["1"][i].full_logprobs, scores["0"][i].full_logprobs
+            assert [r.token_ids for r in got[schedule]] == unfused_tokens[schedule]
+        for i, (prompt, rollout) in enumerate(zip(prompts, got[schedule])):
+            a, b = scores["1", schedule][i].full_logprobs, scores["0", schedule][i].full_logprobs
             assert (a.exp() - b.exp()).abs().sum(-1).max() < (0.02 if dtype == "bfloat16" else 1e-4)
             chosen = b.gather(1, torch.tensor(rollout.token_ids)[:, None])[:, 0]
             assert (b.max(-1).values - chosen).max() <= (0.02 if dtype == "bfloat16" else 0.0)
-            torch.testing.assert_close(torch.tensor(rollout.logprobs), scores["1"][i].logprobs, atol=5e-2, rtol=0)
+            torch.testing.assert_close(torch.tensor(rollout.logprobs), scores["1", schedule][i].logprobs, atol=5e-2,
+                                       rtol=0)
             if schedule != "dense":
                 continue
             with torch.no_grad():

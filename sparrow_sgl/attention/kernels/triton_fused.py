@@ -3,8 +3,8 @@ q/k RMSNorm + rotary, SiLU(gate) x up.
 
 Each kernel rounds where the unfused torch code (and transformers) rounds in the model dtype, so a bf16 model
 gives the same values up to float32 reduction order and libdevice's exp/rsqrt: the add, the normalised value, the
-weight product, each rotary product and their sum, SiLU and its product with up are all stored-then-reloaded in
-the input dtype. No allocation beyond the outputs, no host sync: safe inside a CUDA graph.
+weight product, each rotary product and their sum, SiLU and its product with up are each rounded to the input
+dtype (`_round`). No allocation beyond the outputs, no host sync: safe inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -16,8 +16,16 @@ import triton.language as tl
 
 @triton.jit
 def _round(x, DTYPE: tl.constexpr):
-    """x rounded to the model dtype and back to float32 (where torch would store an intermediate)."""
-    return x.to(DTYPE).to(tl.float32)
+    """float32 x rounded to the model dtype (to nearest even) and back to float32, where torch stores an
+    intermediate. bf16 rounds with integer ops: the compiler drops a plain `.to(bf16).to(fp32)` round trip of a
+    product of bf16 values and fuses it into an FMA (seen on an H100, triton 3.6), and Triton's interpreter
+    truncates instead of rounding. Finite inputs (a NaN payload may round to inf)."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DTYPE).to(tl.float32)
 
 
 @triton.jit
@@ -38,7 +46,7 @@ def _add_rms_norm_kernel(
         tl.store(res_out_ptr + row * stride_ro + cols, x.to(dtype), mask=mask)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (w * _round(x * rstd, dtype)).to(dtype), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, _round(w * _round(x * rstd, dtype), dtype).to(dtype), mask=mask)
 
 
 def add_rms_norm(
@@ -64,40 +72,43 @@ def add_rms_norm(
 
 
 @triton.jit
-def _norm_rope_head(src, w_ptr, cos_ptr, sin_ptr, dst, eps, HALF: tl.constexpr, DTYPE: tl.constexpr):
-    """One head vector: RMSNorm * weight, then rotary (x * cos + rotate_half(x) * sin), rounding like torch."""
-    d = tl.arange(0, HALF)
-    x1 = tl.load(src + d).to(tl.float32)
-    x2 = tl.load(src + HALF + d).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
-    x1 = _round(tl.load(w_ptr + d).to(tl.float32) * _round(x1 * rstd, DTYPE), DTYPE)
-    x2 = _round(tl.load(w_ptr + HALF + d).to(tl.float32) * _round(x2 * rstd, DTYPE), DTYPE)
-    c1 = tl.load(cos_ptr + d).to(tl.float32)
-    c2 = tl.load(cos_ptr + HALF + d).to(tl.float32)
-    s1 = tl.load(sin_ptr + d).to(tl.float32)
-    s2 = tl.load(sin_ptr + HALF + d).to(tl.float32)
-    y1 = _round(x1 * c1, DTYPE) + _round(-x2 * s1, DTYPE)
-    y2 = _round(x2 * c2, DTYPE) + _round(x1 * s2, DTYPE)
-    tl.store(dst + d, y1.to(DTYPE))
-    tl.store(dst + HALF + d, y2.to(DTYPE))
+def _norm_rope_head(src, w_ptr, cos_ptr, sin_ptr, dst, eps, head_dim, HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr):
+    """One head vector: RMSNorm * weight, then rotary (x * cos + rotate_half(x) * sin), rounding like torch.
+
+    The norm is computed exactly as in `_add_rms_norm_kernel` (whole-vector sum, division by a runtime length);
+    rotate_half's partner of lane d is lane (d + D/2) mod D, normalised the same way, negated in the first half."""
+    d = tl.arange(0, HEAD_DIM)
+    partner = (d + HEAD_DIM // 2) % HEAD_DIM
+    x = tl.load(src + d).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / head_dim + eps)
+    n = _round(tl.load(w_ptr + d).to(tl.float32) * _round(x * rstd, DTYPE), DTYPE)
+    xp = tl.load(src + partner).to(tl.float32)
+    n_partner = _round(tl.load(w_ptr + partner).to(tl.float32) * _round(xp * rstd, DTYPE), DTYPE)
+    rotated = tl.where(d < HEAD_DIM // 2, -n_partner, n_partner)
+    cos = tl.load(cos_ptr + d).to(tl.float32)
+    sin = tl.load(sin_ptr + d).to(tl.float32)
+    y = _round(n * cos, DTYPE) + _round(rotated * sin, DTYPE)
+    tl.store(dst + d, _round(y, DTYPE).to(DTYPE))
 
 
 @triton.jit
 def _qk_norm_rope_kernel(
     qkv_ptr, stride_t, qw_ptr, kw_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin,
-    q_ptr, k_ptr, eps,
+    q_ptr, k_ptr, eps, head_dim,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     dtype = q_ptr.dtype.element_ty
     src = qkv_ptr + t * stride_t + h * HEAD_DIM  # k heads follow the q heads in a qkv row
-    cos, sin = cos_ptr + t * stride_cos, sin_ptr + t * stride_sin
+    cos_row = cos_ptr + t * stride_cos
+    sin_row = sin_ptr + t * stride_sin
     if h < HEADS:
-        _norm_rope_head(src, qw_ptr, cos, sin, q_ptr + (t * HEADS + h) * HEAD_DIM, eps, HEAD_DIM // 2, dtype)
+        dst = q_ptr + (t * HEADS + h) * HEAD_DIM
+        _norm_rope_head(src, qw_ptr, cos_row, sin_row, dst, eps, head_dim, HEAD_DIM, dtype)
     else:
         dst = k_ptr + (t * KV_HEADS + h - HEADS) * HEAD_DIM
-        _norm_rope_head(src, kw_ptr, cos, sin, dst, eps, HEAD_DIM // 2, dtype)
+        _norm_rope_head(src, kw_ptr, cos_row, sin_row, dst, eps, head_dim, HEAD_DIM, dtype)
 
 
 def qk_norm_rope(
@@ -129,7 +140,7 @@ def qk_norm_rope(
     v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
     if tokens:
         _qk_norm_rope_kernel[(tokens, heads + kv_heads)](
-            qkv, qkv.stride(0), q_weight, k_weight, cos, sin, cos.stride(0), sin.stride(0), q, k, eps,
+            qkv, qkv.stride(0), q_weight, k_weight, cos, sin, cos.stride(0), sin.stride(0), q, k, eps, head_dim,
             HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, num_warps=1 if head_dim <= 128 else 2,
         )
     return q, k, v
@@ -144,7 +155,7 @@ def _silu_mul_kernel(gu_ptr, out_ptr, stride_t, stride_o, n_cols, BLOCK: tl.cons
     gate = tl.load(gu_ptr + t * stride_t + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + t * stride_t + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     act = _round(gate / (1.0 + tl.exp(-gate)), dtype)
-    tl.store(out_ptr + t * stride_o + cols, (act * up).to(dtype), mask=mask)
+    tl.store(out_ptr + t * stride_o + cols, _round(act * up, dtype).to(dtype), mask=mask)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
