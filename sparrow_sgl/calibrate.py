@@ -9,6 +9,10 @@ the table. Table (JSON):
      "settings": {...}}
 "dense" (optional) is the dense engine scored against itself: the noise floor. The file is rewritten (atomic
 replace) after every budget, and a rerun skips budgets already in it.
+
+`--engine sglang` measures through an SGLang server with the sparrow backend (`--sglang-url`, or one started on
+`--model`): always top-k mode, since SGLang returns top-k log-probs only (the sparse side is the rollout's own top-k,
+the dense side a dense teacher-forced prefill on the same server).
 """
 
 from __future__ import annotations
@@ -380,15 +384,20 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", help="PNG path (default: the table path with .png)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing table at --out")
     p.add_argument("--engine", choices=("embedded", "sglang"), default="embedded")
-    p.add_argument("--device", default="cpu", help="embedded engine device: cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", help="embedded engine dtype: auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu", help="engine device: cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="engine dtype: auto | float32 | bfloat16 | float16")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--scorer", choices=("centroid", "quest"), default="centroid")
     p.add_argument("--kv-gb", type=float, default=None, help="embedded engine KV cache size in GiB")
+    p.add_argument("--sglang-url", help="--engine sglang: a running `sparrow serve` (default: start one on --model)")
+    p.add_argument("--sglang-dense-url", help="--engine sglang: a `sparrow serve --dense` baseline for --noise-floor")
+    p.add_argument("--sglang-kv-tokens", type=int, default=None, help="KV pool (tokens) of a started SGLang server")
 
 
 def run(args) -> int:
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else paper_budget_grid()
+    if args.engine == "sglang":
+        _check_sglang_args(args)
     out = Path(args.out)
     sparsity = {"page_size": args.page_size, "scorer": args.scorer}
     settings = {
@@ -412,22 +421,26 @@ def run(args) -> int:
         print(f"resuming {out}: budgets {done} already measured")
     if len(done) < len(set(budgets)) or (args.noise_floor and not table.has(None)):
         engine = _build_engine(args)
-        prompts = load_prompts(args.prompts, args.prompt_field, args.num_prompts)
-        calibrate(
-            engine,
-            encode_prompts(engine.tokenizer, prompts, chat=not args.no_chat),
-            budgets,
-            samples=args.samples,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-            topk=args.topk,
-            noise_floor=args.noise_floor,
-            ignore_eos=args.ignore_eos,
-            score_batch=args.score_batch,
-            sparsity=sparsity,
-            table=table,
-            out=out,
-        )
+        try:
+            prompts = load_prompts(args.prompts, args.prompt_field, args.num_prompts)
+            calibrate(
+                engine,
+                encode_prompts(engine.tokenizer, prompts, chat=not args.no_chat),
+                budgets,
+                samples=args.samples,
+                max_new_tokens=args.max_new_tokens,
+                seed=args.seed,
+                topk=args.topk,
+                noise_floor=args.noise_floor,
+                ignore_eos=args.ignore_eos,
+                score_batch=args.score_batch,
+                sparsity=sparsity,
+                table=table,
+                out=out,
+            )
+        finally:
+            if hasattr(engine, "close"):
+                engine.close()  # an SGLang server started for this run goes down with it
     plot = plot_table(table, args.plot or out.with_suffix(".png"), args.tau)
     print(f"wrote {out} and {plot}")
     print(_summary(table, args.tau))
@@ -454,9 +467,21 @@ def _resume_or_new(out: Path, args, settings: dict) -> CalibrationTable:
     return old
 
 
+def _check_sglang_args(args) -> None:
+    """SGLang returns top-k log-probs only and keeps 16-token pages: switch to top-k mode, refuse other pages."""
+    if args.page_size != 16:
+        raise ConfigError(f"--engine sglang keeps 16-token KV pages; got --page-size {args.page_size}")
+    if args.mode == "full":
+        print(
+            f"calibrate: SGLang returns top-k log-probs only: measuring in top-k mode (k = {args.topk}, a lower "
+            "bound on the acceptance rate)"
+        )
+        args.mode = "topk"
+
+
 def _build_engine(args):
     if args.engine == "sglang":
-        raise ConfigError("--engine sglang is not wired into calibrate yet; use --engine embedded")
+        return _build_sglang_engine(args)
     from sparrow_sgl.config import EngineConfig
     from sparrow_sgl.engine import Engine
 
@@ -470,6 +495,28 @@ def _build_engine(args):
             kv_gb=args.kv_gb,
             seed=args.seed,
         )
+    )
+
+
+def _build_sglang_engine(args):
+    """Connect to --sglang-url, or start a sparrow SGLang server on --model (stopped when calibration ends).
+
+    The noise floor's dense rollouts come from --sglang-dense-url when given, else from the same server with a dense
+    schedule (every step then runs SGLang's stock backend, as `sparrow serve --dense` does); both sides of it are
+    SGLang (dense rollout vs dense teacher-forced scoring), so it measures the engine's own numerics.
+    """
+    from sparrow_sgl.config import Schedule
+    from sparrow_sgl.sglang.engine_adapter import SGLangEngine
+
+    default = Schedule.dense(page_size=args.page_size, scorer=args.scorer)
+    if args.sglang_url:
+        return SGLangEngine(
+            args.sglang_url, model=str(args.model), default_schedule=default, dense_url=args.sglang_dense_url
+        )
+    if args.sglang_dense_url:
+        raise ConfigError("--sglang-dense-url needs --sglang-url (a started server has no separate dense baseline)")
+    return SGLangEngine.launch(
+        str(args.model), default, device=args.device, dtype=args.dtype, kv_tokens=args.sglang_kv_tokens
     )
 
 
