@@ -26,11 +26,14 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig.load(args.config, args.overrides)
     trainer = Trainer(cfg)
-    if args.resume:
-        step = trainer.resume(args.resume)
-        print(f"sparrow train: resumed at step {step} from {args.resume}")
-    cfg.save(Path(cfg.out_dir) / "config.json")
-    records = trainer.train()
+    try:
+        if args.resume:
+            step = trainer.resume(args.resume)
+            print(f"sparrow train: resumed at step {step} from {args.resume}")
+        cfg.save(Path(cfg.out_dir) / "config.json")
+        records = trainer.train()
+    finally:
+        trainer.close()
     if records:
         last = records[-1]
         tail = last.get("sparse/tail_p5/min")

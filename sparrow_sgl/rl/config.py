@@ -15,6 +15,7 @@ from distill.config import DistillConfig
 from sparrow_sgl.config import ConfigError
 
 MISMATCH_MODES = ("full", "topk")
+ENGINES = ("embedded", "sglang")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -34,6 +35,8 @@ class TrainConfig:
     prompts_per_step: int = 4
     group_size: int = 8  # samples per prompt (GRPO group)
     # -- rollout ------------------------------------------------------------------------------------------------
+    engine: str = "embedded"  # "embedded" (in-process) or "sglang" (a `sparrow serve` server: top-k mismatch only)
+    sglang_url: str | None = None  # engine sglang: a running server (None: start one on `model`, stopped at the end)
     schedule: str = "dense"  # "dense", "fixed:N", a preset name or a schedule JSON path
     tailguard: bool = False  # let the TailGuard move budgets from live tails
     temperature: float = 1.0
@@ -103,6 +106,10 @@ class TrainConfig:
             raise ConfigError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
         if self.tis_cap <= 0 or not 0 < self.icepop_low < 1 < self.icepop_high:
             raise ConfigError("need tis_cap > 0 and 0 < icepop_low < 1 < icepop_high")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine == "sglang":
+            self._check_sglang()
         if self.mismatch not in MISMATCH_MODES:
             raise ConfigError(f"mismatch must be one of {MISMATCH_MODES}, got {self.mismatch!r}")
         if self.mismatch == "topk" and self.topk < 1:
@@ -116,6 +123,19 @@ class TrainConfig:
         batch = self.prompts_per_step * self.group_size
         if batch % self.mini_batches:
             raise ConfigError(f"mini_batches ({self.mini_batches}) must divide the batch of {batch} sequences")
+
+    def _check_sglang(self) -> None:
+        """SGLang returns top-k log-probs only (mismatch switches to top-k mode) and keeps 16-token pages."""
+        if self.page_size != 16:
+            raise ConfigError(f"engine sglang keeps 16-token KV pages; got page_size {self.page_size}")
+        if self.mismatch == "full":
+            print("train: SGLang returns top-k log-probs only: per-token mismatch uses top-k mode (a lower bound)")
+            self.mismatch = "topk"
+        if self.distill.enabled and self.distill.replan_every:
+            raise ConfigError(
+                "engine sglang cannot re-plan DistillSparse schedules (re-planning needs full-vocabulary sparse "
+                "scoring); set distill.replan_every=0"
+            )
 
     @property
     def batch_size(self) -> int:

@@ -45,6 +45,8 @@ def load_policy(model_dir: str, device: str = "cpu", dtype: str = "float32"):
 
 
 def build_engine(cfg: TrainConfig):
+    if cfg.engine == "sglang":
+        return build_sglang_engine(cfg)
     from sparrow_sgl.engine import Engine
 
     return Engine(
@@ -59,6 +61,27 @@ def build_engine(cfg: TrainConfig):
             kv_gb=cfg.kv_gb,
             seed=cfg.seed,
         )
+    )
+
+
+def build_sglang_engine(cfg: TrainConfig):
+    """An SGLang rollout engine: `cfg.sglang_url`, or a sparrow server started on `cfg.model` (LoRA on for
+    DistillSparse; log under `<out_dir>/sglang/`), whose default schedule carries the run's page geometry."""
+    from sparrow_sgl.sglang.engine_adapter import SGLangEngine
+
+    default = Schedule.dense(
+        page_size=cfg.page_size, sink_pages=cfg.sink_pages, local_pages=cfg.local_pages, scorer=cfg.scorer
+    )
+    if cfg.sglang_url:
+        return SGLangEngine(cfg.sglang_url, model=cfg.model, default_schedule=default)
+    return SGLangEngine.launch(
+        cfg.model,
+        default,
+        device=cfg.device,
+        dtype=cfg.engine_dtype,
+        enable_lora=cfg.distill.enabled,
+        max_lora_rank=max(cfg.distill.rank, 8),
+        log_dir=str(Path(cfg.out_dir) / "sglang"),
     )
 
 
@@ -140,6 +163,11 @@ class Trainer:
         except ImportError as e:
             raise ConfigError(f"distill.enabled needs distill.trainer.DistillTrainer, not in this build ({e})") from e
         return DistillTrainer(self.cfg.distill, self.cfg, self.policy, self.engine, self.tokenizer)
+
+    def close(self) -> None:
+        """Release the rollout engine's resources (an SGLang server this run started goes down)."""
+        if hasattr(self.engine, "close"):
+            self.engine.close()
 
     # -- resume / save --------------------------------------------------------------------------------------------
     def resume(self, path: str | Path) -> int:

@@ -18,6 +18,7 @@ What differs from the embedded engine (SGLang returns log-probs of sampled token
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import shutil
 import socket
@@ -119,6 +120,7 @@ class SGLangEngine:
         log = log_dir / "server.log"
         print(f"sparrow: starting an SGLang server for {model} at {spec.url} (log: {log})", file=sys.stderr)
         server = start(spec, log_path=log, timeout=startup_timeout)
+        atexit.register(server.stop)  # its own process group outlives us unless stopped (stop is idempotent)
         try:
             return cls(spec.url, model=str(model), default_schedule=default, server=server)
         except Exception:
