@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from sparrow_sgl.jsonio import write_json_atomic
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FLUSH_BYTES = 256 * 1024 * 1024  # > L2 of H100/H200 (50 MB): each timed run starts from a cold cache
 
@@ -99,12 +101,8 @@ def emit(name: str, record: dict, out_dir: str | Path | None = None) -> dict:
     """Print the record as one JSON line and append it to <out_dir>/<name>.json (a JSON list)."""
     print(json.dumps(record), flush=True)
     path = results_dir(None if out_dir is None else str(out_dir)) / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(path.read_text()) if path.is_file() else []
-    runs.append(record)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(runs, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, [*runs, record])
     return record
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from bench.common import copy_bandwidth_gbs, device_info, parse_ints, require_cuda, results_dir, time_us
+from sparrow_sgl.jsonio import write_json_atomic
 
 PAGE = 16
 GIB = 2**30
@@ -318,9 +319,7 @@ def append_rows(path: Path, rows: list[dict], supersede: bool = False) -> None:
     for r in existing:
         if r.get("kind") == "decode_step" and r.get("model") in fresh:
             r["kind"] = "decode_step_superseded"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(existing + rows, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, existing + rows)
 
 
 def print_table(rows: list[dict]) -> None:

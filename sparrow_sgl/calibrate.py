@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sparrow_sgl.config import ConfigError
+from sparrow_sgl.jsonio import read_json, write_json_atomic
 from sparrow_sgl.mismatch import BinStat
 
 MODES = ("full", "topk")
@@ -110,22 +111,11 @@ class CalibrationTable:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationTable:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"calibration table not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"calibration table {path} is not valid JSON: {e}") from e
-        return cls.from_dict(data, where=f"calibration table {path}")
+        return cls.from_dict(read_json(path, "calibration table"), where=f"calibration table {path}")
 
 
 # -- measurement --------------------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ dense. Budgets count every attended page, including the sink and local pages.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+
+from sparrow_sgl.jsonio import read_json, write_json_atomic
 
 SCORERS = ("centroid", "quest")
 KV_LAYOUTS = ("NHD", "HND")
@@ -165,22 +165,11 @@ class Schedule:
         return cls(**data)
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Schedule:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"schedule file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"schedule file {path} is not valid JSON: {e}") from e
-        return cls.from_dict(data, where=f"schedule file {path}")
+        return cls.from_dict(read_json(path, "schedule file"), where=f"schedule file {path}")
 
     # -- constructors -------------------------------------------------------------------------------------------
     @classmethod

@@ -7,12 +7,12 @@ Qwen3 shapes are the `config.json` files of the Hugging Face repos Qwen/Qwen3-{1
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from sparrow_sgl.config import ConfigError
+from sparrow_sgl.jsonio import read_json
 
 
 @dataclass(slots=True, frozen=True)
@@ -152,10 +152,7 @@ def get_model_shape(spec: str | os.PathLike | ModelShape | dict) -> ModelShape:
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"model config {path} is not valid JSON: {e}") from e
+        data = read_json(path, "model config")
         data = data.get("text_config", data)
         return ModelShape.from_hf_config(data, name=path.parent.name)
     raise ConfigError(

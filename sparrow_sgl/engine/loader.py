@@ -12,6 +12,7 @@ import torch
 
 from sparrow_sgl.config import ConfigError
 from sparrow_sgl.engine.model import Qwen3ForCausalLM
+from sparrow_sgl.jsonio import read_json
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("qwen3",)
@@ -26,10 +27,7 @@ def read_hf_config(model_dir: str | Path):
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{path} has no config.json: not a Hugging Face model directory")
-    try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{config_file} is not valid JSON: {e}") from e
+    raw = read_json(config_file, "model config")
     architectures, model_type = raw.get("architectures") or [], raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES or (
         architectures and not set(architectures) & set(SUPPORTED_ARCHITECTURES)
