@@ -35,6 +35,7 @@ class DemoProfile:
     eval_prompts: int = 8
     eval_samples: int = 2
     warmup_lr: float = 3e-3
+    warmup_pool: int = 1024  # distinct warm-up samples, tokenized once and cycled
     lr: float = 2e-4
     margin: float = 0.0
     min_count: int = 20
@@ -47,9 +48,9 @@ class DemoProfile:
 PROFILES = {
     "quick": DemoProfile(
         spec=dict(hidden_size=64, head_dim=16, intermediate_size=128, num_hidden_layers=4),
-        task=dict(num_vars=[24, 48], hops=2),
-        warmup_task=dict(num_vars=[12, 24], hops=2),
-        warmup_steps=60,
+        task=dict(num_vars=[6, 10], hops=2, filler=[10, 30]),
+        warmup_task=dict(num_vars=[6, 10], hops=2, filler=[0, 20]),
+        warmup_steps=80,
         warmup_batch=16,
         page_size=4,
         bin_tokens=128,
@@ -63,18 +64,19 @@ PROFILES = {
         min_count=10,
     ),
     "cpu": DemoProfile(
-        spec=dict(hidden_size=64, head_dim=16, intermediate_size=128, num_hidden_layers=4),
-        task=dict(num_vars=[100, 300], hops=3),
-        warmup_task=dict(num_vars=[16, 48], hops=3),
-        warmup_steps=400,
-        warmup_batch=16,
+        spec=dict(hidden_size=128, head_dim=32, intermediate_size=256, num_hidden_layers=4),
+        task=dict(num_vars=[8, 12], hops=2, filler=[10, 40]),
+        warmup_task=dict(num_vars=[8, 12], hops=2, filler=[0, 15]),
+        warmup_steps=300,
+        warmup_batch=32,
+        warmup_lr=2e-3,
         page_size=16,
-        bin_tokens=512,
-        budgets=[64, 128, 256, 512],
-        grpo_steps=4,
+        bin_tokens=128,
+        budgets=[48, 64, 128, 256],
+        grpo_steps=6,
         prompts_per_step=4,
         group_size=4,
-        max_new_tokens=24,
+        max_new_tokens=16,
     ),
     "cuda": DemoProfile(
         spec=dict(
@@ -85,24 +87,26 @@ PROFILES = {
             num_attention_heads=8,
             num_key_value_heads=2,
         ),
-        task=dict(num_vars=[400, 1200], hops=4),
-        warmup_task=dict(num_vars=[100, 400], hops=4),
-        warmup_steps=1500,
-        warmup_batch=32,
+        task=dict(num_vars=[16, 32], hops=3, filler=[50, 150]),
+        warmup_task=dict(num_vars=[16, 32], hops=3, filler=[0, 150]),
+        warmup_steps=2000,
+        warmup_batch=8,
+        warmup_lr=1e-3,
         page_size=16,
-        bin_tokens=2048,
-        budgets=[128, 256, 512, 1024, 2048],
+        bin_tokens=1024,
+        budgets=[64, 128, 256, 512, 1024],
         grpo_steps=10,
         prompts_per_step=8,
         group_size=8,
-        max_new_tokens=40,
+        max_new_tokens=24,
         calib_prompts=16,
         calib_samples=4,
         eval_prompts=32,
         eval_samples=4,
         hardware="h100",
-        micro_batch_size=16,
+        micro_batch_size=4,
         tokenizer_vocab=1024,
+        warmup_pool=4096,
     ),
 }
 EVAL_OFFSET = 2_000_000_000  # task indices of evaluation prompts (never reached by the training cursor)

@@ -59,16 +59,19 @@ def test_chain_task_is_deterministic_and_scored():
     for i in range(3):  # every hop is an assignment in the prompt
         assert f"{chain[i]} = {chain[i + 1]} ;" in a.prompt + " ;" or f"{chain[i]} = {chain[i + 1]} ." in a.prompt
     assert task.score(a.reference, a) == 1.0
-    # 4 links (3 variables + the number); only the first is right
-    assert task.score(" = ".join(chain[:2] + ["x999", chain[-1]]), a) == pytest.approx(1 / 4)
+    # 5 items (the asked variable, 3 hops, the number); the first two are right
+    assert task.score(" = ".join(chain[:2] + ["x999", chain[-1]]), a) == pytest.approx(2 / 5)
     assert task.score("garbage", a) == 0.0
     exact = ChainTask(num_vars=[20, 40], hops=3, seed=1, partial=False)
     assert exact.score(f"{chain[0]} = {chain[-1]}", a) == 1.0
 
 
-def test_chain_task_length_grows_with_num_vars():
+def test_chain_task_length_grows_with_num_vars_and_filler():
     short, long = ChainTask(num_vars=20).sample(0), ChainTask(num_vars=200).sample(0)
     assert len(long.prompt) > 8 * len(short.prompt)
+    padded = ChainTask(num_vars=20, filler=[30, 40]).sample(0)
+    assert len(padded.prompt) > 8 * len(short.prompt)
+    assert padded.meta["chain"] != short.meta["chain"] or padded.prompt != short.prompt
 
 
 def test_chain_task_rejects_bad_args():

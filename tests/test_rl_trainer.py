@@ -231,3 +231,27 @@ def test_train_cli_runs_with_overrides(tiny_model_dir, tmp_path, capsys):
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_tailguard_raises_the_budget_on_a_dip_and_is_checkpointed(tiny_model_dir, tmp_path):
+    cfg = make_cfg(
+        tiny_model_dir,
+        tmp_path,
+        steps=1,
+        tailguard=True,
+        tau=0.9999,
+        bin_tokens=64,
+        schedule="fixed:12",
+        noise_floor=False,
+    )
+    tr = make_trainer(cfg)
+    record = tr.train()[-1]
+    assert record["sparse/tail_p5/min"] < cfg.tau  # a random tiny model under 3 pages dips below 0.9999
+    assert max(tr.schedule.budgets) > 12  # the dipping bin got the next budget of the guard's grid
+    events = [e for e in read_jsonl(tmp_path / "events.jsonl") if e["event"] == "tailguard"]
+    assert events and events[0]["old"] == 12 and events[0]["reason"] == "raise"
+    state, _, _ = load_checkpoint(tmp_path, load_policy(str(tiny_model_dir)))
+    assert state.guard["budgets"] == tr.schedule.budgets
+    resumed = make_trainer(make_cfg(tiny_model_dir, tmp_path, steps=1, tailguard=True, tau=0.9999, bin_tokens=64))
+    resumed.resume(tmp_path)
+    assert resumed.schedule.budgets == tr.schedule.budgets and resumed.guard.budgets == tr.schedule.budgets

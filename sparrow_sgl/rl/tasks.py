@@ -35,6 +35,17 @@ class Task(Protocol):
     def score(self, response: str, sample: TaskSample) -> float: ...
 
 
+FILLER_WORDS = ("la", "mo", "ri", "ne", "tu", "ka", "so", "pe", "di", "vo", "gu", "ba")
+
+
+def _span(value, name: str) -> tuple[int, int]:
+    if isinstance(value, list | tuple):
+        if len(value) != 2:
+            raise ConfigError(f"{name} must be an int or [low, high], got {value}")
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
 @dataclass(slots=True)
 class ChainTask:
     """Long list of assignments, then a question whose answer chains through `hops` of them."""
@@ -42,7 +53,8 @@ class ChainTask:
     num_vars: int | list[int] = 64  # assignments in the prompt, or [low, high] drawn per sample
     hops: int = 3  # variable-to-variable links before the number
     num_values: int = 10  # the chain ends in a number 0 .. num_values - 1
-    partial: bool = True  # reward = fraction of correct hops (else 1 only for the right final number)
+    partial: bool = True  # reward = fraction of the chain restated correctly (else 1 only for the right number)
+    filler: int | list[int] = 0  # filler words after each assignment (or [low, high]): length without more variables
     seed: int = 0
     name: str = "chain"
 
@@ -54,14 +66,12 @@ class ChainTask:
             )
         if self.num_values < 2:
             raise ConfigError(f"chain task needs num_values >= 2, got {self.num_values}")
+        if _span(self.filler, "filler")[0] < 0:
+            raise ConfigError(f"chain task needs filler >= 0 words, got {self.filler}")
 
     @property
     def var_range(self) -> tuple[int, int]:
-        if isinstance(self.num_vars, list | tuple):
-            if len(self.num_vars) != 2:
-                raise ConfigError(f"num_vars must be an int or [low, high], got {self.num_vars}")
-            return int(self.num_vars[0]), int(self.num_vars[1])
-        return int(self.num_vars), int(self.num_vars)
+        return _span(self.num_vars, "num_vars")
 
     def sample(self, index: int) -> TaskSample:
         rng = random.Random(self.seed * 1_000_003 + index)
@@ -76,22 +86,29 @@ class ChainTask:
             rhs[var] = str(rng.randrange(self.num_values)) if rng.random() < 0.5 else rng.choice(pool)
         order = list(rhs)
         rng.shuffle(order)
-        listing = " ; ".join(f"{v} = {rhs[v]}" for v in order)
+        low, high = _span(self.filler, "filler")
+        lines = []
+        for v in order:
+            words = " ".join(rng.choice(FILLER_WORDS) for _ in range(rng.randint(low, high)))
+            lines.append(f"{v} = {rhs[v]}" + (f" ; {words}" if words else ""))
+        listing = " ; ".join(lines)
         prompt = f"{listing} .\nfind {chain[0]}"
         reference = " = ".join([*chain, value])
         return TaskSample(prompt, value, reference, {"chain": [*chain, value], "num_vars": n})
 
     def score(self, response: str, sample: TaskSample) -> float:
+        """Partial: the fraction of the chain (asked variable, each hop, the number) restated correctly, in order,
+        before the first mistake. Exact (`partial=False`): 1 for the right final number, else 0."""
         truth = sample.meta["chain"]
         said = re.findall(r"x\d+|\d+", response.split("\n")[0])
         if not self.partial:
             return 1.0 if said and said[-1] == truth[-1] else 0.0
         correct = 0
-        for got, want in zip(said[1:], truth[1:]):
+        for got, want in zip(said, truth):
             if got != want:
                 break
             correct += 1
-        return correct / (len(truth) - 1)
+        return correct / len(truth)
 
     def corpus(self, count: int = 64) -> list[str]:
         """Task text (prompts + ideal responses) to train a small tokenizer on."""

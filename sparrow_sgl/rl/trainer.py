@@ -313,7 +313,12 @@ class Trainer:
             dists = [r.full_logprobs for r in results]
         keep_dist = self.distill is not None and cfg.distill.kl_mode != "k3"  # full-vocabulary KL needs them
         return recompute_old(
-            self.policy, batch, cfg.micro_batch_size, cfg.temperature, dists, topk=cfg.mismatch == "topk",
+            self.policy,
+            batch,
+            cfg.micro_batch_size,
+            cfg.temperature,
+            dists,
+            topk=cfg.mismatch == "topk",
             keep_dist=keep_dist,
         )
 
@@ -468,7 +473,7 @@ class Trainer:
         if self.guard is None or stats is None:
             return
         for e in self.guard.update(self.step, stats):
-            self.log.event(self.step, "tailguard", **e.to_dict())
+            self.log.event(self.step, "tailguard", **{k: v for k, v in e.to_dict().items() if k != "step"})
         if self.guard.budgets != self.schedule.budgets:
             self.schedule = self.guard.schedule
         metrics["sparse/schedule_budget_max"] = max((b or 0) for b in self.schedule.budgets)
