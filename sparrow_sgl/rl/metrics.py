@@ -43,6 +43,65 @@ def masked_stats(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float(values[mask].float().mean()) if bool(mask.any()) else float("nan")
 
 
+def rollout_metrics(batch, rollouts, tokens_per_s: float) -> dict:
+    """`rollout/*` (reward, lengths in tokens, throughput) and the attended vs available KV per decode step."""
+    lens = batch.response_lens.float()
+    steps = sum(r.meta.get("decode_steps", 0) for r in rollouts)
+    kv_sum = sum(r.meta.get("kv_tokens_mean", 0.0) * r.meta.get("decode_steps", 0) for r in rollouts)
+    return {
+        "rollout/reward_mean": float(batch.rewards.mean()),
+        "rollout/reward_std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
+        "rollout/response_length_mean": float(lens.mean()),
+        "rollout/response_length_max": float(lens.max()),
+        "rollout/prompt_length_mean": float(batch.prompt_lens.float().mean()),
+        "rollout/truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / max(len(rollouts), 1),
+        "rollout/tokens_per_s": tokens_per_s,
+        "sparse/kv_budget_mean": kv_sum / steps if steps else float("nan"),
+        "sparse/kv_context_mean": mean_decode_context(batch),
+    }
+
+
+def mean_decode_context(batch) -> float:
+    """Mean KV length over decode steps (what a dense step attends), for comparison with kv_budget_mean."""
+    p, t = batch.prompt_lens.float(), batch.response_lens.float()
+    steps = (t - 1).clamp(min=0)  # the first response token comes from the prefill
+    total = (steps * (p + 1) + steps * (steps + 1) / 2).sum()
+    return float(total / steps.sum()) if float(steps.sum()) else float("nan")
+
+
+def mismatch_metrics(batch, old, weights, bin_tokens: int, quantile: float, tau: float) -> tuple[dict, list | None]:
+    """Importance-weight statistics and, when the acceptance rate was measured, the per-bin tails."""
+    mask = batch.response_mask
+    out = {
+        "sparse/is_truncated_frac": masked_stats(weights.truncated.float(), mask),
+        "sparse/is_weight_mean": masked_stats(weights.weights, mask),
+        "sparse/log_ratio_abs_mean": masked_stats((old.logprobs - batch.rollout_logprobs).abs(), mask),
+        "train/entropy_old": masked_stats(old.entropy, mask),
+    }
+    stats = None
+    if old.alpha is not None:
+        tails, stats = tail_metrics(old.alpha, batch.positions, mask, bin_tokens, quantile)
+        out.update(tails)
+        out["sparse/bins_below_tau"] = sum(1 for s in stats if s.tail is not None and s.tail < tau)
+    return out, stats
+
+
+def predicted_speedup(schedule, batch, model: str, hardware: str) -> float | None:
+    """Cost-model rollout speedup of `schedule` over dense for this batch's lengths (None if unavailable)."""
+    if schedule.is_dense:
+        return 1.0
+    from sparrow_sgl.config import ConfigError
+    from sparrow_sgl.costmodel import speedup
+
+    try:
+        lengths = batch.response_lens.clamp(min=1).numpy()
+        return float(
+            speedup(schedule, lengths, len(batch), model=model, hardware=hardware, prompt_len=batch.prompt_lens.numpy())
+        )
+    except (ConfigError, ValueError, KeyError):
+        return None
+
+
 class MetricsLog:
     """Append-only `metrics.jsonl` (one object per step) plus `events.jsonl` (one-off records)."""
 

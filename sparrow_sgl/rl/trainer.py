@@ -23,7 +23,7 @@ from sparrow_sgl.rl.batch import RolloutBatch
 from sparrow_sgl.rl.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sparrow_sgl.rl.config import TrainConfig
 from sparrow_sgl.rl.loss import group_advantages, importance_weights, ppo_clip_loss
-from sparrow_sgl.rl.metrics import MetricsLog, masked_stats, plot_run, tail_metrics
+from sparrow_sgl.rl.metrics import MetricsLog, mismatch_metrics, plot_run, predicted_speedup, rollout_metrics
 from sparrow_sgl.rl.recompute import OldPolicy, recompute_old, token_logprobs
 from sparrow_sgl.rl.tasks import Task, build_task, encode_prompt
 
@@ -244,7 +244,7 @@ class Trainer:
             rewards = [self.task.score(r.text or "", samples[r.prompt_index]) for r in rollouts]
         batch = self._make_batch(rollouts, rewards)
         with timer("recompute"):
-            old = self._old_policy(batch, prompts, timer)
+            old = self._old_policy(batch, timer)
         weights = importance_weights(
             old.logprobs,
             batch.rollout_logprobs,
@@ -297,7 +297,7 @@ class Trainer:
             rollouts, rewards_t, advantages, pad_id=pad, with_topk=self.cfg.mismatch == "topk"
         )
 
-    def _old_policy(self, batch: RolloutBatch, prompts, timer: Timer, schedule: Schedule | None = None) -> OldPolicy:
+    def _old_policy(self, batch: RolloutBatch, timer: Timer, schedule: Schedule | None = None) -> OldPolicy:
         """Dense log-probs before the update, and the acceptance rate against the rollout's distributions."""
         cfg = self.cfg
         dists = None
@@ -377,71 +377,17 @@ class Trainer:
         return out
 
     def _rollout_metrics(self, batch: RolloutBatch, rollouts, tokens_per_s: float) -> dict:
-        lens = batch.response_lens.float()
-        steps = sum(r.meta.get("decode_steps", 0) for r in rollouts)
-        kv_sum = sum(r.meta.get("kv_tokens_mean", 0.0) * r.meta.get("decode_steps", 0) for r in rollouts)
-        out = {
-            "rollout/reward_mean": float(batch.rewards.mean()),
-            "rollout/reward_std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
-            "rollout/response_length_mean": float(lens.mean()),
-            "rollout/response_length_max": float(lens.max()),
-            "rollout/prompt_length_mean": float(batch.prompt_lens.float().mean()),
-            "rollout/truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
-            "rollout/tokens_per_s": tokens_per_s,
-            "sparse/kv_budget_mean": kv_sum / steps if steps else float("nan"),
-            "sparse/kv_context_mean": self._mean_context(batch),
-        }
+        out = rollout_metrics(batch, rollouts, tokens_per_s)
         dense_rate = self.extra.get("dense_tokens_per_s")
         if dense_rate:
             out["sparse/speedup_measured"] = tokens_per_s / dense_rate
-        predicted = self._predicted_speedup(batch)
+        predicted = predicted_speedup(self.schedule, batch, self.cfg.model, self.cfg.hardware)
         if predicted is not None:
             out["sparse/speedup_predicted"] = predicted
         return out
 
-    @staticmethod
-    def _mean_context(batch: RolloutBatch) -> float:
-        """Mean KV length over decode steps (what a dense step attends), for comparison with kv_budget_mean."""
-        p, t = batch.prompt_lens.float(), batch.response_lens.float()
-        steps = (t - 1).clamp(min=0)  # the first response token comes from the prefill
-        total = (steps * (p + 1) + steps * (steps + 1) / 2).sum()
-        return float(total / steps.sum()) if float(steps.sum()) else float("nan")
-
-    def _predicted_speedup(self, batch: RolloutBatch) -> float | None:
-        if self.schedule.is_dense:
-            return 1.0
-        try:
-            from sparrow_sgl.costmodel import speedup
-        except ImportError:
-            return None
-        try:
-            return float(
-                speedup(
-                    self.schedule,
-                    batch.response_lens.clamp(min=1).numpy(),
-                    len(batch),
-                    model=self.cfg.model,
-                    hardware=self.cfg.hardware,
-                    prompt_len=batch.prompt_lens.numpy(),
-                )
-            )
-        except (ConfigError, ValueError, KeyError):
-            return None
-
     def _mismatch_metrics(self, batch: RolloutBatch, old: OldPolicy, weights) -> tuple[dict, list | None]:
-        cfg, mask = self.cfg, batch.response_mask
-        out = {
-            "sparse/is_truncated_frac": masked_stats(weights.truncated.float(), mask),
-            "sparse/is_weight_mean": masked_stats(weights.weights, mask),
-            "sparse/log_ratio_abs_mean": masked_stats((old.logprobs - batch.rollout_logprobs).abs(), mask),
-            "train/entropy_old": masked_stats(old.entropy, mask),
-        }
-        stats = None
-        if old.alpha is not None:
-            tails, stats = tail_metrics(old.alpha, batch.positions, mask, cfg.bin_tokens, cfg.quantile)
-            out.update(tails)
-            out["sparse/bins_below_tau"] = sum(1 for s in stats if s.tail is not None and s.tail < cfg.tau)
-        return out, stats
+        return mismatch_metrics(batch, old, weights, self.cfg.bin_tokens, self.cfg.quantile, self.cfg.tau)
 
     def _noise_floor(self, prompts) -> dict:
         """Once per run: a dense rollout of the same prompts against the trainer — the numerics-only tail."""
@@ -451,7 +397,7 @@ class Trainer:
             rollouts = self.engine.generate(prompts, self._sampling_params(), dense, progress=False)
         tokens = sum(len(r.token_ids) for r in rollouts)
         batch = self._make_batch(rollouts, [0.0] * len(rollouts))
-        old = self._old_policy(batch, prompts, timer, schedule=dense)
+        old = self._old_policy(batch, timer, schedule=dense)
         weights = importance_weights(old.logprobs, batch.rollout_logprobs, batch.response_mask, self.cfg.tis_cap)
         metrics, _ = self._mismatch_metrics(batch, old, weights)
         floor = self._noise_floor_from(metrics, tokens / max(timer["timing/rollout"], 1e-9))
