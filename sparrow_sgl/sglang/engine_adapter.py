@@ -14,12 +14,18 @@ What differs from the embedded engine (SGLang returns log-probs of sampled token
 - `update_weights(state_dict)` writes the tensors as safetensors into a private directory and calls
   `/update_weights_from_disk` (the server flushes its prefix cache; the client flushes again and runs a greedy canary,
   kept as `last_canary`). `set_adapter(path)` loads a peft LoRA as the default adapter of every rollout request.
+- `SamplingParams.seed` does not make rollouts reproducible: SGLang 0.5.23 uses `sampling_seed` only under
+  `--enable-deterministic-inference`, which accepts none of the sparrow / torch_native backends.
+- A CPU server started by `launch` runs torch on one thread (`OMP_NUM_THREADS=1` unless set): with other processes
+  busy, torch's default threads made decoding ~70x slower (measured on a shared 2-core host).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
+import os
 import shutil
 import socket
 import sys
@@ -98,7 +104,7 @@ class SGLangEngine:
         startup_timeout: float = 600.0,
     ) -> SGLangEngine:
         """Start `sparrow serve` on `model` (the sparrow backend; `schedule` is its default) and connect to it."""
-        from sparrow_sgl.sglang.serve import ServerSpec, start
+        from sparrow_sgl.sglang.serve import ServerProcess, ServerSpec
 
         default = _as_schedule(schedule)
         log_dir = Path(log_dir or tempfile.mkdtemp(prefix="sparrow-sglang-"))
@@ -119,9 +125,11 @@ class SGLangEngine:
         )
         log = log_dir / "server.log"
         print(f"sparrow: starting an SGLang server for {model} at {spec.url} (log: {log})", file=sys.stderr)
-        server = start(spec, log_path=log, timeout=startup_timeout)
+        with _cpu_threads(spec.device):
+            server = ServerProcess(spec, log_path=log)
         atexit.register(server.stop)  # its own process group outlives us unless stopped (stop is idempotent)
         try:
+            server.wait_ready(startup_timeout)
             return cls(spec.url, model=str(model), default_schedule=default, server=server)
         except Exception:
             server.stop()
@@ -265,6 +273,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: str):
+    """One torch thread for a CPU server (inherited through the environment) unless OMP_NUM_THREADS is set."""
+    if device != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
 
 
 def _as_schedule(schedule: Schedule | str) -> Schedule:
