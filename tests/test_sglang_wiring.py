@@ -237,6 +237,34 @@ def test_grpo_steps_with_the_sglang_engine_update_the_served_weights(engine, mod
         engine.update_weights(initial)  # the module's server goes back to the base weights
 
 
+@pytest.mark.sglang
+@pytest.mark.timeout(900)
+def test_sparrow_train_cli_starts_and_stops_its_own_server(model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("sglang")
+    from sparrow_sgl.cli import main
+    from sparrow_sgl.rl import trainer as trainer_mod
+    from sparrow_sgl.rl.metrics import read_jsonl
+    from sparrow_sgl.sglang.client import SGLangError
+
+    built = []
+    build = trainer_mod.build_engine
+    monkeypatch.setattr(trainer_mod, "build_engine", lambda cfg: built.append(build(cfg)) or built[-1])
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"model: {model_dir}\nout_dir: {tmp_path / 'run'}\nengine: sglang\nsteps: 1\nprompts_per_step: 1\n"
+        "group_size: 2\nmax_new_tokens: 8\nschedule: fixed:48\ntask_args: {num_vars: 6, hops: 2}\nplot: false\n"
+        "progress: false\nhardware: cpu\n"
+    )
+    assert main(["train", "--config", str(config)]) == 0
+    (engine,) = built
+    assert engine.server is None and (tmp_path / "run" / "sglang" / "server.log").is_file()  # stopped by close()
+    with pytest.raises(SGLangError):
+        engine.client.get("/health")
+    (record,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert record["sparse/kv_budget_mean"] <= 48 and "sparse/tail_p5/min" in record
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["mismatch"] == "topk"
+
+
 # -- config checks (no server) ----------------------------------------------------------------------------------------
 def test_train_config_engine_checks(capsys):
     assert TrainConfig(model="m", engine="sglang").mismatch == "topk"
