@@ -64,32 +64,31 @@ PROFILES = {
         min_count=10,
     ),
     "cpu": DemoProfile(
-        spec=dict(hidden_size=128, head_dim=32, intermediate_size=256, num_hidden_layers=4),
-        task=dict(num_vars=[8, 12], hops=2, filler=[10, 40]),
-        warmup_task=dict(num_vars=[8, 12], hops=2, filler=[0, 15]),
-        warmup_steps=300,
-        warmup_batch=32,
-        warmup_lr=2e-3,
+        spec=dict(hidden_size=64, head_dim=16, intermediate_size=128, num_hidden_layers=4),
+        task=dict(num_vars=[8, 12], hops=2, filler=[20, 80]),
+        warmup_task=dict(num_vars=[8, 12], hops=2, filler=[0, 20]),
+        warmup_steps=150,
+        warmup_batch=16,
         page_size=16,
-        bin_tokens=128,
+        bin_tokens=256,
         budgets=[48, 64, 128, 256],
         grpo_steps=6,
         prompts_per_step=4,
         group_size=4,
         max_new_tokens=16,
     ),
-    "cuda": DemoProfile(
+    "cuda": DemoProfile(  # the lookups need ~300-900 warm-up steps of a 128-wide model at batch 32 (H100 run)
         spec=dict(
             hidden_size=256,
             head_dim=32,
             intermediate_size=768,
-            num_hidden_layers=8,
+            num_hidden_layers=6,
             num_attention_heads=8,
             num_key_value_heads=2,
         ),
-        task=dict(num_vars=[16, 32], hops=3, filler=[50, 150]),
-        warmup_task=dict(num_vars=[16, 32], hops=3, filler=[0, 150]),
-        warmup_steps=2000,
+        task=dict(num_vars=[12, 24], hops=3, filler=[50, 150]),
+        warmup_task=dict(num_vars=[12, 24], hops=3, filler=[0, 150]),
+        warmup_steps=1500,
         warmup_batch=8,
         warmup_lr=1e-3,
         page_size=16,
@@ -120,7 +119,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=0.86, help="tail threshold the planned schedule must hold")
     p.add_argument("--margin", type=float, default=None, help="plan for tau + margin (default: the profile's)")
     p.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the profile's)")
-    p.add_argument("--tailguard", action="store_true", help="let the TailGuard move budgets during GRPO")
+    p.add_argument(
+        "--tailguard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let the TailGuard raise a bin's budget when its live tail dips below tau during GRPO (default: on)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -423,7 +427,9 @@ class Demo:
             f"{_fmt(last.get('sparse/kv_context_mean'), '{:.0f}')} tokens",
         )
         speed.add_row("TIS-truncated tokens (last step)", _fmt(last.get("sparse/is_truncated_frac"), "{:.4f}"))
-        speed.add_row("schedule", trainer.schedule.describe())
+        guard_events = len(trainer.guard.events) if trainer.guard is not None else 0
+        speed.add_row("schedule after GRPO", trainer.schedule.describe())
+        speed.add_row("TailGuard budget changes", str(guard_events) if trainer.guard is not None else "off")
         speed.add_row("stage times", ", ".join(f"{k} {v:.1f} s" for k, v in self.times.items()))
         self.console.print(speed)
         self.summary.update(

@@ -156,3 +156,11 @@ def test_rollout_batch_rejects_inconsistent_rollouts():
             torch.zeros(2),
             torch.zeros(2),
         )
+
+
+def test_example_train_config_loads():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_chain.yaml"
+    cfg = TrainConfig.load(path, ["model=/some/model"])
+    assert cfg.model == "/some/model" and cfg.tailguard and cfg.task_args["hops"] == 2
