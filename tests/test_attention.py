@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from sparrow_sgl.attention import PageSummaries, select_pages, sparse_decode
-from sparrow_sgl.attention.teacher_forced import sparse_causal_attention
 from sparrow_sgl.config import SparsityConfig
 
 
@@ -136,24 +135,6 @@ def test_bf16_cache_is_handled():
     out = sparse_decode(q, k_cache, v_cache, table, lens, None, SparsityConfig())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), dense_reference(q, contiguous), atol=2e-2, rtol=2e-2)
-
-
-def test_teacher_forced_matches_step_by_step_decode():
-    torch.manual_seed(0)
-    T, kv_heads, head_dim, page_size = 90, 2, 8, 4
-    q, k, v = torch.randn(T, 4, head_dim), torch.randn(T, kv_heads, head_dim), torch.randn(T, kv_heads, head_dim)
-    budgets = torch.full((T,), 16)
-    budgets[:20] = -1
-    cfg = SparsityConfig(page_size=page_size)
-    parallel = sparse_causal_attention(q, k, v, budgets, cfg, chunk=17)
-    pad = (-T) % page_size
-    k_cache = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)).view(-1, page_size, kv_heads, head_dim)
-    v_cache = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad)).view(-1, page_size, kv_heads, head_dim)
-    table = torch.arange(k_cache.shape[0])[None]
-    for t in (0, 19, 20, 45, 89):
-        budget = None if budgets[t] < 0 else int(budgets[t])
-        step = sparse_decode(q[t : t + 1], k_cache, v_cache, table, torch.tensor([t + 1]), budget, cfg)
-        torch.testing.assert_close(parallel[t : t + 1], step, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
