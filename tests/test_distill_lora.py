@@ -19,13 +19,6 @@ TOL_ENGINE = 1e-5  # sparse log-probs of θ + φ: our teacher-forced forward vs 
 SCHEDULE = Schedule(budgets=[None, 48, 64], bin_tokens=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _policy(model_dir):
     return Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()

@@ -12,14 +12,6 @@ from sparrow_sgl.config import Schedule
 from sparrow_sgl.mismatch import BinStat
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_cheaper_schedule_scales_floors_and_keeps_dense_bins():
     s = Schedule(budgets=[None, 512, 1024, 4096], name="base")
     c = cheaper_schedule(s, 0.5)

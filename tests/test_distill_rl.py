@@ -10,14 +10,6 @@ import torch
 from sparrow_sgl.rl.config import TrainConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_grpo_step_with_distill_trains_theta_and_phi_separately_and_replans(tiny_model_dir, tmp_path):
     trainer_module = pytest.importorskip("sparrow_sgl.rl.trainer")
     cfg = TrainConfig(

@@ -67,14 +67,6 @@ def reference_decode_logprobs(model, prompt: list[int], response: list[int], sch
         _reference_schedule.pop()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops on a loaded 2-core box: intra-op threads only contend (measured 25x slower with 2 threads)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):

@@ -4,18 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
 from sparrow_sgl.cli import main
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: extra threads only contend on a shared CPU
-    yield
-    torch.set_num_threads(threads)
 
 
 def _write_prompts(path, rows):

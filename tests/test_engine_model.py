@@ -12,14 +12,6 @@ from sparrow_sgl.config import ConfigError
 from sparrow_sgl.engine.sequence import Sequence, SequenceGroup
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: extra threads only contend on a shared CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 def _prefill_logits(engine, prompt: list[int], chunks: list[int]) -> torch.Tensor:
     """Logits at every prompt position, prefilling the prompt in pieces (the later pieces see a cached prefix)."""
     seq = Sequence(10_000, prompt, params=None, max_new_tokens=1)

@@ -10,14 +10,6 @@ from sparrow_sgl.config import ConfigError, Schedule
 from sparrow_sgl.engine import SamplingParams
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: extra threads only contend on a shared CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     return make_engine(tiny_model_dir)
