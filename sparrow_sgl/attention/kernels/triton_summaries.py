@@ -42,6 +42,21 @@ def _append_decode_kernel(
     tl.store(count_ptr + page, tl.where(fresh, 1, old_count + 1))
 
 
+def _check_pages_and_summaries(summaries, pages: torch.Tensor, offsets: torch.Tensor, n: int, head_dim: int,
+                               minmax: bool) -> None:
+    """Contract shared by both append kernels: [n] page/offset lists, float32 summaries, min/max when asked."""
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two for the Triton kernel, got {head_dim}")
+    if pages.shape != (n,) or offsets.shape != (n,):
+        raise ValueError(f"pages and offsets must be [{n}], got {tuple(pages.shape)} and {tuple(offsets.shape)}")
+    if minmax and not summaries.has_minmax:
+        raise ValueError("minmax=True needs summaries with key_min/key_max (allocated with minmax=True)")
+    s = summaries
+    same_strides = not minmax or s.key_sum.stride() == s.key_min.stride() == s.key_max.stride()
+    if s.key_sum.dtype != torch.float32 or not same_strides:
+        raise ValueError("summary tensors must be float32 (min/max with the sum's strides)")
+
+
 def append_decode(
     summaries: PageSummaries, pages: torch.Tensor, offsets: torch.Tensor, keys: torch.Tensor, minmax: bool = True
 ) -> None:
@@ -53,16 +68,8 @@ def append_decode(
     kv_heads, head_dim = summaries.key_sum.shape[1:]
     if keys.dim() != 3 or keys.shape[1:] != (kv_heads, head_dim) or keys.stride(2) != 1:
         raise ValueError(f"keys must be [N, {kv_heads}, {head_dim}] (last dim contiguous), got {tuple(keys.shape)}")
-    if head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two for the Triton kernel, got {head_dim}")
-    if pages.shape != (n,) or offsets.shape != (n,):
-        raise ValueError(f"pages and offsets must be [{n}], got {tuple(pages.shape)} and {tuple(offsets.shape)}")
+    _check_pages_and_summaries(summaries, pages, offsets, n, head_dim, minmax)
     s = summaries
-    if minmax and not s.has_minmax:
-        raise ValueError("minmax=True needs summaries with key_min/key_max (allocated with minmax=True)")
-    same_strides = not minmax or s.key_sum.stride() == s.key_min.stride() == s.key_max.stride()
-    if not same_strides or s.key_sum.dtype != torch.float32:
-        raise ValueError("summary tensors must be float32 with equal strides")
     if n == 0:
         return
     _append_decode_kernel[(n,)](
@@ -147,16 +154,8 @@ def append_kv_decode(
         if t.dim() != 3 or t.shape != (n, kv_heads, head_dim) or t.stride(2) != 1:
             raise ValueError(f"{name} must be [{n}, {kv_heads}, {head_dim}] (last dim contiguous), "
                              f"got {tuple(t.shape)}")
-    if head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two for the Triton kernel, got {head_dim}")
-    if pages.shape != (n,) or offsets.shape != (n,):
-        raise ValueError(f"pages and offsets must be [{n}], got {tuple(pages.shape)} and {tuple(offsets.shape)}")
+    _check_pages_and_summaries(summaries, pages, offsets, n, head_dim, minmax)
     s = summaries
-    if minmax and not s.has_minmax:
-        raise ValueError("minmax=True needs summaries with key_min/key_max (allocated with minmax=True)")
-    same_strides = not minmax or s.key_sum.stride() == s.key_min.stride() == s.key_max.stride()
-    if s.key_sum.dtype != torch.float32 or (minmax and not same_strides):
-        raise ValueError("summary tensors must be float32 (min/max with the sum's strides)")
     if centroid is not None and (centroid.shape != s.key_sum.shape or centroid.stride(2) != 1):
         raise ValueError(f"centroid must be {tuple(s.key_sum.shape)} with a contiguous last dim")
     if n == 0:
