@@ -56,6 +56,17 @@ class RolloutLora:
 
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
 
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy tensors from `adapter_state()` back into φ (in place: an optimizer over φ stays attached)."""
+        from peft import set_peft_model_state_dict
+
+        expected = set(self.adapter_state())
+        if set(state) != expected:
+            raise ConfigError(f"LoRA state does not fit this adapter: missing {sorted(expected - set(state))[:5]}, "
+                              f"unexpected {sorted(set(state) - expected)[:5]}")
+        set_peft_model_state_dict(self.model, state)
+
     @contextlib.contextmanager
     def frozen_base(self) -> Iterator[None]:
         """θ stops requiring grad (so a backward only reaches φ); restored on exit."""

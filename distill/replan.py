@@ -122,6 +122,26 @@ class Replanner:
         self.events: list[ReplanEvent] = []
         self._lengths: list[int] = []
 
+    # -- checkpoint state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"history": [s.to_dict() for s in self.history], "events": [e.to_dict() for e in self.events]}
+        if self.guard is not None:
+            state["guard"] = {"schedule": self.guard.schedule.to_dict(), "state": self.guard.state_dict()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        from sparrow_sgl.tailguard import TailGuard
+
+        self.history = [Schedule.from_dict(s, where="re-planner checkpoint state") for s in state["history"]]
+        self.events = [ReplanEvent(**e) for e in state["events"]]
+        self.guard = None
+        if "guard" in state:
+            schedule = Schedule.from_dict(state["guard"]["schedule"], where="re-planner checkpoint state")
+            guard_state = state["guard"]["state"]
+            self.guard = TailGuard(schedule, tau=guard_state["tau"], grid=guard_state["grid"],
+                                   min_count=self.settings.min_count)
+            self.guard.load_state_dict(guard_state)
+
     # -- measurement --------------------------------------------------------------------------------------------
     def measure(self, schedule: Schedule) -> list[BinStat]:
         from sparrow_sgl.calibrate import measure_budget

@@ -104,6 +104,24 @@ class DistillTrainer:
         self.engine.set_adapter(str(self.adapter_dir))
         return self.adapter_dir
 
+    # -- checkpoint state -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """φ, its optimizer and the re-planner's memory: what an exact resume of DistillSparse needs."""
+        state = {"adapter": self.lora.adapter_state(), "optimizer": self.optimizer.state_dict(),
+                 "schedule": self.schedule.to_dict()}
+        if self.replanner is not None:
+            state["replanner"] = self.replanner.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` and push φ to the engine."""
+        self.lora.load_adapter_state(state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule = Schedule.from_dict(state["schedule"], where="distill checkpoint state")
+        if self.replanner is not None and "replanner" in state:
+            self.replanner.load_state_dict(state["replanner"])
+        self.push()
+
     # -- re-planning ----------------------------------------------------------------------------------------------
     def maybe_replan(self, step: int, schedule: Schedule, live_tails=None) -> Schedule | None:
         """Every `replan_every` steps, try a cheaper schedule (see `distill.replan`); None = keep `schedule`.

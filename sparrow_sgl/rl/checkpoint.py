@@ -3,6 +3,7 @@
   model/            the policy in HF format (an engine can load it directly)
   trainer_state.pt  optimizer, LR scheduler, RNG states (python, numpy, torch, cuda)
   state.json        step, data cursor, current schedule, TailGuard state, config, extra
+  <name>_state.pt   optional components (e.g. `distill_state.pt`: the DistillSparse LoRA, its optimizer, re-planner)
 
 Each is written into a temporary directory which is renamed into place only when complete, then `latest` (a
 one-line file, itself replaced atomically) is pointed at it, then older checkpoints beyond `keep_last` are removed.
@@ -59,8 +60,12 @@ def save_checkpoint(
     scheduler,
     config: dict | None = None,
     keep_last: int = 2,
+    components: dict[str, dict] | None = None,
 ) -> Path:
-    """Write a complete checkpoint under `root/step_XXXXXX` atomically; returns its path."""
+    """Write a complete checkpoint under `root/step_XXXXXX` atomically; returns its path.
+
+    components: extra state dicts saved as `<name>_state.pt` in the same atomic directory (`load_component`).
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state.step:06d}"
@@ -72,6 +77,8 @@ def save_checkpoint(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
             tmp / "trainer_state.pt",
         )
+        for name, component in (components or {}).items():
+            torch.save(component, tmp / f"{name}_state.pt")
         payload = {
             "step": state.step,
             "cursor": state.cursor,
@@ -135,6 +142,12 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None, scheduler=No
     data = json.loads((ckpt / "state.json").read_text())
     state = TrainState(data["step"], data["cursor"], data.get("schedule"), data.get("guard"), data.get("extra", {}))
     return state, data.get("config"), ckpt
+
+
+def load_component(ckpt: str | os.PathLike, name: str) -> dict | None:
+    """The `<name>_state.pt` component of a checkpoint dir (from `load_checkpoint`), or None if it has none."""
+    path = Path(ckpt) / f"{name}_state.pt"
+    return torch.load(path, weights_only=False) if path.is_file() else None
 
 
 def _is_tied(model, key: str) -> bool:

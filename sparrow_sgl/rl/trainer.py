@@ -20,7 +20,7 @@ import torch
 
 from sparrow_sgl.config import ConfigError, EngineConfig, Schedule
 from sparrow_sgl.rl.batch import RolloutBatch
-from sparrow_sgl.rl.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from sparrow_sgl.rl.checkpoint import TrainState, load_checkpoint, load_component, save_checkpoint
 from sparrow_sgl.rl.config import TrainConfig
 from sparrow_sgl.rl.loss import group_advantages, importance_weights, ppo_clip_loss
 from sparrow_sgl.rl.metrics import MetricsLog, mismatch_metrics, plot_run, predicted_speedup, rollout_metrics
@@ -180,7 +180,11 @@ class Trainer:
             self.guard.load_state_dict(state.guard)
         self.engine.update_weights(self.policy.state_dict())
         self._resumed, self._log = True, None
-        self.log.event(self.step, "resume", checkpoint=str(ckpt))
+        distill_state = load_component(ckpt, "distill") if self.distill is not None else None
+        if distill_state is not None:
+            self.distill.load_state_dict(distill_state)  # pushes φ to the engine, on top of the restored θ
+        self.log.event(self.step, "resume", checkpoint=str(ckpt),
+                       distill_state=None if self.distill is None else distill_state is not None)
         return self.step
 
     def save(self) -> Path:
@@ -199,6 +203,7 @@ class Trainer:
             self.lr_scheduler,
             config=self.cfg.to_dict(),
             keep_last=self.cfg.keep_last,
+            components={"distill": self.distill.state_dict()} if self.distill is not None else None,
         )
 
     # -- the loop ---------------------------------------------------------------------------------------------------
