@@ -193,3 +193,27 @@ def test_bf16_centroid_copy_tracks_the_float32_sums(tiny_model_factory, monkeypa
         used = attn.summaries.count > 0
         want = attn.summaries.centroid()[used]
         torch.testing.assert_close(centroid[used].float(), want, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_one_launch_selection_leaves_greedy_decode_unchanged(tiny_model_dir, monkeypatch):
+    """The fused score + top-k launch and the two-launch baseline decode the same tokens with the same log-probs."""
+    prompts = random_prompts([30, 52, 9, 77], seed=7)
+    runs = {}
+    for launches in ("1", "2"):
+        monkeypatch.setenv("SPARROW_SELECT_LAUNCHES", launches)
+        runs[launches] = _generate(tiny_model_dir, monkeypatch, "float32", 4, _mixed_schedule(4), prompts, "graph")[1]
+    for got, want in zip(runs["1"], runs["2"]):
+        assert got.token_ids == want.token_ids
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-6, rtol=0)
+
+
+def test_select_launches_env_is_validated(monkeypatch):
+    from sparrow_sgl.engine.cuda_graph import select_launches
+
+    monkeypatch.setenv("SPARROW_SELECT_LAUNCHES", "3")
+    with pytest.raises(ValueError, match="SPARROW_SELECT_LAUNCHES"):
+        select_launches()
+    monkeypatch.delenv("SPARROW_SELECT_LAUNCHES")
+    assert select_launches() == 1

@@ -25,6 +25,7 @@ from sparrow_sgl.attention.kernels.flashinfer_decode import (
     row_start_from_counts,
     selection_to_csr,
 )
+from sparrow_sgl.attention.select import Selection
 from sparrow_sgl.config import SparsityConfig
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -235,6 +236,82 @@ def test_triton_selection_writes_flashinfer_page_lists(device):
     assert bool((pages >= 0).all()), "padding entries left unwritten"
 
 
+def _select_both(q, summaries, block_table, seq_lens, limit, cfg, k_cols, device, tied=False, **kw):
+    """(pages, csr indices, last_len, counters) of the one-launch kernel and the same of the two-launch baseline."""
+    from sparrow_sgl.attention.kernels.triton_select import select_pages_into
+
+    kv_heads = summaries.key_sum.shape[1]
+    n_pages = (seq_lens.long() + 15) // 16
+    indptr = row_start_from_counts(torch.minimum(limit.long(), n_pages).repeat_interleave(kv_heads))
+    out = []
+    for one_launch in (True, False):
+        pages = torch.full((len(seq_lens), kv_heads, k_cols), -5, dtype=torch.int32, device=device)
+        indices = torch.full((int(indptr[-1]),), -7, dtype=torch.int32, device=device)
+        last_len = torch.zeros(len(seq_lens) * kv_heads, dtype=torch.int32, device=device)
+        counters = torch.zeros(len(seq_lens) * kv_heads, dtype=torch.int32, device=device)
+        select_pages_into(q, block_table, seq_lens, limit, cfg, pages, key_sum=summaries.key_sum,
+                          count=summaries.count, key_min=summaries.key_min, key_max=summaries.key_max,
+                          counters=counters, csr=(indices, indptr[:-1], last_len), one_launch=one_launch, **kw)
+        out.append((pages, indices, last_len, counters))
+    return out, indptr
+
+
+@_kernel_test
+@pytest.mark.parametrize("scorer", ["centroid", "quest"])
+@pytest.mark.parametrize("chunk", [16, 2048])
+def test_one_launch_selection_equals_two_launches_and_reference(device, scorer, chunk):
+    """Mixed lengths (1 page, partial pages, several top-k chunks), budgets below and above the pages, ties."""
+    cfg = SparsityConfig(kv_layout="HND", scorer=scorer)
+    seq = (1, 16, 17, 300, 1000, 64, 777)
+    q, k, _, block_table, seq_lens = make_problem("HND", seq=seq, q_heads=4, kv_heads=2, head_dim=32, device=device)
+    k[block_table[4, 10:30].long()] = k[block_table[4, 40].long()].clone()  # 20 equal summaries: ties
+    k[block_table[6, :49].long()] = k[block_table[6, 0].long()].clone()  # a row of ties only
+    summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
+    limit = torch.tensor([4, 1, 2, 7, 33, 100, 21], dtype=torch.int32, device=device)
+    (one, two), indptr = _select_both(q, summaries, block_table, seq_lens, limit, cfg, 64, device, topk_chunk=chunk)
+    for a, b in zip(one, two):  # both kernels take the lowest-index ties: bit-identical
+        assert torch.equal(a, b)
+    assert bool((one[3] == 0).all()), "the one-launch kernel must leave its counters at zero"
+    ref = select_pages(q, summaries, block_table, seq_lens, (limit * 16).tolist(), cfg)
+    got = Selection(pages=one[0][..., : ref.pages.shape[2]].long(), valid=ref.valid, n_pages=ref.n_pages)
+    assert_same_up_to_ties(got, ref, reference_scores(q, summaries, block_table, seq_lens, cfg))
+    want_indptr, want_indices, want_last = selection_to_csr(got, block_table, seq_lens, 16, 2)
+    assert torch.equal(indptr, want_indptr) and torch.equal(one[1], want_indices) and torch.equal(one[2], want_last)
+    n_pages = (seq_lens + 15) // 16
+    for b, n in enumerate(n_pages.tolist()):  # entries past each row's count are zero
+        assert bool((one[0][b, :, min(int(limit[b]), n):] == 0).all())
+    want_tied = list(range(19)) + [47, 48]  # all tied: the sink, the lowest indices, then the two local pages
+    assert one[0][6, :, :21].tolist() == [want_tied, want_tied]
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_one_launch_selection_replays_in_a_cuda_graph():
+    """Counters reset inside the launch: two replays with new queries both select like the reference."""
+    from bench.common import capture_graph
+    from sparrow_sgl.attention.kernels.triton_select import select_pages_into
+
+    cfg = SparsityConfig(kv_layout="HND")
+    q, k, _, block_table, seq_lens = make_problem("HND", q_heads=32, kv_heads=8, dtype=torch.bfloat16, device="cuda",
+                                                  seq=(5000, 300, 1000, 16, 2600))
+    summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
+    limit = torch.tensor([40, 8, 30, 4, 100], dtype=torch.int32, device="cuda")
+    pages = torch.empty(5, 8, 128, dtype=torch.int32, device="cuda")
+    scores = torch.empty(5, 8, block_table.shape[1], device="cuda")
+    counters = torch.zeros(40, dtype=torch.int32, device="cuda")
+    graph = capture_graph(lambda: select_pages_into(q, block_table, seq_lens, limit, cfg, pages,
+                                                    key_sum=summaries.key_sum, count=summaries.count, scores=scores,
+                                                    counters=counters, pages_per_prog=32))
+    for _ in range(2):
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert bool((counters == 0).all())
+        ref = select_pages(q, summaries, block_table, seq_lens, (limit * 16).tolist(), cfg)
+        got = Selection(pages=pages[..., : ref.pages.shape[2]].long(), valid=ref.valid, n_pages=ref.n_pages)
+        assert_same_up_to_ties(got, ref, reference_scores(q, summaries, block_table, seq_lens, cfg))
+
+
 @_kernel_test
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -247,7 +324,7 @@ def test_triton_decode_matches_reference(device, layout, dtype):
     q, k, v, block_table, seq_lens = make_problem(layout, dtype=dtype, device=device)
     summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    for budget in ([48, 96, None, 32], None):
+    for budget in ([48, 96, None, 32], None, 48):  # 48: 3-page lists, one split (no merge launch)
         selection = select_pages(q, summaries if budget else None, block_table, seq_lens, budget, cfg)
         ref = attend_pages(q.float(), k.float(), v.float(), block_table, seq_lens, selection, cfg)
         counts = selection.valid.sum(-1).to(torch.int32)

@@ -6,8 +6,9 @@ request's page budget from a device table of the schedule's per-bin budgets, so 
 every schedule with the same page-list width. Each attention layer then runs, all in the same graph:
   1. `append_kv_decode`: the new token's K/V into the paged cache and its page summary, one Triton launch;
   2. dense layers (and dense schedules): the Triton decode over every page, or FlashInfer's paged decode;
-  3. sparse layers: Triton page selection (writing FlashInfer's per-KV-head page lists when FlashInfer attends),
-     then block-sparse decode over the selected pages.
+  3. sparse layers: Triton page selection, scoring + top-k in one launch (writing FlashInfer's per-KV-head page
+     lists when FlashInfer attends), then block-sparse decode over the selected pages.
+     `SPARROW_SELECT_LAUNCHES=2` selects with the phase-3 pair of launches instead (benchmark baseline).
 Triton (the default) needs no planning; FlashInfer (SPARROW_ATTN_BACKEND=flashinfer) is planned on the host before
 each replay from host-known page counts (no device sync). Graphs are captured
 lazily per `StepKey`; a step that cannot be captured runs the same code eagerly. `SPARROW_GPU_DECODE` = graph
@@ -30,6 +31,7 @@ from sparrow_sgl.engine.context import Context, reset_context, set_context
 MODE_ENV = "SPARROW_GPU_DECODE"
 MODES = ("graph", "eager", "off")
 CENTROID_ENV = "SPARROW_BF16_CENTROIDS"
+SELECT_ENV = "SPARROW_SELECT_LAUNCHES"
 PADDED_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MAX_BINS = 256  # budget bins a graph's device table holds (the last bin repeats past a schedule's end)
 MIN_WIDTH = 16  # smallest block-table width (pages) of a captured step
@@ -40,6 +42,13 @@ def decode_mode() -> str:
     if mode not in MODES:
         raise ValueError(f"{MODE_ENV}={mode!r}: choose one of {MODES}")
     return mode
+
+
+def select_launches() -> int:
+    value = os.environ.get(SELECT_ENV, "").strip() or "1"
+    if value not in ("1", "2"):
+        raise ValueError(f"{SELECT_ENV}={value!r}: choose 1 (fused score + top-k) or 2 (two launches)")
+    return int(value)
 
 
 def padded_batch(n: int) -> int:
@@ -112,6 +121,7 @@ class DecodeStep:
         if key.sparse:
             self.pages = torch.zeros(bs, runner.kv_heads, key.k_cols, dtype=torch.int32, device=dev)
             self.scores = torch.zeros(bs, runner.kv_heads, width, dtype=torch.float32, device=dev)
+            self.counters = torch.zeros(bs * runner.kv_heads, dtype=torch.int32, device=dev)  # per-row tickets
         self.fi_dense = self.fi_sparse = None
         group = runner.q_heads // runner.kv_heads
         if runner.dense_backend == "flashinfer":
@@ -215,8 +225,8 @@ class DecodeStep:
         select_pages_into(
             q, self.block_table, self.seq_lens, self.budget_pages, cfg, self.pages,
             key_sum=centroid if use_centroid else summaries.key_sum, count=None if use_centroid else summaries.count,
-            key_min=summaries.key_min, key_max=summaries.key_max, scores=self.scores,
-            csr=self.fi_sparse.csr if self.fi_sparse is not None else None,
+            key_min=summaries.key_min, key_max=summaries.key_max, scores=self.scores, counters=self.counters,
+            csr=self.fi_sparse.csr if self.fi_sparse is not None else None, one_launch=self.runner.one_launch_select,
         )
         if self.fi_sparse is not None:
             return self.fi_sparse.run(q, layer.k_cache, layer.v_cache)
@@ -236,6 +246,7 @@ class GraphDecodeRunner:
         dense_backend: str | None = None,
         sparse_backend: str | None = None,
         bf16_centroids: bool = False,
+        one_launch_select: bool | None = None,
     ) -> None:
         layers = model.attention_layers
         first = layers[0]
@@ -244,6 +255,7 @@ class GraphDecodeRunner:
         self.scale, self.dtype = first.scale, first.k_cache.dtype
         self.vocab_size = model.lm_head.weight.shape[0]
         self.use_graphs = use_graphs
+        self.one_launch_select = select_launches() == 1 if one_launch_select is None else one_launch_select
         self.dense_backend = dense_backend or default_backend(self.dtype, self.head_dim)
         self.sparse_backend = sparse_backend or default_backend(self.dtype, self.head_dim)
         self.bin_table = torch.zeros(MAX_BINS, dtype=torch.int32, device=self.device)

@@ -3,7 +3,9 @@
 Split-KV (flash-decoding): grid (batch * kv_heads, splits). A program takes one (request, KV head), all query heads
 of its GQA group at once (a [group, D] x [D, tokens] product on the tensor cores), and a contiguous slice of the
 row's selected pages (each row's own count is split evenly, so one fixed grid suits a CUDA graph); it keeps
-an online softmax and writes its partial output and log-sum-exp. A second kernel merges the splits.
+an online softmax and writes its partial output and log-sum-exp. A second kernel merges the splits; when the
+(request, KV head) rows alone fill the GPU there is one split and the kernel writes the output directly (one
+launch, no partials).
 Works on either cache layout through strides.
 """
 
@@ -28,6 +30,7 @@ def _sparse_decode_kernel(
     pages_ptr, stride_pb, stride_ph,
     counts_ptr, stride_cb, stride_ch,
     part_out_ptr, part_lse_ptr,
+    out_ptr, stride_ob, stride_oh,
     scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_P: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
@@ -68,12 +71,17 @@ def _sparse_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     head = h * GROUP + g
-    part = (b * KV_HEADS * GROUP + head) * SPLITS + split
-    has = first < count
-    out = tl.where(has, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(has, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=(g < GROUP)[:, None])
-    tl.store(part_lse_ptr + part, lse, mask=g < GROUP)
+    if SPLITS == 1:  # no partials to merge: the normalised output, in the output's dtype
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        dst = out_ptr + b * stride_ob + head[:, None] * stride_oh + d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
+    else:
+        part = (b * KV_HEADS * GROUP + head) * SPLITS + split
+        has = first < count
+        out = tl.where(has, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+        lse = tl.where(has, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=(g < GROUP)[:, None])
+        tl.store(part_lse_ptr + part, lse, mask=g < GROUP)
 
 
 @triton.jit
@@ -136,8 +144,13 @@ def triton_attend_pages(
     group = q_heads // kv_heads
     block_p = max(1, 64 // cfg.page_size)
     splits, _ = plan_splits(batch * kv_heads, pages.shape[2], block_p, _num_sms(q.device))
-    part_out = torch.empty(batch * q_heads * splits, head_dim, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(batch * q_heads * splits, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    if out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} with a contiguous last dim, got {tuple(out.shape)}")
+    part_out = torch.empty(batch * q_heads * splits if splits > 1 else 1, head_dim, dtype=torch.float32,
+                           device=q.device)
+    part_lse = torch.empty(part_out.shape[0], dtype=torch.float32, device=q.device)
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     _sparse_decode_kernel[(batch * kv_heads, splits)](
@@ -148,14 +161,15 @@ def triton_attend_pages(
         pages, pages.stride(0), head_stride(pages),
         counts, counts.stride(0), head_stride(counts),
         part_out, part_lse,
+        out, out.stride(0), out.stride(1),
         scale,
         KV_HEADS=kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE=cfg.page_size, BLOCK_P=block_p, SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2,
     )
-    if out is None:
-        out = torch.empty_like(q)
+    if splits == 1:
+        return out
     _merge_splits_kernel[(batch * q_heads,)](
         part_out, part_lse, out, out.stride(0), out.stride(1),
         Q_HEADS=q_heads, HEAD_DIM=head_dim, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),

@@ -1,15 +1,20 @@
 """Fused page selection in Triton: score every page once, then an exact per-row top-k in ascending page order.
 
-Two launches per decode step, both graph-capturable (no host sync when the caller passes the buffers):
-1. `_score_pages_kernel`, grid (batch * kv_heads, page chunks): reads each page summary of each (request, KV head)
-   exactly once (centroid: key_sum + count; quest: key_min + key_max) and writes one float score per page, with the
-   sink and local pages forced to +inf. Many programs per row so the summary read runs at memory bandwidth.
-2. `_topk_pages_kernel`, grid (batch * kv_heads,): loads a row's scores (4 bytes per page, ~1% of the summary
-   bytes), finds the k-th largest by a 32-step bitwise search on order-preserving integer keys, keeps the pages
-   above it plus the lowest-index ties, and writes them compacted in ascending order — no sort. It can also write
-   FlashInfer's ragged page list (physical page * kv_heads + head, see `flashinfer_decode`) and the last-page
-   length of each row, so attention reads the selection without any torch glue in between.
+One launch per decode step (`select_pages_into`, the default), graph-capturable and sync-free:
+grid (batch * kv_heads, page chunks). Each program reads its chunk of a row's page summaries exactly once
+(centroid: key_sum [+ count]; quest: key_min + key_max) and writes one float score per page, sink and local pages
+forced to +inf; many programs per row keep the summary read at memory bandwidth. Each program then takes a ticket
+from a per-row counter (atomic, acq_rel); the last program of the row to arrive runs the row's top-k over the
+scores just written (L2-resident) and resets the counter for the next launch (so CUDA-graph replays need no memset).
+The top-k is a radix select on order-preserving integer keys, 4 bits per round (8 rounds, 16-bucket counts), over
+the row's actual pages (a device-side loop over BLOCK_N chunks; the first chunk stays in registers): its cost scales
+with the request's page count, not the block table's width. It keeps the pages above the k-th largest key plus the
+lowest-index ties and writes them compacted in ascending order (no sort); rows whose budget covers all their pages
+skip the search. It can also write FlashInfer's ragged page list (physical page * kv_heads + head, see
+`flashinfer_decode`) and each row's last-page length, so attention reads the selection with no torch glue.
 
+`one_launch=False` runs the phase-3 pair of launches instead (`_score_pages_kernel`, then `_topk_pages_kernel`:
+a 32-step bitwise search over a block sized by the table's width), kept as the benchmarks' before/after baseline.
 Same contract as `sparrow_sgl.attention.select.select_pages` (selection identical up to ties of equal scores).
 """
 
@@ -23,7 +28,174 @@ from sparrow_sgl.attention.pages import PageSummaries
 from sparrow_sgl.attention.select import Selection, budget_pages_tensor
 from sparrow_sgl.config import SparsityConfig
 
-MAX_PAGES_PER_ROW = 32768  # top-k holds a whole row in one program
+MAX_PAGES_PER_ROW = 32768  # the two-launch top-k holds a whole row in one program
+TOPK_CHUNK = 2048  # pages per chunk of the one-launch top-k (rows up to 32K tokens at page 16 stay in registers)
+
+
+@triton.jit
+def _score_range(
+    q_ptr, stride_qb, stride_qh,
+    sum_ptr, min_ptr, max_ptr, stride_sp, stride_sh,
+    count_ptr, bt_row, score_row, b, h, start, n_pages,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SINK: tl.constexpr, LOCAL: tl.constexpr,
+    BLOCK_P: tl.constexpr, PAGES_PER_PROG: tl.constexpr, QUEST: tl.constexpr, DIVIDE: tl.constexpr,
+):
+    """Scores of pages [start, start + PAGES_PER_PROG) of one (request, KV head) row into score_row."""
+    d = tl.arange(0, HEAD_DIM)
+    g = tl.arange(0, BLOCK_G)
+    q_rows = q_ptr + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_rows, mask=(g < GROUP)[:, None], other=0.0).to(tl.float32)  # [BLOCK_G, D]
+    q_mean = tl.sum(q, 0) / GROUP
+    for p0 in range(0, PAGES_PER_PROG, BLOCK_P):
+        idx = start + p0 + tl.arange(0, BLOCK_P)
+        exists = idx < n_pages
+        phys = tl.load(bt_row + idx, mask=exists, other=0).to(tl.int64)
+        offs = phys[:, None] * stride_sp + h * stride_sh + d[None, :]
+        if QUEST:
+            kmin = tl.load(min_ptr + offs, mask=exists[:, None], other=0.0).to(tl.float32)
+            kmax = tl.load(max_ptr + offs, mask=exists[:, None], other=0.0).to(tl.float32)
+            score = tl.full([BLOCK_P], float("-inf"), tl.float32)
+            for gi in tl.static_range(GROUP):
+                qg = tl.sum(tl.where((g == gi)[:, None], q, 0.0), 0)[None, :]  # row gi of q, [1, D]
+                upper = tl.sum(tl.maximum(qg * kmin, qg * kmax), 1)
+                score = tl.maximum(score, upper)
+        else:
+            ksum = tl.load(sum_ptr + offs, mask=exists[:, None], other=0.0).to(tl.float32)
+            score = tl.sum(ksum * q_mean[None, :], 1)
+            if DIVIDE:
+                count = tl.load(count_ptr + phys, mask=exists, other=1)
+                score = score / tl.maximum(count, 1).to(tl.float32)
+        forced = (idx < SINK) | (idx >= n_pages - LOCAL)
+        score = tl.where(forced, float("inf"), score)
+        tl.store(score_row + idx, score, mask=exists)
+
+
+@triton.jit
+def _order_key(score):
+    """Order-preserving map float32 -> uint32: flip all bits of negatives, the sign bit of the rest."""
+    bits = score.to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) == 1, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+
+
+@triton.jit
+def _load_keys(score_row, idx, n_pages):
+    exists = idx < n_pages
+    # .cg: read at L2, where the other programs of the row stored their scores
+    score = tl.load(score_row + idx, mask=exists, other=0.0, cache_modifier=".cg")
+    return tl.where(exists, _order_key(score), 0), exists
+
+
+@triton.jit
+def _digit_counts(key, exists, prefix, known, shift, digits):
+    """[16] counts of the 4-bit digit at `shift` among existing keys whose already-fixed bits equal `prefix`."""
+    match = exists & ((key & known) == prefix)
+    digit = ((key >> shift) & 15).to(tl.int32)
+    hit = (digit[:, None] == digits[None, :]) & match[:, None]
+    return tl.sum(hit.to(tl.int32), 0)
+
+
+@triton.jit
+def _emit_chunk(idx, exists, key, thresh, need, take_all, base, tie_base, last, out_row, bt_row, csr_row,
+                KV_HEADS: tl.constexpr, h, WRITE_CSR: tl.constexpr):
+    """Compact one chunk's chosen pages to out_row[base:] (and the CSR list); returns the running totals."""
+    ties = exists & (key == thresh)
+    tie_rank = tie_base + tl.cumsum(ties.to(tl.int32), 0) - 1
+    chosen = exists & (take_all | (key > thresh) | (ties & (tie_rank < need)))
+    pos = base + tl.cumsum(chosen.to(tl.int32), 0) - 1
+    tl.store(out_row + pos, idx, mask=chosen)
+    if WRITE_CSR:
+        phys = tl.load(bt_row + idx, mask=chosen, other=0)
+        tl.store(csr_row + pos, phys * KV_HEADS + h, mask=chosen)
+    base += tl.sum(chosen.to(tl.int32), 0)
+    tie_base += tl.sum(ties.to(tl.int32), 0)
+    last = tl.maximum(last, tl.max(tl.where(chosen, idx, -1), 0))
+    return base, tie_base, last
+
+
+@triton.jit
+def _topk_row(
+    score_row, n_pages, k, seq, out_row, k_cols, bt_row, csr_row, last_len_ptr, row, h,
+    KV_HEADS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_CSR: tl.constexpr,
+):
+    """Exact top-k of one row's scores: radix select of the k-th largest key, then ascending compaction."""
+    idx0 = tl.arange(0, BLOCK_N)
+    key0, ex0 = _load_keys(score_row, idx0, n_pages)
+    digits = tl.arange(0, 16)
+    prefix = tl.zeros([], tl.uint32)
+    known = tl.zeros([], tl.uint32)
+    need = k
+    take_all = k >= n_pages
+    if not take_all:
+        for r in tl.static_range(8):
+            shift: tl.constexpr = 28 - 4 * r
+            counts = _digit_counts(key0, ex0, prefix, known, shift, digits)
+            for c in range(BLOCK_N, n_pages, BLOCK_N):
+                key, ex = _load_keys(score_row, c + idx0, n_pages)
+                counts += _digit_counts(key, ex, prefix, known, shift, digits)
+            # keys at or above each digit; the k-th largest has the largest digit whose count still reaches `need`
+            at_or_above = tl.sum(tl.where(digits[:, None] >= digits[None, :], counts[:, None], 0), 0)
+            digit = tl.max(tl.where(at_or_above >= need, digits, 0), 0)
+            need -= tl.sum(tl.where(digits > digit, counts, 0), 0)
+            prefix = prefix | (digit.to(tl.uint32) << shift)
+            known = known | (tl.full([], 15, tl.uint32) << shift)
+    thresh = prefix  # the k-th largest key; `need` of the keys equal to it are taken, lowest page index first
+    zero = tl.zeros([], tl.int32)
+    base, tie_base, last = _emit_chunk(idx0, ex0, key0, thresh, need, take_all, zero, zero, zero - 1, out_row,
+                                       bt_row, csr_row, KV_HEADS, h, WRITE_CSR)
+    for c in range(BLOCK_N, n_pages, BLOCK_N):
+        key, ex = _load_keys(score_row, c + idx0, n_pages)
+        base, tie_base, last = _emit_chunk(c + idx0, ex, key, thresh, need, take_all, base, tie_base, last,
+                                           out_row, bt_row, csr_row, KV_HEADS, h, WRITE_CSR)
+    for c in range(k, k_cols, BLOCK_N):  # unused entries of the page list: 0
+        tl.store(out_row + c + idx0, tl.zeros([BLOCK_N], tl.int32), mask=c + idx0 < k_cols)
+    if WRITE_CSR:
+        last_len = tl.where(last == n_pages - 1, seq - (n_pages - 1) * PAGE, PAGE)
+        tl.store(last_len_ptr + row, last_len)
+
+
+@triton.jit
+def _select_pages_kernel(
+    q_ptr, stride_qb, stride_qh,
+    sum_ptr, min_ptr, max_ptr, stride_sp, stride_sh,
+    count_ptr,
+    block_table_ptr, stride_btb,
+    seq_lens_ptr, budget_pages_ptr,
+    scores_ptr, stride_ob, stride_oh,
+    counter_ptr,
+    pages_ptr, stride_pb, stride_ph, k_cols,
+    csr_ptr, row_start_ptr, last_len_ptr,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
+    BLOCK_P: tl.constexpr, PAGES_PER_PROG: tl.constexpr, QUEST: tl.constexpr, DIVIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, WRITE_CSR: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = row // KV_HEADS
+    h = row % KV_HEADS
+    chunk = tl.program_id(1)
+    start = chunk * PAGES_PER_PROG
+    seq = tl.load(seq_lens_ptr + b).to(tl.int32)
+    n_pages = (seq + PAGE - 1) // PAGE
+    arrivals = tl.maximum((n_pages + PAGES_PER_PROG - 1) // PAGES_PER_PROG, 1)  # programs of this row with work
+    if chunk < arrivals:
+        bt_row = block_table_ptr + b * stride_btb
+        score_row = scores_ptr + b * stride_ob + h * stride_oh
+        if start < n_pages:
+            _score_range(q_ptr, stride_qb, stride_qh, sum_ptr, min_ptr, max_ptr, stride_sp, stride_sh, count_ptr,
+                         bt_row, score_row, b, h, start, n_pages, GROUP, BLOCK_G, HEAD_DIM, SINK, LOCAL, BLOCK_P,
+                         PAGES_PER_PROG, QUEST, DIVIDE)
+        tl.debug_barrier()  # every thread's score stores precede the release below
+        ticket = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel")
+        if ticket == arrivals - 1:  # the row's last program: every score of the row is written
+            tl.store(counter_ptr + row, 0)  # ready for the next launch (graph replay)
+            tl.debug_barrier()
+            k = tl.minimum(tl.load(budget_pages_ptr + b).to(tl.int32), n_pages)
+            csr_row = csr_ptr
+            if WRITE_CSR:
+                csr_row = csr_ptr + tl.load(row_start_ptr + row)
+            _topk_row(score_row, n_pages, k, seq, pages_ptr + b * stride_pb + h * stride_ph, k_cols, bt_row,
+                      csr_row, last_len_ptr, row, h, KV_HEADS, PAGE, BLOCK_N, WRITE_CSR)
 
 
 @triton.jit
@@ -38,6 +210,7 @@ def _score_pages_kernel(
     PAGE: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
     BLOCK_P: tl.constexpr, PAGES_PER_PROG: tl.constexpr, QUEST: tl.constexpr, DIVIDE: tl.constexpr,
 ):
+    """Two-launch baseline, launch 1: scores only."""
     row = tl.program_id(0)
     b = row // KV_HEADS
     h = row % KV_HEADS
@@ -45,33 +218,9 @@ def _score_pages_kernel(
     seq = tl.load(seq_lens_ptr + b).to(tl.int32)
     n_pages = (seq + PAGE - 1) // PAGE
     if start < n_pages:
-        d = tl.arange(0, HEAD_DIM)
-        g = tl.arange(0, BLOCK_G)
-        q_rows = q_ptr + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + d[None, :]
-        q = tl.load(q_rows, mask=(g < GROUP)[:, None], other=0.0).to(tl.float32)  # [BLOCK_G, D]
-        q_mean = tl.sum(q, 0) / GROUP
-        for p0 in range(0, PAGES_PER_PROG, BLOCK_P):
-            idx = start + p0 + tl.arange(0, BLOCK_P)
-            exists = idx < n_pages
-            phys = tl.load(block_table_ptr + b * stride_btb + idx, mask=exists, other=0).to(tl.int64)
-            offs = phys[:, None] * stride_sp + h * stride_sh + d[None, :]
-            if QUEST:
-                kmin = tl.load(min_ptr + offs, mask=exists[:, None], other=0.0).to(tl.float32)
-                kmax = tl.load(max_ptr + offs, mask=exists[:, None], other=0.0).to(tl.float32)
-                score = tl.full([BLOCK_P], float("-inf"), tl.float32)
-                for gi in tl.static_range(GROUP):
-                    qg = tl.sum(tl.where((g == gi)[:, None], q, 0.0), 0)[None, :]  # row gi of q, [1, D]
-                    upper = tl.sum(tl.maximum(qg * kmin, qg * kmax), 1)
-                    score = tl.maximum(score, upper)
-            else:
-                ksum = tl.load(sum_ptr + offs, mask=exists[:, None], other=0.0).to(tl.float32)
-                score = tl.sum(ksum * q_mean[None, :], 1)
-                if DIVIDE:
-                    count = tl.load(count_ptr + phys, mask=exists, other=1)
-                    score = score / tl.maximum(count, 1).to(tl.float32)
-            forced = (idx < SINK) | (idx >= n_pages - LOCAL)
-            score = tl.where(forced, float("inf"), score)
-            tl.store(scores_ptr + b * stride_ob + h * stride_oh + idx, score, mask=exists)
+        _score_range(q_ptr, stride_qb, stride_qh, sum_ptr, min_ptr, max_ptr, stride_sp, stride_sh, count_ptr,
+                     block_table_ptr + b * stride_btb, scores_ptr + b * stride_ob + h * stride_oh, b, h, start,
+                     n_pages, GROUP, BLOCK_G, HEAD_DIM, SINK, LOCAL, BLOCK_P, PAGES_PER_PROG, QUEST, DIVIDE)
 
 
 @triton.jit
@@ -83,6 +232,7 @@ def _topk_pages_kernel(
     csr_ptr, row_start_ptr, last_len_ptr,
     KV_HEADS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_CSR: tl.constexpr,
 ):
+    """Two-launch baseline, launch 2: a 32-step bitwise search for the k-th largest key over the whole width."""
     row = tl.program_id(0)
     b = row // KV_HEADS
     h = row % KV_HEADS
@@ -92,10 +242,7 @@ def _topk_pages_kernel(
     idx = tl.arange(0, BLOCK_N)
     exists = idx < n_pages
     score = tl.load(scores_ptr + b * stride_sb + h * stride_sh + idx, mask=exists, other=0.0)
-    # Order-preserving map float -> uint32: flip all bits of negatives, the sign bit of the rest.
-    bits = score.to(tl.uint32, bitcast=True)
-    key = tl.where((bits >> 31) == 1, bits ^ 0xFFFFFFFF, bits | 0x80000000)
-    key = tl.where(exists, key, 0)
+    key = tl.where(exists, _order_key(score), 0)
     # Largest threshold t with count(key >= t) >= k, built from the top bit down: t is the k-th largest key.
     thresh = tl.zeros([], tl.uint32)
     for bit in tl.static_range(31, -1, -1):
@@ -124,6 +271,18 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
+def score_tiling(rows: int, max_pages: int, device: torch.device, pages_per_prog: int | None = None,
+                 block_p: int | None = None, num_warps: int | None = None) -> tuple[int, int, int]:
+    """(pages per program, pages per tile, warps) of the scoring grid; None picks the default.
+
+    Default: about 4 programs per SM (latency-bound small batches need the parallelism), 32..256 pages each."""
+    if pages_per_prog is None:
+        pages_per_prog = min(max(triton.next_power_of_2(rows * max_pages // (4 * _num_sms(device))), 32), 256)
+    pages_per_prog = min(pages_per_prog, max(triton.next_power_of_2(max_pages), 16))
+    block_p = min(block_p or 32, pages_per_prog)
+    return pages_per_prog, block_p, num_warps or 4
+
+
 def select_pages_into(
     q: torch.Tensor,
     block_table: torch.Tensor,
@@ -137,19 +296,28 @@ def select_pages_into(
     key_min: torch.Tensor | None = None,
     key_max: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
     csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     pages_per_prog: int | None = None,
+    block_p: int | None = None,
+    num_warps: int | None = None,
+    one_launch: bool = True,
     topk: bool = True,
+    topk_chunk: int = TOPK_CHUNK,
 ) -> torch.Tensor:
     """Write the selected logical pages of every (request, KV head) into `pages_out` [batch, kv_heads, K] int32.
 
-    Allocation-free and sync-free when `scores` is given, so it can be captured in a CUDA graph.
+    Allocation-free and sync-free when `scores` and `counters` are given, so it can be captured in a CUDA graph.
     budget_pages: [batch] int32 pages per request (clamped to the request's pages here). Row r = b * kv_heads + h
     gets min(budget_pages[b], n_pages[b]) pages in ascending order; the rest of its K entries are set to 0.
     Centroid scorer: `key_sum` [pages, kv_heads, D] (any float dtype) and `count` [pages] (None: key_sum already
     holds centroids). Quest scorer: `key_min` and `key_max`. csr = (indices, row_start [rows], last_len [rows])
     additionally writes FlashInfer's per-(request, KV head) page list: indices[row_start[r] + i] = physical
     page * kv_heads + h of the row's i-th selected page (row_start must be the exclusive cumsum of the row counts).
+    counters: int32 [>= batch * kv_heads], zero before the first call; the one-launch kernel leaves it zero again.
+    pages_per_prog / block_p / num_warps: the scoring tile (`score_tiling`); one_launch=False: the two-launch
+    baseline; topk=False: scoring only (two-launch path; benchmarks time the parts apart); topk_chunk: pages per
+    chunk of the one-launch top-k (a power of two; tests use small ones to exercise the multi-chunk loop).
     Returns the scores buffer [batch, kv_heads, max_pages] (entries past a request's pages are unwritten).
     """
     batch, q_heads, head_dim = q.shape
@@ -159,45 +327,62 @@ def select_pages_into(
         raise ValueError(f"scorer {cfg.scorer!r} needs " + ("key_min and key_max" if quest else "key_sum"))
     kv_heads = summary.shape[1]
     max_pages = block_table.shape[1]
+    rows = batch * kv_heads
     if q_heads % kv_heads or summary.shape[2] != head_dim or summary.stride(2) != 1:
         raise ValueError(f"summaries {tuple(summary.shape)} (last dim contiguous) do not fit q {tuple(q.shape)}")
     if quest and key_max.stride() != key_min.stride():
         raise ValueError("key_min and key_max must share strides")
     if head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two for the Triton kernels, got {head_dim}")
-    if max_pages > MAX_PAGES_PER_ROW:
+    if not one_launch and max_pages > MAX_PAGES_PER_ROW:
         raise ValueError(f"block table has {max_pages} pages per request; the top-k kernel holds {MAX_PAGES_PER_ROW}")
     if pages_out.shape[:2] != (batch, kv_heads) or pages_out.dtype != torch.int32 or pages_out.stride(2) != 1:
         raise ValueError(f"pages_out must be int32 [{batch}, {kv_heads}, K], got {pages_out.dtype} "
                          f"{tuple(pages_out.shape)}")
     if pages_out.shape[2] > max(triton.next_power_of_2(max_pages), 16):
         raise ValueError(f"pages_out has {pages_out.shape[2]} columns, more than the {max_pages} pages per request")
+    if counters is not None and (counters.dtype != torch.int32 or counters.numel() < rows or not
+                                 counters.is_contiguous()):
+        raise ValueError(f"counters must be a contiguous int32 tensor of >= {rows} entries (zeros)")
+    if topk_chunk < 16 or topk_chunk & (topk_chunk - 1):
+        raise ValueError(f"topk_chunk must be a power of two >= 16, got {topk_chunk}")
     if scores is None:
         scores = torch.empty(batch, kv_heads, max_pages, dtype=torch.float32, device=q.device)
     group = q_heads // kv_heads
-    rows = batch * kv_heads
-    if pages_per_prog is None:  # about 4 programs per SM: latency-bound small batches need the parallelism
-        pages_per_prog = min(max(triton.next_power_of_2(rows * max_pages // (4 * _num_sms(q.device))), 32), 256)
-    pages_per_prog = min(pages_per_prog, triton.next_power_of_2(max_pages))
-    block_p = min(32, pages_per_prog)
-    stride_sp, stride_sh = summary.stride(0), summary.stride(1)
-    _score_pages_kernel[(rows, triton.cdiv(max_pages, pages_per_prog))](
-        q, q.stride(0), q.stride(1),
-        key_sum if key_sum is not None else summary, key_min if quest else summary,
-        key_max if quest else summary, stride_sp, stride_sh,
-        count if count is not None else seq_lens,
+    ppp, block_p, warps = score_tiling(rows, max_pages, q.device, pages_per_prog, block_p, num_warps)
+    summaries = (key_sum if key_sum is not None else summary, key_min if quest else summary,
+                 key_max if quest else summary, summary.stride(0), summary.stride(1),
+                 count if count is not None else seq_lens)
+    shape = dict(KV_HEADS=kv_heads, GROUP=group, BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=head_dim,
+                 PAGE=cfg.page_size, SINK=cfg.sink_pages, LOCAL=cfg.local_pages, BLOCK_P=block_p,
+                 PAGES_PER_PROG=ppp, QUEST=quest, DIVIDE=count is not None)
+    grid = (rows, triton.cdiv(max_pages, ppp))
+    indices, row_start, last_len = csr if csr is not None else (pages_out, pages_out, pages_out)
+    if one_launch and topk:
+        if counters is None:
+            counters = torch.zeros(rows, dtype=torch.int32, device=q.device)
+        _select_pages_kernel[grid](
+            q, q.stride(0), q.stride(1), *summaries,
+            block_table, block_table.stride(0),
+            seq_lens, budget_pages,
+            scores, scores.stride(0), scores.stride(1),
+            counters,
+            pages_out, pages_out.stride(0), pages_out.stride(1), pages_out.shape[2],
+            indices, row_start, last_len,
+            **shape, BLOCK_N=min(max(triton.next_power_of_2(max_pages), 16), topk_chunk), WRITE_CSR=csr is not None,
+            num_warps=warps,
+        )
+        return scores
+    _score_pages_kernel[grid](
+        q, q.stride(0), q.stride(1), *summaries,
         block_table, block_table.stride(0),
         seq_lens,
         scores, scores.stride(0), scores.stride(1),
-        KV_HEADS=kv_heads, GROUP=group, BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=head_dim,
-        PAGE=cfg.page_size, SINK=cfg.sink_pages, LOCAL=cfg.local_pages,
-        BLOCK_P=block_p, PAGES_PER_PROG=pages_per_prog, QUEST=quest, DIVIDE=count is not None,
-        num_warps=4,
+        **shape, num_warps=warps,
     )
-    if not topk:  # scoring only (benchmarks time the two launches apart)
+    if not topk:
         return scores
     block_n = max(triton.next_power_of_2(max_pages), 16)
-    indices, row_start, last_len = csr if csr is not None else (pages_out, pages_out, pages_out)
     _topk_pages_kernel[(rows,)](
         scores, scores.stride(0), scores.stride(1),
         seq_lens, budget_pages,
