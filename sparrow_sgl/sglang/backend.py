@@ -11,6 +11,12 @@ logical page j of a request in one physical page (slot // 16) at offset position
 block table is `req_to_token[row, ::16] // 16`. Page summaries live per physical page and sparse layer and are
 updated incrementally whenever K is written (extend and decode), for every request whatever its schedule, because
 a dense request's prompt pages may later serve as a sparse request's cached prefix.
+
+CUDA graphs (`graph_state.py`): on a captured or replayed decode batch the metadata lives in static device buffers
+that the captured prep fills from `req_pool_indices` and `seq_lens`; each request's schedule reaches them through a
+per-slot table written at its extend. Sparse layers then run the Triton selection + decode (sync-free), dense layers
+the stock backend's own graph path. A replayed step treats dense requests of the batch as sparse ones whose budget
+covers every page (same attention, Triton instead of the stock kernel in the sparse layers).
 """
 
 from __future__ import annotations
@@ -24,9 +30,17 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sparrow_sgl.attention import PageSummaries, sparse_decode
 from sparrow_sgl.config import ConfigError
-from sparrow_sgl.sglang.request_state import REGISTRY, server_sparsity
+from sparrow_sgl.sglang.graph_state import GraphDecodeState
+from sparrow_sgl.sglang.request_state import REGISTRY, server_schedule, server_sparsity
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+@dataclass
+class GraphStep:
+    """Metadata of a captured / replayed decode batch: its rows live in `SparrowAttnBackend.graph` buffers [:bs]."""
+
+    bs: int
 
 
 @dataclass
@@ -55,8 +69,11 @@ class SparrowAttnBackend(AttentionBackend):
         self._check_supported(model_runner)
         num_layers = model_runner.model_config.num_hidden_layers
         self.num_sparse_layers = sum(1 for i in range(num_layers) if not self.cfg.is_dense_layer(i))
+        self.num_layers = num_layers
         self.summaries: dict[int, PageSummaries] = {}
-        self.forward_metadata: DecodeMetadata | None = None
+        self.forward_metadata: DecodeMetadata | GraphStep | None = None
+        self.graph: GraphDecodeState | None = None  # set by init_cuda_graph_state
+        self.inner_has_graphs = device != "cpu"  # torch_native (CPU) has no graph hooks: its eager prep stands in
         REGISTRY.active = True
 
     def _check_supported(self, model_runner) -> None:
@@ -72,6 +89,8 @@ class SparrowAttnBackend(AttentionBackend):
             raise ConfigError("the sparrow backend does not support --enable-mixed-chunk (decode would turn dense)")
         if getattr(args, "speculative_algorithm", None):
             raise ConfigError("the sparrow backend does not support speculative decoding")
+        if _prefill_graphs_on():  # captured extends would skip the per-slot schedule bind and summary updates
+            raise ConfigError("the sparrow backend needs eager prefill: launch with --disable-prefill-cuda-graph")
         archs = getattr(model_runner.model_config.hf_config, "architectures", None) or []
         if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
             raise ConfigError(
@@ -82,6 +101,8 @@ class SparrowAttnBackend(AttentionBackend):
     def init_forward_metadata(self, forward_batch) -> None:
         self.inner.init_forward_metadata(forward_batch)
         self.forward_metadata = None
+        if self.graph is not None and forward_batch.forward_mode.is_extend():
+            self._bind_slots(forward_batch)
         if forward_batch.forward_mode.is_decode():
             self.forward_metadata = self._decode_metadata(forward_batch)
             REGISTRY.record_step(forward_batch.rids, self.forward_metadata.attended, self.num_sparse_layers)
@@ -120,6 +141,8 @@ class SparrowAttnBackend(AttentionBackend):
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         md = self.forward_metadata
+        if isinstance(md, GraphStep):
+            return self._forward_decode_graph(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         if self.cfg.is_dense_layer(layer.layer_id) or md.all_dense:
             out = self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
             if save_kv_cache and k is not None:
@@ -149,15 +172,16 @@ class SparrowAttnBackend(AttentionBackend):
         return out.reshape(-1, heads * layer.v_head_dim)
 
     def _summaries(self, layer) -> PageSummaries:
-        summaries = self.summaries.get(layer.layer_id)
+        return self._summaries_of(layer.layer_id, layer.tp_k_head_num, layer.qk_head_dim)
+
+    def _summaries_of(self, layer_id: int, kv_heads: int, head_dim: int) -> PageSummaries:
+        summaries = self.summaries.get(layer_id)
         if summaries is None:
-            slots = self.token_to_kv_pool.get_key_buffer(layer.layer_id).shape[0]
+            slots = self.token_to_kv_pool.get_key_buffer(layer_id).shape[0]
             if slots % self.page_size:
                 raise ConfigError(f"KV buffer of {slots} slots is not a whole number of {self.page_size}-token pages")
-            summaries = PageSummaries.allocate(
-                slots // self.page_size, layer.tp_k_head_num, layer.qk_head_dim, device=self.device
-            )
-            self.summaries[layer.layer_id] = summaries
+            summaries = PageSummaries.allocate(slots // self.page_size, kv_heads, head_dim, device=self.device)
+            self.summaries[layer_id] = summaries
         return summaries
 
     def _update_summaries(self, layer, cache_loc: torch.Tensor, k: torch.Tensor) -> None:
@@ -167,13 +191,81 @@ class SparrowAttnBackend(AttentionBackend):
         keys = k.reshape(loc.shape[0], layer.tp_k_head_num, layer.qk_head_dim)
         self._summaries(layer).append(loc // self.page_size, loc % self.page_size, keys)
 
-    # -- CUDA graphs ------------------------------------------------------------------------------------------
+    # -- CUDA graphs (see graph_state.py for SGLang's call sequence) ----------------------------------------------
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        raise ConfigError("the sparrow backend does not support CUDA graphs yet: launch with --disable-cuda-graph")
+        if self.inner_has_graphs:
+            self.inner.init_cuda_graph_state(max_bs, max_num_tokens)
+        sparse = [i for i in range(self.num_layers) if not self.cfg.is_dense_layer(i)]
+        kv_heads = self.token_to_kv_pool.get_key_buffer(sparse[0]).shape[1] if sparse else 1
+        for layer_id in sparse:  # allocate now: nothing may be allocated for them while a graph is captured
+            buffer = self.token_to_kv_pool.get_key_buffer(layer_id)
+            self._summaries_of(layer_id, buffer.shape[1], buffer.shape[2])
+        self.graph = GraphDecodeState(self.req_to_token, self.cfg, server_schedule(), max_bs, kv_heads,
+                                      self.num_sparse_layers)
+        REGISTRY.slot_reader = self.graph.read
 
     def get_cuda_graph_seq_len_fill_value(self):
-        return self.inner.get_cuda_graph_seq_len_fill_value()
+        try:
+            return self.inner.get_cuda_graph_seq_len_fill_value()
+        except NotImplementedError:
+            return 1
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        """Host prep of a captured (in_capture) or replayed batch; `forward_batch` may be SGLang's replay view."""
+        if self.inner_has_graphs:
+            self.inner.init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
+        else:
+            self.inner.init_forward_metadata(forward_batch)
+        self.forward_metadata = None
+        if not forward_batch.forward_mode.is_decode():
+            return
+        if self.graph is None:
+            raise ConfigError("init_cuda_graph_state must run before a graph batch is prepared")
+        bs = forward_batch.batch_size
+        self.graph.set_live(0 if in_capture else bs - (getattr(forward_batch, "num_padding", 0) or 0))
+        self.forward_metadata = GraphStep(bs)
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        if self.inner_has_graphs:
+            self.inner.init_forward_metadata_in_graph(forward_batch)
+        if forward_batch.forward_mode.is_decode():
+            self.graph.prepare(forward_batch)
+
+    def _bind_slots(self, forward_batch) -> None:
+        rids = forward_batch.rids or []
+        schedules = [REGISTRY.get(rid).schedule for rid in rids]
+        self.graph.bind(schedules, forward_batch.req_pool_indices[: len(rids)])
+        host = getattr(forward_batch, "req_pool_indices_cpu", None)
+        shared = forward_batch.req_pool_indices.clone() if host is None else None  # read at report time only
+        for i, rid in enumerate(rids):
+            REGISTRY.bind_slot(rid, int(host[i]) if host is not None else (shared, i))
+
+    def _forward_decode_graph(self, q, k, v, layer, forward_batch, save_kv_cache, **kwargs):
+        if self.cfg.is_dense_layer(layer.layer_id):
+            return self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        heads, kv_heads, head_dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        summaries = self._summaries(layer)
+        if save_kv_cache and k is not None:
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
+            keys = k.reshape(-1, kv_heads, head_dim)
+            self.graph.append_summaries(summaries, forward_batch.out_cache_loc, keys)
+        paged = (-1, self.page_size, kv_heads, head_dim)
+        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id).view(paged)
+        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id).view(paged)
+        out = self.graph.attend(q.reshape(-1, heads, head_dim), k_cache, v_cache, summaries, layer.scaling)
+        return out.reshape(-1, heads * layer.v_head_dim)
 
     def support_triton(self):
         return self.inner.support_triton()
 
+
+def _prefill_graphs_on() -> bool:
+    """Whether SGLang's published graph config captures prefill (False before it is published, e.g. in tests)."""
+    from sglang.srt.model_executor.cuda_graph_config import Backend
+    from sglang.srt.runtime_context import get_exec
+
+    try:
+        config = get_exec().graph.cuda_graph_config
+    except (AttributeError, ValueError):
+        return False
+    return config is not None and config.prefill.backend != Backend.DISABLED

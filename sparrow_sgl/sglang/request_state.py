@@ -14,6 +14,7 @@ import functools
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ class RequestSparsity:
     schedule: Schedule
     kv_tokens_sum: float = 0.0  # attended KV tokens summed over (sparse layer, decode step), mean over KV heads
     sparse_steps: int = 0  # (sparse layer, decode step) pairs
+    slot: object = None  # req_pool slot whose device counters hold the CUDA-graph steps (int, or (tensor, row))
 
     def report(self) -> dict:
         steps = self.sparse_steps
@@ -100,6 +102,8 @@ class RequestRegistry:
         self.active = False  # set once a sparrow backend exists in this process
         self._requests: OrderedDict[str, RequestSparsity] = OrderedDict()
         self._pending: tuple[list[str], torch.Tensor, int] | None = None
+        # (attended tokens, steps) accumulated on the device for a req_pool slot by CUDA-graph decode steps
+        self.slot_reader: Callable[[int], tuple[float, int]] | None = None
 
     def add(self, rid: str, custom_params) -> None:
         if not self.active:
@@ -117,6 +121,10 @@ class RequestRegistry:
         if state is None:  # e.g. a request created before the backend existed
             state = self._requests[rid] = RequestSparsity(server_schedule())
         return state
+
+    def bind_slot(self, rid: str, slot) -> None:
+        """The request's req_pool slot (an int, or (req_pool_indices tensor, row) read only at report time)."""
+        self.get(rid).slot = slot
 
     def record_step(self, rids: list[str], attended_sum: torch.Tensor, sparse_layers: int) -> None:
         """Keep a decode step's per-request attended tokens (summed over sparse layers) without syncing the device."""
@@ -139,7 +147,14 @@ class RequestRegistry:
     def pop_report(self, rid: str) -> dict | None:
         self.flush()
         state = self._requests.pop(rid, None)
-        return state.report() if state is not None else None
+        if state is None:
+            return None
+        if state.slot is not None and self.slot_reader is not None:
+            slot = state.slot if isinstance(state.slot, int) else int(state.slot[0][state.slot[1]])
+            tokens, steps = self.slot_reader(slot)
+            state.kv_tokens_sum += tokens
+            state.sparse_steps += steps
+        return state.report()
 
 
 REGISTRY = RequestRegistry()

@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--kv-tokens", type=int, default=None, help="KV pool size in tokens (default: SGLang's; CPU 16384)")
     p.add_argument("--context-length", type=int, default=None, help="max prompt + response tokens")
+    p.add_argument("--no-cuda-graph", action="store_true", help="GPU: decode eagerly (SGLang --disable-cuda-graph)")
     p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (DistillSparse rollout adapter)")
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the server")
@@ -58,6 +59,7 @@ class ServerSpec:
     context_length: int | None = None
     enable_lora: bool = False
     max_lora_rank: int = 64
+    cuda_graph: bool = True  # GPU decode through CUDA graphs (the sparrow backend captures its sparse decode too)
     extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -92,8 +94,9 @@ class ServerSpec:
         else:
             if self.kv_tokens:
                 args += ["--max-total-tokens", str(self.kv_tokens)]
-            if not self.dense:
-                args += ["--disable-cuda-graph"]  # the sparrow backend has no CUDA-graph path yet
+            # decode graphs only: the sparrow backend binds schedules and summaries in eager extends (the dense
+            # baseline keeps the same settings)
+            args += ["--disable-cuda-graph"] if not self.cuda_graph else ["--disable-prefill-cuda-graph"]
         context = self.context_length or self._pool_bounded_context()
         if context:
             args += ["--context-length", str(context)]
@@ -204,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         context_length=args.context_length,
         enable_lora=args.enable_lora,
         max_lora_rank=args.max_lora_rank,
+        cuda_graph=not args.no_cuda_graph,
         extra_args=extra,
     )
     what = "dense baseline (stock backend)" if spec.dense else f"schedule {spec.schedule}"
