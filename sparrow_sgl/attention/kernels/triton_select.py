@@ -6,7 +6,7 @@ grid (batch * kv_heads, page chunks). Each program reads its chunk of a row's pa
 forced to +inf; many programs per row keep the summary read at memory bandwidth. Each program then takes a ticket
 from a per-row counter (atomic, acq_rel); the last program of the row to arrive runs the row's top-k over the
 scores just written (L2-resident) and resets the counter for the next launch (so CUDA-graph replays need no memset).
-The top-k is a radix select on order-preserving integer keys, 4 bits per round (8 rounds, 16-bucket counts), over
+The top-k is a radix select on order-preserving integer keys, 8 bits per round (4 rounds of a 256-bin histogram), over
 the row's actual pages (a device-side loop over BLOCK_N chunks; the first chunk stays in registers): its cost scales
 with the request's page count, not the block table's width. It keeps the pages above the k-th largest key plus the
 lowest-index ties and writes them compacted in ascending order (no sort); rows whose budget covers all their pages
@@ -87,12 +87,11 @@ def _load_keys(score_row, idx, n_pages):
 
 
 @triton.jit
-def _digit_counts(key, exists, prefix, known, shift, digits):
-    """[16] counts of the 4-bit digit at `shift` among existing keys whose already-fixed bits equal `prefix`."""
+def _digit_counts(key, exists, prefix, known, shift):
+    """[256] histogram of the 8-bit digit at `shift` among existing keys whose already-fixed bits equal `prefix`."""
     match = exists & ((key & known) == prefix)
-    digit = ((key >> shift) & 15).to(tl.int32)
-    hit = (digit[:, None] == digits[None, :]) & match[:, None]
-    return tl.sum(hit.to(tl.int32), 0)
+    digit = ((key >> shift) & 255).to(tl.int32)
+    return tl.histogram(digit, 256, mask=match)
 
 
 @triton.jit
@@ -121,24 +120,24 @@ def _topk_row(
     """Exact top-k of one row's scores: radix select of the k-th largest key, then ascending compaction."""
     idx0 = tl.arange(0, BLOCK_N)
     key0, ex0 = _load_keys(score_row, idx0, n_pages)
-    digits = tl.arange(0, 16)
+    digits = tl.arange(0, 256)
     prefix = tl.zeros([], tl.uint32)
     known = tl.zeros([], tl.uint32)
     need = k
     take_all = k >= n_pages
-    if not take_all:
-        for r in tl.static_range(8):
-            shift: tl.constexpr = 28 - 4 * r
-            counts = _digit_counts(key0, ex0, prefix, known, shift, digits)
+    if k < n_pages:
+        for r in tl.static_range(4):
+            shift = 24 - 8 * r
+            counts = _digit_counts(key0, ex0, prefix, known, shift)
             for c in range(BLOCK_N, n_pages, BLOCK_N):
                 key, ex = _load_keys(score_row, c + idx0, n_pages)
-                counts += _digit_counts(key, ex, prefix, known, shift, digits)
+                counts += _digit_counts(key, ex, prefix, known, shift)
             # keys at or above each digit; the k-th largest has the largest digit whose count still reaches `need`
-            at_or_above = tl.sum(tl.where(digits[:, None] >= digits[None, :], counts[:, None], 0), 0)
+            at_or_above = tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts
             digit = tl.max(tl.where(at_or_above >= need, digits, 0), 0)
             need -= tl.sum(tl.where(digits > digit, counts, 0), 0)
             prefix = prefix | (digit.to(tl.uint32) << shift)
-            known = known | (tl.full([], 15, tl.uint32) << shift)
+            known = known | (tl.full([], 255, tl.uint32) << shift)
     thresh = prefix  # the k-th largest key; `need` of the keys equal to it are taken, lowest page index first
     zero = tl.zeros([], tl.int32)
     base, tie_base, last = _emit_chunk(idx0, ex0, key0, thresh, need, take_all, zero, zero, zero - 1, out_row,
