@@ -2,7 +2,8 @@
 
 One layer's decode step for `batch` requests of `context` tokens each (bf16, page size 16, HND cache, pages
 scattered at random over a shared pool). Sparse step = summary update (one token per request) + Triton selection
-(scores + top-k writing FlashInfer's per-KV-head page lists) + FlashInfer decode over the selected pages. Each part
+(scores + top-k in one launch, writing FlashInfer's per-KV-head page lists) + FlashInfer decode over the selected
+pages; `*_2launch` columns: the same step with the phase-3 two-launch selection, timed in the same run. Each part
 is timed alone and the whole step eagerly and as one CUDA graph (the engine's setting), with a cold L2 each run.
 
 Bytes floor = (selected KV + page summaries) / device-to-device copy bandwidth measured in the same run.
@@ -76,6 +77,9 @@ class SparseStep:
         self.limit = torch.full((batch,), self.budget_pages, dtype=torch.int32, device="cuda")
         self.pages = torch.empty(batch, kv_heads, self.budget_pages, dtype=torch.int32, device="cuda")
         self.scores = torch.empty(batch, kv_heads, block_table.shape[1], dtype=torch.float32, device="cuda")
+        self.counters = torch.zeros(batch * kv_heads, dtype=torch.int32, device="cuda")
+        self.one_launch = True  # False: the phase-3 two-launch selection (before/after in one run)
+        self.tiling: dict = {}  # pages_per_prog / block_p / num_warps overrides of the scoring tile
         self.out = torch.empty_like(q)
         self.decoder = FlashInferSparseDecoder(batch, kv_heads, q_heads, head_dim, PAGE, self.budget_pages,
                                                torch.bfloat16, "cuda", use_cuda_graph=True)
@@ -96,14 +100,28 @@ class SparseStep:
 
         select_pages_into(self.q, self.block_table, self.seq_lens, self.limit, self.cfg, self.pages,
                           key_sum=self.summaries.key_sum, count=self.count, key_min=self.summaries.key_min,
-                          key_max=self.summaries.key_max, scores=self.scores, csr=self.decoder.csr)
+                          key_max=self.summaries.key_max, scores=self.scores, counters=self.counters,
+                          csr=self.decoder.csr, one_launch=self.one_launch, **self.tiling)
+
+    def select_two_launches(self) -> None:
+        one_launch, self.one_launch = self.one_launch, False
+        try:
+            self.select()
+        finally:
+            self.one_launch = one_launch
+
+    def step_two_launches(self) -> torch.Tensor:
+        self.update()
+        self.select_two_launches()
+        return self.attend()
 
     def score_only(self) -> None:
         from sparrow_sgl.attention.kernels.triton_select import select_pages_into
 
         select_pages_into(self.q, self.block_table, self.seq_lens, self.limit, self.cfg, self.pages,
                           key_sum=self.summaries.key_sum, count=self.count, key_min=self.summaries.key_min,
-                          key_max=self.summaries.key_max, scores=self.scores, topk=False)
+                          key_max=self.summaries.key_max, scores=self.scores, topk=False, one_launch=False,
+                          **self.tiling)
 
     def update(self) -> None:
         from sparrow_sgl.attention.kernels.triton_summaries import append_decode
@@ -159,7 +177,7 @@ def sparse_row(pool, q, block_table, context, budget, bw, reps, triton_decode: b
     if ref is not None:
         row["fi_vs_triton_rel_err"] = float((out.float() - ref.float()).norm() / ref.float().norm())
     parts = {"select": step.select, "score": step.score_only, "update": step.update, "attn": step.attend,
-             "step": step.step}
+             "step": step.step, "select_2launch": step.select_two_launches, "step_2launch": step.step_two_launches}
     for name, fn in parts.items():
         row[f"{name}_us"] = time_us(fn, reps)["median_us"]
         row[f"{name}_graph_us"] = graph_time_us(fn, reps)["median_us"]
@@ -168,6 +186,8 @@ def sparse_row(pool, q, block_table, context, budget, bw, reps, triton_decode: b
         row["attn_triton_graph_us"] = graph_time_us(step.attend_triton, reps)["median_us"]
         row["step_triton_graph_us"] = graph_time_us(lambda: (step.update(), step.select(), step.attend_triton()),
                                                     reps)["median_us"]
+        row["step_triton_2launch_graph_us"] = graph_time_us(
+            lambda: (step.update(), step.select_two_launches(), step.attend_triton()), reps)["median_us"]
     n_pages = context // PAGE
     kv_sel = batch * budget * kv_heads * head_dim * 2 * KV_BYTES
     summ = summary_bytes(batch, kv_heads, head_dim, n_pages)
@@ -182,12 +202,17 @@ def sparse_row(pool, q, block_table, context, budget, bw, reps, triton_decode: b
         "step_over_floor": round(t_step / floor_us, 3),
         "step_eager_over_floor": round(row["step_us"] / floor_us, 3),
         "selection_share": round((row["select_graph_us"] + row["update_graph_us"]) / t_step, 3),
+        "selection_share_2launch": round((row["select_2launch_graph_us"] + row["update_graph_us"])
+                                         / row["step_2launch_graph_us"], 3),
+        "selection_share_bytes_bound": round(summ / (summ + kv_sel), 3),
+        "step_2launch_over_floor": round(row["step_2launch_graph_us"] / floor_us, 3),
         "speedup_vs_dense": round(dense_graph_us / t_step, 2),
         "dense_graph_us": dense_graph_us,
     }
     if triton_decode:
         row["attn_triton_over_kv_floor"] = round(row["attn_triton_graph_us"] / (kv_sel / bw / 1e3), 3)
         row["step_triton_over_floor"] = round(row["step_triton_graph_us"] / floor_us, 3)
+        row["step_triton_2launch_over_floor"] = round(row["step_triton_2launch_graph_us"] / floor_us, 3)
     return row
 
 
@@ -220,14 +245,17 @@ def run_model(pool, model, contexts, batches, budgets, bw, reps, triton_decode, 
 def print_table(rows: list[dict], bw: float) -> None:
     print(f"\ncopy bandwidth {bw} GB/s; microseconds (CUDA graph); floor = (selected KV + summaries) / copy bw")
     print(f"{'model':11} {'ctx':>6} {'B':>4} {'budget':>6} {'dense':>8} {'step':>8} {'floor':>8} {'step/fl':>7} "
-          f"{'attn/kvfl':>9} {'sel%':>5} {'speedup':>7} {'tr.step':>8} {'tr/fl':>6}")
+          f"{'attn/kvfl':>9} {'sel%':>5} {'speedup':>7} {'tr.step':>8} {'tr/fl':>6} {'tr/fl2L':>7} {'sel%2L':>6} "
+          f"{'sel%min':>7}")
     for r in rows:
         if r["budget"] is None:
             continue
         print(f"{r['model']:11} {r['context']:>6} {r['batch']:>4} {r['budget']:>6} "
               f"{r.get('dense_graph_us', 0):>8} {r['step_graph_us']:>8} {r['floor_us']:>8} {r['step_over_floor']:>7} "
               f"{r['attn_over_kv_floor']:>9} {100 * r['selection_share']:>5.1f} {r['speedup_vs_dense']:>7} "
-              f"{r.get('step_triton_graph_us', '-'):>8} {r.get('step_triton_over_floor', '-'):>6}")
+              f"{r.get('step_triton_graph_us', '-'):>8} {r.get('step_triton_over_floor', '-'):>6} "
+              f"{r.get('step_triton_2launch_over_floor', '-'):>7} {100 * r['selection_share_2launch']:>6.1f} "
+              f"{100 * r['selection_share_bytes_bound']:>7.1f}")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -39,14 +39,16 @@ from sparrow_sgl.jsonio import write_json_atomic
 PAGE = 16
 GIB = 2**30
 DEFAULT_CONTEXTS = "1k," + ",".join(f"{k}k" for k in range(2, 33, 2))
-SPARSE_VARIANTS = {  # name -> (dense-layer backend, sparse-layer backend, bf16 centroid copy)
-    "sparse-fi": ("flashinfer", "flashinfer", False),
-    "sparse-triton": ("flashinfer", "triton", False),
-    "sparse-fi-bf16c": ("flashinfer", "flashinfer", True),
-    "sparse-triton-bf16c": ("flashinfer", "triton", True),
+SPARSE_VARIANTS = {  # name -> (dense-layer backend, sparse-layer backend, bf16 centroid copy, one-launch selection)
+    "sparse-fi": ("flashinfer", "flashinfer", False, False),
+    "sparse-triton": ("flashinfer", "triton", False, False),
+    "sparse-fi-bf16c": ("flashinfer", "flashinfer", True, False),
+    "sparse-triton-bf16c": ("flashinfer", "triton", True, False),
+    "sparse-triton-bf16c+1launch": ("flashinfer", "triton", True, True),  # fused score + top-k: what-if
 }
 DENSE_VARIANTS = {"dense-fi": "flashinfer", "dense-triton": "triton"}
 UNFUSED = "+unfused"  # suffix of the variants re-timed with the unfused elementwise ops (SPARROW_FUSED_OPS=0)
+BASELINE = "+1launch"  # suffix of what-if variants timed beside the shipped ones (never the cost model's input)
 
 
 @contextmanager
@@ -205,15 +207,19 @@ def run_model(name: str, args, bw: float, info: dict) -> list[dict]:
           f"{sum(p.numel() for p in model.parameters()) * 2 / GIB:.1f} GiB", flush=True)
     fi = dispatch.installed("flashinfer")
 
-    def runner(dense_be, sparse_be, bf16c=False):
+    def runner(dense_be, sparse_be, bf16c=False, one_launch=False):
         if not fi:
             dense_be, sparse_be = "triton", "triton"
-        r = GraphDecodeRunner(model, "cuda", dense_backend=dense_be, sparse_backend=sparse_be)
+        r = GraphDecodeRunner(model, "cuda", dense_backend=dense_be, sparse_backend=sparse_be,
+                              one_launch_select=one_launch)
         r.centroids = pool.centroids if bf16c else None
         return r
 
     variants = {v: (dense, runner(be, be)) for v, be in DENSE_VARIANTS.items() if fi or be == "triton"}
     variants |= {v: (preset, runner(*cfg)) for v, cfg in SPARSE_VARIANTS.items() if fi or "fi" not in v}
+    if args.variants:
+        keep = set(args.variants.split(","))
+        variants = {v: sr for v, sr in variants.items() if v in keep}
     base = {"kind": "decode_step", "model": name, "gpu": info.get("gpu"), "batch": batch, "torch": info["torch"],
             "date": info["date"], "copy_bw_gbs": bw, "page_size": PAGE, "dtype": "bfloat16"}
     point = dict(name=name, base=base, batch=batch, tokens=tokens, block_tables=block_tables, sparsity=sparsity,
@@ -281,7 +287,7 @@ def summarize(name, rows, preset, dense, batch, max_context, limit, base, what_i
     dense_names = [v for v in totals if v.startswith("dense")]
     sparse_names = [v for v in totals if v.startswith("sparse")]
     best_dense = min(dense_names, key=totals.get)
-    best_sparse = min(sparse_names, key=totals.get)
+    best_sparse = min((v for v in sparse_names if BASELINE not in v), key=totals.get)
     dense_at = {r["context"]: r for r in by_variant[best_dense]}
     for r in rows:
         if what_if or r["variant"] not in (best_dense, best_sparse):
@@ -302,7 +308,7 @@ def summarize(name, rows, preset, dense, batch, max_context, limit, base, what_i
             "bytes_limit_speedup": round(limit, 3), "ratio_to_bytes_limit": round(speedup / limit, 3),
             "dense_tokens_per_s": round(batch * max_context / totals[best_dense], 1),
             "sparse_tokens_per_s": round(batch * max_context / totals[v], 1), "best": v == best_sparse,
-            "what_if": what_if,
+            "what_if": what_if or BASELINE in v,
             "note": "step times interpolated linearly between sampled contexts; every request at the same length",
         })
     return summary
@@ -352,6 +358,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--wall-reps", type=int, default=3, help="host-inclusive decode calls per point (mean)")
     p.add_argument("--unfused", default="dense-triton,sparse-triton-bf16c",
                    help="variants re-timed with the unfused elementwise ops (SPARROW_FUSED_OPS=0), '' for none")
+    p.add_argument("--variants", default="", help="comma list of variants to time ('' = all that can run)")
     p.add_argument("--results-dir", default=None, help="where decode_e2e.json is extended (default bench/results)")
     return p
 

@@ -5,7 +5,12 @@ Qwen3-4B attention shape, page size 16, bf16 KV, CUDA-graph timings with a cold 
 - quest_fp32: Quest min/max upper bound (reads two float32 summaries per page);
 - centroid_bf16: what-if, centroids kept in bf16 (no count read): half the summary bytes of centroid_fp32.
 Also: the torch reference `select_pages` and `PageSummaries.append` for comparison (eager).
+`select` is the one-launch selection (score + top-k fused, the engine's default); `select_2launch` / `step_2launch`
+the phase-3 pair of launches, timed in the same run (before/after). `selection_share_bytes_bound` is the share the
+summaries take of the step's bytes floor: the lowest selection share a bytes-bound step can have.
+`--sweep` times the one-launch selection over scoring tiles (pages per program, tile rows, warps) instead.
     python -m bench.selection --contexts 8k,32k --batches 8,32 --budgets 1024
+    python -m bench.selection --sweep --contexts 2k,8k,32k --batches 13,128 --budgets 1024
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ def measure(pool, q, block_table, context, budget, variant, bf16_centroids, bw, 
     step = _step(pool, q, block_table, context, budget, variant, bf16_centroids)
     row = {"variant": variant}
     for name, fn in {"score": step.score_only, "select": step.select, "update": step.update,
-                     "attn": step.attend, "step": step.step}.items():
+                     "attn": step.attend, "step": step.step, "select_2launch": step.select_two_launches,
+                     "step_2launch": step.step_two_launches}.items():
         row[f"{name}_graph_us"] = graph_time_us(fn, reps)["median_us"]
     row["select_us"] = time_us(step.select, reps)["median_us"]
     n_pages = context // PAGE
@@ -74,16 +80,47 @@ def measure(pool, q, block_table, context, budget, variant, bf16_centroids, bw, 
     kv_sel = batch * budget * kv_heads * head_dim * 2 * 2
     sel = row["select_graph_us"] + row["update_graph_us"]
     row |= {
-        "topk_graph_us": round(row["select_graph_us"] - row["score_graph_us"], 2),
+        "topk_graph_us": round(row["select_2launch_graph_us"] - row["score_graph_us"], 2),
+        "select_over_score": round(row["select_graph_us"] / row["score_graph_us"], 3),
         "summary_bytes": summ,
         "score_gbs": round(summ / row["score_graph_us"] / 1e3, 1),
         "score_ratio_to_copy": round(summ / row["score_graph_us"] / 1e3 / bw, 3),
         "selection_share_of_parts": round(sel / (sel + row["attn_graph_us"]), 3),
         "selection_share_of_step": round(sel / row["step_graph_us"], 3),
+        "selection_share_2launch": round((row["select_2launch_graph_us"] + row["update_graph_us"])
+                                         / row["step_2launch_graph_us"], 3),
+        "selection_share_bytes_bound": round(summ / (summ + kv_sel), 3),
+        "step_2launch_over_floor": round(row["step_2launch_graph_us"] / ((summ + kv_sel) / bw / 1e3), 3),
         "summary_share_of_floor_bytes": round(summ / (summ + kv_sel), 3),
         "step_over_floor": round(row["step_graph_us"] / ((summ + kv_sel) / bw / 1e3), 3),
     }
     return row
+
+
+SWEEP = [(ppp, bp, w) for ppp in (32, 64, 128, 256) for bp in (16, 32, 64, 128) for w in (4, 8) if bp <= ppp]
+
+
+def sweep(pool, q, block_table, context, budget, variant, bf16_centroids, bw, reps) -> list[dict]:
+    """One-launch selection (and two-launch scoring alone) per scoring tile; the default tile first."""
+    from sparrow_sgl.attention.kernels.triton_select import score_tiling
+
+    batch, _, head_dim = q.shape
+    kv_heads = pool.k.shape[1]
+    step = _step(pool, q, block_table, context, budget, variant, bf16_centroids)
+    default = score_tiling(batch * kv_heads, block_table.shape[1], q.device)
+    sum_bytes = {"centroid_fp32": 4, "quest_fp32": 8, "centroid_bf16": 2}[variant]
+    summ = summary_bytes(batch, kv_heads, head_dim, context // PAGE, sum_bytes) - (
+        batch * (context // PAGE) * 4 if variant == "centroid_bf16" else 0)
+    rows = []
+    for ppp, bp, w in [default] + [c for c in SWEEP if c != default]:
+        step.tiling = {"pages_per_prog": ppp, "block_p": bp, "num_warps": w}
+        select_us = graph_time_us(step.select, reps)["median_us"]
+        score_us = graph_time_us(step.score_only, reps)["median_us"]
+        rows.append({"variant": variant, "pages_per_prog": ppp, "block_p": bp, "num_warps": w,
+                     "default": (ppp, bp, w) == default, "select_graph_us": select_us, "score_graph_us": score_us,
+                     "summary_bytes": summ, "select_gbs": round(summ / select_us / 1e3, 1),
+                     "score_ratio_to_copy": round(summ / score_us / 1e3 / bw, 3)})
+    return rows
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -95,6 +132,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--torch-max-batch", type=int, default=32, help="time the torch reference up to this batch")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--sweep", action="store_true", help="time scoring tiles of the one-launch selection instead")
     p.add_argument("--results-dir", default=None)
     return p
 
@@ -117,6 +155,16 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
             q = torch.randn(batch, q_heads, head_dim, dtype=torch.bfloat16, device="cuda")
             for budget in (b for b in budgets if b < context):
                 base = {"model": args.model, "context": context, "batch": batch, "budget": budget}
+                if args.sweep:
+                    for variant in variants:
+                        rows += [base | r for r in sweep(pool, q, block_table, context, budget, variant,
+                                                         bf16_centroids, bw, args.reps)]
+                        tiles = rows[-len(SWEEP) - 1 :]
+                        best = min(tiles, key=lambda r: r["select_graph_us"])
+                        print(f"sweep ctx {context} B {batch} {variant}: default {tiles[0]['select_graph_us']}"
+                              f" us, best {best['select_graph_us']} us at {best['pages_per_prog']}/{best['block_p']}/"
+                              f"{best['num_warps']}", flush=True)
+                    continue
                 if batch <= args.torch_max_batch:
                     rows.append(base | {"variant": "torch_reference"} |
                                 torch_reference_us(pool, q, block_table, context, budget, args.reps))
@@ -125,11 +173,15 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                                                args.reps))
                     progress("selection", rows[-1], args.results_dir)
             torch.cuda.empty_cache()
-    record = {"bench": "selection", **device_info(), "copy_bw_gbs": bw, "page_size": PAGE, "rows": rows}
+    record = {"bench": "selection_sweep" if args.sweep else "selection", **device_info(), "copy_bw_gbs": bw,
+              "page_size": PAGE, "rows": rows}
     emit("selection", record, args.results_dir)
+    if args.sweep:
+        return record
     print(f"\ncopy bandwidth {bw} GB/s; microseconds, CUDA graph; share = (select + update) / step")
     print(f"{'ctx':>6} {'B':>4} {'budget':>6} {'variant':14} {'score':>7} {'topk':>7} {'update':>7} {'attn':>7} "
-          f"{'step':>7} {'share':>6} {'scoreGB/s':>9}")
+          f"{'step':>7} {'share':>6} {'scoreGB/s':>9} {'select':>7} {'sel2L':>7} {'step2L':>7} {'share2L':>7} "
+          f"{'minshare':>8}")
     for r in rows:
         if r["variant"] == "torch_reference":
             print(f"{r['context']:>6} {r['batch']:>4} {r['budget']:>6} torch_ref      select {r['torch_select_us']} "
@@ -137,7 +189,9 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
             continue
         print(f"{r['context']:>6} {r['batch']:>4} {r['budget']:>6} {r['variant']:14} {r['score_graph_us']:>7} "
               f"{r['topk_graph_us']:>7} {r['update_graph_us']:>7} {r['attn_graph_us']:>7} {r['step_graph_us']:>7} "
-              f"{r['selection_share_of_step']:>6} {r['score_gbs']:>9}")
+              f"{r['selection_share_of_step']:>6} {r['score_gbs']:>9} {r['select_graph_us']:>7} "
+              f"{r['select_2launch_graph_us']:>7} {r['step_2launch_graph_us']:>7} {r['selection_share_2launch']:>7} "
+              f"{r['selection_share_bytes_bound']:>8}")
     return record
 
 

@@ -216,4 +216,4 @@ def test_select_launches_env_is_validated(monkeypatch):
     with pytest.raises(ValueError, match="SPARROW_SELECT_LAUNCHES"):
         select_launches()
     monkeypatch.delenv("SPARROW_SELECT_LAUNCHES")
-    assert select_launches() == 1
+    assert select_launches() == 2

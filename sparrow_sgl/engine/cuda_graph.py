@@ -6,9 +6,10 @@ request's page budget from a device table of the schedule's per-bin budgets, so 
 every schedule with the same page-list width. Each attention layer then runs, all in the same graph:
   1. `append_kv_decode`: the new token's K/V into the paged cache and its page summary, one Triton launch;
   2. dense layers (and dense schedules): the Triton decode over every page, or FlashInfer's paged decode;
-  3. sparse layers: Triton page selection, scoring + top-k in one launch (writing FlashInfer's per-KV-head page
-     lists when FlashInfer attends), then block-sparse decode over the selected pages.
-     `SPARROW_SELECT_LAUNCHES=2` selects with the phase-3 pair of launches instead (benchmark baseline).
+  3. sparse layers: Triton page selection, a scoring launch then a top-k launch (writing FlashInfer's per-KV-head
+     page lists when FlashInfer attends), then block-sparse decode over the selected pages.
+     `SPARROW_SELECT_LAUNCHES=1` fuses scoring and top-k into one launch instead; it measured 4-9% slower end to
+     end on an H100 (bench/results/NOTES.md, phase 4), so two launches stay the default.
 Triton (the default) needs no planning; FlashInfer (SPARROW_ATTN_BACKEND=flashinfer) is planned on the host before
 each replay from host-known page counts (no device sync). Graphs are captured
 lazily per `StepKey`; a step that cannot be captured runs the same code eagerly. `SPARROW_GPU_DECODE` = graph
@@ -45,7 +46,7 @@ def decode_mode() -> str:
 
 
 def select_launches() -> int:
-    value = os.environ.get(SELECT_ENV, "").strip() or "1"
+    value = os.environ.get(SELECT_ENV, "").strip() or "2"
     if value not in ("1", "2"):
         raise ValueError(f"{SELECT_ENV}={value!r}: choose 1 (fused score + top-k) or 2 (two launches)")
     return int(value)

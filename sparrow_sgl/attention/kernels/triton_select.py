@@ -274,11 +274,12 @@ def score_tiling(rows: int, max_pages: int, device: torch.device, pages_per_prog
                  block_p: int | None = None, num_warps: int | None = None) -> tuple[int, int, int]:
     """(pages per program, pages per tile, warps) of the scoring grid; None picks the default.
 
-    Default: about 4 programs per SM (latency-bound small batches need the parallelism), 32..256 pages each."""
+    Default (H100 sweep, bench/results/NOTES.md phase 4): 128..256 pages per program in tiles of 128 pages, 4 warps:
+    large tiles keep more summary bytes in flight per program, which the latency-bound small batches need most."""
     if pages_per_prog is None:
-        pages_per_prog = min(max(triton.next_power_of_2(rows * max_pages // (4 * _num_sms(device))), 32), 256)
+        pages_per_prog = min(max(triton.next_power_of_2(rows * max_pages // (4 * _num_sms(device))), 128), 256)
     pages_per_prog = min(pages_per_prog, max(triton.next_power_of_2(max_pages), 16))
-    block_p = min(block_p or 32, pages_per_prog)
+    block_p = min(block_p or 128, pages_per_prog)
     return pages_per_prog, block_p, num_warps or 4
 
 
