@@ -43,7 +43,7 @@ class World:
     """Real SGLang pools + our backend; deterministic page allocation so that two worlds share every index."""
 
     def __init__(self, device="cpu", dtype=torch.float32, layers=4, q_heads=4, kv_heads=2, dim=16, pages=96,
-                 max_bs=8, max_context=256, seed=0) -> None:
+                 max_bs=8, max_context=256, seed=0, server_args=None) -> None:
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
         from sparrow_sgl.sglang.backend import SparrowAttnBackend
@@ -55,7 +55,8 @@ class World:
         self.kv_pool = MHATokenToKVPool(size=pages * PAGE, page_size=PAGE, dtype=dtype, head_num=kv_heads,
                                         head_dim=dim, layer_num=layers, device=device, enable_memory_saver=False,
                                         enable_alt_stream=False)
-        self.runner = model_runner(device, self.req_pool, self.kv_pool, layers, q_heads, kv_heads, dim, max_context)
+        self.runner = model_runner(device, self.req_pool, self.kv_pool, layers, q_heads, kv_heads, dim, max_context,
+                                   server_args)
         self.backend = SparrowAttnBackend(self.runner)
         self.free_pages = list(range(1, self.kv_pool.get_key_buffer(0).shape[0] // PAGE))  # page 0: padding
         random.Random(seed).shuffle(self.free_pages)
@@ -103,8 +104,8 @@ class World:
             extend_seq_lens_cpu=list(new_tokens) if extend else None,
         )
 
-    def extend(self, rids: list[str], qkv) -> None:
-        fb = self.batch("EXTEND", rids, [PROMPTS[r[-1]] for r in rids])  # rid = world prefix + request name
+    def extend(self, rids: list[str], prompt_lens: list[int], qkv) -> None:
+        fb = self.batch("EXTEND", rids, prompt_lens)
         self.backend.init_forward_metadata(fb)
         for layer, (q, k, v) in zip(self.layers, qkv):
             self.backend.forward_extend(q, k, v, layer, fb)
@@ -213,19 +214,46 @@ class GraphRunner:
         return [out[:raw].clone() for out in outputs]
 
 
-def model_runner(device, req_pool, kv_pool, layers, q_heads, kv_heads, dim, max_context):
+def model_runner(device, req_pool, kv_pool, layers, q_heads, kv_heads, dim, max_context, server_args=None):
+    """What the backends read off SGLang's ModelRunner (as SGLang's own attention test kit mocks it)."""
+    from sglang.srt.mem_cache.kv_index_translator import KVIndexTranslator
+
     hf_config = SimpleNamespace(architectures=["Qwen3ForCausalLM"])
     model_config = SimpleNamespace(
         num_hidden_layers=layers, hf_config=hf_config, num_attention_heads=q_heads, context_len=max_context,
-        is_multimodal=False, is_encoder_decoder=False, get_num_kv_heads=lambda tp: kv_heads,
+        is_multimodal=False, is_encoder_decoder=False, head_dim=dim, v_head_dim=dim,
+        get_num_kv_heads=lambda tp_size, dcp_size=1: kv_heads,
     )
+    dtype = kv_pool.get_key_buffer(0).dtype
+    allocator = SimpleNamespace(page_size=PAGE, get_kvcache=lambda: kv_pool)
+    translator = KVIndexTranslator(req_to_token=req_pool.req_to_token, token_to_kv_pool_allocator=allocator,
+                                   token_to_kv_pool=kv_pool, page_size=PAGE, device=device, is_draft_worker=False)
     return SimpleNamespace(
-        device=device, page_size=PAGE, req_to_token_pool=req_pool, token_to_kv_pool=kv_pool,
-        model_config=model_config, use_mla_backend=False, kv_index_translator=None, sliding_window_size=None,
-        kv_cache_dtype=kv_pool.get_key_buffer(0).dtype, dtype=kv_pool.get_key_buffer(0).dtype,
+        device=device, gpu_id=0, page_size=PAGE, req_to_token_pool=req_pool, token_to_kv_pool=kv_pool,
+        token_to_kv_pool_allocator=allocator, kv_index_translator=translator, model_config=model_config,
+        use_mla_backend=False, sliding_window_size=None, is_draft_worker=False, is_hybrid_swa=False,
+        kv_cache_dtype=dtype, dtype=dtype, init_new_workspace=False, attention_chunk_size=None,
         prefill_attention_backend_str="flashinfer", decode_attention_backend_str="flashinfer",
-        server_args=SimpleNamespace(enable_mixed_chunk=False, speculative_algorithm=None),
+        server_args=server_args or SimpleNamespace(enable_mixed_chunk=False, speculative_algorithm=None),
     )
+
+
+def publish_server_args(prefill: str = "disabled"):
+    """Install the dummy server config SGLang's backends read through `get_exec()` & co (SGLang's test-kit way):
+    decode graphs on, prefill graphs off (or `prefill`). Returns (override, server_args); `.restore()` the override."""
+    from sglang.srt.model_executor.cuda_graph_config import Backend, CudaGraphConfig, PhaseConfig
+    from sglang.srt.runtime_context import get_context
+
+    override = get_context().override_server_args(
+        attention_backend="flashinfer", chunked_prefill_size=-1, disable_radix_cache=False, dllm_algorithm=None,
+        dllm_algorithm_config=None, dp_size=1, enable_deterministic_inference=False, enable_mis=False,
+        is_embedding=False, kv_cache_dtype="auto", max_running_requests=None, pp_size=1, revision=None,
+        speculative_algorithm=None, speculative_eagle_topk=0, speculative_num_draft_tokens=0,
+        speculative_num_steps=0, tp_size=1, triton_attention_num_kv_splits=8, triton_attention_split_tile_size=None,
+        cuda_graph_config=CudaGraphConfig(decode=PhaseConfig(backend=Backend.FULL),
+                                          prefill=PhaseConfig(backend=prefill)),
+    )
+    return override, override.install()
 
 
 def attention_layer(layer_id: int, q_heads: int, kv_heads: int, dim: int):
@@ -238,7 +266,8 @@ def attention_layer(layer_id: int, q_heads: int, kv_heads: int, dim: int):
     )
 
 
-def run_both(device="cpu", dtype=torch.float32, steps=40, use_cuda_graph=False, atol=1e-5, **world_kw):
+def run_both(device="cpu", dtype=torch.float32, steps=40, use_cuda_graph=False, atol=1e-5, prompt_scale=1,
+             **world_kw):
     """Prefill four requests in both worlds, decode them (batches of 4, 3, 2 and 1: padded rows), compare.
 
     Returns (max abs difference over all live outputs, eager reports, graph reports, the two worlds).
@@ -251,9 +280,10 @@ def run_both(device="cpu", dtype=torch.float32, steps=40, use_cuda_graph=False, 
         for rid, schedule in SCHEDULES.items():
             world.admit(prefix + rid, schedule)
     rids = list(SCHEDULES)
-    qkv = eager.random_qkv(gen, sum(PROMPTS.values()))
-    eager.extend(["e" + r for r in rids], qkv)
-    graph.extend(["g" + r for r in rids], qkv)
+    prompt_lens = [PROMPTS[r] * prompt_scale for r in rids]
+    qkv = eager.random_qkv(gen, sum(prompt_lens))
+    eager.extend(["e" + r for r in rids], prompt_lens, qkv)
+    graph.extend(["g" + r for r in rids], prompt_lens, qkv)
     worst = 0.0
     for step in range(steps):
         live = rids if step < steps // 2 else rids[1:] if step < 3 * steps // 4 else ["a", "d"]
@@ -303,7 +333,7 @@ def test_replayed_budgets_follow_each_slots_schedule(clean_registry):
     for rid, schedule in SCHEDULES.items():
         world.admit(rid, schedule)
     gen = torch.Generator().manual_seed(0)
-    world.extend(list(SCHEDULES), world.random_qkv(gen, sum(PROMPTS.values())))
+    world.extend(list(SCHEDULES), list(PROMPTS.values()), world.random_qkv(gen, sum(PROMPTS.values())))
     runner.replay(list(SCHEDULES), world.random_qkv(gen, 4), gen)
     state = world.backend.graph
     lengths = [world.lengths[r] for r in SCHEDULES]

@@ -66,6 +66,7 @@ class GraphDecodeState:
         self.attended = torch.zeros(max_bs, dtype=torch.float32, device=dev)  # per row, one sparse layer
         self.pages = torch.zeros(max_bs, kv_heads, self.width, dtype=torch.int32, device=dev)
         self.scores = torch.zeros(max_bs, kv_heads, self.width, dtype=torch.float32, device=dev)
+        self.counters = torch.zeros(max_bs * kv_heads, dtype=torch.int32, device=dev)  # selection tickets, kept 0
         self.n_live = torch.zeros((), dtype=torch.int64, device=dev)  # rows of the batch that are real requests
         self.rows = torch.arange(max_bs, device=dev)
 
@@ -112,11 +113,14 @@ class GraphDecodeState:
         self.slot_kv_tokens.index_add_(0, slots, (attended * live).double())
         self.slot_steps.index_add_(0, slots, live)
 
-    def append_summaries(self, summaries: PageSummaries, cache_loc: torch.Tensor, keys: torch.Tensor) -> None:
-        """One decode token per row into its page summary (padded rows write the reserved page 0)."""
+    def append_summaries(self, summaries: PageSummaries, cache_loc: torch.Tensor, keys: torch.Tensor,
+                         triton: bool | None = None) -> None:
+        """One decode token per row into its page summary (padded rows write the reserved page 0).
+
+        triton: the graph-capturable Triton append (default on CUDA); else the torch reference (CPU)."""
         page = self.cfg.page_size
         loc = cache_loc.long()
-        if keys.is_cuda:
+        if keys.is_cuda if triton is None else triton:
             from sparrow_sgl.attention.kernels.triton_summaries import append_decode
 
             append_decode(summaries, loc // page, loc % page, keys, minmax=summaries.has_minmax)
@@ -124,11 +128,13 @@ class GraphDecodeState:
             summaries.append(loc // page, loc % page, keys)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, summaries: PageSummaries,
-               scale: float) -> torch.Tensor:
-        """Sparse decode of q [bs, q_heads, D] over the NHD paged caches with this step's budgets."""
+               scale: float, triton: bool | None = None) -> torch.Tensor:
+        """Sparse decode of q [bs, q_heads, D] over the NHD paged caches with this step's budgets.
+
+        triton: the sync-free Triton selection + decode (default on CUDA); else the torch reference (CPU)."""
         bs, cfg = q.shape[0], self.cfg
         block_table, seq_lens, budget = self.block_table[:bs], self.seq_lens[:bs], self.budget_pages[:bs]
-        if not q.is_cuda:
+        if not (q.is_cuda if triton is None else triton):
             return sparse_decode(q, k_cache, v_cache, block_table, seq_lens, budget * cfg.page_size, cfg,
                                  summaries=summaries, scale=scale)
         from sparrow_sgl.attention.kernels.triton_decode import triton_attend_pages
@@ -137,7 +143,8 @@ class GraphDecodeState:
         pages = self.pages[:bs]
         select_pages_into(q, block_table, seq_lens, budget, cfg, pages, key_sum=summaries.key_sum,
                           count=summaries.count, key_min=summaries.key_min, key_max=summaries.key_max,
-                          scores=self.scores[:bs])
-        out = triton_attend_pages(q.to(k_cache.dtype), k_cache, v_cache, block_table, seq_lens, pages,
-                                  budget[:, None], cfg, scale)
+                          scores=self.scores[:bs], counters=self.counters)
+        counts = budget[:, None].expand(bs, pages.shape[1])  # every KV head of a row keeps the row's page count
+        out = triton_attend_pages(q.to(k_cache.dtype), k_cache, v_cache, block_table, seq_lens, pages, counts, cfg,
+                                  scale)
         return out.to(q.dtype)
