@@ -220,9 +220,10 @@ def model_runner(device, req_pool, kv_pool, layers, q_heads, kv_heads, dim, max_
 
     hf_config = SimpleNamespace(architectures=["Qwen3ForCausalLM"])
     model_config = SimpleNamespace(
-        num_hidden_layers=layers, hf_config=hf_config, num_attention_heads=q_heads, context_len=max_context,
-        is_multimodal=False, is_encoder_decoder=False, head_dim=dim, v_head_dim=dim,
-        get_num_kv_heads=lambda tp_size, dcp_size=1: kv_heads,
+        num_hidden_layers=layers, hf_config=hf_config, num_attention_heads=q_heads, num_key_value_heads=kv_heads,
+        context_len=max_context, is_multimodal=False, is_encoder_decoder=False, head_dim=dim, v_head_dim=dim,
+        get_num_kv_heads=lambda tp_size, dcp_size=1: kv_heads, get_max_num_attention_heads=lambda: q_heads,
+        get_num_attention_heads=lambda tp_size: q_heads,
     )
     dtype = kv_pool.get_key_buffer(0).dtype
     allocator = SimpleNamespace(page_size=PAGE, get_kvcache=lambda: kv_pool)
@@ -257,13 +258,10 @@ def publish_server_args(prefill: str = "disabled"):
 
 
 def attention_layer(layer_id: int, q_heads: int, kv_heads: int, dim: int):
-    from sglang.srt.layers.radix_attention import AttentionType
+    """SGLang's own attention layer object (only its attributes are read: the tests call the backend directly)."""
+    from sglang.srt.layers.radix_attention import RadixAttention
 
-    return SimpleNamespace(
-        layer_id=layer_id, tp_q_head_num=q_heads, tp_k_head_num=kv_heads, qk_head_dim=dim, v_head_dim=dim,
-        scaling=dim**-0.5, is_cross_attention=False, attn_type=AttentionType.DECODER, sliding_window_size=None,
-        logit_cap=0.0, k_scale=None, v_scale=None, k_scale_float=None, v_scale_float=None,
-    )
+    return RadixAttention(num_heads=q_heads, head_dim=dim, scaling=dim**-0.5, num_kv_heads=kv_heads, layer_id=layer_id)
 
 
 def run_both(device="cpu", dtype=torch.float32, steps=40, use_cuda_graph=False, atol=1e-5, prompt_scale=1,
