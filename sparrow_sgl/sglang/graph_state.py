@@ -49,8 +49,9 @@ class GraphDecodeState:
         kv_heads: int,
         num_sparse_layers: int,
     ) -> None:
-        from sparrow_sgl.engine.cuda_graph import MAX_BINS
+        from sparrow_sgl.engine.cuda_graph import MAX_BINS, select_launches
 
+        self.one_launch_select = select_launches() == 1  # the engine's choice (SPARROW_SELECT_LAUNCHES)
         dev, page = req_to_token.device, cfg.page_size
         self.cfg, self.req_to_token, self.max_bins = cfg, req_to_token, MAX_BINS
         self.num_sparse_layers = num_sparse_layers
@@ -143,7 +144,7 @@ class GraphDecodeState:
         pages = self.pages[:bs]
         select_pages_into(q, block_table, seq_lens, budget, cfg, pages, key_sum=summaries.key_sum,
                           count=summaries.count, key_min=summaries.key_min, key_max=summaries.key_max,
-                          scores=self.scores[:bs], counters=self.counters)
+                          scores=self.scores[:bs], counters=self.counters, one_launch=self.one_launch_select)
         counts = budget[:, None].expand(bs, pages.shape[1])  # every KV head of a row keeps the row's page count
         out = triton_attend_pages(q.to(k_cache.dtype), k_cache, v_cache, block_table, seq_lens, pages, counts, cfg,
                                   scale)
