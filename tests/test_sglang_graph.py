@@ -369,3 +369,15 @@ def test_sparrow_serve_keeps_decode_graphs_on_gpu_with_an_opt_out(tiny_model_dir
     assert "--disable-cuda-graph" in eager
     cpu = ServerSpec(model=str(tiny_model_dir), schedule="fixed:64", device="cpu").argv()
     assert not any("cuda-graph" in a for a in cpu)
+
+
+def test_backend_refuses_captured_prefill(clean_registry):
+    from sparrow_sgl.config import ConfigError
+
+    override, args = publish_server_args(prefill="breakable")
+    try:
+        with pytest.raises(ConfigError, match="--disable-prefill-cuda-graph"):
+            World(server_args=args)
+    finally:
+        override.restore()
+    World()  # nothing published (or prefill graphs off): accepted
