@@ -145,7 +145,7 @@ class GraphDecodeState:
         select_pages_into(q, block_table, seq_lens, budget, cfg, pages, key_sum=summaries.key_sum,
                           count=summaries.count, key_min=summaries.key_min, key_max=summaries.key_max,
                           scores=self.scores[:bs], counters=self.counters, one_launch=self.one_launch_select)
-        counts = budget[:, None].expand(bs, pages.shape[1])  # every KV head of a row keeps the row's page count
+        counts = budget[:, None]  # every KV head of a row keeps the row's page count (size-1 dim broadcasts)
         out = triton_attend_pages(q.to(k_cache.dtype), k_cache, v_cache, block_table, seq_lens, pages, counts, cfg,
                                   scale)
         return out.to(q.dtype)

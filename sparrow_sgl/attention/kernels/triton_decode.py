@@ -139,7 +139,8 @@ def triton_attend_pages(
         raise ValueError("k_cache and v_cache must share strides with a contiguous head_dim")
     if head_dim & (head_dim - 1) or head_dim < 16:
         raise ValueError(f"head_dim must be a power of two >= 16 for the Triton kernel, got {head_dim}")
-    if pages.dim() != 3 or pages.shape[0] != batch or counts.shape != pages.shape[:2]:
+    if (pages.dim() != 3 or pages.shape[0] != batch or counts.dim() != 2 or counts.shape[0] != batch
+            or counts.shape[1] not in (1, pages.shape[1])):
         raise ValueError(f"pages [batch, heads, K] and counts [batch, heads] disagree: {pages.shape}, {counts.shape}")
     group = q_heads // kv_heads
     block_p = max(1, 64 // cfg.page_size)
