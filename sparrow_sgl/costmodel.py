@@ -22,8 +22,10 @@ Kernel-measured (`KernelCost`): `bench/attention.py` per-layer attention rows (d
 interpolated the same way, plus the analytic model's weights and linear layers.
 
 Rollouts are modelled as continuous batching at a steady `batch` of concurrent requests: each decode step of a
-request costs its own attention plus 1/batch of the step's weight traffic and linear compute. Prefill is dense and
-compute-bound in both cases; the drain at the end of a rollout (batch emptying) is not modelled.
+request costs its own attention plus 1/batch of the step's weight traffic and linear compute. `drain=True` instead
+simulates `batch` slots filled from the queue of requests in order: each step costs every active request its
+attention plus 1/active of the shared traffic, so the tail of a rollout, when few long requests are left, is as
+weight-bound as it really is (and sparsity helps it less). Prefill is dense and compute-bound in both cases.
 """
 
 from __future__ import annotations
@@ -84,19 +86,25 @@ class CostModel:
         batch: int,
         prompt_len: int | Sequence[int] = 0,
         include_prefill: bool = True,
+        drain: bool = False,
     ) -> float:
-        """Seconds to generate `lengths` response tokens per request, `batch` requests decoding concurrently."""
+        """Seconds to generate `lengths` response tokens per request, `batch` requests decoding concurrently
+        (drain=True: `batch` slots that empty as requests finish and refill from the rest, in order)."""
         schedule = schedule or Schedule.dense()
         gen, prompt = _lengths(lengths, prompt_len)
         if batch < 1:
             raise ConfigError(f"batch must be >= 1, got {batch}")
         # The first response token comes from the prefill; decode step k (k >= 1) runs at KV length prompt + k.
         contexts = np.arange(1, int((prompt + gen).max()) + 1)
-        per_token = self.token_seconds(contexts, schedule_budgets(schedule, contexts), batch, schedule)
-        cumulative = np.concatenate([[0.0], np.cumsum(per_token)])
-        decode = cumulative[prompt + gen - 1] - cumulative[prompt]
-        prefill = self.prefill_seconds(prompt) if include_prefill else 0.0
-        return float(np.sum(decode + prefill))
+        budgets = schedule_budgets(schedule, contexts)
+        cumulative = _memo(lambda active: np.concatenate(
+            [[0.0], np.cumsum(self.token_seconds(contexts, budgets, active, schedule))]))
+        if drain:
+            decode = _drained_decode_seconds(cumulative, gen, prompt, batch)
+        else:
+            decode = float(np.sum(cumulative(batch)[prompt + gen - 1] - cumulative(batch)[prompt]))
+        prefill = float(np.sum(self.prefill_seconds(prompt))) if include_prefill else 0.0
+        return decode + prefill
 
     def speedup(
         self,
@@ -105,12 +113,41 @@ class CostModel:
         batch: int,
         prompt_len: int | Sequence[int] = 0,
         include_prefill: bool = True,
+        drain: bool = False,
     ) -> float:
         """Predicted rollout speedup of `schedule` over dense decode (same lengths, batch, sparsity settings)."""
         dense = _dense_like(schedule)
-        t_dense = self.predict_rollout_time(dense, lengths, batch, prompt_len, include_prefill)
-        t_sparse = self.predict_rollout_time(schedule, lengths, batch, prompt_len, include_prefill)
+        t_dense = self.predict_rollout_time(dense, lengths, batch, prompt_len, include_prefill, drain)
+        t_sparse = self.predict_rollout_time(schedule, lengths, batch, prompt_len, include_prefill, drain)
         return t_dense / t_sparse
+
+
+def _memo(fn):
+    cache: dict = {}
+    return lambda key: cache[key] if key in cache else cache.setdefault(key, fn(key))
+
+
+def _drained_decode_seconds(cumulative, gen: np.ndarray, prompt: np.ndarray, slots: int) -> float:
+    """Decode seconds of requests that take `slots` slots in order and leave when done; between two departures
+    the active set is fixed, so each request's share of that stretch is a difference of the cumulative per-token
+    cost at the active count (`cumulative(active)[context]`)."""
+    steps = gen - 1  # decode steps per request (the first token comes from the prefill)
+    queue = [i for i in range(len(gen)) if steps[i] > 0]
+    active: list[int] = []
+    left = steps.copy()
+    done = prompt.copy()  # KV length before the request's next decode step
+    total = 0.0
+    while queue or active:
+        while queue and len(active) < slots:
+            active.append(queue.pop(0))
+        run = min(int(left[i]) for i in active)
+        table = cumulative(len(active))
+        idx = np.array(active)
+        total += float(np.sum(table[done[idx] + run] - table[done[idx]]))
+        left[idx] -= run
+        done[idx] += run
+        active = [i for i in active if left[i] > 0]
+    return total
 
 
 def _dense_like(schedule: Schedule) -> Schedule:
@@ -437,10 +474,11 @@ def predict_rollout_time(
     hardware: str | Hardware = "h100",
     prompt_len: int | Sequence[int] = 0,
     cost: CostModel | None = None,
+    drain: bool = False,
 ) -> float:
     """Seconds of decode (+ prefill) for a length distribution; the model defaults to `schedule.model`."""
     cost = cost or make_cost_model(model or (schedule.model if schedule else None) or None, hardware)
-    return cost.predict_rollout_time(schedule, lengths, batch, prompt_len)
+    return cost.predict_rollout_time(schedule, lengths, batch, prompt_len, drain=drain)
 
 
 def speedup(
@@ -452,7 +490,8 @@ def speedup(
     hardware: str | Hardware = "h100",
     prompt_len: int | Sequence[int] = 0,
     cost: CostModel | None = None,
+    drain: bool = False,
 ) -> float:
     """Predicted rollout speedup of `schedule` over dense; the model defaults to `schedule.model`."""
     cost = cost or make_cost_model(model or schedule.model or None, hardware)
-    return cost.speedup(schedule, lengths, batch, prompt_len)
+    return cost.speedup(schedule, lengths, batch, prompt_len, drain=drain)

@@ -198,3 +198,38 @@ def test_kernel_mode_combines_measured_attention_with_analytic_linear_layers(tmp
     other.write_text(json.dumps([{"bench": "selection", "rows": rows}]))
     with pytest.raises(ConfigError, match="no attention benchmark rows"):
         load_attention_rows(other)
+
+
+def test_drain_equals_steady_batch_when_every_slot_stays_full():
+    cost = AnalyticCost("qwen3-4b", "h100")
+    schedule = load_preset("qwen3-4b-0.86")
+    for lengths in ([6000] * 8, [6000] * 16):  # one full wave, and two waves through 8 slots
+        steady = cost.predict_rollout_time(schedule, lengths, batch=8, prompt_len=300)
+        drained = cost.predict_rollout_time(schedule, lengths, batch=8, prompt_len=300, drain=True)
+        assert drained == pytest.approx(steady, rel=1e-9)
+
+
+def test_drain_makes_a_long_tail_weight_bound():
+    cost = AnalyticCost("qwen3-4b", "h100")
+    schedule = load_preset("qwen3-4b-0.86")
+    lengths = [2000] * 15 + [30000]  # one straggler decodes alone for 28K steps
+    steady = cost.predict_rollout_time(schedule, lengths, batch=16)
+    drained = cost.predict_rollout_time(schedule, lengths, batch=16, drain=True)
+    assert drained > 2 * steady  # the straggler pays the whole weight read of each of its steps
+    # the straggler alone costs what one request at batch 1 costs: the drained time is at least that
+    alone = cost.predict_rollout_time(schedule, [30000], batch=1)
+    assert drained > alone
+    # weights do not shrink with sparsity, so the drained rollout gains less from it
+    assert cost.speedup(schedule, lengths, 16, drain=True) < cost.speedup(schedule, lengths, 16)
+
+
+def test_drain_by_hand_two_requests_one_slot_each():
+    cost = AnalyticCost("qwen3-1.7b", "h100")
+    schedule = Schedule.fixed(1024)
+    both = cost.predict_rollout_time(schedule, [100, 300], batch=2, prompt_len=50, include_prefill=False, drain=True)
+    contexts = np.arange(1, 351)
+    budgets = schedule_budgets(schedule, contexts)
+    at2, at1 = (cost.token_seconds(contexts, budgets, b, schedule) for b in (2, 1))
+    # steps at KV lengths 51..149 run two at a time; the second request's 150..349 run alone
+    want = at2[50:149].sum() * 2 + at1[149:349].sum()
+    assert both == pytest.approx(want, rel=1e-9)

@@ -87,7 +87,8 @@ def mismatch_metrics(batch, old, weights, bin_tokens: int, quantile: float, tau:
 
 
 def predicted_speedup(schedule, batch, model: str, hardware: str) -> float | None:
-    """Cost-model rollout speedup of `schedule` over dense for this batch's lengths (None if unavailable)."""
+    """Cost-model rollout speedup of `schedule` over dense for this batch's lengths (None if unavailable); the batch
+    starts together and drains as its requests finish, as the rollout did."""
     if schedule.is_dense:
         return 1.0
     from sparrow_sgl.config import ConfigError
@@ -96,7 +97,8 @@ def predicted_speedup(schedule, batch, model: str, hardware: str) -> float | Non
     try:
         lengths = batch.response_lens.clamp(min=1).numpy()
         return float(
-            speedup(schedule, lengths, len(batch), model=model, hardware=hardware, prompt_len=batch.prompt_lens.numpy())
+            speedup(schedule, lengths, len(batch), model=model, hardware=hardware, prompt_len=batch.prompt_lens.numpy(),
+                    drain=True)
         )
     except (ConfigError, ValueError, KeyError):
         return None
