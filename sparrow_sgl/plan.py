@@ -224,6 +224,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16, help="concurrent requests while decoding (default 16)")
     p.add_argument("--lengths", default="uniform:1024:32768", help="response lengths: N | N1,N2 | uniform:LO:HI | file")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per request (default 256)")
+    p.add_argument("--drain", action="store_true",
+                   help="model --batch slots that empty as requests finish and refill in order (default: steady batch)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -264,10 +266,11 @@ def _print_cost(schedule: Schedule, args, plan: Plan | None) -> None:
         source = "measured decode steps"
     if args.explain:
         print(explain_schedule(schedule, cost, args.batch, plan))
-    up = cost.speedup(schedule, lengths, args.batch, args.prompt_len)
+    up = cost.speedup(schedule, lengths, args.batch, args.prompt_len, drain=args.drain)
     span = f"{lengths.min()}" if lengths.min() == lengths.max() else f"{lengths.min()}-{lengths.max()}"
+    batching = f"{'draining' if args.drain else 'steady'} batch {args.batch}"
     print(
-        f"predicted rollout speedup vs dense: {up:.2f}x ({source}, batch {args.batch}, prompt {args.prompt_len} "
+        f"predicted rollout speedup vs dense: {up:.2f}x ({source}, {batching}, prompt {args.prompt_len} "
         f"tokens, {lengths.size} responses of {span} tokens, mean {lengths.mean():.0f} tokens)"
     )
     if model and not args.measured:

@@ -131,3 +131,14 @@ def test_cli_explains_a_paper_preset(capsys):
     assert "38000-40000" in text and "8192 (512p)" in text
     assert "predicted rollout speedup vs dense" in text and "bytes limit" in text
     assert main(["plan"]) == 2  # neither a table nor a preset: a clear error, no traceback
+
+
+def test_cli_drain_predicts_less_than_a_steady_batch(capsys):
+    def predicted(*extra) -> float:
+        assert main(["plan", "--preset", "qwen3-4b-0.86", "--lengths", "uniform:1024:32768", *extra]) == 0
+        out = capsys.readouterr().out
+        line = next(x for x in out.splitlines() if x.startswith("predicted rollout speedup"))
+        return float(line.split(":")[1].split("x")[0])
+
+    steady, drained = predicted(), predicted("--drain")
+    assert 1.0 < drained < steady
