@@ -35,7 +35,7 @@ class DemoProfile:
     eval_prompts: int = 8
     eval_samples: int = 2
     warmup_lr: float = 3e-3
-    warmup_pool: int = 1024  # distinct warm-up samples, tokenized once and cycled
+    warmup_pool: int | None = None  # distinct warm-up samples, tokenized once and cycled (None: fresh samples)
     lr: float = 2e-4
     margin: float = 0.0
     min_count: int = 20
@@ -219,6 +219,7 @@ class Demo:
             steps=p.warmup_steps,
             batch=p.warmup_batch,
             lr=p.warmup_lr,
+            pool=p.warmup_pool,
             progress=self.progress,
         )
         eval_idx = range(EVAL_OFFSET, EVAL_OFFSET + 16)
