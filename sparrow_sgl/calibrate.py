@@ -142,6 +142,7 @@ def calibrate(
     noise_floor: bool = False,
     ignore_eos: bool = False,
     score_batch: int = 4,
+    full_max_gib: float = 4.0,
     sparsity: dict | None = None,
     table: CalibrationTable | None = None,
     out: str | os.PathLike | None = None,
@@ -151,7 +152,8 @@ def calibrate(
 
     `engine` is anything with the embedded engine's `generate(prompts, params, schedule=, progress=)` and
     `score(prompt_ids, response_ids, sparse=, topk=, return_full=)`; `sparsity` holds the Schedule page settings
-    (page_size, sink_pages, local_pages, scorer, dense_layers) matching the engine's.
+    (page_size, sink_pages, local_pages, scorer, dense_layers) matching the engine's. Full mode holds the dense and
+    sparse float32 log-distributions [T, vocab] of the responses it re-scores at once: at most `full_max_gib`.
     """
     from tqdm.auto import tqdm
 
@@ -161,6 +163,9 @@ def calibrate(
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     sparsity = dict(sparsity or {})
     table = table or CalibrationTable(bin_tokens=bin_tokens, quantile=quantile, mode=mode, tau=tau)
+    full_max_bytes = int(full_max_gib * 2**30)
+    if table.mode == "full":
+        check_full_mode_memory(max_new_tokens, _vocab_size(engine), full_max_bytes)
     num_bins = -(-(max(len(p) for p in prompts) + max_new_tokens) // table.bin_tokens)
     todo: list[int | None] = [b for b in sorted(set(budgets)) if not table.has(b)]
     if noise_floor and not table.has(None):
@@ -186,6 +191,7 @@ def calibrate(
             topk=topk,
             ignore_eos=ignore_eos,
             score_batch=score_batch,
+            full_max_bytes=full_max_bytes,
             progress=progress,
         )
         table.set(budget, stats)
@@ -209,6 +215,7 @@ def measure_budget(
     topk,
     ignore_eos=False,
     score_batch=4,
+    full_max_bytes=None,
     progress=True,
 ) -> list[BinStat]:
     """Generate with `schedule`, score the same tokens dense vs sparse, and bin the per-token acceptance rates."""
@@ -228,15 +235,57 @@ def measure_budget(
     )
     rollouts = [r for r in engine.generate(prompts, params, schedule=schedule, progress=False) if r.token_ids]
     alphas, positions = [], []
-    chunks = range(0, len(rollouts), score_batch)
-    for start in tqdm(chunks, desc="score", unit="batch", leave=False, disable=not progress):
-        chunk = rollouts[start : start + score_batch]
+    vocab = _vocab_size(engine) if mode == "full" and full_max_bytes else None
+    per_token = full_mode_bytes(1, vocab) if vocab else 0
+    chunks = score_chunks([len(r.token_ids) for r in rollouts], score_batch, per_token, full_max_bytes)
+    for chunk_idx in tqdm(chunks, desc="score", unit="batch", leave=False, disable=not progress):
+        chunk = [rollouts[i] for i in chunk_idx]
         for rollout, alpha in zip(chunk, _acceptance(engine, chunk, schedule, mode, topk)):
             alphas.append(alpha.float().cpu().numpy())
             positions.append(np.arange(len(rollout.token_ids)) + len(rollout.prompt_ids))
     if not alphas:
         return tail_by_bin([], [], bin_tokens, quantile, num_bins)
     return tail_by_bin(np.concatenate(alphas), np.concatenate(positions), bin_tokens, quantile, num_bins)
+
+
+def full_mode_bytes(num_tokens: int, vocab: int) -> int:
+    """Bytes full mode holds for `num_tokens` re-scored tokens: dense + sparse float32 [T, vocab]."""
+    return 2 * 4 * num_tokens * vocab
+
+
+def check_full_mode_memory(max_new_tokens: int, vocab: int | None, max_bytes: int) -> None:
+    """Refuse, before generating anything, a full-mode run whose longest response alone would exceed the cap."""
+    if vocab is None:
+        return
+    need = full_mode_bytes(max_new_tokens, vocab)
+    if need > max_bytes:
+        raise ConfigError(
+            f"full-vocabulary mode would hold {need / 2**30:.1f} GiB of log-probs for one {max_new_tokens}-token "
+            f"response (2 x {max_new_tokens} x {vocab} float32), over the {max_bytes / 2**30:.1f} GiB cap: use "
+            f"--mode topk, fewer --max-new-tokens, or a larger --full-max-gib"
+        )
+
+
+def score_chunks(lengths: list[int], score_batch: int, bytes_per_token: int = 0,
+                 max_bytes: int | None = None) -> list[list[int]]:
+    """Consecutive groups of at most `score_batch` responses (and, when bytes_per_token is given, at most
+    `max_bytes` of re-scored log-probs; a response over it alone still gets its own group)."""
+    chunks: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        last = chunks[-1] if chunks else None
+        fits = last is not None and len(last) < score_batch
+        if fits and bytes_per_token and max_bytes:
+            fits = (sum(lengths[j] for j in last) + n) * bytes_per_token <= max_bytes
+        if fits:
+            last.append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def _vocab_size(engine) -> int | None:
+    config = getattr(engine, "hf_config", None)
+    return getattr(config, "vocab_size", None)
 
 
 def _acceptance(engine, rollouts, schedule, mode: str, topk: int):
@@ -370,6 +419,8 @@ def add_arguments(p) -> None:
     p.add_argument("--topk", type=int, default=20, help="list length in top-k mode (default 20)")
     p.add_argument("--noise-floor", action="store_true", help="also measure the dense engine against itself")
     p.add_argument("--score-batch", type=int, default=4, help="responses re-scored per call (memory: T x vocab each)")
+    p.add_argument("--full-max-gib", type=float, default=4.0,
+                   help="full mode: cap on the dense + sparse float32 log-probs held at once (default 4 GiB)")
     p.add_argument("--out", "-o", default="calibration.json", help="table JSON (resumed if it exists)")
     p.add_argument("--plot", help="PNG path (default: the table path with .png)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing table at --out")
@@ -424,6 +475,7 @@ def run(args) -> int:
                 noise_floor=args.noise_floor,
                 ignore_eos=args.ignore_eos,
                 score_batch=args.score_batch,
+                full_max_gib=args.full_max_gib,
                 sparsity=sparsity,
                 table=table,
                 out=out,

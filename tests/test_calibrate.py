@@ -170,3 +170,42 @@ def test_calibrate_cli_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, caps
     # a rerun resumes without regenerating; different settings are refused
     assert main(args) == 0 and "already measured" in capsys.readouterr().out
     assert main([*args[:-2], "--samples", "3", "--out", str(out)]) == 2
+
+
+class VocabEngine(FakeEngine):
+    """FakeEngine with an hf_config, so calibrate can size full mode; records each score call's response count."""
+
+    def __init__(self, vocab: int = VOCAB):
+        super().__init__()
+        self.hf_config = type("Config", (), {"vocab_size": vocab})()
+        self.scored: list[int] = []
+
+    def score(self, prompt_ids, response_ids, **kwargs):
+        self.scored.append(len(response_ids))
+        return super().score(prompt_ids, response_ids, **kwargs)
+
+
+def test_score_chunks_respect_count_and_bytes():
+    from sparrow_sgl.calibrate import score_chunks
+
+    assert score_chunks([10, 10, 10, 50, 5], 4) == [[0, 1, 2, 3], [4]]
+    assert score_chunks([10, 10, 10, 50, 5], 4, bytes_per_token=1, max_bytes=25) == [[0, 1], [2], [3], [4]]
+    assert score_chunks([], 4) == []
+
+
+def test_full_mode_refuses_a_response_over_the_memory_cap_before_generating():
+    engine = VocabEngine(vocab=151_936)  # a real Qwen3 vocabulary
+    with pytest.raises(ConfigError, match=r"full-vocabulary mode would hold 9\.3 GiB.*--mode topk"):
+        calibrate(engine, PROMPTS, [64], max_new_tokens=8192, full_max_gib=4.0, progress=False)
+    assert engine.generated_with == []  # nothing generated, nothing lost
+    calibrate(VocabEngine(vocab=151_936), PROMPTS, [64], mode="topk", max_new_tokens=8, progress=False)
+
+
+def test_full_mode_scores_in_chunks_under_the_cap_with_the_same_table(tmp_path):
+    kw = dict(samples=2, max_new_tokens=40, bin_tokens=16, sparsity={"page_size": 16}, progress=False)
+    wide, tight = VocabEngine(), VocabEngine()
+    one = calibrate(wide, PROMPTS, [48], **kw)
+    cap = 2 * 4 * 40 * VOCAB / 2**30  # exactly one response's dense + sparse log-probs
+    two = calibrate(tight, PROMPTS, [48], full_max_gib=cap, **kw)
+    assert wide.scored == [4, 4] and tight.scored == [1] * 8  # (dense + sparse) per chunk
+    assert [s.tail for s in one.stats(48)] == [s.tail for s in two.stats(48)]
