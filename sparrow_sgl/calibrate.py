@@ -142,7 +142,7 @@ def calibrate(
     noise_floor: bool = False,
     ignore_eos: bool = False,
     score_batch: int = 4,
-    full_max_gib: float = 4.0,
+    full_max_gib: float = 8.0,
     sparsity: dict | None = None,
     table: CalibrationTable | None = None,
     out: str | os.PathLike | None = None,
@@ -419,8 +419,8 @@ def add_arguments(p) -> None:
     p.add_argument("--topk", type=int, default=20, help="list length in top-k mode (default 20)")
     p.add_argument("--noise-floor", action="store_true", help="also measure the dense engine against itself")
     p.add_argument("--score-batch", type=int, default=4, help="responses re-scored per call (memory: T x vocab each)")
-    p.add_argument("--full-max-gib", type=float, default=4.0,
-                   help="full mode: cap on the dense + sparse float32 log-probs held at once (default 4 GiB)")
+    p.add_argument("--full-max-gib", type=float, default=8.0,
+                   help="full mode: cap on the dense + sparse float32 log-probs held at once (default 8 GiB)")
     p.add_argument("--out", "-o", default="calibration.json", help="table JSON (resumed if it exists)")
     p.add_argument("--plot", help="PNG path (default: the table path with .png)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing table at --out")
