@@ -152,7 +152,8 @@ def test_calibrate_cli_through_sglang_writes_a_topk_table(engine, model_dir, tmp
         stats = table.budgets[key]
         assert sum(s.count for s in stats) == 2 * 2 * 100  # every generated token is binned
         eps = 1e-6  # top-k sums of float32 probabilities can pass 1 by an ulp
-        assert all(-eps <= s.tail <= s.mean + eps <= 1.0 + 2 * eps for s in stats if s.count), (key, stats)
+        # a 5th percentile may exceed the mean (a few very low rates pull the mean down), so only the range is fixed
+        assert all(-eps <= s.tail <= 1.0 + eps and -eps <= s.mean <= 1.0 + eps for s in stats if s.count), (key, stats)
     # dense SGLang rollout vs dense SGLang scoring: the top-10 cut (measured 0.92-0.97 here) and float noise only.
     # (Sparse-vs-dense differences of this tiny model are below the top-k cut; tests/test_sglang_server.py checks
     # that the sparse log-probs are the embedded engine's.)
