@@ -25,7 +25,9 @@ Rollouts are modelled as continuous batching at a steady `batch` of concurrent r
 request costs its own attention plus 1/batch of the step's weight traffic and linear compute. `drain=True` instead
 simulates `batch` slots filled from the queue of requests in order: each step costs every active request its
 attention plus 1/active of the shared traffic, so the tail of a rollout, when few long requests are left, is as
-weight-bound as it really is (and sparsity helps it less). Prefill is dense and compute-bound in both cases.
+weight-bound as it really is (and sparsity helps it less); the measured model takes the nearest measured batch,
+so with rows at one batch size only, drain predicts what the steady model does. Prefill is dense and compute-bound
+in both cases.
 """
 
 from __future__ import annotations
