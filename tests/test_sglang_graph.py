@@ -381,3 +381,54 @@ def test_backend_refuses_captured_prefill(clean_registry):
     finally:
         override.restore()
     World()  # nothing published (or prefill graphs off): accepted
+
+
+def test_retracted_requests_keep_their_graph_step_accounting(clean_registry):
+    """A request retracted mid-decode (slot freed, later admitted again into another slot) keeps the graph steps it
+    made; the one that took over its old slot starts from zero. Reports equal the eager world's."""
+    request_state.server_schedule.cache_clear()
+    eager, graph = World(), World()
+    runner = GraphRunner(graph)
+    gen, junk = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    schedules = {"a": "fixed:48", "b": "fixed:64", "c": "fixed:48"}
+
+    def both(rids, extend_lens=None):  # the same step in both worlds: an extend of these lengths, else a decode
+        qkv = eager.random_qkv(gen, sum(extend_lens) if extend_lens else len(rids))
+        for world, prefix in ((eager, "e"), (graph, "g")):
+            names = [prefix + r for r in rids]
+            if extend_lens:
+                world.extend(names, extend_lens, qkv)
+            elif world is eager:
+                eager.decode_eager(names, qkv)
+            else:
+                runner.replay(names, qkv, junk)
+
+    for world, prefix in ((eager, "e"), (graph, "g")):
+        for rid in ("a", "b"):
+            world.admit(prefix + rid, schedules[rid])
+    both(["a", "b"], [60, 60])
+    for _ in range(3):
+        both(["a", "b"])
+    for world, prefix in ((eager, "e"), (graph, "g")):  # retract b: its slot goes back to the pool, c takes it
+        world.req_pool.free_rows([world.slots[prefix + "b"]])
+        world.admit(prefix + "c", schedules["c"])
+    assert graph.slots["gc"] != graph.slots["ga"]
+    both(["c"], [60])
+    for _ in range(2):
+        both(["a", "c"])
+    for world, prefix in ((eager, "e"), (graph, "g")):  # b comes back in a fresh slot and re-prefills what it had
+        rid = prefix + "b"
+        world.slots[rid] = world.req_pool.alloc_rows(1)[0]
+        per_request = world.max_context // PAGE
+        pages, world.free_pages = world.free_pages[:per_request], world.free_pages[per_request:]
+        locs = torch.tensor([p * PAGE + o for p in pages for o in range(PAGE)], dtype=torch.int32)
+        world.req_pool.req_to_token[world.slots[rid], : len(locs)] = locs
+        n = world.lengths.pop(rid)
+    both(["b"], [n])
+    for _ in range(2):
+        both(["a", "b", "c"])
+    reports = {p: {r: REGISTRY.pop_report(p + r) for r in schedules} for p in ("e", "g")}
+    for rid, steps in (("a", 7), ("b", 5), ("c", 4)):
+        e, g = reports["e"][rid], reports["g"][rid]
+        assert e["sparse_layer_steps"] == g["sparse_layer_steps"] == steps * 2  # two sparse layers of four
+        assert g["kv_tokens_mean"] == pytest.approx(e["kv_tokens_mean"], rel=1e-6)

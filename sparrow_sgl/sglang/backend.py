@@ -233,12 +233,12 @@ class SparrowAttnBackend(AttentionBackend):
 
     def _bind_slots(self, forward_batch) -> None:
         rids = forward_batch.rids or []
-        schedules = [REGISTRY.get(rid).schedule for rid in rids]
-        self.graph.bind(schedules, forward_batch.req_pool_indices[: len(rids)])
+        if not rids:
+            return
         host = getattr(forward_batch, "req_pool_indices_cpu", None)
-        shared = forward_batch.req_pool_indices.clone() if host is None else None  # read at report time only
-        for i, rid in enumerate(rids):
-            REGISTRY.bind_slot(rid, int(host[i]) if host is not None else (shared, i))
+        slots = (host if host is not None else forward_batch.req_pool_indices)[: len(rids)].tolist()  # once per extend
+        fresh = [REGISTRY.bind_slot(rid, slot) for rid, slot in zip(rids, slots)]  # folds old counts before reset
+        self.graph.bind([REGISTRY.get(rid).schedule for rid in rids], slots, fresh)
 
     def _forward_decode_graph(self, q, k, v, layer, forward_batch, save_kv_cache, **kwargs):
         if self.cfg.is_dense_layer(layer.layer_id):

@@ -15,7 +15,8 @@ So per-request schedules reach a replayed batch through the device: each req_poo
 per schedule bin (`slot_table`, written when the request's prompt is extended, the only time the host sees rid and
 slot together), and the captured prep derives the block table, each row's page budget (the bin of its KV length,
 as `Schedule.budget_at`) and the attended-token accounting from `req_pool_indices` and `seq_lens` alone. Accounting
-accumulates per slot on the device (padded rows add zero) and is read once, when the request's report is popped.
+accumulates per slot on the device (padded rows add zero) and is read once, when the request's report is popped
+(or earlier, when a retracted request's slot changes hands: `RequestRegistry.bind_slot`).
 Reused pieces of the embedded engine's graph decode (`engine/cuda_graph.py`): the per-bin page table of a schedule
 and the Triton kernels (`select_pages_into`, `triton_attend_pages`, `append_decode`). On CPU the same buffers feed
 the torch reference (`sparse_decode`), which is how the CPU tests drive the hooks.
@@ -72,17 +73,19 @@ class GraphDecodeState:
         self.rows = torch.arange(max_bs, device=dev)
 
     # -- host side --------------------------------------------------------------------------------------------------
-    def bind(self, schedules: list[Schedule], req_pool_indices: torch.Tensor) -> None:
-        """Give the slots of an extended batch their requests' schedules and fresh accounting (no host sync)."""
+    def bind(self, schedules: list[Schedule], slots: list[int], fresh: list[bool]) -> None:
+        """Give the slots of an extended batch their requests' schedules; restart the counters of the `fresh` ones."""
         if not schedules:
             return
+        dev = self.slot_table.device
         tables = np.stack([bin_pages(s, self.width) for s in schedules])
         bin_tokens = np.array([s.bin_tokens for s in schedules], dtype=np.int32)
-        slots = req_pool_indices.to(device=self.slot_table.device, dtype=torch.long)
-        self.slot_table[slots] = torch.from_numpy(tables).to(self.slot_table.device)
-        self.slot_bin_tokens[slots] = torch.from_numpy(bin_tokens).to(self.slot_table.device)
-        self.slot_kv_tokens[slots] = 0.0
-        self.slot_steps[slots] = 0
+        index = torch.tensor(slots, dtype=torch.long, device=dev)
+        self.slot_table[index] = torch.from_numpy(tables).to(dev)
+        self.slot_bin_tokens[index] = torch.from_numpy(bin_tokens).to(dev)
+        restart = index[torch.tensor(fresh, dtype=torch.bool, device=dev)]
+        self.slot_kv_tokens[restart] = 0.0
+        self.slot_steps[restart] = 0
 
     def set_live(self, n: int) -> None:
         """Rows [:n] of the next replayed batch are requests, the rest padding (a device fill, no sync)."""

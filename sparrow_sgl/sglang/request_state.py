@@ -33,7 +33,7 @@ class RequestSparsity:
     schedule: Schedule
     kv_tokens_sum: float = 0.0  # attended KV tokens summed over (sparse layer, decode step), mean over KV heads
     sparse_steps: int = 0  # (sparse layer, decode step) pairs
-    slot: object = None  # req_pool slot whose device counters hold the CUDA-graph steps (int, or (tensor, row))
+    slot: int | None = None  # req_pool slot whose device counters hold this request's CUDA-graph decode steps
 
     def report(self) -> dict:
         steps = self.sparse_steps
@@ -104,6 +104,7 @@ class RequestRegistry:
         self._pending: tuple[list[str], torch.Tensor, int] | None = None
         # (attended tokens, steps) accumulated on the device for a req_pool slot by CUDA-graph decode steps
         self.slot_reader: Callable[[int], tuple[float, int]] | None = None
+        self.slot_owner: dict[int, str] = {}  # req_pool slot -> rid whose graph steps its counters hold
 
     def add(self, rid: str, custom_params) -> None:
         if not self.active:
@@ -122,9 +123,35 @@ class RequestRegistry:
             state = self._requests[rid] = RequestSparsity(server_schedule())
         return state
 
-    def bind_slot(self, rid: str, slot) -> None:
-        """The request's req_pool slot (an int, or (req_pool_indices tensor, row) read only at report time)."""
-        self.get(rid).slot = slot
+    def bind_slot(self, rid: str, slot: int) -> bool:
+        """Let `slot`'s device counters hold rid's graph steps; returns whether they must restart from zero.
+
+        The same request on the same slot (a chunked prefill's next chunk) keeps counting. Otherwise the counts
+        already on the device move into host totals first: the slot's previous owner's while it is still served
+        (a retracted request), and rid's own from its previous slot (a retracted request admitted again)."""
+        state = self.get(rid)
+        if state.slot == slot and self.slot_owner.get(slot) == rid:
+            return False
+        owner = self.slot_owner.get(slot)
+        if owner is not None and owner != rid:
+            self.fold_slot(owner)
+        self.fold_slot(rid)
+        state.slot, self.slot_owner[slot] = slot, rid
+        return True
+
+    def fold_slot(self, rid: str) -> None:
+        """Move a request's graph-step counts from its slot's device counters into its host totals; unbind it."""
+        state = self._requests.get(rid)
+        if state is None or state.slot is None:
+            return
+        slot, state.slot = state.slot, None
+        if self.slot_owner.get(slot) != rid:  # the slot went to another request, which folded these counts already
+            return
+        del self.slot_owner[slot]
+        if self.slot_reader is not None:
+            tokens, steps = self.slot_reader(slot)
+            state.kv_tokens_sum += tokens
+            state.sparse_steps += steps
 
     def record_step(self, rids: list[str], attended_sum: torch.Tensor, sparse_layers: int) -> None:
         """Keep a decode step's per-request attended tokens (summed over sparse layers) without syncing the device."""
@@ -146,15 +173,9 @@ class RequestRegistry:
 
     def pop_report(self, rid: str) -> dict | None:
         self.flush()
+        self.fold_slot(rid)
         state = self._requests.pop(rid, None)
-        if state is None:
-            return None
-        if state.slot is not None and self.slot_reader is not None:
-            slot = state.slot if isinstance(state.slot, int) else int(state.slot[0][state.slot[1]])
-            tokens, steps = self.slot_reader(slot)
-            state.kv_tokens_sum += tokens
-            state.sparse_steps += steps
-        return state.report()
+        return state.report() if state is not None else None
 
 
 REGISTRY = RequestRegistry()
