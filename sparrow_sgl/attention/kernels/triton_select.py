@@ -14,7 +14,9 @@ skip the search. It can also write FlashInfer's ragged page list (physical page 
 `flashinfer_decode`) and each row's last-page length, so attention reads the selection with no torch glue.
 
 `one_launch=False` runs the phase-3 pair of launches instead (`_score_pages_kernel`, then `_topk_pages_kernel`:
-a 32-step bitwise search over a block sized by the table's width), kept as the benchmarks' before/after baseline.
+a 32-step bitwise search over a block sized by the table's width). The pair measured 4-9% faster end to end on an
+H100 (bench/results/NOTES.md, phase 4), so the CUDA-graph decode of the engine and of the SGLang backend passes
+one_launch=False unless SPARROW_SELECT_LAUNCHES=1; eager callers get the one-launch default.
 Same contract as `sparrow_sgl.attention.select.select_pages` (selection identical up to ties of equal scores).
 """
 
