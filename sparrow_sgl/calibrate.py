@@ -163,6 +163,8 @@ def calibrate(
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     sparsity = dict(sparsity or {})
     table = table or CalibrationTable(bin_tokens=bin_tokens, quantile=quantile, mode=mode, tau=tau)
+    if not full_max_gib > 0:
+        raise ConfigError(f"full_max_gib must be > 0 GiB, got {full_max_gib}")
     full_max_bytes = int(full_max_gib * 2**30)
     if table.mode == "full":
         check_full_mode_memory(max_new_tokens, _vocab_size(engine), full_max_bytes)

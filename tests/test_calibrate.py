@@ -198,6 +198,8 @@ def test_full_mode_refuses_a_response_over_the_memory_cap_before_generating():
     with pytest.raises(ConfigError, match=r"full-vocabulary mode would hold 9\.3 GiB.*--mode topk"):
         calibrate(engine, PROMPTS, [64], max_new_tokens=8192, full_max_gib=4.0, progress=False)
     assert engine.generated_with == []  # nothing generated, nothing lost
+    with pytest.raises(ConfigError, match="full_max_gib must be > 0"):
+        calibrate(engine, PROMPTS, [64], max_new_tokens=8, full_max_gib=0, progress=False)
     calibrate(VocabEngine(vocab=151_936), PROMPTS, [64], mode="topk", max_new_tokens=8, progress=False)
 
 
