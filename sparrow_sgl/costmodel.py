@@ -32,6 +32,7 @@ in both cases.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -99,8 +100,11 @@ class CostModel:
         # The first response token comes from the prefill; decode step k (k >= 1) runs at KV length prompt + k.
         contexts = np.arange(1, int((prompt + gen).max()) + 1)
         budgets = schedule_budgets(schedule, contexts)
-        cumulative = _memo(lambda active: np.concatenate(
-            [[0.0], np.cumsum(self.token_seconds(contexts, budgets, active, schedule))]))
+
+        @functools.cache
+        def cumulative(active: int) -> np.ndarray:  # per-token seconds at `active` concurrent requests, summed
+            return np.concatenate([[0.0], np.cumsum(self.token_seconds(contexts, budgets, active, schedule))])
+
         if drain:
             decode = _drained_decode_seconds(cumulative, gen, prompt, batch)
         else:
@@ -122,11 +126,6 @@ class CostModel:
         t_dense = self.predict_rollout_time(dense, lengths, batch, prompt_len, include_prefill, drain)
         t_sparse = self.predict_rollout_time(schedule, lengths, batch, prompt_len, include_prefill, drain)
         return t_dense / t_sparse
-
-
-def _memo(fn):
-    cache: dict = {}
-    return lambda key: cache[key] if key in cache else cache.setdefault(key, fn(key))
 
 
 def _drained_decode_seconds(cumulative, gen: np.ndarray, prompt: np.ndarray, slots: int) -> float:
