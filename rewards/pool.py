@@ -1,4 +1,4 @@
-"""A process pool whose stuck workers are killed: `map` with a per-item wall-clock timeout.
+"""A process pool whose stuck workers are killed: `map` with a per-item wall-clock timeout, many callers at once.
 
 `concurrent.futures.ProcessPoolExecutor` cannot cancel a running task, and math-verify's own timeout uses SIGALRM,
 which works only in the main thread and cannot interrupt C code (a huge sympy power). Here every item runs in a
@@ -6,6 +6,11 @@ worker process; an item that overruns its timeout gets its worker SIGKILLed and 
 
 Workers are fresh interpreters (`python -m rewards.pool module:function`) talking length-prefixed pickles over
 their stdin/stdout: no fork of a threaded parent, no re-import of the caller's `__main__` as spawn/forkserver do.
+
+Concurrency: one dispatcher thread owns the workers. `map` (from any number of threads) queues its items and
+waits; the dispatcher hands queued items, first come first served, to idle workers (starting up to `workers`
+processes as work arrives, without blocking on their start-up), collects results, and kills overrunning workers.
+So concurrent one-item calls (OpenRLHF's reward threads) run on different workers at the same time.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any, BinaryIO
 
@@ -46,15 +51,48 @@ def _recv(stream: BinaryIO) -> Any:
     return pickle.loads(data)
 
 
+class _Batch:
+    """One `map` call: outcomes filled in by the dispatcher, waited on by the caller."""
+
+    def __init__(self, n: int):
+        self.outcomes: list[tuple[str, Any] | None] = [None] * n  # ("ok", value) | ("error", msg) | ("timeout", None)
+        self.left = n
+        self.done = threading.Event()
+        self.failure: BaseException | None = None  # the pool itself failed (start-up, close): map raises it
+        if n == 0:
+            self.done.set()
+
+    def settle(self, index: int, outcome: tuple[str, Any]) -> None:
+        if self.outcomes[index] is None:
+            self.outcomes[index] = outcome
+            self.left -= 1
+            if self.left == 0:
+                self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.failure = self.failure or error
+        self.done.set()
+
+
+@dataclass(slots=True)
+class _Job:
+    batch: _Batch
+    index: int
+    item: Any
+    timeout_s: float
+
+
 @dataclass(slots=True)
 class _Worker:
     proc: subprocess.Popen
-    index: int = -1  # item being processed, -1 when idle
-    deadline: float = 0.0
+    ready: bool = False
+    job: _Job | None = None
+    deadline: float = field(default_factory=lambda: time.monotonic() + _READY_TIMEOUT_S)
 
 
 class KillablePool:
-    """`workers` processes running `target` ("module:function") on picklable items; one `map` at a time."""
+    """`workers` processes running `target` ("module:function") on picklable items; `map` is thread-safe and
+    concurrent calls share the workers."""
 
     def __init__(self, target: str, workers: int | None = None, memory_mb: int | None = None):
         module, _, name = target.partition(":")
@@ -63,31 +101,175 @@ class KillablePool:
         self.target = target
         self.memory_mb = memory_mb  # RLIMIT_AS of each worker: a runaway item dies alone (MemoryError)
         self.workers = max(1, workers or min(os.cpu_count() or 1, 8))
-        self._pool: list[_Worker] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _queue, _thread, _closing and the wake-up pipe
+        self._queue: deque[_Job] = deque()
+        self._thread: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
+        self._closing = False
+        self._pool: list[_Worker] = []  # dispatcher thread only
+
+    # ---- callers' side -------------------------------------------------------------------------------------
+    def map(self, items: Sequence[Any], timeout_s: float, on_timeout: Callable[[Any], Any],
+            on_error: Callable[[Any, str], Any]) -> list[Any]:
+        """target(item) for every item, in order; `on_timeout(item)` / `on_error(item, message)` stand in for
+        items whose worker overran `timeout_s` seconds (counted from when a worker took the item) or failed."""
+        batch = _Batch(len(items))
+        if items:
+            with self._lock:
+                self._ensure_dispatcher()
+                self._queue.extend(_Job(batch, i, item, timeout_s) for i, item in enumerate(items))
+                os.write(self._wake_w, b"x")
+        batch.done.wait()
+        if batch.failure is not None:
+            raise batch.failure
+        return [self._result(items[i], outcome, on_timeout, on_error) for i, outcome in enumerate(batch.outcomes)]
+
+    @staticmethod
+    def _result(item: Any, outcome: tuple[str, Any], on_timeout: Callable, on_error: Callable) -> Any:
+        kind, value = outcome
+        if kind == "ok":
+            return value
+        return on_timeout(item) if kind == "timeout" else on_error(item, value)
+
+    def _ensure_dispatcher(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._closing = False
+            self._wake_r, self._wake_w = os.pipe()
+            self._thread = threading.Thread(target=self._run, args=(self._wake_r,), name="killable-pool",
+                                            daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Kill every worker; maps still waiting raise RuntimeError. The pool restarts on the next `map`."""
+        with self._lock:
+            thread, self._closing = self._thread, True
+            if thread is not None:
+                os.write(self._wake_w, b"x")
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def __enter__(self) -> KillablePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- dispatcher thread ---------------------------------------------------------------------------------
+    def _run(self, wake_r: int) -> None:
+        error: BaseException = RuntimeError(f"pool for {self.target} was closed")
+        try:
+            while self._step(wake_r):
+                pass
+        except BaseException as e:  # a bug here must not leave callers waiting forever
+            error = e
+        with self._lock:
+            self._thread = None
+            pending, self._queue = list(self._queue), deque()
+            os.close(self._wake_w)
+            os.close(wake_r)
+        for w in self._pool:
+            if w.job is not None:
+                w.job.batch.fail(error)
+            self._kill(w)
+        self._pool.clear()
+        for job in pending:
+            job.batch.fail(error)
+
+    def _step(self, wake_r: int) -> bool:
+        """One round: start workers, hand out jobs, wait for a result/start-up/wake-up/deadline. False: stop."""
+        with self._lock:
+            if self._closing:
+                return False
+            self._grow()
+            for w in self._pool:
+                if w.ready and w.job is None and self._queue:
+                    self._assign(w, self._queue.popleft())
+        waiting = {w.proc.stdout: w for w in self._pool if w.job is not None or not w.ready}
+        next_deadline = min((w.deadline for w in waiting.values()), default=None)
+        timeout = None if next_deadline is None else max(0.0, next_deadline - time.monotonic())
+        for stream in wait([wake_r, *waiting], timeout=timeout):
+            if stream == wake_r:
+                os.read(wake_r, 4096)
+            else:
+                self._collect(waiting[stream])
+        now = time.monotonic()
+        for w in list(self._pool):
+            if w.deadline <= now and (w.job is not None or not w.ready):
+                self._expire(w)
+        return True
+
+    def _grow(self) -> None:
+        """Start workers (not waiting for them) while queued jobs outnumber idle or starting ones."""
+        spare = sum(1 for w in self._pool if w.job is None)
+        while len(self._pool) < self.workers and len(self._queue) > spare:
+            self._pool.append(self._spawn())
+            spare += 1
 
     def _spawn(self) -> _Worker:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         argv = [sys.executable, "-m", "rewards.pool", self.target, str(self.memory_mb or 0)]
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, env=env, start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                start_new_session=True)
         return _Worker(proc)
 
-    def _start(self, n: int) -> list[_Worker]:
-        """n workers that have imported the target (import time, ~1 s for sympy, counts against no item)."""
-        workers = [self._spawn() for _ in range(n)]
-        for w in workers:
-            ready = wait([w.proc.stdout], timeout=_READY_TIMEOUT_S)
-            try:
-                if not ready or _recv(w.proc.stdout) != "ready":
-                    raise EOFError
-            except (EOFError, OSError, pickle.UnpicklingError):
-                for x in workers:
-                    self._kill(x)
-                raise RuntimeError(f"pool worker for {self.target} did not start within {_READY_TIMEOUT_S:g} s "
-                                   f"(exit code {w.proc.poll()}); see its stderr above") from None
-        return workers
+    def _assign(self, w: _Worker, job: _Job) -> None:
+        w.job, w.deadline = job, time.monotonic() + job.timeout_s
+        try:
+            _send(w.proc.stdin, job.item)
+        except (BrokenPipeError, OSError):
+            job.batch.settle(job.index, ("error", "worker process died before taking the item"))
+            w.job = None
+            self._drop(w)
+
+    def _collect(self, w: _Worker) -> None:
+        try:
+            message = _recv(w.proc.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            if w.ready:
+                assert w.job is not None
+                w.job.batch.settle(w.job.index, ("error", f"worker process died (exit {w.proc.poll()})"))
+                w.job = None
+                self._drop(w, replace=True)
+            else:
+                self._start_failed(w)
+            return
+        if not w.ready:
+            w.ready = message == "ready"
+            if not w.ready:
+                self._start_failed(w)
+            return
+        ok, value = message
+        assert w.job is not None
+        w.job.batch.settle(w.job.index, ("ok", value) if ok else ("error", value))
+        w.job = None
+
+    def _expire(self, w: _Worker) -> None:
+        if not w.ready:
+            self._start_failed(w)
+            return
+        assert w.job is not None
+        w.job.batch.settle(w.job.index, ("timeout", None))
+        w.job = None
+        self._drop(w, replace=True)
+
+    def _start_failed(self, w: _Worker) -> None:
+        """A worker that did not come up: the queued jobs fail (their maps raise) rather than wait forever."""
+        code = w.proc.poll()
+        self._drop(w)
+        error = RuntimeError(f"pool worker for {self.target} did not start within {_READY_TIMEOUT_S:g} s "
+                             f"(exit code {code}); see its stderr above")
+        with self._lock:
+            pending, self._queue = list(self._queue), deque()
+        for job in pending:
+            job.batch.fail(error)
+
+    def _drop(self, w: _Worker, replace: bool = False) -> None:
+        """Kill a worker; `replace` starts its successor now (start-up counts against no item)."""
+        self._kill(w)
+        self._pool.remove(w)
+        if replace:
+            self._pool.append(self._spawn())
 
     @staticmethod
     def _kill(w: _Worker) -> None:
@@ -99,66 +281,6 @@ class KillablePool:
                 stream.close()
             except OSError:
                 pass
-
-    def _replace(self, w: _Worker) -> None:
-        self._kill(w)
-        slot = next(i for i, x in enumerate(self._pool) if x is w)
-        self._pool[slot] = self._start(1)[0]
-
-    def map(self, items: Sequence[Any], timeout_s: float, on_timeout: Callable[[Any], Any],
-            on_error: Callable[[Any, str], Any]) -> list[Any]:
-        """target(item) for every item, in order; `on_timeout(item)` / `on_error(item, message)` stand in for
-        items whose worker overran `timeout_s` seconds or failed."""
-        with self._lock:
-            self._pool += self._start(min(self.workers, len(items)) - len(self._pool))
-            results: list[Any] = [None] * len(items)
-            todo = deque(range(len(items)))
-            busy: dict[Any, _Worker] = {}
-            while todo or busy:
-                for w in self._pool:
-                    if w.index < 0 and todo:
-                        self._assign(w, todo.popleft(), items, timeout_s, busy, results, on_error)
-                if not busy:
-                    continue
-                next_deadline = min(w.deadline for w in busy.values())
-                for stream in wait(list(busy), timeout=max(0.0, next_deadline - time.monotonic())):
-                    w = busy.pop(stream)
-                    try:
-                        ok, value = _recv(stream)
-                        results[w.index] = value if ok else on_error(items[w.index], value)
-                        w.index = -1
-                    except (EOFError, OSError, pickle.UnpicklingError):
-                        results[w.index] = on_error(items[w.index], f"worker process died (exit {w.proc.poll()})")
-                        self._replace(w)
-                now = time.monotonic()
-                for stream, w in list(busy.items()):
-                    if w.deadline <= now:
-                        del busy[stream]
-                        results[w.index] = on_timeout(items[w.index])
-                        self._replace(w)
-            return results
-
-    def _assign(self, w: _Worker, index: int, items: Sequence[Any], timeout_s: float, busy: dict,
-                results: list, on_error: Callable[[Any, str], Any]) -> None:
-        w.index, w.deadline = index, time.monotonic() + timeout_s
-        try:
-            _send(w.proc.stdin, items[index])
-            busy[w.proc.stdout] = w
-        except (BrokenPipeError, OSError):
-            results[index] = on_error(items[index], "worker process died before taking the item")
-            self._replace(w)
-
-    def close(self) -> None:
-        with self._lock:
-            for w in self._pool:
-                self._kill(w)
-            self._pool.clear()
-
-    def __enter__(self) -> KillablePool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _serve(target: str, memory_mb: int) -> None:

@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +68,92 @@ def test_reward_func_loads_from_a_file_path():
     assert out["rewards"].tolist() == [1.0]
 
 
-def test_reward_func_rejects_mismatched_lengths():
-    with pytest.raises(ValueError, match="differ in length"):
-        reward_func(["a", "b"], ["a"], ["1", "2"])
+def test_bad_labels_score_zero_with_reward_error(caplog):
+    labels = [json.dumps({"kind": "poetry"}), json.dumps({"kind": "math"}), None, "3"]
+    queries = [PROMPT + "\\boxed{3}"] * len(labels)
+    with caplog.at_level("WARNING", logger="rewards.openrlhf"):
+        out = reward_func(queries, [PROMPT] * len(labels), labels)
+    assert out["rewards"].tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert out["extra_logs"]["reward_error"].tolist() == [1.0, 1.0, 1.0, 0.0]
+    for value in out["extra_logs"].values():  # OpenRLHF reduces each with value.flatten()[0].item()
+        assert isinstance(value.flatten()[0].item(), float)
+    assert any("reward_error" in r.getMessage() for r in caplog.records)
+
+
+def test_mismatched_lengths_and_crashing_scorers_do_not_raise(monkeypatch):
+    out = reward_func(["a", "b"], ["a"], ["1", "2"])
+    assert out["rewards"].tolist() == [0.0, 0.0] and out["extra_logs"]["reward_error"].tolist() == [1.0, 1.0]
+    import rewards.openrlhf as mod
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("scorer crashed")
+
+    monkeypatch.setattr(mod, "score_labeled", boom)
+    out = reward_func([PROMPT + "\\boxed{3}"], [PROMPT], ["3"])
+    assert out["rewards"].tolist() == [0.0] and out["extra_logs"]["reward_error"].tolist() == [1.0]
+
+
+def test_response_of_a_left_truncated_prompt():
+    long_prompt = "<|im_start|>user\n" + "blah " * 50 + "What is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    query = long_prompt[-40:] + "\\boxed{4}<|im_end|>"  # OpenRLHF kept only the prompt's last tokens
+    assert response_of(query, long_prompt) == "\\boxed{4}"
+    assert response_of("\ufffd" + query, long_prompt) == "\\boxed{4}"  # a multi-byte character cut in half
+
+
+def test_concurrent_batch_one_calls_overlap_in_the_pool(monkeypatch, tmp_path):
+    """Eight threads call with one sample each, as OpenRLHF does; the verifier waits until another item is being
+    verified at the same time, which a serialized pool could never satisfy."""
+    import rewards.openrlhf as mod
+    from rewards.math import MathScorer
+    from rewards.pool import KillablePool
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    monkeypatch.setenv("SPARROW_PROBE_DIR", str(tmp_path))
+    scorer = MathScorer(workers=4, timeout_s=120, shortcut=False)
+    scorer.pool = KillablePool("reward_probe:slow_verify", 4)
+    monkeypatch.setattr(mod, "_scorer", scorer)
+    reasons = []
+    monkeypatch.setattr(mod, "score_labeled", _spy(mod.score_labeled, reasons))
+    answers = [str(i) for i in range(8)]
+    try:
+        with ThreadPoolExecutor(8) as ex:
+            outs = list(ex.map(lambda a: reward_func([PROMPT + f"\\boxed{{{a}}}"], [PROMPT], [a]), answers))
+    finally:
+        scorer.close()
+    assert [o["rewards"].tolist() for o in outs] == [[1.0]] * 8
+    assert len(reasons) == 8 and all(r.endswith("rendezvous=met") for r in reasons), reasons
+
+
+def _spy(fn, reasons):
+    def wrapped(*args, **kwargs):
+        scored = fn(*args, **kwargs)
+        reasons.extend(s.reason for s in scored)
+        return scored
+    return wrapped
+
+
+def test_pool_serves_concurrent_callers_and_still_kills_overruns(monkeypatch, tmp_path):
+    """Eight threads map one item each on a 4-worker pool: each of the first four items waits until four items run
+    at once (proof of overlap), and a hanging item in a ninth thread is killed at its timeout while they run."""
+    from rewards.pool import KillablePool
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    (tmp_path / "meet").mkdir()
+    (tmp_path / "hang").mkdir()
+    results, hung = [None] * 8, []
+    with KillablePool("reward_probe:rendezvous", workers=5) as pool:
+        def call(i: int) -> None:
+            results[i] = pool.map([(str(tmp_path / "meet"), 4, 60.0)], 120, lambda _: "timeout", lambda _, m: m)[0]
+
+        def hang() -> None:
+            hung.extend(pool.map([(str(tmp_path / "hang"), 2, 600.0)], 3, lambda _: "timeout", lambda _, m: m))
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)] + [threading.Thread(target=hang)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert pool.map([(str(tmp_path / "meet"), 1, 1.0)], 60, lambda _: "timeout", lambda _, m: m)[0][1]
+    assert all(r is not None and r[1] for r in results), results  # every item met the rendezvous of four
+    assert len({pid for pid, _ in results}) >= 4
+    assert hung == ["timeout"]
