@@ -1,70 +1,41 @@
 """Code reward: fraction of tests passed by the program in a response, every run in the sandbox.
 
 Program: the last fenced python block of the response (after dropping `<think>` blocks), else the last fenced
-block, else the whole text.
+block, else the whole text. `prefix` (e.g. a HumanEval prompt) is put before a program that does not itself
+define `entry_point`, for completion-style responses that continue the function body.
 
-Tests, either
-- a string of Python test code (MBPP asserts, HumanEval `def check(candidate)`; with `entry_point="f"` the call
-  `check(f)` is appended). Every top-level `assert` is one test, as is the appended `check(...)` call; other
-  top-level statements are setup. Code with no such statement is a single test that passes when it runs cleanly.
-  All of them run in one sandboxed process: the program is executed as module `solution` (so its
-  `if __name__ == "__main__":` block does not run), then the test statements in order, each reporting pass/fail
-  with a per-run random token. A program that exits early (`sys.exit(0)`, `os._exit`) passes nothing. The token
-  defeats accidents and casual forgery, not a program that introspects the harness's memory.
-- a list of `{"input": str, "output": str}` cases (TACO / LiveCodeBench stdin/stdout): one sandboxed run per case
-  with `input` on stdin; it passes when stdout equals `output` after whitespace normalisation (trailing spaces of
-  every line and trailing blank lines dropped, `\\r\\n` read as `\\n`).
+Tests: every dataset's format as it ships, a dict or its JSON string, detected from its shape or named with
+`format=` (TACO/APPS `input_output`, LiveCodeBench, CodeContests, MBPP, HumanEval, pytest-style `test_*`
+functions, plain assert code, `[{"input", "output"}]` lists); see `rewards.code_formats`. They are parsed and
+validated before any program runs: a test set that cannot fail (no cases, no assert / check call / test function,
+`check` without `entry_point`, every case expecting empty output or None) is a ValueError.
+
+How each kind runs (see `rewards.code_harness`; every program gets TACO/LiveCodeBench's standard import block):
+- stdin/stdout cases: one sandboxed run per case with `input` on stdin; it passes when the run exits 0 and its
+  stdout matches `output` by `rewards.compare.outputs_match` (lenient by default, `strict=True` for exact text).
+- call cases: one sandboxed run calls the function on every case's arguments and reports the return values as
+  JSON; the expected values never enter the sandbox and are compared here by `rewards.compare.values_match`.
+- test code: one sandboxed run executes the program as module `solution`, then the test statements and test
+  functions, each reporting pass/fail with a per-run random token. A program that exits early passes nothing
+  after that point; one that prints the expected output gains nothing.
+`timeout_s` bounds each sandboxed run (wall clock).
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import secrets
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from rewards.code_formats import TestSet, parse_tests
+from rewards.code_harness import CALL_HARNESS, CODE_HARNESS, STDIO_MAIN, guard_asserts, prelude
+from rewards.compare import outputs_match, values_match
 from rewards.sandbox import Job, SandboxConfig, SandboxResult, run_many, run_program
 from rewards.text import extract_code
 
 DEFAULT_TIMEOUT_S = 10.0
-
-_HARNESS = '''\
-import ast, os, sys, traceback
-
-def _sparrow_main():
-    token = sys.stdin.readline().strip()
-    report = os.fdopen(os.dup(1), "w")
-    sink = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(sink, 1)  # the program's own prints are not graded and must not crowd out the report
-    with open("tests.json") as f:
-        plan = __import__("json").load(f)
-    ns = {"__name__": "solution", "__builtins__": __builtins__}
-    try:
-        with open("solution.py") as f:
-            exec(compile(f.read(), "solution.py", "exec"), ns)
-    except BaseException:
-        traceback.print_exc()
-        return
-    tree = ast.parse(plan["tests"], "tests.py")
-    for i, node in enumerate(tree.body):
-        code = compile(ast.Module(body=[node], type_ignores=[]), "tests.py", "exec")
-        try:
-            exec(code, ns)
-            ok = True
-        except BaseException:
-            traceback.print_exc()
-            ok = False
-        if i in plan["test_statements"]:
-            report.write(f"{token} {i} {int(ok)}\\n")
-            report.flush()
-        elif not ok:
-            return
-
-_sparrow_main()
-'''
 
 
 @dataclass(slots=True)
@@ -74,92 +45,96 @@ class CodeResult:
     total: int
     program: str
     runs: list[SandboxResult] = field(default_factory=list)
+    format: str = ""
 
     @property
     def statuses(self) -> list[str]:
         return [r.status for r in self.runs]
 
 
-def _test_plan(tests: str, entry_point: str | None) -> tuple[str, list[int]]:
-    """Test code (with the check call appended) and the indices of its top-level test statements."""
-    if entry_point is not None:
-        if not entry_point.isidentifier():
-            raise ValueError(f"entry_point must be a Python identifier, got {entry_point!r}")
-        tests = f"{tests}\n\ncheck({entry_point})\n"
-    try:
-        body = ast.parse(tests).body
-    except SyntaxError as e:
-        raise ValueError(f"tests are not valid Python: {e}") from e
-    last = len(body) - 1
-    statements = [i for i, node in enumerate(body)
-                  if isinstance(node, ast.Assert) or (entry_point is not None and i == last)]
-    return tests, statements or [last]
+def _result(passed: int, ts: TestSet, program: str, runs: list[SandboxResult]) -> CodeResult:
+    return CodeResult(passed / ts.total, passed, ts.total, program, runs, ts.format)
 
 
-def _run_asserts(program: str, tests: str, entry_point: str | None, cfg: SandboxConfig) -> CodeResult:
-    tests, statements = _test_plan(tests, entry_point)
-    token = secrets.token_hex(16)
-    plan = json.dumps({"tests": tests, "test_statements": statements})
-    run = run_program(_HARNESS, stdin=token + "\n", config=cfg, files={"solution.py": program, "tests.json": plan})
-    passed = set()
+def _reports(run: SandboxResult, token: str) -> dict[str, str]:
+    """`{test id: payload}` of the harness's token-tagged report lines (the first line per id wins)."""
+    found: dict[str, str] = {}
     for line in run.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] == token and parts[2] == "1":
-            passed.add(int(parts[1]))
-    n = len(passed & set(statements))
-    return CodeResult(n / len(statements), n, len(statements), program, [run])
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[0] == token:
+            found.setdefault(parts[1], parts[2])
+    return found
 
 
-def normalize_output(text: str) -> str:
-    """Trailing whitespace of every line and trailing blank lines removed; CRLF read as LF."""
-    lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
-    while lines and not lines[-1]:
-        lines.pop()
-    return "\n".join(lines)
+def _run_stdio(program: str, ts: TestSet, cfg: SandboxConfig, max_workers: int | None,
+               strict: bool) -> CodeResult:
+    files = {"solution.py": program, "prelude.py": prelude(program)}
+    runs = run_many([Job(STDIO_MAIN, c.input, files) for c in ts.cases], cfg, max_workers)
+    passed = sum(r.ok and outputs_match(r.stdout, c.output, strict) for r, c in zip(runs, ts.cases))
+    return _result(passed, ts, program, runs)
 
 
-def _check_cases(cases: Sequence[Any]) -> list[dict]:
-    for i, case in enumerate(cases):
-        if not isinstance(case, dict) or not isinstance(case.get("input"), str) \
-                or not isinstance(case.get("output"), str):
-            raise ValueError(f"stdin/stdout test {i} must be a dict with str 'input' and 'output', got {case!r}")
-    return list(cases)
+def _run_calls(program: str, ts: TestSet, cfg: SandboxConfig) -> CodeResult:
+    token = secrets.token_hex(16)
+    plan = json.dumps({"fn_name": ts.fn_name, "args": [c.args for c in ts.cases]})
+    run = run_program(CALL_HARNESS, stdin=token + "\n", config=cfg,
+                      files={"solution.py": program, "prelude.py": prelude(program), "cases.json": plan})
+    reports = _reports(run, token)
+    passed = 0
+    for i, case in enumerate(ts.cases):
+        try:
+            got = json.loads(reports[str(i)])
+        except (KeyError, json.JSONDecodeError):
+            continue
+        passed += values_match(got, case.expected, ts.unwrap_single)
+    return _result(passed, ts, program, [run])
 
 
-def _run_io(program: str, cases: Sequence[dict], cfg: SandboxConfig, max_workers: int | None) -> CodeResult:
-    runs = run_many([Job(program, c["input"]) for c in cases], cfg, max_workers)
-    passed = sum(r.ok and normalize_output(r.stdout) == normalize_output(c["output"]) for r, c in zip(runs, cases))
-    return CodeResult(passed / len(cases), passed, len(cases), program, runs)
+def _run_code(program: str, ts: TestSet, cfg: SandboxConfig) -> CodeResult:
+    token = secrets.token_hex(16)
+    plan = json.dumps({"code": guard_asserts(ts.code), "test_statements": ts.test_statements,
+                       "test_functions": ts.test_functions})
+    run = run_program(CODE_HARNESS, stdin=token + "\n", config=cfg,
+                      files={"solution.py": program, "prelude.py": prelude(program), "tests.json": plan})
+    reports = _reports(run, token)
+    ids = [str(i) for i in ts.test_statements] + ts.test_functions
+    passed = sum(reports.get(i) == "1" for i in ids)
+    return _result(passed, ts, program, [run])
 
 
-def score_with_details(response: str, tests: str | Sequence[dict], timeout_s: float = DEFAULT_TIMEOUT_S,
-                       entry_point: str | None = None, prefix: str | None = None,
-                       config: SandboxConfig | None = None, max_workers: int | None = None) -> CodeResult:
-    """Run the response's program against `tests`; `timeout_s` bounds each sandboxed run (wall clock).
-
-    `prefix` (e.g. a HumanEval prompt) is put before a program that does not itself define `entry_point`, for
-    completion-style responses that continue the function body."""
+def program_of(response: str, entry_point: str | None = None, prefix: str | None = None) -> str:
+    """The program to run: the response's code, after `prefix` unless it defines `entry_point` itself."""
     if not isinstance(response, str):
         raise TypeError(f"response must be str, got {type(response).__name__}")
-    cfg = config or SandboxConfig(timeout_s=timeout_s)
-    if config is not None and timeout_s != DEFAULT_TIMEOUT_S:
-        cfg = SandboxConfig(**{**_as_dict(config), "timeout_s": timeout_s})
     program = extract_code(response)
     if prefix and not (entry_point and re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", program, re.M)):
         program = prefix + program
-    if isinstance(tests, str):
-        return _run_asserts(program, tests, entry_point, cfg)
-    if isinstance(tests, Sequence) and tests:
-        return _run_io(program, _check_cases(tests), cfg, max_workers)
-    raise ValueError(f"tests must be Python test code (str) or a non-empty list of {{'input', 'output'}} dicts, "
-                     f"got {type(tests).__name__} {tests!r:.80}")
+    return program
 
 
-def score(response: str, tests: str | Sequence[dict], timeout_s: float = DEFAULT_TIMEOUT_S, **kw: Any) -> float:
-    """Fraction of `tests` passed by the program in `response` (see module docstring); kw: entry_point, prefix,
-    config, max_workers."""
-    return score_with_details(response, tests, timeout_s, **kw).score
+def score_with_details(response: str, tests: Any, timeout_s: float = DEFAULT_TIMEOUT_S, *,
+                       fn_name: str | None = None, entry_point: str | None = None, prefix: str | None = None,
+                       format: str | None = None, strict: bool = False, config: SandboxConfig | None = None,
+                       max_workers: int | None = None) -> CodeResult:
+    """Run the response's program against `tests` (module docstring); ValueError for tests that cannot fail."""
+    ts = tests if isinstance(tests, TestSet) else parse_tests(tests, fn_name=fn_name, entry_point=entry_point,
+                                                               format=format)
+    program = program_of(response, entry_point, prefix)
+    cfg = config or SandboxConfig(timeout_s=timeout_s)
+    if config is not None and timeout_s != DEFAULT_TIMEOUT_S:
+        cfg = replace(config, timeout_s=timeout_s)
+    if ts.kind == "stdio":
+        return _run_stdio(program, ts, cfg, max_workers, strict)
+    if ts.kind == "call":
+        return _run_calls(program, ts, cfg)
+    return _run_code(program, ts, cfg)
 
 
-def _as_dict(cfg: SandboxConfig) -> dict:
-    return {name: getattr(cfg, name) for name in cfg.__dataclass_fields__}
+def score(response: str, tests: Any, timeout_s: float = DEFAULT_TIMEOUT_S, *, fn_name: str | None = None,
+          entry_point: str | None = None, prefix: str | None = None, format: str | None = None,
+          **kw: Any) -> float:
+    """Fraction of `tests` passed by the program in `response` (module docstring); kw: strict, config,
+    max_workers."""
+    return score_with_details(response, tests, timeout_s, fn_name=fn_name, entry_point=entry_point, prefix=prefix,
+                              format=format, **kw).score
+

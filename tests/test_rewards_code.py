@@ -47,7 +47,7 @@ def test_early_exit_passes_nothing(exit_call):
 
 def test_forged_report_without_token_does_not_count():
     program = "import os\nfor i in range(3):\n    os.write(1, f'deadbeef {i} 1\\n'.encode())\nos._exit(0)"
-    assert code.score(_fence(program), "assert False\nassert False\n") == 0.0
+    assert code.score(_fence(program), "assert f() == 1\nassert f() == 2\n") == 0.0
 
 
 def test_main_block_does_not_run_under_asserts():
@@ -64,9 +64,9 @@ def test_stdin_stdout_cases():
 
 
 def test_timeouts_and_crashes_score_zero():
-    assert code.score(_fence("while True: pass"), "assert True", timeout_s=1.0) == 0.0
-    assert code.score(_fence("def f(:"), "assert True") == 0.0
-    assert code.score(_fence("while True: pass"), [{"input": "", "output": ""}], timeout_s=1.0) == 0.0
+    assert code.score(_fence("def f():\n    return 1\nwhile True: pass"), "assert f() == 1", timeout_s=1.0) == 0.0
+    assert code.score(_fence("def f(:"), "assert f() == 1") == 0.0
+    assert code.score(_fence("while True: pass"), [{"input": "", "output": "x"}], timeout_s=1.0) == 0.0
 
 
 def test_bad_tests_are_named():
@@ -74,7 +74,7 @@ def test_bad_tests_are_named():
         code.score("pass", "assert (")
     with pytest.raises(ValueError, match="'input' and 'output'"):
         code.score("pass", [{"input": "1"}])
-    with pytest.raises(ValueError, match="non-empty list"):
+    with pytest.raises(ValueError, match="no test cases"):
         code.score("pass", [])
     with pytest.raises(ValueError, match="identifier"):
         code.score("pass", "assert True", entry_point="f(); import os")

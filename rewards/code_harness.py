@@ -1,0 +1,356 @@
+"""What runs inside the sandbox around a program: the standard import block and the three harnesses.
+
+- Import block (`prelude`): the names TACO's and LiveCodeBench's harnesses put before every solution
+  (`from typing import *`, `math`/`gcd`/`sqrt`, `collections`, `heapq`, `bisect`, `itertools`, `functools`,
+  `string`, `re`, `sys`, ...) plus `import numpy as np` when the program says `np` and the sandbox's interpreter
+  has numpy. Its names are placed under the program's builtins (builtins win a clash), not in its module: the
+  program can use `gcd` or `List` without importing them, but a name it does not define itself (say `add`, which
+  `from operator import *` provides) is neither called as the function under test nor imported by tests.
+  The program's own `from __future__` imports keep working and its line numbers are unchanged.
+- stdin/stdout (`STDIO_MAIN`): the program runs as `__main__` after the prelude; the parent grades stdout.
+- call-based (`CALL_HARNESS`): the sandbox gets the program and the call ARGUMENTS only (never the expected
+  values, so reading files or memory cannot reveal them). The program is loaded as module `solution` (its main
+  block does not run) with stdin and stdout closed to it; the function (`fn_name`, or `Solution().fn_name` when
+  the program defines `class Solution` with it, a fresh instance per call) is called once per case and the return
+  value is reported as JSON (numpy values as lists/numbers; anything else that is not JSON data fails the case)
+  on a private descriptor, each line tagged with the run's random token. The parent decodes and compares.
+- test code (`CODE_HARNESS`): the program is loaded as module `solution` (so `from solution import f` works);
+  the test code runs in a namespace of its own seeded with the program's names, then each `test_*` function is
+  called. Before the program runs, the test file is read and deleted. Asserts are rewritten (`guard_asserts`) so
+  that a comparison only trusts plain data (numbers, strings, lists, dicts, ... and numpy values): an object
+  whose `__eq__` always answers True, or whose `__bool__` does, fails the assert. Each test statement or
+  function reports pass/fail with the token; a test during which builtins, `math`, `operator` or the guard
+  helpers were replaced fails and stops the run. `pytest` is a small shim (`raises`, `approx`,
+  `mark.parametrize`, identity `fixture`/marks). The program shares the process with the test code, so a program
+  that introspects the interpreter (frames, gc) can still find the test code; the guards stop the known cheap
+  tricks (always-equal objects, patched comparisons, reading the test file, printing, exiting early).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+IMPORT_BLOCK = """\
+import bisect, collections, copy, datetime, decimal, fractions, functools, heapq, io, itertools, json, math
+import operator, random, re, statistics, string, sys, time
+from bisect import *
+from collections import *
+from copy import *
+from datetime import *
+from fractions import *
+from functools import *
+from heapq import *
+from itertools import *
+from math import *
+from operator import *
+from random import *
+from statistics import *
+from string import *
+from typing import *
+sys.setrecursionlimit(50000)
+"""
+_NUMPY = "try:\n    import numpy as np\nexcept ImportError:\n    pass\n"
+
+
+def prelude(program: str) -> str:
+    """The import block for `program` (with numpy as `np` when the program mentions `np`)."""
+    return IMPORT_BLOCK + (_NUMPY if re.search(r"\bnp\b", program) else "")
+
+
+_PRELUDE_AS_BUILTINS = '''\
+def _sparrow_builtins():
+    """Builtins with the prelude's names under them: the program sees them, its module does not hold them."""
+    import builtins
+    pre = {}
+    with open("prelude.py") as f:
+        exec(compile(f.read(), "prelude.py", "exec"), pre)
+    return {**{k: v for k, v in pre.items() if not k.startswith("__")}, **vars(builtins)}
+'''
+
+STDIO_MAIN = _PRELUDE_AS_BUILTINS + '''
+_ns = {"__name__": "__main__", "__builtins__": _sparrow_builtins(), "__file__": "solution.py"}
+with open("solution.py") as _f:
+    _src = _f.read()
+del _f
+exec(compile(_src, "solution.py", "exec"), _ns)
+'''
+
+_COMMON = _PRELUDE_AS_BUILTINS + '''
+import json, os, sys, traceback, types
+
+def _sparrow_setup(plan_file):
+    token = sys.stdin.readline().strip()
+    with open(plan_file) as f:
+        plan = json.load(f)
+    os.remove(plan_file)
+    report = os.fdopen(os.dup(1), "w")
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)  # the program's own prints are not graded and must not crowd out the report
+    sys.stdin = open(os.devnull)
+    return token, plan, report
+
+def _sparrow_load():
+    """The program as module `solution` (prelude first); None when it does not load."""
+    mod = types.ModuleType("solution")
+    mod.__file__ = "solution.py"
+    sys.modules["solution"] = mod
+    try:
+        mod.__dict__["__builtins__"] = _sparrow_builtins()
+        with open("solution.py") as f:
+            exec(compile(f.read(), "solution.py", "exec"), mod.__dict__)
+    except BaseException:
+        traceback.print_exc()
+        return None
+    return mod
+'''
+
+CALL_HARNESS = _COMMON + '''
+def _sparrow_plain(value):
+    if type(value).__module__.split(".")[0] == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"return value of type {type(value).__name__} is not JSON data")
+
+def _sparrow_target(mod, name):
+    cls = mod.__dict__.get("Solution")
+    if isinstance(cls, type) and hasattr(cls, name):
+        return lambda *args: getattr(cls(), name)(*args)
+    fn = mod.__dict__.get(name)
+    return fn if callable(fn) else None
+
+def _sparrow_main():
+    token, plan, report = _sparrow_setup("cases.json")
+    mod = _sparrow_load()
+    if mod is None:
+        return
+    fn = _sparrow_target(mod, plan["fn_name"])
+    if fn is None:
+        print(f"no function {plan['fn_name']!r} (nor Solution().{plan['fn_name']})", file=sys.stderr)
+        return
+    dumps = json.dumps
+    for i, args in enumerate(plan["args"]):
+        try:
+            value = dumps(fn(*args), default=_sparrow_plain)
+        except BaseException:
+            traceback.print_exc()
+            continue
+        report.write(f"{token} {i} {value}\\n")
+        report.flush()
+
+_sparrow_main()
+'''
+
+CODE_HARNESS = _COMMON + '''
+import builtins, math, operator, re as _re
+
+_PLAIN = (int, float, complex, str, bytes, bool, type(None))
+
+def _sparrow_data(v, type=type, all=all, hasattr=hasattr):
+    """v as plain data (numpy converted), or raise TypeError: only plain data is trusted to compare."""
+    t = type(v)
+    if t in _PLAIN:
+        return v
+    if t in (list, tuple, set, frozenset):
+        return t(_sparrow_data(x) for x in v)
+    if t is dict:
+        return {_sparrow_data(k): _sparrow_data(x) for k, x in v.items()}
+    if t is _Approx:
+        return v
+    if t.__module__.split(".")[0] == "numpy" and hasattr(v, "tolist"):
+        return _sparrow_data(v.tolist())
+    raise TypeError(t)
+
+_OPS = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt,
+        ">=": operator.ge, "in": lambda a, b: a in b, "not in": lambda a, b: a not in b,
+        "is": operator.is_, "is not": operator.is_not}
+
+def _sparrow_cmp(ops, *values, type=type, zip=zip, TypeError=TypeError):
+    for op, a, b in zip(ops, values, values[1:]):
+        if op in ("is", "is not"):
+            ok = _OPS[op](a, b)
+        else:
+            try:
+                a, b = _sparrow_data(a), _sparrow_data(b)
+            except TypeError:
+                if type(a) is not type(b):  # an opaque object only compares with one of its own type
+                    return False
+            ok = _OPS[op](a, b)
+        if not _sparrow_truth(ok):
+            return False
+    return True
+
+def _sparrow_truth(v, type=type, bool=bool):
+    if type(v) is bool:
+        return v
+    try:
+        return bool(_sparrow_data(v))
+    except TypeError:
+        return False
+
+class _Approx:
+    def __init__(self, expected, rel=None, abs=None):
+        self.expected, self.rel, self.abs = expected, 1e-6 if rel is None else rel, 1e-12 if abs is None else abs
+
+    def _close(self, a, b):
+        if isinstance(b, (list, tuple)):
+            return isinstance(a, (list, tuple)) and len(a) == len(b) and all(map(self._close, a, b))
+        if isinstance(b, dict):
+            return isinstance(a, dict) and a.keys() == b.keys() and all(self._close(a[k], b[k]) for k in b)
+        try:
+            return math.isclose(a, b, rel_tol=self.rel, abs_tol=self.abs)
+        except TypeError:
+            return a == b
+
+    def __eq__(self, other):
+        try:
+            return self._close(_sparrow_data(other), self.expected)
+        except TypeError:
+            return False
+
+    __hash__ = None
+
+class _Raises:
+    def __init__(self, exc, match=None):
+        self.exc, self.match, self.value = exc, match, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, t, v, tb):
+        if t is None:
+            raise AssertionError(f"DID NOT RAISE {self.exc}")
+        if not issubclass(t, self.exc):
+            return False
+        if self.match is not None and not _re.search(self.match, str(v)):
+            raise AssertionError(f"{v!r} does not match {self.match!r}")
+        self.value = v
+        return True
+
+def _raises(exc, *args, match=None, **kwargs):
+    ctx = _Raises(exc, match)
+    if not args:
+        return ctx
+    with ctx:
+        args[0](*args[1:], **kwargs)
+    return ctx
+
+def _parametrize(names, values, **_):
+    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    def wrap(fn):
+        def run(*head):
+            for row in values:
+                row = row if len(names) > 1 else (row,)
+                fn(*head, **dict(zip(names, row)))
+        run.__name__ = fn.__name__
+        return run
+    return wrap
+
+class _Mark:
+    parametrize = staticmethod(_parametrize)
+
+    def __getattr__(self, name):
+        return lambda *a, **k: (a[0] if len(a) == 1 and callable(a[0]) and not k else (lambda fn: fn))
+
+def _pytest_shim():
+    mod = types.ModuleType("pytest")
+    mod.raises, mod.approx, mod.mark = _raises, _Approx, _Mark()
+    mod.fixture = lambda *a, **k: a[0] if len(a) == 1 and callable(a[0]) else (lambda fn: fn)
+    return mod
+
+def _sparrow_snapshot(ns):
+    watched = [vars(builtins), vars(math), vars(operator)]
+    return [(d, dict(d)) for d in watched] + [(ns, {k: ns[k] for k in ("_sparrow_cmp", "_sparrow_truth")})]
+
+def _sparrow_tampered(snapshot):
+    return any(d.get(k, None) is not v for d, saved in snapshot for k, v in saved.items()) or any(
+        set(d) - set(saved) for d, saved in snapshot[:-1])
+
+def _sparrow_main():
+    token, plan, report = _sparrow_setup("tests.json")
+    sys.modules["pytest"] = _pytest_shim()
+    mod = _sparrow_load()
+    if mod is None:
+        return
+    ns = dict(mod.__dict__)
+    ns.update(__name__="sparrow_tests", __builtins__=builtins, _sparrow_cmp=_sparrow_cmp, _sparrow_truth=_sparrow_truth)
+    snapshot = _sparrow_snapshot(ns)
+    if _sparrow_tampered(snapshot):
+        print("the program replaced builtins or comparison helpers", file=sys.stderr)
+        return
+    tree = __import__("ast").parse(plan["code"], "tests.py")
+    tests = set(plan["test_statements"])
+    for i, node in enumerate(tree.body):
+        code = compile(__import__("ast").Module(body=[node], type_ignores=[]), "tests.py", "exec")
+        ok = _sparrow_run(lambda: exec(code, ns), snapshot)
+        if i in tests:
+            report.write(f"{token} {i} {int(ok)}\\n")
+            report.flush()
+        if ok is None or (not ok and i not in tests):
+            return
+    for name in plan["test_functions"]:
+        ok = _sparrow_run(lambda: _sparrow_call(ns, name), snapshot)
+        report.write(f"{token} {name} {int(bool(ok))}\\n")
+        report.flush()
+        if ok is None:
+            return
+
+def _sparrow_call(ns, name):
+    if "." in name:
+        cls, meth = name.split(".", 1)
+        obj = ns[cls]()
+        if hasattr(obj, "setup_method"):
+            obj.setup_method(getattr(obj, meth))
+        getattr(obj, meth)()
+    else:
+        ns[name]()
+
+def _sparrow_run(thunk, snapshot):
+    """True (passed), False (failed) or None (failed, and the harness was tampered with: stop)."""
+    try:
+        thunk()
+        ok = True
+    except BaseException:
+        traceback.print_exc()
+        ok = False
+    return None if _sparrow_tampered(snapshot) else ok
+
+_sparrow_main()
+'''
+
+
+class _GuardAsserts(ast.NodeTransformer):
+    """`assert e` -> `assert _sparrow_truth(e')`, every comparison in e' -> `_sparrow_cmp(ops, *operands)`."""
+
+    _NAMES = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=",
+              ast.In: "in", ast.NotIn: "not in", ast.Is: "is", ast.IsNot: "is not"}
+
+    def __init__(self) -> None:
+        self.in_assert = 0
+
+    def visit_Assert(self, node: ast.Assert) -> ast.Assert:
+        self.in_assert += 1
+        test = self.visit(node.test)
+        self.in_assert -= 1
+        call = ast.Call(ast.Name("_sparrow_truth", ast.Load()), [test], [])
+        return ast.copy_location(ast.Assert(call, node.msg), node)
+
+    def visit_Compare(self, node: ast.Compare) -> ast.AST:
+        node = self.generic_visit(node)
+        if not self.in_assert:
+            return node
+        ops = ast.Tuple([ast.Constant(self._NAMES[type(op)]) for op in node.ops], ast.Load())
+        call = ast.Call(ast.Name("_sparrow_cmp", ast.Load()), [ops, node.left, *node.comparators], [])
+        return ast.copy_location(call, node)
+
+    def visit_Lambda(self, node: ast.Lambda) -> ast.AST:  # a lambda in an assert runs later, elsewhere
+        depth, self.in_assert = self.in_assert, 0
+        node = self.generic_visit(node)
+        self.in_assert = depth
+        return node
+
+
+def guard_asserts(code: str) -> str:
+    """Test code with every assert's comparisons and truth test routed through the harness's guards."""
+    tree = _GuardAsserts().visit(ast.parse(code))
+    return ast.unparse(ast.fix_missing_locations(tree))
