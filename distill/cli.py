@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from distill.trainer import DistillTrainer
     from sparrow_sgl.config import ConfigError, EngineConfig
     from sparrow_sgl.engine import Engine, SamplingParams
+    from sparrow_sgl.engine.engine import schedule_for_engine
+    from sparrow_sgl.engine.loader import load_tokenizer
     from sparrow_sgl.rl.batch import RolloutBatch
     from sparrow_sgl.rl.config import TrainConfig
 
@@ -77,10 +79,12 @@ def run(args: argparse.Namespace) -> int:
     log_path = Path(args.log) if args.log else out / "distill_log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
-    engine = Engine(EngineConfig(model=args.model, device=args.device, seed=args.seed, kv_gb=args.kv_gb))
-    schedule = engine.resolve_schedule(args.schedule)
+    # schedule and prompt errors surface before the models and the KV pool are built
+    engine_config = EngineConfig(model=args.model, device=args.device, seed=args.seed, kv_gb=args.kv_gb)
+    schedule = schedule_for_engine(engine_config, args.schedule)
+    train_prompts, eval_prompts = _prompts(args, load_tokenizer(args.model))
+    engine = Engine(engine_config)
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
-    train_prompts, eval_prompts = _prompts(args, engine.tokenizer)
     train_cfg = TrainConfig(
         model=args.model, out_dir=str(out / "run"), device=args.device, seed=args.seed, schedule=args.schedule,
         temperature=args.temperature, max_new_tokens=args.max_new_tokens, micro_batch_size=args.micro_batch_size,

@@ -17,13 +17,13 @@ the dense side a dense teacher-forced prefill on the same server).
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparrow_sgl.config import ConfigError
-from sparrow_sgl.jsonio import read_json, write_json_atomic
+from sparrow_sgl.config import ConfigError, Schedule
+from sparrow_sgl.jsonio import read_json, read_jsonl, write_json_atomic
 from sparrow_sgl.mismatch import BinStat
 
 MODES = ("full", "topk")
@@ -157,7 +157,6 @@ def calibrate(
     """
     from tqdm.auto import tqdm
 
-    from sparrow_sgl.config import Schedule
 
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
@@ -356,7 +355,7 @@ PROMPT_FIELDS = ("prompt", "question", "problem", "messages", "text", "input")
 def load_prompts(source: str | os.PathLike, field_name: str | None = None, limit: int | None = None) -> list:
     """Prompts from a .jsonl file (one object or string per line) or a `datasets` dataset saved to disk.
 
-    Returns strings or chat message lists, in file order, at most `limit`.
+    Returns strings or chat message lists, in file order, at most `limit`. Errors name the file and 1-based line.
     """
     path = Path(source)
     if path.is_dir():
@@ -366,25 +365,29 @@ def load_prompts(source: str | os.PathLike, field_name: str | None = None, limit
         if hasattr(dataset, "keys"):  # a DatasetDict: take its first split
             dataset = dataset[next(iter(dataset.keys()))]
         rows = dataset.select(range(min(limit or len(dataset), len(dataset))))
+        numbered = [(f"{path}: row {i}", row) for i, row in enumerate(rows, 1)]
     elif path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        numbered = [(f"{path}:{n}", row) for n, row in read_jsonl(path, "prompts file")]
     else:
         raise ConfigError(f"prompt source not found: {path} (give a .jsonl file or a datasets dir)")
-    prompts = [_prompt_of(row, field_name, path) for row in rows]
-    prompts = prompts[:limit] if limit else prompts
+    numbered = numbered[:limit] if limit else numbered
+    prompts = [_prompt_of(row, field_name, where) for where, row in numbered]
     if not prompts:
         raise ConfigError(f"no prompts in {path}")
     return prompts
 
 
-def _prompt_of(row, field_name: str | None, path: Path):
+def _prompt_of(row, field_name: str | None, where: str):
     if isinstance(row, str):
         return row
     if not isinstance(row, dict):
-        raise ConfigError(f"{path}: each prompt must be a string or an object, got {type(row).__name__}")
+        raise ConfigError(f"{where}: each prompt must be a string or an object, got {type(row).__name__}")
     names = [field_name] if field_name else [f for f in PROMPT_FIELDS if f in row]
     if not names or names[0] not in row:
-        raise ConfigError(f"{path}: no prompt field among {field_name or PROMPT_FIELDS}; use --prompt-field")
+        raise ConfigError(
+            f"{where}: no prompt field among {field_name or ', '.join(PROMPT_FIELDS)} (fields: {', '.join(row)}); "
+            "use --prompt-field"
+        )
     return row[names[0]]
 
 
@@ -409,7 +412,8 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt-field", help=f"field holding the prompt (default: first of {', '.join(PROMPT_FIELDS)})")
     p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts")
     p.add_argument("--no-chat", action="store_true", help="feed prompts raw instead of through the chat template")
-    p.add_argument("--budgets", help="KV budgets in tokens, comma-separated (default: all paper-preset budgets)")
+    p.add_argument("--budgets", type=parse_budgets,
+                   help="KV budgets in tokens, comma-separated, e.g. 256,512,1024 (default: all paper-preset budgets)")
     p.add_argument("--samples", type=int, default=4, help="responses per prompt (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=4096, help="response length cap (default 4096)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (covers late bins)")
@@ -437,8 +441,21 @@ def add_arguments(p) -> None:
     p.add_argument("--sglang-kv-tokens", type=int, default=None, help="KV pool (tokens) of a started SGLang server")
 
 
+def parse_budgets(text: str) -> list[int]:
+    """`--budgets 256,512,1024`: positive whole numbers of KV tokens (argparse type; errors say which entry)."""
+    budgets = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item.lstrip("+-").isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r} is not a whole number of tokens (e.g. --budgets 256,512,1024)")
+        if int(item) <= 0:
+            sign = "negative" if int(item) < 0 else "zero"
+            raise argparse.ArgumentTypeError(f"{item} is {sign}: a budget is a positive number of KV tokens")
+        budgets.append(int(item))
+    return budgets
+
+
 def run(args) -> int:
-    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else paper_budget_grid()
+    budgets = args.budgets or paper_budget_grid()
     if args.engine == "sglang":
         _check_sglang_args(args)
     out = Path(args.out)
@@ -458,17 +475,22 @@ def run(args) -> int:
         "local_pages": 2,
         "dense_layers": [0, 1],
     }
+    for budget in budgets:  # schedule errors surface before any model is loaded
+        Schedule.fixed(budget, **sparsity)
     table = _resume_or_new(out, args, settings)
     done = [b for b in budgets if table.has(b)]
     if done:
         print(f"resuming {out}: budgets {done} already measured")
     if len(done) < len(set(budgets)) or (args.noise_floor and not table.has(None)):
+        from sparrow_sgl.engine.loader import load_tokenizer
+
+        prompts = load_prompts(args.prompts, args.prompt_field, args.num_prompts)
+        prompt_ids = encode_prompts(load_tokenizer(args.model), prompts, chat=not args.no_chat)
         engine = _build_engine(args)
         try:
-            prompts = load_prompts(args.prompts, args.prompt_field, args.num_prompts)
             calibrate(
                 engine,
-                encode_prompts(engine.tokenizer, prompts, chat=not args.no_chat),
+                prompt_ids,
                 budgets,
                 samples=args.samples,
                 max_new_tokens=args.max_new_tokens,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import re
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -19,7 +21,33 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("sparrow_sgl.sglang.serve", "launch SGLang with the sparrow block-sparse backend"),
     "bench": ("sparrow_sgl.bench", "run a benchmark and print JSON"),
     "reward": ("rewards.cli", "score rollouts with the math or code reward"),
+    "testbed": ("sparrow_sgl.testbed", "pretrain a small model on the chain task; sweep tail targets with GRPO"),
 }
+
+
+# modules a subcommand needs beyond the core install, and how to get them
+EXTRAS: dict[str, tuple[str, str]] = {
+    "serve": (
+        "sglang",
+        "run `make setup-sglang` (creates .venv-sglang with sglang==0.5.23, ~11 GB) and use "
+        "`.venv-sglang/bin/sparrow serve ...`, or `pip install -e '.[sglang]'` into this environment",
+    ),
+}
+_NEGATIVE_LIST = re.compile(r"^-\d[\d.,:+-]*$")
+
+
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """`--budgets -256,512` -> `--budgets=-256,512`: argparse takes a value that starts with '-' (other than one
+    plain negative number) for an option and reports "expected one argument"; attached, the option's own parser
+    sees the value and can say what is wrong with it."""
+    out: list[str] = []
+    for arg in argv:
+        prev = out[-1] if out else ""
+        if _NEGATIVE_LIST.match(arg) and prev.startswith("--") and "=" not in prev:
+            out[-1] = f"{prev}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -37,19 +65,44 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:  # the console entry: thread settings before torch starts OpenMP (see sparrow_sgl/threads.py)
+        from sparrow_sgl.threads import apply_process_policy
+
+        apply_process_policy()
+    argv = attach_negative_values(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not hasattr(args, "_run"):
         parser.print_help()
         return 2
+    missing = _missing_extra(args.command)
+    if missing:
+        return _fail(args.command, missing)
     from sparrow_sgl.config import ConfigError
 
     try:
         return int(args._run(args) or 0)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"sparrow {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(e))
+    except ModuleNotFoundError as e:
+        return _fail(args.command, f"needs the Python module {e.name!r}, not installed in {sys.prefix}")
+    except KeyboardInterrupt:
+        print(f"sparrow {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _missing_extra(command: str) -> str | None:
+    if command not in EXTRAS:
+        return None
+    module, how = EXTRAS[command]
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f"needs {module}, which is not installed in this environment ({sys.prefix}): {how}"
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"sparrow {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+from sparrow_sgl.errors import ConfigError
 from sparrow_sgl.jsonio import read_json, write_json_atomic
+
+__all__ = ["ConfigError", "SparsityConfig", "Schedule", "EngineConfig", "budget_pages"]
 
 SCORERS = ("centroid", "quest")
 KV_LAYOUTS = ("NHD", "HND")
-
-
-class ConfigError(ValueError):
-    """A configuration or schedule that cannot be used; the message names the problem."""
 
 
 def _reject_unknown_keys(cls: type, data: dict, where: str) -> None:

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sparrow_sgl.errors import ConfigError
+
 
 def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 1) -> Path:
     """Write `data` as JSON to a temporary file beside `path`, then rename it over `path`."""
@@ -20,8 +22,6 @@ def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 1) -> Pa
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Parse a JSON file; a missing file or invalid JSON raises `ConfigError` naming `what` and the path."""
-    from sparrow_sgl.config import ConfigError
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
@@ -29,3 +29,21 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what} {path} is not valid JSON: {e}") from e
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "JSON-lines file") -> list[tuple[int, Any]]:
+    """(1-based line number, value) of every non-blank line; a bad line raises `ConfigError` naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    rows = []
+    with path.open() as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((line_no, json.loads(line)))
+            except json.JSONDecodeError as e:
+                message = f"{path}:{line_no}: line {line_no} is not valid JSON ({e.msg}, column {e.colno})"
+                raise ConfigError(message) from e
+    return rows

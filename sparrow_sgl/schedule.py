@@ -50,7 +50,9 @@ def resolve_schedule(spec: str | Schedule | None, page_size: int = 16) -> Schedu
     if spec == "dense":
         return Schedule.dense(page_size=page_size)
     if spec.startswith("fixed:"):
-        value = spec.removeprefix("fixed:")
+        value = spec.removeprefix("fixed:").strip()
+        if value.startswith("-") and value[1:].isdigit():
+            raise ConfigError(f"{spec!r}: the budget is negative; a budget is a positive number of tokens (fixed:1024)")
         if not value.isdigit():
             raise ConfigError(f"fixed schedule needs an integer token budget, e.g. fixed:1024, got {spec!r}")
         return Schedule.fixed(int(value), page_size=page_size)

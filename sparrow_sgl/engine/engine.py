@@ -47,6 +47,33 @@ def _mix_seed(*parts: int) -> int:
     return seed
 
 
+def schedule_for_engine(config: EngineConfig, schedule: Schedule | str | None) -> Schedule:
+    """The schedule an engine built from `config` would run (checked before any model is loaded). Named 'dense' /
+    'fixed:N' take the config's sink/local/scorer settings; any schedule must use the config's page size."""
+    named = schedule is None or (isinstance(schedule, str) and schedule.strip().split(":")[0] in ("dense", "fixed"))
+    resolved = resolve_schedule(schedule, page_size=config.page_size)
+    if named:
+        resolved = dataclasses.replace(
+            resolved, sink_pages=config.sink_pages, local_pages=config.local_pages, scorer=config.scorer
+        )
+    if resolved.page_size != config.page_size:
+        raise ConfigError(
+            f"schedule {resolved.name or ''!r} uses page_size {resolved.page_size} but the engine's KV pages "
+            f"hold {config.page_size} tokens; build the engine with page_size={resolved.page_size}"
+        )
+    return resolved
+
+
+def check_prompt(prompt: list[int], response_len: int, vocab_size: int, max_model_len: int, what: str) -> None:
+    """A prompt the engine can run: non-empty, ids inside the vocabulary, prompt + response within max_model_len."""
+    if not prompt:
+        raise ConfigError(f"{what}: the prompt is empty (at least one token is needed)")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise ConfigError(f"{what}: token ids must lie in [0, {vocab_size})")
+    if len(prompt) + response_len > max_model_len:
+        raise ConfigError(f"{what}: {len(prompt)} prompt tokens + {response_len} exceed max_model_len={max_model_len}")
+
+
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -91,19 +118,7 @@ class Engine:
 
     def resolve_schedule(self, schedule: Schedule | str | None) -> Schedule:
         """A Schedule for this engine. Named 'dense' / 'fixed:N' take the engine's sink/local/scorer settings."""
-        named = schedule is None or (isinstance(schedule, str) and schedule.strip().split(":")[0] in ("dense", "fixed"))
-        resolved = resolve_schedule(schedule, page_size=self.config.page_size)
-        if named:
-            cfg = self.config
-            resolved = dataclasses.replace(
-                resolved, sink_pages=cfg.sink_pages, local_pages=cfg.local_pages, scorer=cfg.scorer
-            )
-        if resolved.page_size != self.config.page_size:
-            raise ConfigError(
-                f"schedule {resolved.name or ''!r} uses page_size {resolved.page_size} but the engine's KV pages "
-                f"hold {self.config.page_size} tokens; build the engine with page_size={resolved.page_size}"
-            )
-        return resolved
+        return schedule_for_engine(self.config, schedule)
 
     def _sparsity(self, schedule: Schedule) -> SparsityConfig:
         self.kv_cache.check_schedule(schedule)
@@ -127,7 +142,7 @@ class Engine:
             self._unseeded_calls += 1
         groups = []
         for j, ids in enumerate(prompt_ids):
-            self._check_length(ids, 1, f"prompt {j}")
+            self._check_length(ids, 1, f"prompt {j + 1}")
             max_new = min(params.max_new_tokens, self.max_model_len - len(ids))
             seqs = []
             for i in range(params.n):
@@ -158,7 +173,7 @@ class Engine:
             raise ConfigError(f"score got {len(prompt_ids)} prompts but {len(response_ids)} responses")
         request = ScoreRequest(temperature=temperature, topk=topk, return_full=return_full)
         for j, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-            self._check_length(list(p), len(r), f"request {j}")
+            self._check_length(list(p), len(r), f"request {j + 1}")
         if sparse is None:
             return score_dense(self, prompt_ids, response_ids, request, progress)
         return score_sparse(self, prompt_ids, response_ids, self.resolve_schedule(sparse), request, progress)
@@ -201,19 +216,11 @@ class Engine:
             elif isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
                 out.append([int(t) for t in prompt])
             else:
-                raise ConfigError(f"prompt {j} is neither text nor a list of token ids: {type(prompt).__name__}")
+                raise ConfigError(f"prompt {j + 1} is neither text nor a list of token ids: {type(prompt).__name__}")
         return out
 
     def _check_length(self, prompt: list[int], response_len: int, what: str) -> None:
-        if not prompt:
-            raise ConfigError(f"{what}: the prompt is empty (at least one token is needed)")
-        vocab = self.hf_config.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise ConfigError(f"{what}: token ids must lie in [0, {vocab})")
-        if len(prompt) + response_len > self.max_model_len:
-            raise ConfigError(
-                f"{what}: {len(prompt)} prompt tokens + {response_len} exceed max_model_len={self.max_model_len}"
-            )
+        check_prompt(prompt, response_len, self.hf_config.vocab_size, self.max_model_len, what)
 
     def _new_sequence(self, prompt, params, max_new, prompt_index, sample_index=0, **kw) -> Sequence:
         self._next_seq_id += 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,14 +130,23 @@ def load_weights(
     return loaded
 
 
-def load_tokenizer(model_dir: str):
-    try:
-        from transformers import AutoTokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
-        return AutoTokenizer.from_pretrained(model_dir)
+
+def load_tokenizer(model_dir: str | Path):
+    """The model dir's tokenizer; a dir without one (a bare weights export) is refused by name."""
+    path = Path(model_dir)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES)}): copy the tokenizer files of the model it "
+            "came from into it"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
-        print(f"sparrow engine: no tokenizer loaded from {model_dir} ({e}); token-id prompts only", file=sys.stderr)
-        return None
+        raise ConfigError(f"{path}: its tokenizer files cannot be loaded ({e})") from e
 
 
 def eos_token_ids(model_dir: str, hf_config, tokenizer) -> frozenset[int]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
+from types import UnionType
+from typing import Union, get_args, get_origin, get_type_hints
 
 from distill.config import DistillConfig
 from sparrow_sgl.config import ConfigError
@@ -190,7 +192,7 @@ def _as_float(value: str, where: str) -> float:
     try:
         return float(value)
     except ValueError:
-        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        raise ConfigError(f"{where} must be a number, got {value!r} (a string)") from None
 
 
 def _parse_file(path: Path) -> dict:
@@ -212,19 +214,94 @@ def _parse_file(path: Path) -> dict:
 def _build(cls, data: dict, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
-    kwargs = {}
-    for name, value in data.items():
-        default = known[name].default_factory() if callable(known[name].default_factory) else None
-        if is_dataclass(default) and isinstance(value, dict):
-            value = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(value, str) and str(known[name].type).startswith("float"):
-            value = _as_float(value, f"{where}.{name}")  # YAML 1.1 reads `1e-5` as a string
-        kwargs[name] = value
+    hints = get_type_hints(cls)
+    kwargs = {name: typed_value(value, hints[name], f"{where}: {name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from e
+
+
+def typed_value(value, hint, where: str):
+    """`value` checked against the field type `hint` (bool, int, float, str, dict, tuple/list, X | None, a nested
+    config dataclass); ints are accepted as floats and YAML 1.1's `1e-5` strings are read as floats."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return typed_value(value, inner[0], where) if len(inner) == 1 else value
+    if is_dataclass(hint):
+        return value if isinstance(value, hint) else _build(hint, value, where.replace(": ", ".", 1))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r} ({_kind(value)})")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be a whole number, got {value!r} ({_kind(value)})")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            return _as_float(value, where)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r} ({_kind(value)})")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r} ({_kind(value)})")
+        return value
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r} ({_kind(value)})")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {value!r} ({_kind(value)})")
+        fixed = origin is tuple and Ellipsis not in args
+        if fixed and len(value) != len(args):
+            raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        item_hints = args if fixed else [args[0] if args else object] * len(value)
+        items = [typed_value(v, h, f"{where}[{i}]") if h is not object else v
+                 for i, (v, h) in enumerate(zip(value, item_hints))]
+        return origin(items)
+    return value
+
+
+def describe_fields(cls, prefix: str = "") -> list[str]:
+    """One line per config key: `name: type = default  # the comment beside it in the source` (sections nested)."""
+    hints, comments = get_type_hints(cls), _field_comments(cls)
+    lines = []
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if is_dataclass(default):
+            lines += describe_fields(type(default), prefix=f"{prefix}{f.name}.")
+            continue
+        comment = f"  # {comments[f.name]}" if f.name in comments else ""
+        lines.append(f"  {prefix}{f.name}: {type_name(hints[f.name])} = {default!r}{comment}")
+    return lines
+
+
+def _field_comments(cls) -> dict[str, str]:
+    import inspect
+    import re
+
+    pattern = re.compile(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$")
+    matches = (pattern.match(line) for line in inspect.getsource(cls).splitlines())
+    return {m.group(1): m.group(2).strip() for m in matches if m}
+
+
+def type_name(hint) -> str:
+    """A field type as a person reads it: `float | None`, `tuple[float, float]`, `bool`."""
+    text = str(hint) if get_origin(hint) else getattr(hint, "__name__", str(hint))
+    return text.replace("typing.", "").replace("NoneType", "None")
+
+
+def _kind(value) -> str:
+    return {bool: "true/false", int: "a whole number", float: "a number", str: "a string"}.get(
+        type(value), type(value).__name__
+    )

@@ -9,11 +9,9 @@ KV budget can miss. Length grows with `num_vars`, difficulty with `hops`. Sample
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 from sparrow_sgl.config import ConfigError
@@ -117,23 +115,34 @@ class ChainTask:
 
 @dataclass(slots=True)
 class JsonlMathTask:
-    """Rows `{"prompt": ..., "answer": ...}` from a JSONL file, scored by the math reward (math-verify)."""
+    """Rows `{"prompt" | "question" | "problem": ..., "answer": ...}` from a JSONL file (GSM8K's and MATH-500's
+    shipped files under rewards/data/ fit), scored by the math reward (math-verify)."""
 
     path: str
     name: str = "jsonl-math"
     rows: list = field(default_factory=list)
 
+    PROMPT_FIELDS = ("prompt", "question", "problem")
+
     def __post_init__(self) -> None:
-        path = Path(self.path)
-        if not path.is_file():
-            raise ConfigError(f"task file not found: {path}")
-        self.rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if not self.rows or any("prompt" not in r or "answer" not in r for r in self.rows):
-            raise ConfigError(f"task file {path} needs non-empty JSON lines with 'prompt' and 'answer'")
+        from sparrow_sgl.jsonio import read_jsonl
+
+        numbered = read_jsonl(self.path, "task file")
+        if not numbered:
+            raise ConfigError(f"task file {self.path} holds no rows")
+        for line_no, row in numbered:
+            if not isinstance(row, dict) or "answer" not in row or not self._prompt_field(row):
+                raise ConfigError(
+                    f"{self.path}:{line_no}: a task row needs 'answer' and one of {', '.join(self.PROMPT_FIELDS)}"
+                )
+        self.rows = [row for _, row in numbered]
+
+    def _prompt_field(self, row: dict) -> str | None:
+        return next((name for name in self.PROMPT_FIELDS if name in row), None)
 
     def sample(self, index: int) -> TaskSample:
         row = self.rows[index % len(self.rows)]
-        return TaskSample(str(row["prompt"]), str(row["answer"]), str(row.get("reference", "")))
+        return TaskSample(str(row[self._prompt_field(row)]), str(row["answer"]), str(row.get("reference", "")))
 
     def score(self, response: str, sample: TaskSample) -> float:
         from rewards.math import score
