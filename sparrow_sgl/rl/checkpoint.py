@@ -1,6 +1,6 @@
 """Atomic training checkpoints: `<run>/checkpoints/step_000012/` holding
 
-  model/            the policy in HF format (an engine can load it directly)
+  model/            the policy in HF format with the run's tokenizer (an engine or `sparrow generate` loads it)
   trainer_state.pt  optimizer, LR scheduler, RNG states (python, numpy, torch, cuda)
   state.json        step, data cursor, current schedule, TailGuard state, config, extra
   <name>_state.pt   optional components (e.g. `distill_state.pt`: the DistillSparse LoRA, its optimizer, re-planner)
@@ -61,10 +61,12 @@ def save_checkpoint(
     config: dict | None = None,
     keep_last: int = 2,
     components: dict[str, dict] | None = None,
+    tokenizer=None,
 ) -> Path:
     """Write a complete checkpoint under `root/step_XXXXXX` atomically; returns its path.
 
     components: extra state dicts saved as `<name>_state.pt` in the same atomic directory (`load_component`).
+    tokenizer: saved beside the weights in `model/`, so the checkpoint is a complete model dir.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -73,6 +75,8 @@ def save_checkpoint(
     try:
         tmp.mkdir()
         model.save_pretrained(tmp / "model")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "model")
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
             tmp / "trainer_state.pt",

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from sparrow_sgl.rl.config import TrainConfig, describe_fields
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = (
+        "config keys (YAML/JSON file or --set KEY=VALUE; values are checked against these types):\n"
+        + "\n".join(describe_fields(TrainConfig))
+        + "\n\nexample: sparrow train --config scripts/train_chain.yaml --set model=runs/demo/model --set steps=5"
+    )
     p.add_argument("--config", required=True, help="YAML or JSON TrainConfig (see sparrow_sgl/rl/config.py)")
     p.add_argument("--resume", default=None, help="checkpoint dir, or a run dir (continues from its latest)")
     p.add_argument(
@@ -32,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"sparrow train: resumed at step {step} from {args.resume}")
         cfg.save(Path(cfg.out_dir) / "config.json")
         records = trainer.train()
+    except KeyboardInterrupt:
+        print(interrupted_message(cfg, trainer.step), file=sys.stderr)
+        return 130
     finally:
         trainer.close()
     if records:
@@ -42,3 +54,25 @@ def run(args: argparse.Namespace) -> int:
             f"min tail_p5 {'-' if tail is None else f'{tail:.4f}'} (tau {cfg.tau}); log: {trainer.log.path}"
         )
     return 0
+
+
+def interrupted_message(cfg, steps_done: int) -> str:
+    """One line for Ctrl-C: the last checkpoint on disk and the command that continues from it."""
+    from pathlib import Path
+
+    from sparrow_sgl.config import ConfigError
+    from sparrow_sgl.rl.checkpoint import find_checkpoint
+
+    run_dir = Path(cfg.out_dir)
+    try:
+        ckpt = find_checkpoint(run_dir)
+    except ConfigError:
+        when = f"every {cfg.save_every} steps" if cfg.save_every else "only at the end (save_every: 0)"
+        return (
+            f"sparrow train: interrupted after {steps_done} completed step(s); no checkpoint yet (checkpoints are "
+            f"saved {when}): start again with `sparrow train --config {run_dir / 'config.json'}`"
+        )
+    return (
+        f"sparrow train: interrupted after {steps_done} completed step(s); last checkpoint {ckpt}; continue with "
+        f"`sparrow train --config {run_dir / 'config.json'} --resume {run_dir}`"
+    )

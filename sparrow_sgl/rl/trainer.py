@@ -26,6 +26,7 @@ from sparrow_sgl.rl.loss import group_advantages, importance_weights, ppo_clip_l
 from sparrow_sgl.rl.metrics import MetricsLog, mismatch_metrics, plot_run, predicted_speedup, rollout_metrics
 from sparrow_sgl.rl.recompute import OldPolicy, recompute_old, token_logprobs
 from sparrow_sgl.rl.tasks import Task, build_task, encode_prompt
+from sparrow_sgl.schedule import resolve_schedule
 
 
 def seed_everything(seed: int) -> None:
@@ -103,10 +104,12 @@ class Trainer:
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
         self.device = torch.device(cfg.device)
+        # task and schedule errors surface before the policy, the engine and its KV pool are built
+        self.task = task if task is not None else build_task(cfg.task, cfg.task_args, cfg.seed)
+        resolve_schedule(cfg.schedule, page_size=cfg.page_size)
         self.policy = policy if policy is not None else load_policy(cfg.model, cfg.device, cfg.dtype)
         self.engine = engine if engine is not None else build_engine(cfg)
         self.tokenizer = self.engine.tokenizer
-        self.task = task if task is not None else build_task(cfg.task, cfg.task_args, cfg.seed)
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
@@ -204,6 +207,7 @@ class Trainer:
             config=self.cfg.to_dict(),
             keep_last=self.cfg.keep_last,
             components={"distill": self.distill.state_dict()} if self.distill is not None else None,
+            tokenizer=self.tokenizer,
         )
 
     # -- the loop ---------------------------------------------------------------------------------------------------
