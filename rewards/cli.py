@@ -3,9 +3,13 @@
 Input: JSON lines, one rollout per line, with `response` and either
   `label` (the JSON label of `rewards.labels`, or a bare math answer), or
   math: `reference` / `answer` (bare answer, boxed solution or GSM8K '#### N' solution),
-  code: `tests` (test code or [{"input", "output"}] cases) and optional `entry_point`, `prefix`.
-Output: accuracy (fraction of items scoring 1.0), mean score, and a per-item table; `--json` prints one JSON
-object instead. Exit code 0 on success, 2 on bad input.
+  code: `tests` (any format of `rewards.code_formats`: test code, [{"input", "output"}] cases, TACO/APPS
+  `input_output`, LiveCodeBench cases, CodeContests / MBPP / HumanEval test fields) and optional `fn_name`,
+  `entry_point`, `prefix`, `format`, `strict`, `timeout_s`.
+Output: accuracy (fraction of items scoring 1.0), mean score, a per-item table with each item's reason, and the
+number of items that could not be scored (an invalid label, e.g. tests that cannot fail: score 0, reason shown);
+`--json` prints one JSON object instead. Exit code 0 when the file was read (invalid items included), 2 on bad
+input (unreadable file, a row without a response or label).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+_SHOW_ERRORS = 20  # items whose error is printed after the table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +44,8 @@ def _label_of(row: dict, kind: str | None, where: str) -> object:
     if kind == "code" or "tests" in row:
         if "tests" not in row:
             raise ValueError(f"{where}: code rows need 'tests' or a JSON 'label'; fields: {sorted(row)}")
-        return {"kind": "code", **{k: row[k] for k in ("tests", "entry_point", "prefix") if row.get(k) is not None}}
+        keys = ("tests", "fn_name", "entry_point", "prefix", "format", "strict", "timeout_s")
+        return {"kind": "code", **{k: row[k] for k in keys if row.get(k) is not None}}
     for key in ("reference", "answer"):
         if key in row:
             return {"kind": "math", "answer": str(row[key])}
@@ -79,17 +86,28 @@ def run(args: argparse.Namespace) -> int:
     n = len(scored)
     summary = {"file": str(args.file), "items": n, "accuracy": sum(s.score == 1.0 for s in scored) / n,
                "mean_score": sum(s.score for s in scored) / n, "timeouts": sum(s.timeout for s in scored),
-               "elapsed_s": round(elapsed, 3)}
+               "invalid_labels": sum(_invalid_label(s) for s in scored),
+               "errors": sum(s.error is not None for s in scored), "elapsed_s": round(elapsed, 3)}
     if args.json:
-        items = [{"index": i, "kind": s.kind, "score": s.score, "reason": s.reason, "timeout": s.timeout}
-                 for i, s in enumerate(scored)]
+        items = [{"index": i, "kind": s.kind, "score": s.score, "reason": s.reason, "timeout": s.timeout,
+                  "error": s.error} for i, s in enumerate(scored)]
         print(json.dumps({**summary, "per_item": items}))
         return 0
     _print_table(scored, responses, args.show)
     print(f"accuracy: {100 * summary['accuracy']:.1f}% ({sum(s.score == 1.0 for s in scored)}/{n} items), "
           f"mean score: {summary['mean_score']:.3f} (of 1), timeouts: {summary['timeouts']} items, "
-          f"time: {elapsed:.1f} s")
+          f"invalid labels: {summary['invalid_labels']} items (scored 0), "
+          f"other errors: {summary['errors'] - summary['invalid_labels']} items, time: {elapsed:.1f} s")
+    errors = [(i, s.error) for i, s in enumerate(scored) if s.error is not None]
+    for i, error in errors[:_SHOW_ERRORS]:
+        print(f"item {i}: {error}", file=sys.stderr)
+    if len(errors) > _SHOW_ERRORS:
+        print(f"... and {len(errors) - _SHOW_ERRORS} more items that could not be scored", file=sys.stderr)
     return 0
+
+
+def _invalid_label(scored) -> bool:
+    return scored.error is not None and scored.error.startswith("invalid label")
 
 
 def _score_with_progress(responses, labels, args, timeouts):
@@ -116,5 +134,5 @@ def _print_table(scored, responses, show: int) -> None:
         table.add_column(col)
     for i, (s, r) in enumerate(zip(scored[:show], responses)):
         tail = " ".join(r.split())[-60:]
-        table.add_row(str(i), s.kind, f"{s.score:.2f}", s.reason[:80], tail)
+        table.add_row(str(i), s.kind, f"{s.score:.2f}", s.reason[:120], tail)
     Console().print(table)
