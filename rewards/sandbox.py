@@ -10,6 +10,10 @@ The caller enforces the wall clock, reads stdout/stderr with a cap (a program ex
 end SIGKILLs the process group; PID 1 exiting takes down everything left in the namespace, including processes
 that escaped the group with `setsid`. Without a PID namespace, processes of the run's uid are swept instead.
 `SandboxResult` says which isolation was in force (`network_isolated`, `pid_namespace`, `private_tmp`, `uid`).
+
+The program's interpreter is `SandboxConfig.python`: by default `$SPARROW_SANDBOX_PYTHON`, else this interpreter
+when it has numpy and the sandbox's unprivileged uid can execute it and read its stdlib and numpy (file
+permissions checked along the real path), else the system python3.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import random
 import selectors
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -32,9 +37,54 @@ _UID_RANGE = (1_000_000, 1_000_000 + (1 << 24))  # far above real accounts; rand
 _EXIT_GRACE_S = 0.5  # after the program exits, how long stragglers may keep its output pipes open
 
 
+def _world_usable(path: str, mode: int = stat.S_IXOTH) -> bool:
+    """Whether another (unprivileged) user can reach `path` (every directory above it searchable by others) and
+    has `mode` on it; symlinks are followed."""
+    real = os.path.realpath(path)
+    try:
+        if not os.stat(real).st_mode & mode:
+            return False
+        parent = os.path.dirname(real)
+        while True:
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                return False
+            if parent == os.path.dirname(parent):
+                return True
+            parent = os.path.dirname(parent)
+    except OSError:
+        return False
+
+
+def _usable_by_sandbox(paths: list[str]) -> bool:
+    """The sandbox drops to an unprivileged uid only when we are root; otherwise it runs as us."""
+    if os.geteuid() != 0:
+        return all(os.access(p, os.R_OK) for p in paths)
+    return all(_world_usable(p, stat.S_IXOTH if os.path.isfile(p) else stat.S_IROTH | stat.S_IXOTH)
+               for p in paths)
+
+
+def _this_python_with_numpy() -> str | None:
+    """This interpreter, when it has numpy and the sandbox's uid can run it and read its stdlib and numpy."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("numpy")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    paths = [sys.executable, os.path.dirname(os.__file__), *spec.submodule_search_locations]
+    return sys.executable if _usable_by_sandbox(paths) else None
+
+
 def _default_python() -> str:
+    """`SPARROW_SANDBOX_PYTHON`, else this interpreter when it has numpy and the sandbox can run it, else the
+    system python3, else this interpreter."""
+    override = os.environ.get("SPARROW_SANDBOX_PYTHON")
+    if override:
+        return override
+    mine = _this_python_with_numpy()
+    if mine:
+        return mine
     for path in ("/usr/bin/python3", "/usr/local/bin/python3"):
-        if os.access(path, os.X_OK):
+        if os.access(path, os.X_OK) and (os.geteuid() != 0 or _world_usable(path)):
             return path
     return sys.executable
 
@@ -48,7 +98,8 @@ class SandboxConfig:
     max_file_mb: int = 16  # RLIMIT_FSIZE
     max_output_bytes: int = 1 << 20  # per stream; more gets the program killed and the result truncated
     tmpfs_mb: int = 64  # size of each private tmpfs (the work dir lives in /tmp)
-    python: str = field(default_factory=_default_python)  # interpreter of the program; must be world-executable
+    # interpreter of the program (world-executable when we are root); default: see _default_python
+    python: str = field(default_factory=_default_python)
     isolate: bool = True  # try namespaces; False runs with rlimits (and uid drop) only
 
     def __post_init__(self) -> None:
