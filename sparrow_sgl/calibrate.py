@@ -110,12 +110,29 @@ class CalibrationTable:
             settings=dict(data.get("settings", {})),
         )
 
+    def model_path(self, table_path: str | os.PathLike) -> str:
+        """The model dir as stored (absolute since tables record it so) or, for an older relative entry that does
+        not exist from here, relative to the table's own directory, where it is found."""
+        return resolve_model_path(self.model, Path(table_path).parent)
+
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationTable:
         return cls.from_dict(read_json(path, "calibration table"), where=f"calibration table {path}")
+
+
+def resolve_model_path(model: str, base: Path) -> str:
+    """`model` if absolute, a preset-like name or present from the working directory; else `base / model`, or
+    `base / <its last part>` (a run directory moved together with its table), when that is a directory."""
+    path = Path(model)
+    if not model or path.is_absolute() or path.exists():
+        return model
+    for candidate in (base / path, base / path.name):
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    return model
 
 
 # -- measurement --------------------------------------------------------------------------------------------------
@@ -515,7 +532,7 @@ def run(args) -> int:
 
 def _resume_or_new(out: Path, args, settings: dict) -> CalibrationTable:
     fresh = CalibrationTable(
-        model=str(args.model),
+        model=str(Path(args.model).resolve()),  # absolute: `sparrow plan` may run from another directory
         bin_tokens=args.bin_tokens,
         quantile=args.quantile,
         mode=args.mode,
@@ -527,7 +544,8 @@ def _resume_or_new(out: Path, args, settings: dict) -> CalibrationTable:
     old = CalibrationTable.load(out)
     keys = ("max_new_tokens", "samples", "seed", "page_size", "scorer", "prompts", "num_prompts", "topk")
     clash = [k for k in keys if old.settings.get(k) != settings.get(k)]
-    clash += [k for k in ("model", "bin_tokens", "quantile", "mode") if getattr(old, k) != getattr(fresh, k)]
+    clash += [k for k in ("bin_tokens", "quantile", "mode") if getattr(old, k) != getattr(fresh, k)]
+    clash += ["model"] if Path(old.model_path(out)).resolve() != Path(fresh.model).resolve() else []
     if clash:
         raise ConfigError(f"{out} was measured with different {', '.join(clash)}; use --fresh or another --out")
     return old

@@ -290,7 +290,7 @@ class Demo:
             sparsity=sparsity,
             progress=self.progress,
         )
-        table.model = str(model_dir)
+        table.model = str(model_dir.resolve())  # `sparrow plan` on the table works from any directory
         table.settings = {**table.settings, **sparsity}
         table.save(self.out / "calibration.json")
         plot_table(table, self.out / "calibration.png", tau=self.args.tau)

@@ -234,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
     plan = None
     if args.table:
         table = CalibrationTable.load(args.table)
+        table.model = table.model_path(args.table)  # a relative entry is found from any working directory
         plan = plan_schedule(table, args.tau, args.margin, args.min_count, args.bins)
         out = Path(args.out or Path(args.table).with_name(f"schedule-tau{args.tau:g}.json"))
         plan.schedule.save(out)

@@ -142,3 +142,22 @@ def test_cli_drain_predicts_less_than_a_steady_batch(capsys):
 
     steady, drained = predicted(), predicted("--drain")
     assert 1.0 < drained < steady
+
+
+def test_cli_plans_from_another_directory_with_a_relative_model_entry(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """An older table (or a moved run dir) records the model relative to where calibrate ran: plan finds it."""
+    import shutil
+
+    run = tmp_path / "runs" / "demo"
+    shutil.copytree(tiny_model_dir, run / "model")
+    table = make_table({512: [0.95, 0.85, 0.80], 1024: [0.97, 0.90, 0.87]})
+    table.model = "runs/demo/model"
+    table.save(run / "calibration.json")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["plan", str(run / "calibration.json"), "--hardware", "cpu", "--lengths", "6000"]) == 0
+    captured = capsys.readouterr()
+    assert "unknown model" not in captured.err and "no speedup prediction" not in captured.err
+    assert "predicted rollout speedup vs dense" in captured.out
+    assert Schedule.load(run / "schedule-tau0.86.json").model == str((run / "model").resolve())
