@@ -60,6 +60,99 @@ def test_math_verify_cases(response, reference, expected):
     assert m.score(response, reference) == expected
 
 
+@pytest.mark.parametrize("response, reference, expected", [
+    ("\\boxed{1} and \\boxed{2}", "{1,2}", 1.0),
+    ("\\boxed{1} and \\boxed{2}", "1, 2", 1.0),
+    ("\\boxed{1} and \\boxed{3}", "1, 2", 0.0),
+    ("\\boxed{2}", "1, 2", 0.0),  # one of two parts
+    ("The roots are $x=\\boxed{2}$, $x = \\boxed{-3}$.", "-3, 2", 1.0),
+    ("x=\\boxed{2}, \\boxed{-3}", "2, -3", 1.0),
+    ("x=\\boxed{2}, \\boxed{3}", "2, -3", 0.0),
+    ("$x_1 = \\boxed{2} \\quad x_2 = \\boxed{-3}$", "x=2 \\text{ or } x=-3", 1.0),
+    ("\\boxed{(1,2)}, \\boxed{(3,4)}", "\\{(1,2),(3,4)\\}", 1.0),
+    ("\\boxed{(1,2)}, \\boxed{(3,5)}", "\\{(1,2),(3,4)\\}", 0.0),
+    ("\\boxed{(1,2)}, \\boxed{(3,4)}, \\boxed{(5,6)}", "(1,2), (3,4)", 0.0),  # a list with an extra part
+    ("Answer: $x = 2$ and $x = -3$", "2, -3", 1.0),  # several answers after one marker
+    # a reference with several boxes has several parts
+    ("\\boxed{-3}, \\boxed{2}", "so $x=\\boxed{2}$ or $x=\\boxed{-3}$", 1.0),
+    ("\\boxed{2, -3}", "so $x=\\boxed{2}$ or $x=\\boxed{-3}$", 1.0),
+    ("\\boxed{2}", "so $x=\\boxed{2}$ or $x=\\boxed{-3}$", 0.0),
+    # an intermediate box, then the final one: the last answer decides
+    ("First \\boxed{3}. Then, after much more work, we get \\boxed{5}", "5", 1.0),
+    ("First \\boxed{3}. Then, after much more work, we get \\boxed{5}", "3, 5", 0.0),
+    ("\\boxed{3}, \\boxed{5}", "5", 1.0),
+    ("\\boxed{7} so \\boxed{8}", "7", 0.0),
+    ("\\boxed{7}, \\boxed{8}", "7", 0.0),
+    ("\\boxed{7} and much later, having checked everything, \\boxed{8}", "7, 8", 0.0),
+])
+def test_several_boxes_are_one_answer_when_the_reference_has_several_parts(response, reference, expected):
+    assert m.score(response, reference) == expected
+
+
+@pytest.mark.parametrize("response, reference, expected", [
+    ("Answer: 42", "42", 1.0),
+    ("Final answer: 42", "42", 1.0),
+    ("**Answer:** 42", "42", 1.0),
+    ("**Answer: 42**", "42", 1.0),
+    ("Final Answer:\n$\\frac{1}{2}$", "0.5", 1.0),
+    ("The result is $3$", "3", 1.0),
+    ("The answers are 2 and -3.", "-3, 2", 1.0),
+    ("The result is $3$", "4", 0.0),
+    ("Answer: 41", "42", 0.0),
+    ("It is 42", "42", 0.0),  # words and no marker: no answer (never `\boxed{It is 42}`)
+    ("I think 42", "42", 0.0),
+    ("x^2+1", "1+x^2", 1.0),  # a genuinely bare answer is taken whole
+    ("\\frac12", "0.5", 1.0),
+])
+def test_answer_markers(response, reference, expected):
+    assert m.score(response, reference) == expected
+
+
+def test_words_without_marker_are_no_answer():
+    assert m.extract_answer("It is 42") is None
+    assert m.extract_answer("The value of x") is None
+    assert m.extract_answer("\\text{Evelyn}") == "\\text{Evelyn}"
+    assert m.extract_answer("\\sin x + \\cos x") == "\\sin x + \\cos x"
+    assert m.extract_answer("The answer is Evelyn.") == "Evelyn"  # prose after a marker is kept when alone
+
+
+@pytest.mark.parametrize("response, reference, expected", [
+    ("So \\boxed{3} is an intermediate value. The final answer is $5$.", "5", 1.0),
+    ("So \\boxed{3} is an intermediate value. The final answer is $5$.", "3", 0.0),
+    ("The answer is 5. Check: \\boxed{5}", "5", 1.0),
+    ("The answer is 4. Check: \\boxed{5}", "4", 0.0),
+    ("\\boxed{4}. Let me double check: the answer is not obvious at first.", "4", 1.0),  # prose is no answer
+    ("The answer is 7", "Since 3+4 = 7, answer is 7", 1.0),  # a reference without "the"
+    ("The answer is 8", "Since 3+4 = 7, answer is 7", 0.0),
+    ("#### Step 3: verify\n\\boxed{6}\n#### Done", "6", 1.0),  # markdown headings are no answers
+    # a MATH-style check sentence after the box ("our answer:" mid-sentence is no marker)
+    ("$17^{-1}\\equiv \\boxed{44}\\pmod{83}$. We may check our answer: $17\\cdot 44 = 748$, so our answer is "
+     "correct.", "44", 1.0),
+])
+def test_the_last_marked_answer_by_position_wins(response, reference, expected):
+    assert m.score(response, reference) == expected
+
+
+@pytest.mark.parametrize("response, reference, expected", [
+    ("\\boxed{1000,99}", "1000.99", 1.0),
+    ("Answer: 0,5", "0.5", 1.0),
+    ("\\boxed{1000,98}", "1000.99", 0.0),
+    ("\\boxed{1,000}", "1000", 1.0),  # thousands separator
+    ("\\boxed{1,000}", "1.0", 0.0),
+    ("\\boxed{3,5}", "5", 0.0),
+    ("\\boxed{1, 2}", "1.2", 0.0),  # a list stays a list
+    ("\\boxed{1, 2}", "1, 2", 1.0),
+    ("\\boxed{1000,99}", "1000, 99", 1.0),  # the reference is a list: the comma separates
+])
+def test_decimal_comma_where_a_single_number_is_expected(response, reference, expected):
+    assert m.score(response, reference) == expected
+
+
+def test_parts_of_an_answer():
+    assert [m.parts(a) for a in ["5", "(1, 2)", "[1, 2)", "1, 2", "\\{1, 2, 3\\}", "2 \\text{ or } -3",
+                                 "\\{(1,2),(3,4)\\}", "\\left\\{1,2\\right\\}"]] == [1, 1, 1, 2, 3, 2, 2, 2]
+
+
 def test_hanging_verification_times_out_with_reason():
     start = time.monotonic()
     s, reason = m.score_with_reason("\\boxed{9^{9^{9^{9}}}}", "3", timeout_s=1.0)
