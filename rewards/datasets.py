@@ -3,6 +3,8 @@
 Every row gets `prompt` (the question as text), `label` (the JSON label of `rewards.labels`) and keeps its original
 fields (a clashing original `prompt` is kept as `original_prompt`). Bundled copies (with their licences) live in
 `rewards/data/`: GSM8K test, MATH-500 test, HumanEval; any other split or file is loaded from `path`.
+Code datasets as they ship (TACO, APPS, LiveCodeBench, CodeContests, MBPP, KodCode; `load_code_dataset` picks by
+fields) load from a local `path` with the loaders of `rewards.code_datasets`, re-exported here.
 Files: `.jsonl` / `.json` (JSON lines, optionally `.gz`) or `.parquet`. Nothing is downloaded.
 """
 
@@ -131,3 +133,18 @@ def with_chat_prompts(dataset, tokenizer: Any, thinking: bool | None = None, ins
         return {"question_text": row["prompt"], "prompt": format_prompt(tokenizer, row["prompt"], thinking, instr)}
 
     return dataset.map(fmt)
+
+
+from rewards.code_datasets import (  # noqa: E402  (they use the helpers above)
+    load_apps,
+    load_code_dataset,
+    load_codecontests,
+    load_kodcode,
+    load_livecodebench,
+    load_mbpp,
+    load_taco,
+)
+
+__all__ = ["read_rows", "load_gsm8k", "load_math500", "load_humaneval", "load_prompt_label", "format_prompt",
+           "with_chat_prompts", "load_taco", "load_apps", "load_livecodebench", "load_codecontests", "load_mbpp",
+           "load_kodcode", "load_code_dataset"]
