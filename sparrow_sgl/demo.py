@@ -156,6 +156,7 @@ class Demo:
         self.task = ChainTask(**profile.task, seed=args.seed + 1)
         self.warmup_task = ChainTask(**profile.warmup_task, seed=args.seed + 2)
         self.times: dict[str, float] = {}
+        self.threads: dict[int, int] = {}  # torch intra-op threads chosen -> stages that ran with them
         self.summary: dict = {"profile": asdict(profile), "device": args.device, "tau": args.tau}
 
     def stage(self, name: str):
@@ -164,6 +165,7 @@ class Demo:
         class _Stage:
             def __enter__(self):
                 demo.console.rule(f"[bold]{name}")
+                demo.retune_threads()
                 self.start = time.perf_counter()
 
             def __exit__(self, *exc):
@@ -172,6 +174,15 @@ class Demo:
                     demo.console.print(f"{name}: {demo.times[name]:.1f} s")
 
         return _Stage()
+
+    def retune_threads(self) -> None:
+        """Intra-op threads from the machine's load now (a competing process may have started or stopped)."""
+        from sparrow_sgl.threads import retune_torch_threads
+
+        plan = retune_torch_threads()
+        if plan is not None:
+            self.threads[plan.threads] = self.threads.get(plan.threads, 0) + 1
+            self.console.print(f"[dim]{plan.describe()}[/dim]")
 
     def run(self) -> int:
         import torch
