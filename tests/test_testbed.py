@@ -1,0 +1,52 @@
+"""`sparrow testbed` at toy size on CPU: pretrain -> sweep (calibrate, plan, speed, GRPO runs in-process) -> report."""
+
+import json
+
+from sparrow_sgl.cli import main
+from sparrow_sgl.testbed_report import ACC_DROP, REWARD_CRASH, WINDOW, best_window, markdown, row_for
+
+
+def test_toy_pretrain_sweep_report(tmp_path):
+    model, sweep, results = tmp_path / "model", tmp_path / "sweep", tmp_path / "results"
+    assert main(["testbed", "pretrain", "--profile", "toy", "--out", str(model), "--no-progress"]) == 0
+    info = json.loads((model / "pretrain.json").read_text())
+    assert info["steps"] == 4 and "acc/toy" in info["final_eval"] and "testbed pretrain" in info["command"]
+    config = json.loads((model / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and (model / "tokenizer.json").is_file()
+    assert main(["testbed", "sweep", "--profile", "toy", "--model", str(model), "--out", str(sweep),
+                 "--results", str(results), "--no-progress"]) == 0
+    for tau in ("0.75", "0.80", "0.86", "0.92"):
+        assert (sweep / f"schedule_{tau}.json").is_file()
+    speed = json.loads((sweep / "speed.json").read_text())
+    assert set(speed["rows"]) == {"dense", "0.75", "0.80", "0.86", "0.92"}
+    names = {"dense", "tau-0.75", "tau-0.80", "tau-0.86", "tau-0.92", "tau-0.80+distill"}
+    for name in names:
+        records = [json.loads(x) for x in (sweep / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert len(records) == 2
+        for key in ("rollout/reward_mean", "rollout/response_length_mean", "sparse/is_truncated_frac",
+                    "rollout/tokens_per_s", "sparse/tail_p5/min"):
+            assert key in records[-1], (name, key)
+        evals = [json.loads(x) for x in (sweep / "runs" / name / "evals.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in evals] == [0, 1, 2]
+    assert any(k.startswith("distill/") for k in records[-1]) or name != "tau-0.80+distill"
+    rows = json.loads((results / "table.json").read_text())
+    assert {r["config"] for r in rows} == names
+    assert (results / "sweep.png").is_file() and "collapsed" in (results / "table.md").read_text()
+
+
+def test_collapse_rule():
+    def run(rewards, accs):
+        return {"metrics": [{"rollout/reward_mean": r} for r in rewards],
+                "evals": [{"step": s, "greedy_exact": a} for s, a in accs], "summary": {}}
+
+    dense = run([0.5] * 20, [(0, 0.5), (20, 0.6)])
+    ok = row_for("tau-0.86", run([0.5] * 20, [(0, 0.5), (20, 0.55)]), dense, {}, 20, 20)
+    assert not ok["collapsed"] and ok["reward_vs_dense"] == 1.0
+    worse = row_for("tau-0.75", run([0.5] * 20, [(0, 0.5), (20, 0.5 - ACC_DROP - 0.01)]), dense, {}, 20, 20)
+    assert worse["collapsed"] and worse["collapse_reasons"][0].startswith("(a)")
+    crash = row_for("tau-0.80", run([0.6] * 10 + [0.6 * REWARD_CRASH - 0.01] * 10, [(0, 0.5), (20, 0.6)]),
+                    dense, {}, 20, 20)
+    assert crash["collapsed"] and crash["collapse_reasons"] == [f"(c) reward {0.6 * REWARD_CRASH - 0.01:.3f} vs "
+                                                                f"best {0.6:.3f}"]
+    assert best_window([1.0] * WINDOW + [0.0]) == 1.0
+    assert "| tau-0.86 | 0.86 |" in markdown([ok])
