@@ -121,7 +121,14 @@ class _RateLimitedWarning:
         log.warning("reward_func: sample scored 0 with reward_error=1: %s%s", reason[:500], more)
 
 
-_warn = _RateLimitedWarning(float(os.environ.get("SPARROW_REWARD_LOG_EVERY_S", 10)))
+def _log_every_s() -> float:
+    try:
+        return float(os.environ.get("SPARROW_REWARD_LOG_EVERY_S", 10))
+    except ValueError:  # loading the file must not fail on a typo
+        return 10.0
+
+
+_warn = _RateLimitedWarning(_log_every_s())
 
 
 class _Outcome:

@@ -19,7 +19,7 @@ def test_parse_label_formats():
     assert parse_label("42") == Label("math", answer="42")
     assert parse_label("[1, 2)") == Label("math", answer="[1, 2)")  # JSON-looking but not an object
     assert parse_label(json.dumps({"kind": "math", "answer": "\\frac12"})).answer == "\\frac12"
-    lab = parse_label({"kind": "code", "tests": "assert True", "entry_point": "f"})
+    lab = parse_label({"kind": "code", "tests": "assert f(1) == 2", "entry_point": "f"})
     assert (lab.kind, lab.entry_point) == ("code", "f")
     for bad, msg in [({"kind": "poetry"}, "kind must be one of"), ({"kind": "code"}, "needs 'tests'"),
                      ({"kind": "math"}, "needs an 'answer'"), (None, "label must be")]:
@@ -68,16 +68,24 @@ def test_reward_func_loads_from_a_file_path():
     assert out["rewards"].tolist() == [1.0]
 
 
-def test_bad_labels_score_zero_with_reward_error(caplog):
-    labels = [json.dumps({"kind": "poetry"}), json.dumps({"kind": "math"}), None, "3"]
+def test_bad_labels_score_zero_with_reward_error(caplog, monkeypatch):
+    import rewards.openrlhf as mod
+
+    monkeypatch.setattr(mod, "_warn", mod._RateLimitedWarning(60.0))  # fresh: earlier tests may have logged
+    cannot_fail = json.dumps({"kind": "code", "tests": "print('hello')"})  # no assertion: an error, not a reward
+    labels = [json.dumps({"kind": "poetry"}), json.dumps({"kind": "math"}), None, cannot_fail, "3"]
     queries = [PROMPT + "\\boxed{3}"] * len(labels)
     with caplog.at_level("WARNING", logger="rewards.openrlhf"):
         out = reward_func(queries, [PROMPT] * len(labels), labels)
-    assert out["rewards"].tolist() == [0.0, 0.0, 0.0, 1.0]
-    assert out["extra_logs"]["reward_error"].tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert out["rewards"].tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
+    assert out["extra_logs"]["reward_error"].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
     for value in out["extra_logs"].values():  # OpenRLHF reduces each with value.flatten()[0].item()
         assert isinstance(value.flatten()[0].item(), float)
-    assert any("reward_error" in r.getMessage() for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records if r.name == "rewards.openrlhf"]
+    assert len(messages) == 1 and "reward_error=1" in messages[0]  # one line per interval: the first reason
+    mod._warn._last = float("-inf")  # the interval has passed: the next line counts the suppressed failures
+    reward_func(queries[:1], [PROMPT], labels[:1])
+    assert "+3 more failures" in caplog.records[-1].getMessage()
 
 
 def test_mismatched_lengths_and_crashing_scorers_do_not_raise(monkeypatch):
