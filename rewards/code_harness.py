@@ -19,8 +19,8 @@
   called. Before the program runs, the test file is read and deleted. Asserts are rewritten (`guard_asserts`) so
   that a comparison only trusts plain data (numbers, strings, lists, dicts, ... and numpy values): an object
   whose `__eq__` always answers True, or whose `__bool__` does, fails the assert. Each test statement or
-  function reports pass/fail with the token; a test during which builtins, `math`, `operator` or the guard
-  helpers were replaced fails and stops the run. `pytest` is a small shim (`raises`, `approx`,
+  function reports pass/fail with the token; a test during which builtins, `math`, `operator`, the pytest shim
+  or the guard helpers were replaced fails and stops the run. `pytest` is a small shim (`raises`, `approx`,
   `mark.parametrize`, identity `fixture`/marks). The program shares the process with the test code, so a program
   that introspects the interpreter (frames, gc) can still find the test code; the guards stop the known cheap
   tricks (always-equal objects, patched comparisons, reading the test file, printing, exiting early).
@@ -259,7 +259,8 @@ def _pytest_shim():
     return mod
 
 def _sparrow_snapshot(ns):
-    watched = [vars(builtins), vars(math), vars(operator)]
+    watched = [vars(builtins), vars(math), vars(operator), vars(sys.modules["pytest"]), vars(_Approx), vars(_Raises),
+               vars(_Mark)]
     return [(d, dict(d)) for d in watched] + [(ns, {k: ns[k] for k in ("_sparrow_cmp", "_sparrow_truth")})]
 
 def _sparrow_tampered(snapshot):

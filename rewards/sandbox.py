@@ -13,7 +13,8 @@ that escaped the group with `setsid`. Without a PID namespace, processes of the 
 
 The program's interpreter is `SandboxConfig.python`: by default `$SPARROW_SANDBOX_PYTHON`, else this interpreter
 when it has numpy and the sandbox's unprivileged uid can execute it and read its stdlib and numpy (file
-permissions checked along the real path), else the system python3.
+permissions checked along the real path), else the system python3. An interpreter under /tmp (or another dir the
+sandbox hides behind a private tmpfs) cannot start inside it.
 """
 
 from __future__ import annotations
@@ -55,8 +56,19 @@ def _world_usable(path: str, mode: int = stat.S_IXOTH) -> bool:
         return False
 
 
+_PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # sandbox_init mounts an empty tmpfs over each
+
+
+def _under_private_tmp(path: str) -> bool:
+    return any(p == d or p.startswith(d + "/") for p in (os.path.abspath(path), os.path.realpath(path))
+               for d in _PRIVATE_TMP)
+
+
 def _usable_by_sandbox(paths: list[str]) -> bool:
-    """The sandbox drops to an unprivileged uid only when we are root; otherwise it runs as us."""
+    """Reachable inside the sandbox (not under a dir it hides) by its uid: an unprivileged one when we are root,
+    else us."""
+    if any(_under_private_tmp(p) for p in paths):
+        return False
     if os.geteuid() != 0:
         return all(os.access(p, os.R_OK) for p in paths)
     return all(_world_usable(p, stat.S_IXOTH if os.path.isfile(p) else stat.S_IROTH | stat.S_IXOTH)
@@ -84,7 +96,7 @@ def _default_python() -> str:
     if mine:
         return mine
     for path in ("/usr/bin/python3", "/usr/local/bin/python3"):
-        if os.access(path, os.X_OK) and (os.geteuid() != 0 or _world_usable(path)):
+        if os.access(path, os.X_OK) and _usable_by_sandbox([path]):
             return path
     return sys.executable
 
