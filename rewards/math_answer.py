@@ -27,7 +27,7 @@ _BOX = re.compile(r"\\(?:boxed|fbox)\s*")
 _SAID = re.compile(  # "(final) answer is", "Final answer:", "Answer:" opening a line, "the result is", GSM8K "####"
     r"(?im)(?:\b(?:final\s+)?answers?\s+(?:is|are|would\s+be|will\s+be|should\s+be)\b\s*:?"
     r"|\bfinal\s+answers?\s*[:=]|^[\s#>*_-]*answers?\s*[:=]"
-    r"|\bthe\s+(?:final\s+)?(?:result|solution)\s+is\b\s*:?"
+    r"|\bthe\s+(?:final\s+)?(?:results?|solutions?)\s+(?:is|are)\b\s*:?"
     r"|(?P<hashes>####))[\s*]*")
 _CLAUSE_END = re.compile(r"\.\s|;\s|,?\s+(?:because|since|so|as|which|where|and\s+so)\b"
                          r"|,\s+(?!and\b|or\b)[A-Za-z]{3,}\b")
@@ -98,7 +98,7 @@ def clean(answer: str) -> str:
         answer = _UNESCAPED_DOLLAR.sub("", answer).strip()  # "$x=2$ and $x=-3$" -> "x=2 and x=-3"
     for left, right in (("\\(", "\\)"), ("\\[", "\\]")):
         if answer.startswith(left) and answer.endswith(right) and len(answer) > len(left) + len(right):
-            answer = answer[len(left) : -len(right)].strip()
+            answer = answer.replace(left, "").replace(right, "").strip()  # "\\(x=2\\) and \\(x=-3\\)" too
     answer = answer.rstrip(".").strip()
     if _THOUSANDS.match(answer):  # "1,000" would parse as a tuple
         answer = answer.replace(",", "")

@@ -97,6 +97,9 @@ def test_several_boxes_are_one_answer_when_the_reference_has_several_parts(respo
     ("Final Answer:\n$\\frac{1}{2}$", "0.5", 1.0),
     ("The result is $3$", "3", 1.0),
     ("The answers are 2 and -3.", "-3, 2", 1.0),
+    ("The solutions are \\(x = 2\\) and \\(x = -3\\).", "2, -3", 1.0),
+    ("The solutions are \\(x = 2\\) and \\(x = -3\\).", "2, 3", 0.0),
+    ("**Final Answer**\n\\[\n\\boxed{2} \\text{ and } \\boxed{-3}\n\\]", "-3, 2", 1.0),
     ("The result is $3$", "4", 0.0),
     ("Answer: 41", "42", 0.0),
     ("It is 42", "42", 0.0),  # words and no marker: no answer (never `\boxed{It is 42}`)
