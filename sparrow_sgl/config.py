@@ -111,12 +111,13 @@ class Schedule:
                 raise ConfigError(f"budget of bin {i} must be an integer number of tokens or null, got {budget!r}")
             if budget % self.page_size != 0:
                 raise ConfigError(
-                    f"budget of bin {i} ({budget} tokens) is not a multiple of the page size ({self.page_size})"
+                    f"budget of bin {i} ({budget} tokens) is not a multiple of the page size ({self.page_size}); "
+                    f"nearest valid: {_nearest_budgets(budget, self.page_size, sparsity.min_budget)}"
                 )
             if budget < sparsity.min_budget:
                 raise ConfigError(
                     f"budget of bin {i} ({budget} tokens) is below the {sparsity.reserved_pages} always-kept "
-                    f"sink+local pages ({sparsity.min_budget} tokens)"
+                    f"sink+local pages; the minimum budget is {sparsity.min_budget} tokens"
                 )
 
     # -- queries ------------------------------------------------------------------------------------------------
@@ -178,6 +179,15 @@ class Schedule:
     @classmethod
     def fixed(cls, budget: int, **kw) -> Schedule:
         return cls(budgets=[int(budget)], name=f"fixed:{budget}", **kw)
+
+
+def _nearest_budgets(budget: int, page_size: int, min_budget: int) -> str:
+    """The valid budgets (multiples of the page size, at least the minimum) next to an invalid one, as text."""
+    below = max(budget // page_size * page_size, min_budget)
+    above = max(-(-budget // page_size) * page_size, min_budget)
+    if below == above:
+        return f"{below} tokens" + (" (the minimum)" if below == min_budget else "")
+    return f"{below} or {above} tokens"
 
 
 def budget_pages(budget_tokens: int | None, seq_len: int, page_size: int) -> int:
