@@ -17,13 +17,15 @@
 - test code (`CODE_HARNESS`): the program is loaded as module `solution` (so `from solution import f` works);
   the test code runs in a namespace of its own seeded with the program's names, then each `test_*` function is
   called. Before the program runs, the test file is read and deleted. Asserts are rewritten (`guard_asserts`) so
-  that a comparison only trusts plain data (numbers, strings, lists, dicts, ... and numpy values): an object
-  whose `__eq__` always answers True, or whose `__bool__` does, fails the assert. Each test statement or
-  function reports pass/fail with the token; a test during which builtins, `math`, `operator`, the pytest shim
-  or the guard helpers were replaced fails and stops the run. `pytest` is a small shim (`raises`, `approx`,
-  `mark.parametrize`, identity `fixture`/marks). The program shares the process with the test code, so a program
-  that introspects the interpreter (frames, gc) can still find the test code; the guards stop the known cheap
-  tricks (always-equal objects, patched comparisons, reading the test file, printing, exiting early).
+  that a comparison only trusts plain data (numbers, strings, lists, dicts, ... and numpy values): comparing
+  an object of the program's own class with anything but an object of the same class, or taking its truth
+  value, fails the assert (even under `not`), so an always-equal or always-true object gains nothing. Each test
+  statement or function reports pass/fail with the token; once builtins, `math`, `operator`, the pytest shim or
+  the guard helpers are found replaced (after the program loads, after each test), the run stops there.
+  `pytest` is a small shim (`raises`, `approx`, `mark.parametrize`, identity `fixture`/marks). The program
+  shares the process with the test code, so one that introspects the interpreter (frames, gc) can still find
+  the test code or the token; the guards stop the known cheap tricks (always-equal objects, patched
+  comparisons, reading the test file, printing the answer, exiting early).
 """
 
 from __future__ import annotations
@@ -173,8 +175,8 @@ def _sparrow_cmp(ops, *values, type=type, zip=zip, TypeError=TypeError):
             try:
                 a, b = _sparrow_data(a), _sparrow_data(b)
             except TypeError:
-                if type(a) is not type(b):  # an opaque object only compares with one of its own type
-                    return False
+                if type(a) is not type(b):  # an opaque object only compares with one of its own type; raising
+                    raise AssertionError("untrusted comparison")  # fails the assert even under `not`
             ok = _OPS[op](a, b)
         if not _sparrow_truth(ok):
             return False
@@ -186,7 +188,7 @@ def _sparrow_truth(v, type=type, bool=bool):
     try:
         return bool(_sparrow_data(v))
     except TypeError:
-        return False
+        raise AssertionError("untrusted truth value") from None
 
 class _Approx:
     def __init__(self, expected, rel=None, abs=None):
@@ -270,12 +272,12 @@ def _sparrow_tampered(snapshot):
 def _sparrow_main():
     token, plan, report = _sparrow_setup("tests.json")
     sys.modules["pytest"] = _pytest_shim()
+    ns = {"__name__": "sparrow_tests", "_sparrow_cmp": _sparrow_cmp, "_sparrow_truth": _sparrow_truth}
+    snapshot = _sparrow_snapshot(ns)  # before the program runs: what it replaces at import is caught too
     mod = _sparrow_load()
     if mod is None:
         return
-    ns = dict(mod.__dict__)
-    ns.update(__name__="sparrow_tests", __builtins__=builtins, _sparrow_cmp=_sparrow_cmp, _sparrow_truth=_sparrow_truth)
-    snapshot = _sparrow_snapshot(ns)
+    ns.update({k: v for k, v in mod.__dict__.items() if k not in ns}, __builtins__=builtins)
     if _sparrow_tampered(snapshot):
         print("the program replaced builtins or comparison helpers", file=sys.stderr)
         return
