@@ -1,6 +1,7 @@
 """Prompt sets, prompt formatting, and the `sparrow reward` command."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +115,116 @@ def test_sparrow_reward_subcommand_is_wired(tmp_path, capsys):
     rollouts.write_text(json.dumps({"response": "\\boxed{2}", "label": "2"}) + "\n")
     assert main(["reward", "--kind", "math", "--file", str(rollouts), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
+
+
+# --- code datasets as they ship, per-item errors ------------------------------------------------------------------
+
+CODE_DATA = Path(__file__).parent / "data" / "code"
+CODE_FILES = {"taco": "taco.jsonl", "apps": "apps.jsonl", "livecodebench": "livecodebench.jsonl",
+              "codecontests": "codecontests.parquet", "mbpp": "mbpp.jsonl", "kodcode": "kodcode.jsonl"}
+
+
+def _code_sets():
+    return {name: ds.load_code_dataset(CODE_DATA / file) for name, file in CODE_FILES.items()}
+
+
+def test_code_loaders_keep_fields_and_build_labels():
+    sets = _code_sets()
+    assert {name: len(rows) for name, rows in sets.items()} == {
+        "taco": 4, "apps": 2, "livecodebench": 2, "codecontests": 2, "mbpp": 3, "kodcode": 2}
+    taco = sets["taco"]
+    assert json.loads(taco[2]["label"])["format"] == "taco" and "def sum_of_squares" in taco[2]["prompt"]
+    assert "standard input" in taco[0]["prompt"] and taco[0]["source"] == "codeforces"
+    lcb = json.loads(sets["livecodebench"][1]["label"])
+    assert lcb["fn_name"] == "countPairs" and len(lcb["tests"]) == 2  # public + decoded private
+    assert len(json.loads(sets["livecodebench"][0]["label"])["tests"]) == 3
+    cc = sets["codecontests"][0]
+    assert cc["name"] == "1000_A. Divide" and cc["time_limit"] == {"seconds": 1, "nanos": 0}
+    public_only = ds.load_codecontests(CODE_DATA / "codecontests.parquet", splits=["public_tests"])
+    assert list(json.loads(public_only[0]["label"])["tests"]) == ["public_tests"]
+    mbpp = sets["mbpp"][0]
+    assert "assert square_list([1, 2, 3]) == [1, 4, 9]" in mbpp["prompt"] and mbpp["task_id"] == 1
+    sanitized = ds.load_mbpp(CODE_DATA / "mbpp_sanitized.jsonl")
+    assert json.loads(sanitized[0]["label"])["tests"]["test_imports"] == ["import math"]
+    assert sanitized[0]["original_prompt"] in sanitized[0]["prompt"]
+    assert "module `solution`" in sets["kodcode"][0]["prompt"]
+    for name, file in CODE_FILES.items():
+        assert len(getattr(ds, f"load_{name}")(CODE_DATA / file)) == len(sets[name])
+
+
+def test_code_loaders_drop_or_raise_on_tests_that_cannot_fail(tmp_path):
+    rows = [{"question": "q", "input_output": json.dumps({"inputs": ["1"], "outputs": ["1"]})},
+            {"question": "empty", "input_output": json.dumps({"inputs": [], "outputs": []})},
+            {"question": "no fn", "input_output": json.dumps({"fn_name": "f", "inputs": [[1]], "outputs": [None]})}]
+    path = tmp_path / "taco.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="dropped 2 row"):
+        assert len(ds.load_taco(path)) == 1
+    with pytest.raises(ValueError, match="row 1: .*no test cases"):
+        ds.load_taco(path, skip_invalid=False)
+    with pytest.raises(ValueError, match="cannot tell"):
+        ds.load_code_dataset(CODE_DATA / "responses.jsonl")
+    with pytest.raises(ValueError, match="splits"):
+        ds.load_codecontests(CODE_DATA / "codecontests.parquet", splits=["train"])
+
+
+def test_shipped_examples_score_as_recorded():
+    """Every response of responses.jsonl gets its recorded score, and the datasets' own solutions fields pass."""
+    from rewards.labels import score_labeled
+
+    sets = _code_sets()
+    rows = [json.loads(line) for line in (CODE_DATA / "responses.jsonl").read_text().splitlines()]
+    responses = [r["response"] for r in rows]
+    labels = [sets[r["dataset"]][r["row"]]["label"] for r in rows]
+    own = []  # (label, program, must pass)
+    for name in ("taco", "apps"):
+        own += [(row["label"], sol, True) for row in sets[name] for sol in json.loads(row["solutions"])]
+    for row in sets["codecontests"]:
+        own += [(row["label"], sol, True) for lang, sol in zip(row["solutions"]["language"],
+                                                              row["solutions"]["solution"]) if lang == 3]
+        own += [(row["label"], sol, False) for sol in row["incorrect_solutions"]["solution"]]
+    own += [(row["label"], row["code"], True) for row in sets["mbpp"]]
+    own += [(row["label"], row["solution"], True) for row in sets["kodcode"]]
+    fence = "```python\n{}\n```".format
+    scored = score_labeled(responses + [fence(p) for _, p, _ in own], labels + [lab for lab, _, _ in own], workers=4)
+    got = [(r["dataset"], r["row"], r["score"], s.score) for r, s in zip(rows, scored)]
+    assert all(abs(want - score) < 1e-9 for _, _, want, score in got), got
+    for (_, program, must_pass), s in zip(own, scored[len(rows):]):
+        assert (s.score == 1.0) == must_pass, (program, s.reason)
+
+
+def test_score_labeled_gives_a_bad_item_zero_and_its_reason():
+    from rewards.labels import score_labeled
+
+    labels = [{"kind": "code", "tests": json.dumps({"fn_name": "f", "inputs": [[1]], "outputs": [2]})},
+              {"kind": "code", "tests": "def check(candidate):\n    assert candidate(1) == 2\n"},  # no entry_point
+              {"kind": "code", "tests": []}, {"kind": "code"}, {"kind": "poetry"}, "2",
+              {"kind": "code", "tests": "assert f(1) == 2", "timeout_s": -1}]
+    responses = ["```python\ndef f(x):\n    return 2 * x\n```"] * 5 + ["\\boxed{2}", "x"]
+    scored = score_labeled(responses, labels, workers=2)
+    assert [s.score for s in scored] == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert [s.error is None for s in scored] == [True, False, False, False, False, True, False]
+    assert "never call" in scored[1].error and "no test cases" in scored[2].error
+    assert "needs 'tests'" in scored[3].error and "kind must be" in scored[4].error
+    assert scored[1].kind == "code" and scored[1].reason.startswith("invalid label")
+    with pytest.raises(ValueError, match="responses but"):
+        score_labeled(["a"], [])
+
+
+def test_cli_shows_reasons_and_counts_invalid_labels(tmp_path, capsys):
+    rollouts = tmp_path / "r.jsonl"
+    rows = [{"response": "```python\ndef add(a, b):\n    return a + b\n```",
+             "tests": json.dumps({"fn_name": "add", "inputs": [[1, 2]], "outputs": [3]})},
+            {"response": "```python\npass\n```", "tests": "def check(candidate):\n    assert candidate(1)\n"},
+            {"response": "```python\nprint(1)\n```", "label": json.dumps({"kind": "code", "tests": []})},
+            {"response": "```python\nprint(2)\n```", "tests": [{"input": "", "output": "2"}], "strict": True}]
+    rollouts.write_text("\n".join(json.dumps(r) for r in rows))
+    assert run(_args("--file", str(rollouts), "--json")) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["items"], out["invalid_labels"], out["errors"]) == (4, 2, 2)
+    assert [i["score"] for i in out["per_item"]] == [1.0, 0.0, 0.0, 1.0]
+    assert "never call" in out["per_item"][1]["error"] and out["per_item"][0]["error"] is None
+    assert run(_args("--file", str(rollouts))) == 0
+    captured = capsys.readouterr()
+    assert "invalid labels: 2 items" in captured.out and "invalid label" in captured.out
+    assert "item 2: invalid label: no test cases" in captured.err
