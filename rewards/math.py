@@ -72,7 +72,7 @@ def _prepare(response: str, reference: str, shortcut: bool = True) -> tuple[str,
     if not gold:
         return 0.0, "empty reference answer"
     preds = extract_answers(response)
-    if not preds:
+    if not preds or not preds[-1]:
         return 0.0, ("no final answer found (no \\boxed{}, no marker such as 'The answer is' / 'Answer:' / '####', "
                      "nor a short bare answer without words)")
     several = len(golds) > 1 or parts(gold) > 1  # then boxes listed together in the response are one answer

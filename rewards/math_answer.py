@@ -23,15 +23,19 @@ from dataclasses import dataclass
 from rewards.text import strip_thinking
 
 _BARE_MAX_CHARS = 100  # a reference or response without markers is taken whole only when this short
+_MARK_MAX_CHARS = 1000  # what follows a marker is read up to the end of its line, at most this far
+_MAX_MARKS = 64  # only the last answers of each kind are read (bounded work on adversarial texts)
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*")
 _SAID = re.compile(  # "(final) answer is", "Final answer:", "Answer:" opening a line, "the result is", GSM8K "####"
     r"(?im)(?:\b(?:final\s+)?answers?\s+(?:is|are|would\s+be|will\s+be|should\s+be)\b\s*:?"
-    r"|\bfinal\s+answers?\s*[:=]|^[\s#>*_-]*answers?\s*[:=]"
+    r"|\bfinal\s+answers?\s*[:=]|^[ \t#>*_-]*answers?\s*[:=]"
     r"|\bthe\s+(?:final\s+)?(?:results?|solutions?)\s+(?:is|are)\b\s*:?"
     r"|(?P<hashes>####))[\s*]*")
 _CLAUSE_END = re.compile(r"\.\s|;\s|,?\s+(?:because|since|so|as|which|where|and\s+so)\b"
                          r"|,\s+(?!and\b|or\b)[A-Za-z]{3,}\b")
-_TRAILING_WORDS = re.compile(r"^(.*\d[^A-Za-z]*?)\s+(?:[A-Za-z]{2,}\s*)+$")
+_UNITS = re.compile(r"(?:\s+[A-Za-z]{2,})+\s*$")  # trailing words (no nested repeats: no catastrophic backtracking)
+_ENDS_IN_NUMBER = re.compile(r"\d[^A-Za-z]*$")
+_BARE_WORD = re.compile(r"[^\s$]+")
 _THOUSANDS = re.compile(r"^-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?$")
 _DECIMAL_COMMA = re.compile(r"-?\d+,\d+")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -69,26 +73,39 @@ def _closing_brace(text: str, i: int) -> int:
     return -1
 
 
-def _raw_boxes(text: str) -> list[tuple[int, int, str]]:
-    """(start, end, content) of every `\\boxed{...}` / `\\fbox{...}` (braces balanced) and `\\boxed 5`."""
-    found = []
+def _brace_pairs(text: str) -> dict[int, int]:
+    """Index of each `{` -> index of the `}` closing it, for the whole text in one pass."""
+    pairs, open_at = {}, []
+    for j, ch in enumerate(text):
+        if ch == "{":
+            open_at.append(j)
+        elif ch == "}" and open_at:
+            pairs[open_at.pop()] = j
+    return pairs
+
+
+def _box_spans(text: str) -> list[tuple[int, int, int, int]]:
+    """(start, content start, content end, end) of every `\\boxed{...}` / `\\fbox{...}` (braces balanced) and
+    `\\boxed 5`; no slicing here, so a text of many nested boxes stays linear."""
+    found: list[tuple[int, int, int, int]] = []
+    pairs = None
     for m in _BOX.finditer(text):
         i = m.end()
         if i < len(text) and text[i] == "{":
-            j = _closing_brace(text, i)
-            if j >= 0:
-                found.append((m.start(), j + 1, text[i + 1 : j].strip()))
-            continue  # unbalanced: not an answer
-        word = re.match(r"[^\s$]+", text[i:])
+            pairs = _brace_pairs(text) if pairs is None else pairs
+            if i in pairs:  # else unbalanced: not an answer
+                found.append((m.start(), i + 1, pairs[i], pairs[i] + 1))
+            continue
+        word = _BARE_WORD.match(text, i)
         if word:
-            found.append((m.start(), i + word.end(), word.group(0)))
+            found.append((m.start(), i, word.end(), word.end()))
     return found
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` or `\\fbox{...}` (braces balanced), or `\\boxed 5` without braces."""
-    boxes = _raw_boxes(text)
-    return boxes[-1][2] if boxes else None
+    spans = _box_spans(text)
+    return text[spans[-1][1] : spans[-1][2]].strip() if spans else None
 
 
 def clean(answer: str) -> str:
@@ -114,8 +131,11 @@ def _first_clause(answer: str) -> str:
         if depth <= 0 and _CLAUSE_END.match(answer, i):
             answer = answer[:i]
             break
-    words = _TRAILING_WORDS.match(answer.strip())
-    return words.group(1) if words else answer
+    answer = answer.strip()
+    units = _UNITS.search(answer)
+    if units and _ENDS_IN_NUMBER.search(answer, 0, units.start()):
+        return answer[: units.start()]
+    return answer
 
 
 def has_words(text: str) -> bool:
@@ -148,9 +168,10 @@ def parts(answer: str) -> int:
 def _said(text: str) -> list[_Mark]:
     """Answers that follow a phrase marker; a GSM8K `####` line counts only when it holds no words (headings)."""
     marks = []
-    for m in _SAID.finditer(text):  # markers do not overlap; each answer runs to the end of its line
-        end = text.find("\n", m.end())
-        end = len(text) if end < 0 else end
+    for m in list(_SAID.finditer(text))[-_MAX_MARKS:]:  # markers do not overlap; an answer runs to its line's end
+        cap = min(len(text), m.end() + _MARK_MAX_CHARS)  # bounded work per marker, whatever the text
+        end = text.find("\n", m.end(), cap)
+        end = cap if end < 0 else end
         raw = text[m.end() : end]
         if m.group("hashes") and has_words(raw):
             continue
@@ -163,7 +184,7 @@ def _said(text: str) -> list[_Mark]:
 def _marks(text: str) -> list[_Mark]:
     """Every marked answer, by position; a phrase marker followed by prose ("the answer is not obvious") is
     dropped when any other answer exists."""
-    boxes = [_Mark(start, end, "box", clean(content)) for start, end, content in _raw_boxes(text)]
+    boxes = [_Mark(start, end, "box", clean(text[a:b])) for start, a, b, end in _box_spans(text)[-_MAX_MARKS:]]
     said = _said(text)
     plain = [m for m in said if not has_words(m.answer)]
     return sorted(boxes + (plain if boxes or plain else said), key=lambda m: m.start)

@@ -156,6 +156,18 @@ def test_parts_of_an_answer():
                                  "\\{(1,2),(3,4)\\}", "\\left\\{1,2\\right\\}"]] == [1, 1, 1, 2, 3, 2, 2, 2]
 
 
+def test_hostile_texts_are_read_in_linear_time():
+    """Extraction runs in the caller's process (only math-verify runs in killable workers), so it must never
+    backtrack: before, the unit-stripping regex was exponential on "1 abab...!" and markers/boxes quadratic.
+    Each text takes well under a second; the bound is only there to fail instead of hanging."""
+    hostile = ["The answer is 1 " + "ab" * 40 + "!", "\n" * 50_000 + "x", "####" * 20_000, "answer is " * 10_000,
+               "\\boxed{" * 5_000 + "}" * 5_000, "\\boxed{1}, " * 20_000, "\\boxed 1 " * 20_000]
+    start = time.monotonic()
+    for text in hostile:
+        m.extract_answers(text)
+    assert time.monotonic() - start < 60
+
+
 def test_hanging_verification_times_out_with_reason():
     start = time.monotonic()
     s, reason = m.score_with_reason("\\boxed{9^{9^{9^{9}}}}", "3", timeout_s=1.0)
