@@ -75,6 +75,7 @@ def test_false_passes_of_issue_14_score_zero(program):
     assert code.score(_fence(program), TACO_STDIO) == 0.0
     # pytest-style test functions used to be defined and never called
     assert code.score(_fence(program), PYTEST) == 0.0
+    assert code.score(_fence(program), "def test_small():\n    assert add(1, 2) == 3\n") == 0.0
 
 
 def test_false_pass_test_code_that_cannot_fail_is_a_value_error():
