@@ -165,3 +165,29 @@ def test_pool_serves_concurrent_callers_and_still_kills_overruns(monkeypatch, tm
     assert all(r is not None and r[1] for r in results), results  # every item met the rendezvous of four
     assert len({pid for pid, _ in results}) >= 4
     assert hung == ["timeout"]
+
+
+def test_pool_close_fails_waiting_maps_and_a_broken_target_raises(monkeypatch, tmp_path):
+    from rewards.pool import KillablePool
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    pool = KillablePool("reward_probe:rendezvous", workers=1)
+    errors = []
+
+    def hang() -> None:
+        try:
+            pool.map([(str(tmp_path), 2, 600.0)], 600, lambda _: "timeout", lambda _, m: m)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    waiter = threading.Thread(target=hang)
+    waiter.start()
+    while not any(tmp_path.iterdir()):  # the item is running in its worker
+        waiter.join(0.05)
+    pool.close()
+    waiter.join()
+    assert errors and "closed" in errors[0]
+    assert pool.map([(str(tmp_path), 1, 1.0)], 60, lambda _: "timeout", lambda _, m: m)[0][1]  # restarts
+    pool.close()
+    with KillablePool("no_such_module_here:f", workers=2) as broken, pytest.raises(RuntimeError, match="did not start"):
+        broken.map([1, 2, 3], 10, lambda _: "timeout", lambda _, m: m)
