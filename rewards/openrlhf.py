@@ -153,6 +153,7 @@ def _score_one(query: Any, prompt: Any, label: Any) -> _Outcome:
     """One sample, never raising: failures become an `_Outcome` with `error` set."""
     out = _Outcome()
     try:
+        prompt = "" if prompt is None else prompt  # then the response is found after the last assistant turn
         if not isinstance(query, str) or not isinstance(prompt, str):
             raise TypeError(f"query and prompt must be str, got {type(query).__name__}, {type(prompt).__name__}")
         response = response_of(query, prompt)
