@@ -181,7 +181,7 @@ class KillablePool:
             if self._closing:
                 return False
             self._grow()
-            for w in self._pool:
+            for w in list(self._pool):  # a worker found dead while assigning is replaced in the list
                 if w.ready and w.job is None and self._queue:
                     self._assign(w, self._queue.popleft())
         waiting = {w.proc.stdout: w for w in self._pool if w.job is not None or not w.ready}
@@ -220,7 +220,7 @@ class KillablePool:
         except (BrokenPipeError, OSError):
             job.batch.settle(job.index, ("error", "worker process died before taking the item"))
             w.job = None
-            self._drop(w)
+            self._drop(w, replace=True)
 
     def _collect(self, w: _Worker) -> None:
         try:
