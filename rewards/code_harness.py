@@ -3,8 +3,9 @@
 - Import block (`prelude`): the names TACO's and LiveCodeBench's harnesses put before every solution
   (`from typing import *`, `math`/`gcd`/`sqrt`, `collections`, `heapq`, `bisect`, `itertools`, `functools`,
   `string`, `re`, `sys`, ...) plus `import numpy as np` when the program says `np` and the sandbox's interpreter
-  has numpy. Its names are placed under the program's builtins (builtins win a clash), not in its module: the
-  program can use `gcd` or `List` without importing them, but a name it does not define itself (say `add`, which
+  has numpy; only the lines whose names the program mentions are included (the others would only cost time).
+  Its names are placed under the program's builtins (builtins win a clash), not in its module: the program can
+  use `gcd` or `List` without importing them, but a name it does not define itself (say `add`, which
   `from operator import *` provides) is neither called as the function under test nor imported by tests.
   The program's own `from __future__` imports keep working and its line numbers are unchanged.
 - stdin/stdout (`STDIO_MAIN`): the program runs as `__main__` after the prelude; the parent grades stdout.
@@ -31,33 +32,38 @@
 from __future__ import annotations
 
 import ast
+import functools
+import importlib
 import re
 
-IMPORT_BLOCK = """\
-import bisect, collections, copy, datetime, decimal, fractions, functools, heapq, io, itertools, json, math
-import operator, random, re, statistics, string, sys, time
-from bisect import *
-from collections import *
-from copy import *
-from datetime import *
-from fractions import *
-from functools import *
-from heapq import *
-from itertools import *
-from math import *
-from operator import *
-from random import *
-from statistics import *
-from string import *
-from typing import *
-sys.setrecursionlimit(50000)
-"""
+# (module, also `from module import *`): the union of TACO's and LiveCodeBench's blocks, numpy aside
+_BLOCK = (("bisect", True), ("collections", True), ("copy", True), ("datetime", True), ("decimal", False),
+          ("fractions", True), ("functools", True), ("heapq", True), ("io", False), ("itertools", True),
+          ("json", False), ("math", True), ("operator", True), ("random", True), ("re", False),
+          ("statistics", True), ("string", True), ("sys", False), ("time", False), ("typing", True))
+IMPORT_BLOCK = "".join(f"import {m}\n" + (f"from {m} import *\n" if star else "") for m, star in _BLOCK) + \
+    "sys.setrecursionlimit(50000)\n"
 _NUMPY = "try:\n    import numpy as np\nexcept ImportError:\n    pass\n"
 
 
+@functools.cache
+def _exports(module: str) -> frozenset[str]:
+    mod = importlib.import_module(module)
+    return frozenset(getattr(mod, "__all__", None) or [n for n in dir(mod) if not n.startswith("_")])
+
+
 def prelude(program: str) -> str:
-    """The import block for `program` (with numpy as `np` when the program mentions `np`)."""
-    return IMPORT_BLOCK + (_NUMPY if re.search(r"\bnp\b", program) else "")
+    """The import block for `program`: each line of `IMPORT_BLOCK` whose names the program mentions (importing
+    the rest would only cost time), and numpy as `np` when the program says `np`."""
+    words = set(re.findall(r"[A-Za-z_]\w*", program))
+    lines = ["import sys"]
+    for module, star in _BLOCK:
+        if module in words:
+            lines.append(f"import {module}")
+        if star and words & _exports(module):
+            lines.append(f"from {module} import *")
+    lines.append("sys.setrecursionlimit(50000)")
+    return "\n".join(lines) + "\n" + (_NUMPY if "np" in words else "")
 
 
 _PRELUDE_AS_BUILTINS = '''\
