@@ -19,13 +19,15 @@ per-sample tensor (OpenRLHF reduces each with `value.flatten()[0].item()`): `cor
 `response_chars`, `reward_error`.
 
 It never raises: a sample whose label is bad (unknown kind, missing answer, a test set that cannot fail), whose
-scorer crashed, or that is missing its prompt or label scores 0 with `reward_error` = 1.0. The reason cannot travel
+scorer crashed, or that has no label (queries, prompts, labels of different lengths) scores 0 with
+`reward_error` = 1.0. The reason cannot travel
 in `extra_logs` (numbers only), so it goes to the Python logger `rewards.openrlhf` as a WARNING, at most one line per
 `SPARROW_REWARD_LOG_EVERY_S` seconds (default 10; the line counts the failures it stands for), in the engine
 process's log. OpenRLHF itself would only log an exception at INFO and then fail the step with a misleading error.
 
-Scoring runs in parallel: math pairs share one killable process pool (`SPARROW_REWARD_WORKERS` processes) that
-serves concurrent calls; a call with several samples fans out on one shared thread pool.
+Scoring runs in parallel: math pairs share one killable process pool (`SPARROW_REWARD_WORKERS` processes, started
+as concurrent calls need them) that serves every calling thread at once; a code sample runs its sandbox in the
+calling thread; a call with several samples fans out on one shared thread pool.
 Environment knobs: SPARROW_REWARD_WORKERS (processes / concurrent sandbox runs), SPARROW_MATH_TIMEOUT_S,
 SPARROW_CODE_TIMEOUT_S (seconds), SPARROW_REWARD_LOG_EVERY_S.
 """
