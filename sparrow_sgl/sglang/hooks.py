@@ -2,45 +2,54 @@
 
 - `--sparrow-schedule SPEC` on `python -m sglang.launch_server`: taken out of argv and passed on as `SPARROW_SCHEDULE`
   (inherited by the spawned scheduler), because SGLang's own parser rejects unknown flags.
-- Request validation: a bad `custom_params["sparrow_schedule"]` raises `ValueError` in `SamplingParams.verify`, which
-  SGLang's HTTP server answers with a 400 carrying the message; the server keeps serving.
+- Request validation (`validation.py`): `TokenizerManager._validate_one_request` refuses, with a one-line 400, what
+  would crash the scheduler or is malformed, and a bad or misplaced `custom_params["sparrow_schedule"]`.
 - Request registration: every `Req` built in the scheduler records its schedule (`request_state.REGISTRY`).
 - Response metadata: the scheduler's output streamer adds a request-level customized field `sparrow` (schedule name,
   mean attended KV tokens) when a request finishes, SGLang's extension point for response metadata; the tokenizer
-  side unwraps it so that `meta_info["sparrow"]` is a dict.
+  side writes it as the dict `meta_info["sparrow"]` of that last output only (not accumulated as a per-token list).
+- HTTP process only: one-line 400s for FastAPI validation errors, the report in OpenAI-compatible responses
+  (`openai_meta.py`).
 """
 
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 
-from sparrow_sgl.sglang.request_state import (
-    ENV_SCHEDULE,
-    META_KEY,
-    REGISTRY,
-    SCHEDULE_KEY,
-    parse_schedule,
-    request_schedule,
-)
+from sparrow_sgl.sglang import openai_meta, validation
+from sparrow_sgl.sglang.request_state import ENV_SCHEDULE, META_KEY, REGISTRY, parse_schedule
 
 CLI_FLAG = "--sparrow-schedule"
+
+
+TOKENIZER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
+OPENAI = "sglang.srt.entrypoints.openai"
 
 
 def install() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register("sglang.srt.server_args.prepare_server_args", _take_schedule_flag, HookType.BEFORE)
-    HookRegistry.register("sglang.srt.sampling.sampling_params.SamplingParams.verify", _verify_schedule, HookType.AFTER)
+    HookRegistry.register(f"{TOKENIZER}._validate_one_request", _validate_request, HookType.BEFORE)
     HookRegistry.register("sglang.srt.managers.schedule_batch.Req.__init__", _register_request, HookType.AFTER)
     HookRegistry.register(
         "sglang.srt.managers.scheduler.Scheduler.get_output_streamer_class", _streamer_class, HookType.REPLACE
     )
-    HookRegistry.register(
-        "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info",
-        _unwrap_meta,
-        HookType.AFTER,
-    )
+    HookRegistry.register(f"{TOKENIZER}.update_request_meta_info", _write_meta, HookType.AROUND)
+    if multiprocessing.parent_process() is None:  # the HTTP server's process (SGLang spawns the others)
+        _install_http_hooks(HookRegistry, HookType)
+
+
+def _install_http_hooks(registry, hook_type) -> None:
+    registry.register("sglang.srt.entrypoints.http_server.launch_server", _before_launch, hook_type.BEFORE)
+    for cls, build, stream in (
+        ("serving_completions.OpenAIServingCompletion", "_build_completion_response", "_generate_completion_stream"),
+        ("serving_chat.OpenAIServingChat", "_build_chat_response", "_generate_chat_stream"),
+    ):
+        registry.register(f"{OPENAI}.{cls}.{build}", openai_meta.add_to_response, hook_type.AFTER)
+        registry.register(f"{OPENAI}.{cls}.{stream}", openai_meta.stream_with_reports, hook_type.AROUND)
 
 
 def strip_schedule_flag(argv: list[str]) -> tuple[list[str], str | None]:
@@ -65,15 +74,20 @@ def _take_schedule_flag(argv, *args, **kwargs):
     rest, value = strip_schedule_flag(list(argv))
     if value is None:
         return None
-    parse_schedule(value)  # refuse a bad default at launch, not at the first request
+    parse_schedule(value, allow_files=True)  # refuse a bad default at launch, not at the first request
     os.environ[ENV_SCHEDULE] = value
     return (rest, *args), kwargs
 
 
-def _verify_schedule(result, sampling_params, *args, **kwargs):
-    custom = sampling_params.custom_params
-    if isinstance(custom, dict) and SCHEDULE_KEY in custom:
-        request_schedule(custom)  # ConfigError is a ValueError: the HTTP server answers 400 with its message
+def _validate_request(manager, obj, input_ids, *args, **kwargs):
+    sparse = validation.is_sparse_server(manager.server_args)
+    validation.check_request(obj, input_ids, manager.model_config.vocab_size, sparse)
+
+
+def _before_launch(*args, **kwargs):
+    from sglang.srt.entrypoints.http_server import app
+
+    validation.install_error_handler(app)
 
 
 def _register_request(result, req, *args, **kwargs):
@@ -107,10 +121,14 @@ def sparrow_output_streamer():
     return SparrowOutputStreamer
 
 
-def _unwrap_meta(result, manager, meta_info, *args, **kwargs):
-    value = meta_info.get(META_KEY)
-    if isinstance(value, list):
-        if value:
-            meta_info[META_KEY] = value[-1]
-        else:
-            del meta_info[META_KEY]
+def _write_meta(original, manager, meta_info, state, customized_info, index, *args, **kwargs):
+    """`meta_info["sparrow"]`: the finished request's report (a dict), kept out of SGLang's per-token accumulation."""
+    reports = customized_info.get(META_KEY)
+    if reports is not None:
+        customized_info = {k: v for k, v in customized_info.items() if k != META_KEY}
+        if reports[index]:
+            meta_info[META_KEY] = reports[index][-1]
+            if getattr(state.obj, "stream", False):
+                openai_meta.keep_stream_report(meta_info["id"], meta_info[META_KEY])
+    if customized_info:
+        original(manager, meta_info, state, customized_info, index, *args, **kwargs)

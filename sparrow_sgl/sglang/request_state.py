@@ -2,10 +2,11 @@
 many KV tokens its sparse steps attended (reported back in the response's `meta_info["sparrow"]`).
 
 A request picks its schedule with `sampling_params.custom_params = {"sparrow_schedule": SPEC}` where SPEC is
-"dense", "fixed:1024", a preset name, a schedule JSON path on the server, a schedule JSON object, or that object as
-a JSON string. Without it the server default applies: the `SPARROW_SCHEDULE` environment variable (set by
-`sparrow serve --schedule` / `--sparrow-schedule`), else dense. A per-request schedule may change the budgets only:
-page size, sink/local pages, scorer and dense layers must match the server's (they shape the KV summaries).
+"dense", "fixed:1024", a preset name, a schedule JSON object, or that object as a JSON string; a request never makes
+the server read a file (schedule files come only from the server's own command line). Without it the server default
+applies: the `SPARROW_SCHEDULE` environment variable (set by `sparrow serve --schedule` / `--sparrow-schedule`, which
+may name a JSON file), else dense. A per-request schedule may change the budgets only: page size, sink/local pages,
+scorer and dense layers must match the server's (they shape the KV summaries).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from sparrow_sgl.config import ConfigError, Schedule, SparsityConfig
-from sparrow_sgl.schedule import resolve_schedule
+from sparrow_sgl.schedule import preset_names, resolve_schedule
 
 SCHEDULE_KEY = "sparrow_schedule"  # in sampling_params.custom_params
 META_KEY = "sparrow"  # in the response's meta_info
@@ -44,8 +45,9 @@ class RequestSparsity:
         }
 
 
-def parse_schedule(spec) -> Schedule:
-    """A schedule from a request's `sparrow_schedule` value (string spec, JSON string or JSON object)."""
+def parse_schedule(spec, allow_files: bool = False) -> Schedule:
+    """A schedule from a `sparrow_schedule` value (name, JSON string or JSON object); `allow_files` lets a string name
+    a schedule JSON file, for the server's own command line only: a request must not make the server read files."""
     if isinstance(spec, str) and spec.lstrip().startswith("{"):
         try:
             spec = json.loads(spec)
@@ -56,16 +58,29 @@ def parse_schedule(spec) -> Schedule:
         schedule.name = schedule.name or "custom"
         return schedule
     if isinstance(spec, str):
+        if not allow_files and not _is_named_schedule(spec):
+            raise ConfigError(
+                f"{SCHEDULE_KEY}: unknown schedule {spec[:80]!r}; a request may give 'dense', 'fixed:N' (N tokens), a "
+                f"preset ({', '.join(preset_names())}) or the schedule as a JSON object (files only on the server's "
+                "command line)"
+            )
         schedule = resolve_schedule(spec)
         schedule.name = schedule.name or spec
         return schedule
-    raise ConfigError(f"{SCHEDULE_KEY} must be a schedule name, 'fixed:N', 'dense' or a JSON object, got {spec!r}")
+    raise ConfigError(
+        f"{SCHEDULE_KEY} must be a schedule name, 'fixed:N', 'dense' or a JSON object, got {type(spec).__name__}"
+    )
+
+
+def _is_named_schedule(spec: str) -> bool:
+    name = spec.strip()
+    return name == "dense" or name.startswith("fixed:") or name in preset_names()
 
 
 @functools.cache
 def server_schedule() -> Schedule:
     """The server's default schedule (read once per process from `SPARROW_SCHEDULE`)."""
-    return parse_schedule(os.environ.get(ENV_SCHEDULE) or "dense")
+    return parse_schedule(os.environ.get(ENV_SCHEDULE) or "dense", allow_files=True)
 
 
 def server_sparsity() -> SparsityConfig:

@@ -67,7 +67,7 @@ class ServerSpec:
         if not self.dense:
             from sparrow_sgl.sglang.request_state import parse_schedule
 
-            parse_schedule(self.schedule)  # refuse a bad schedule here, with its message
+            parse_schedule(self.schedule, allow_files=True)  # refuse a bad schedule here, with its message
         if self.device == "auto":
             import torch
 

@@ -1,0 +1,156 @@
+"""Request checks in front of SGLang's scheduler: 400 with a one-line reason instead of a dead server.
+
+SGLang 0.5.23 hands some malformed generate requests to the model, where they raise inside the scheduler's event loop;
+the scheduler exits and takes the whole server (every in-flight request) with it:
+- a prompt that tokenizes to no tokens (`{"text": ""}`): `IndexError` in `layers/logits_processor.py`;
+- a token id outside `[0, vocab)` (`{"input_ids": [1, 2, 99999]}`): `IndexError` in the embedding.
+Both happen with the stock backend too (`sparrow serve --dense`): they are SGLang's bugs, not the plugin's.
+
+`check_request` runs as a BEFORE hook on `TokenizerManager._validate_one_request(obj, input_ids)`, the one call every
+generate request passes after tokenization and before the scheduler sees it: `/generate` (single, batch of texts or
+token ids, n > 1), `/v1/completions`, `/v1/chat/completions` and the Python `Engine`. A `ValueError` raised there is
+answered with a 400 carrying its message by every route. SGLang's own checks (negative or over-context
+`max_new_tokens`, types of `/generate` fields) stay in place; these add what it lets through.
+
+`validation_error_response` replaces SGLang's handler for FastAPI's request-validation errors (OpenAI routes), whose
+message embeds the server's source file and line (`File ".../http_server.py", line N`) over several lines.
+"""
+
+from __future__ import annotations
+
+from sparrow_sgl.config import ConfigError
+from sparrow_sgl.sglang.request_state import SCHEDULE_KEY, parse_schedule, request_schedule
+
+BACKEND_NAME = "sparrow"
+JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "an array"}
+
+
+class RequestError(ValueError):
+    """A request the server refuses (HTTP 400); the message is one line and names the field."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
+
+
+def one_line(message: str, limit: int = 500) -> str:
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_request(obj, input_ids, vocab_size: int, sparse_server: bool) -> None:
+    """Refuse a generate request (one prompt of a batch) the scheduler cannot serve; `input_ids` are its tokens."""
+    if not hasattr(obj, "return_logprob"):  # embedding requests: not served by rollout servers, SGLang checks them
+        return
+    check_prompt(input_ids, obj.text, vocab_size)
+    params = obj.sampling_params if obj.sampling_params is not None else {}
+    if not isinstance(params, dict):
+        raise RequestError(f"sampling_params must be a JSON object, got {_json_type(params)}")
+    check_sampling_params(params, vocab_size)
+    if obj.return_logprob:
+        check_logprob_fields(obj.top_logprobs_num, obj.logprob_start_len, vocab_size)
+    check_schedule(params.get("custom_params"), sparse_server)
+
+
+def check_prompt(input_ids, text, vocab_size: int) -> None:
+    if input_ids is None:  # input_embeds: SGLang checks those
+        return
+    if len(input_ids) == 0:
+        if text is not None:
+            raise RequestError(f"the prompt {_quote(text)} tokenizes to no tokens; a prompt needs at least one token")
+        raise RequestError("input_ids is empty; a prompt needs at least one token")
+    for i, token in enumerate(input_ids):
+        if not _is_int(token) or not 0 <= token < vocab_size:
+            raise RequestError(
+                f"input_ids[{i}] = {_quote(token)} is not a token id of this model (integers in [0, {vocab_size}))"
+            )
+
+
+def check_sampling_params(params: dict, vocab_size: int) -> None:
+    custom = params.get("custom_params")
+    if custom is not None and not isinstance(custom, dict):
+        raise RequestError(f"sampling_params.custom_params must be a JSON object, got {_json_type(custom)}")
+    n = params.get("n", 1)
+    if not _is_int(n) or n < 1:
+        raise RequestError(f"sampling_params.n (OpenAI: n) must be an integer >= 1, got {_quote(n)}")
+    stop_ids = params.get("stop_token_ids")
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list) or not all(_is_int(t) and 0 <= t < vocab_size for t in stop_ids):
+            raise RequestError(
+                f"sampling_params.stop_token_ids must be a list of token ids in [0, {vocab_size}), "
+                f"got {_quote(stop_ids)}"
+            )
+
+
+def check_logprob_fields(top_logprobs_num, logprob_start_len, vocab_size: int) -> None:
+    top = 0 if top_logprobs_num is None else top_logprobs_num
+    if not _is_int(top) or not 0 <= top <= vocab_size:
+        raise RequestError(
+            f"top_logprobs_num (OpenAI: logprobs / top_logprobs) must be an integer in [0, {vocab_size}], "
+            f"got {_quote(top)}"
+        )
+    start = -1 if logprob_start_len is None else logprob_start_len
+    if not _is_int(start) or start < -1:
+        raise RequestError(f"logprob_start_len must be an integer >= -1 (-1: no prompt log-probs), got {_quote(start)}")
+
+
+def check_schedule(custom_params, sparse_server: bool) -> None:
+    """A per-request schedule must parse (no files) and fit the server; a dense server takes none that is sparse."""
+    if not isinstance(custom_params, dict) or custom_params.get(SCHEDULE_KEY) is None:
+        return
+    try:
+        schedule = request_schedule(custom_params) if sparse_server else parse_schedule(custom_params[SCHEDULE_KEY])
+    except ConfigError as e:
+        raise RequestError(str(e)) from None
+    if not sparse_server and not schedule.is_dense:
+        raise RequestError(
+            f"{SCHEDULE_KEY} {schedule.name or 'custom'!r} is sparse but this server decodes densely (started with "
+            f"--dense or another attention backend than {BACKEND_NAME!r}); send it to a `sparrow serve` server "
+            f"without --dense, or leave {SCHEDULE_KEY} out"
+        )
+
+
+def is_sparse_server(server_args) -> bool:
+    from sglang.srt.arg_groups.model_override_base import attention_backends_of
+
+    return BACKEND_NAME in attention_backends_of(server_args)
+
+
+def install_error_handler(app) -> None:
+    """Answer FastAPI request-validation errors (OpenAI routes) with a one-line 400 naming each bad field; SGLang's
+    handler stays for the routes whose error shape it owns (Anthropic `/v1/messages`, `/v1/systemone`)."""
+    from fastapi.exceptions import RequestValidationError
+
+    original = app.exception_handlers.get(RequestValidationError)
+
+    async def handler(request, exc):
+        if original is not None and request.url.path.startswith(("/v1/messages", "/v1/systemone")):
+            return await original(request, exc)
+        return validation_error_response(request, exc)
+
+    app.add_exception_handler(RequestValidationError, handler)
+
+
+def validation_error_response(request, exc):
+    from fastapi.responses import ORJSONResponse
+
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    message = one_line("invalid request: " + "; ".join(parts))
+    error = {"message": message, "type": "BadRequest", "param": None, "code": 400}
+    body = {"error": error} if request.url.path.startswith("/v1/responses") else {"object": "error", **error}
+    return ORJSONResponse(status_code=400, content=body)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_type(value) -> str:
+    return JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _quote(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
