@@ -25,7 +25,7 @@ def slow_verify(pair: tuple[str, str]) -> tuple[float, str]:
     """rewards.math's verifier after a rendezvous of 2 items in $SPARROW_PROBE_DIR; the reason says if it met."""
     from rewards.math import _verify_pair
 
-    _, reached = rendezvous((os.environ["SPARROW_PROBE_DIR"], 2, 30.0))
+    _, reached = rendezvous((os.environ["SPARROW_PROBE_DIR"], 2, 120.0))  # generous: workers start on a busy box
     score, reason = _verify_pair(pair)
     return score, f"{reason}; rendezvous={'met' if reached else 'missed'}"
 

@@ -117,7 +117,7 @@ def test_concurrent_batch_one_calls_overlap_in_the_pool(monkeypatch, tmp_path):
 
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
     monkeypatch.setenv("SPARROW_PROBE_DIR", str(tmp_path))
-    scorer = MathScorer(workers=4, timeout_s=120, shortcut=False)
+    scorer = MathScorer(workers=4, timeout_s=300, shortcut=False)
     scorer.pool = KillablePool("reward_probe:slow_verify", 4)
     monkeypatch.setattr(mod, "_scorer", scorer)
     reasons = []
@@ -151,7 +151,7 @@ def test_pool_serves_concurrent_callers_and_still_kills_overruns(monkeypatch, tm
     results, hung = [None] * 8, []
     with KillablePool("reward_probe:rendezvous", workers=5) as pool:
         def call(i: int) -> None:
-            results[i] = pool.map([(str(tmp_path / "meet"), 4, 60.0)], 120, lambda _: "timeout", lambda _, m: m)[0]
+            results[i] = pool.map([(str(tmp_path / "meet"), 4, 120.0)], 300, lambda _: "timeout", lambda _, m: m)[0]
 
         def hang() -> None:
             hung.extend(pool.map([(str(tmp_path / "hang"), 2, 600.0)], 3, lambda _: "timeout", lambda _, m: m))
