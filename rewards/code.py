@@ -93,7 +93,7 @@ def _run_calls(program: str, ts: TestSet, cfg: SandboxConfig) -> CodeResult:
 def _run_code(program: str, ts: TestSet, cfg: SandboxConfig) -> CodeResult:
     token = secrets.token_hex(16)
     plan = json.dumps({"code": guard_asserts(ts.code), "test_statements": ts.test_statements,
-                       "test_functions": ts.test_functions})
+                       "test_functions": ts.test_functions, "numpy": bool(re.search(r"\b(numpy|np)\b", ts.code))})
     run = run_program(CODE_HARNESS, stdin=token + "\n", config=cfg,
                       files={"solution.py": program, "prelude.py": prelude(program), "tests.json": plan})
     reports = _reports(run, token)

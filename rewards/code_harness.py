@@ -20,7 +20,9 @@
   called. Before the program runs, the test file is read and deleted. Asserts are rewritten (`guard_asserts`) so
   that a comparison only trusts plain data (numbers, strings, lists, dicts, ... and numpy values): comparing
   an object of the program's own class with anything but an object of the same class, or taking its truth
-  value, fails the assert (even under `not`), so an always-equal or always-true object gains nothing. Each test
+  value, fails the assert (even under `not`), so an always-equal or always-true object gains nothing. When the
+  test code mentions numpy, the harness imports it before the program and trusts exactly its types (numpy
+  semantics kept, `(a == b).all()` works) and watches `numpy` / `numpy.testing` for replacement too. Each test
   statement or function reports pass/fail with the token; once builtins, `math`, `operator`, the pytest shim or
   the guard helpers are found replaced (after the program loads, after each test), the run stops there.
   `pytest` is a small shim (`raises`, `approx`, `mark.parametrize`, identity `fixture`/marks). The program
@@ -153,9 +155,20 @@ CODE_HARNESS = _COMMON + '''
 import builtins, math, operator, re as _re
 
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
+_NUMPY = set()  # exact numpy types, filled only when the harness itself imported numpy before the program ran
 
-def _sparrow_data(v, type=type, all=all, hasattr=hasattr):
-    """v as plain data (numpy converted), or raise TypeError: only plain data is trusted to compare."""
+def _sparrow_trust_numpy():
+    try:
+        import numpy, numpy.testing
+    except ImportError:
+        return []
+    _NUMPY.update(t for t in set(numpy.sctypeDict.values()) if isinstance(t, type))
+    _NUMPY.add(numpy.ndarray)
+    return [vars(numpy), vars(numpy.testing)]
+
+def _sparrow_data(v, type=type, hasattr=hasattr):
+    """v as trusted data, or raise TypeError: plain data, numpy values of the harness's own numpy (kept, so
+    numpy semantics hold), other numpy-looking values converted with tolist(); nothing else is trusted."""
     t = type(v)
     if t in _PLAIN:
         return v
@@ -165,6 +178,8 @@ def _sparrow_data(v, type=type, all=all, hasattr=hasattr):
         return {_sparrow_data(k): _sparrow_data(x) for k, x in v.items()}
     if t is _Approx:
         return v
+    if t in _NUMPY and str(getattr(v, "dtype", "")) != "object":
+        return v
     if t.__module__.split(".")[0] == "numpy" and hasattr(v, "tolist"):
         return _sparrow_data(v.tolist())
     raise TypeError(t)
@@ -173,20 +188,20 @@ _OPS = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.l
         ">=": operator.ge, "in": lambda a, b: a in b, "not in": lambda a, b: a not in b,
         "is": operator.is_, "is not": operator.is_not}
 
-def _sparrow_cmp(ops, *values, type=type, zip=zip, TypeError=TypeError):
-    for op, a, b in zip(ops, values, values[1:]):
-        if op in ("is", "is not"):
-            ok = _OPS[op](a, b)
-        else:
+def _sparrow_cmp(ops, *values, type=type, zip=zip, len=len, TypeError=TypeError):
+    """`values[0] ops[0] values[1] ...` as Python chains it (the first falsy result, else the last), each
+    comparison on trusted data only."""
+    for i, (op, a, b) in enumerate(zip(ops, values, values[1:])):
+        if op not in ("is", "is not"):
             try:
                 a, b = _sparrow_data(a), _sparrow_data(b)
             except TypeError:
                 if type(a) is not type(b):  # an opaque object only compares with one of its own type; raising
                     raise AssertionError("untrusted comparison")  # fails the assert even under `not`
-            ok = _OPS[op](a, b)
-        if not _sparrow_truth(ok):
-            return False
-    return True
+        result = _OPS[op](a, b)
+        if i < len(ops) - 1 and not _sparrow_truth(result):
+            return result
+    return result
 
 def _sparrow_truth(v, type=type, bool=bool):
     if type(v) is bool:
@@ -266,9 +281,9 @@ def _pytest_shim():
     mod.fixture = lambda *a, **k: a[0] if len(a) == 1 and callable(a[0]) else (lambda fn: fn)
     return mod
 
-def _sparrow_snapshot(ns):
+def _sparrow_snapshot(ns, extra):
     watched = [vars(builtins), vars(math), vars(operator), vars(sys.modules["pytest"]), vars(_Approx), vars(_Raises),
-               vars(_Mark)]
+               vars(_Mark), *extra]
     return [(d, dict(d)) for d in watched] + [(ns, {k: ns[k] for k in ("_sparrow_cmp", "_sparrow_truth")})]
 
 def _sparrow_tampered(snapshot):
@@ -279,7 +294,8 @@ def _sparrow_main():
     token, plan, report = _sparrow_setup("tests.json")
     sys.modules["pytest"] = _pytest_shim()
     ns = {"__name__": "sparrow_tests", "_sparrow_cmp": _sparrow_cmp, "_sparrow_truth": _sparrow_truth}
-    snapshot = _sparrow_snapshot(ns)  # before the program runs: what it replaces at import is caught too
+    extra = _sparrow_trust_numpy() if plan["numpy"] else []
+    snapshot = _sparrow_snapshot(ns, extra)  # before the program runs: what it replaces at import is caught too
     mod = _sparrow_load()
     if mod is None:
         return

@@ -130,6 +130,15 @@ def test_numpy_in_the_sandbox_when_its_interpreter_has_it():
         pytest.skip(f"the sandbox interpreter {SandboxConfig().python} has no numpy (set SPARROW_SANDBOX_PYTHON)")
     program = "def f(xs):\n    return np.array(xs).sum()\n"
     assert code.score(_fence(program), {"fn_name": "f", "inputs": [[[1, 2]]], "outputs": [3]}) == 1.0
+    tests = ("import numpy as np\nfrom solution import f\n\n"
+             "def test_a():\n    assert (f([1, 2]) == np.array([2, 4])).all()\n\n"
+             "def test_b():\n    np.testing.assert_array_equal(f([3]), np.array([6]))\n\n"
+             "def test_c():\n    assert f([1])[0] == 2\n")
+    right = "import numpy as np\ndef f(xs):\n    return np.array(xs) * 2\n"
+    assert code.score(_fence(right), tests) == 1.0
+    assert code.score(_fence(right.replace("* 2", "* 3")), tests) == 0.0
+    patched = "import numpy as np\nnp.testing.assert_array_equal = lambda *a, **k: None\n" + right.replace("* 2", "* 3")
+    assert code.score(_fence(patched), tests) == 0.0
 
 
 def test_sandbox_python_selection(monkeypatch, tmp_path):
