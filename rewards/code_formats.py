@@ -79,8 +79,9 @@ def parse_tests(tests: Any, *, fn_name: str | None = None, entry_point: str | No
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     data = _decoded(tests)
     fmt = format or _detect(data, entry_point)
-    parser = _PARSERS[fmt]
-    return parser(data, fn_name=fn_name, entry_point=entry_point, fmt=fmt)
+    if fmt in _DICT_FORMATS and not isinstance(data, Mapping):
+        raise ValueError(f"{fmt} tests must be a dict (or its JSON string), got {type(data).__name__} {data!r:.60}")
+    return _PARSERS[fmt](data, fn_name=fn_name, entry_point=entry_point, fmt=fmt)
 
 
 def _decoded(tests: Any) -> Any:
@@ -264,6 +265,10 @@ def _parse_codecontests(data: Any, fmt: str = "codecontests", **_: Any) -> TestS
 # --- Python test code ------------------------------------------------------------------------------------------
 
 def _parse_mbpp(data: Any, fmt: str = "mbpp", **_: Any) -> TestSet:
+    if isinstance(data, list):  # the test_list alone
+        data = {"test_list": data}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"mbpp tests must be a dict with 'test_list' (or the list), got {type(data).__name__}")
     asserts = data.get("test_list")
     if not isinstance(asserts, list) or not all(isinstance(a, str) for a in asserts):
         raise ValueError(f"mbpp test_list must be a list of assert strings, got {asserts!r:.80}")
@@ -275,10 +280,12 @@ def _parse_mbpp(data: Any, fmt: str = "mbpp", **_: Any) -> TestSet:
 
 
 def _parse_humaneval(data: Any, entry_point: str | None = None, fmt: str = "humaneval", **_: Any) -> TestSet:
-    test = data.get("test")
+    test = data.get("test") if isinstance(data, Mapping) else data
     if not isinstance(test, str):
         raise ValueError(f"humaneval 'test' must be test code, got {type(test).__name__}")
-    return _code_set(test, entry_point or data.get("entry_point"), fmt)
+    entry_point = entry_point or (data.get("entry_point") if isinstance(data, Mapping) else None)
+    # a row with a `test` field may hold pytest functions (KodCode): name it by what it holds
+    return _code_set(test, entry_point, fmt if entry_point or "def check" in test else None)
 
 
 def _parse_code(data: Any, entry_point: str | None = None, fmt: str = "code", **_: Any) -> TestSet:
@@ -380,6 +387,7 @@ def _code_set(code: str, entry_point: str | None, fmt: str | None) -> TestSet:
     return TestSet("code", fmt, code=code, test_statements=statements, test_functions=functions)
 
 
+_DICT_FORMATS = ("taco", "apps", "codecontests")
 _PARSERS = {"taco": _parse_taco, "apps": _parse_taco, "livecodebench": _parse_livecodebench,
             "codecontests": _parse_codecontests, "mbpp": _parse_mbpp, "humaneval": _parse_humaneval,
             "pytest": _parse_code, "asserts": _parse_code, "code": _parse_code, "stdio": _parse_stdio}

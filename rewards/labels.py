@@ -90,6 +90,8 @@ def _code_label(data: dict) -> Label:
     if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
                                   or timeout_s <= 0):
         raise ValueError(f"code label 'timeout_s' must be a positive number of seconds, got {timeout_s!r}")
+    if not isinstance(data.get("strict", False), bool):
+        raise ValueError(f"code label 'strict' must be true or false, got {data['strict']!r}")
     tests = parse_tests(data["tests"], fn_name=fn_name, entry_point=entry_point, format=fmt)
     return Label("code", tests=tests, entry_point=entry_point, prefix=_optional_str(data, "prefix"),
                  timeout_s=timeout_s, fn_name=fn_name, format=fmt, strict=bool(data.get("strict", False)))

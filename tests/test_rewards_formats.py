@@ -73,6 +73,10 @@ def test_codecontests_mbpp_humaneval_pytest():
     assert (py.format, py.test_functions) == ("pytest", ["test_a", "TestB.test_c"])
     plain = parse_tests("import math\nx = 2\nassert f(x) == 4\nfor i in range(3):\n    assert f(i) >= 0\n")
     assert (plain.format, plain.test_statements) == ("asserts", [2, 3])
+    assert parse_tests(["assert f(1) == 1"], format="mbpp").total == 1  # test_list alone
+    kodcode_row = {"question": "q", "test": "from solution import f\ndef test_a():\n    assert f(1) == 1\n"}
+    assert parse_tests(kodcode_row).format == "pytest"
+    assert parse_tests("def check(c):\n    assert c(1) == 1\n", format="humaneval", entry_point="f").total == 1
 
 
 @pytest.mark.parametrize("tests, kw, match", [
@@ -94,6 +98,10 @@ def test_codecontests_mbpp_humaneval_pytest():
     ({"fn_name": "f(); import os", "inputs": [[1]], "outputs": [1]}, {}, "identifier"),
     ({"whatever": 1}, {}, "unrecognised"),
     ("assert f(1) == 1", {"format": "bogus"}, "format must be"),
+    ("print(1)", {"format": "codecontests"}, "must be a dict"),
+    ("[1, 2]", {"format": "taco"}, "must be a dict"),
+    ("assert f(1) == 1", {"format": "livecodebench"}, "list of cases"),
+    ({"test_list": "assert f(1) == 1"}, {}, "list of assert strings"),
     ("assert (", {}, "not valid Python"),
 ])
 def test_tests_that_cannot_fail_or_cannot_be_read_are_value_errors(tests, kw, match):
