@@ -324,6 +324,24 @@ def _depends_on_program(node: ast.AST, bound: set[str]) -> bool:
                and n.id not in _BUILTINS for n in ast.walk(node))
 
 
+def _dependent_defs(tree: ast.Module, bound: set[str]) -> set[str]:
+    """Names of the test code's functions (top level and in classes: helpers, fixtures) that use the program,
+    directly or through another such function (by call, or by naming it as a parameter, as fixtures do)."""
+    defs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    used = {id(d): {n.id for n in ast.walk(d) if isinstance(n, ast.Name)} | {a.arg for a in ast.walk(d)
+                                                                            if isinstance(a, ast.arg)}
+            for d in defs}
+    dependent: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for d in defs:
+            if d.name not in dependent and (_depends_on_program(d, bound) or used[id(d)] & dependent):
+                dependent.add(d.name)
+                changed = True
+    return dependent
+
+
 def _has(node: ast.AST, kinds: tuple[type, ...]) -> bool:
     """Whether `node` holds one of `kinds` outside nested function and class bodies."""
     stack = [node]
@@ -378,6 +396,7 @@ def _code_set(code: str, entry_point: str | None, fmt: str | None) -> TestSet:
         raise ValueError("the tests define check(candidate) but never call it: pass entry_point= (the function "
                          "under test), or the tests cannot fail")
     bound, _ = _bound_names(tree)
+    bound -= _dependent_defs(tree, bound)  # a helper or fixture that uses the program counts as the program
     functions = [] if calls_check else _test_functions(tree.body, bound)
     statements = [i for i, node in enumerate(tree.body) if _is_test_statement(node, bound)]
     if not statements and not functions:

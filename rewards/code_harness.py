@@ -25,7 +25,8 @@
   semantics kept, `(a == b).all()` works) and watches `numpy` / `numpy.testing` for replacement too. Each test
   statement or function reports pass/fail with the token; once builtins, `math`, `operator`, the pytest shim or
   the guard helpers are found replaced (after the program loads, after each test), the run stops there.
-  `pytest` is a small shim (`raises`, `approx`, `mark.parametrize`, identity `fixture`/marks). The program
+  `pytest` is a small shim (`raises`, `approx`, `mark.parametrize`, `fixture` resolved by parameter name, other
+  marks ignored). The program
   shares the process with the test code, so one that introspects the interpreter (frames, gc) can still find
   the test code or the token; the guards stop the known cheap tricks (always-equal objects, patched
   comparisons, reading the test file, printing the answer, exiting early).
@@ -261,11 +262,13 @@ def _raises(exc, *args, match=None, **kwargs):
 def _parametrize(names, values, **_):
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     def wrap(fn):
-        def run(*head):
+        def run(*head, **given):
             for row in values:
                 row = row if len(names) > 1 else (row,)
-                fn(*head, **dict(zip(names, row)))
+                fn(*head, **given, **dict(zip(names, row)))
         run.__name__ = fn.__name__
+        run._sparrow_fn = getattr(fn, "_sparrow_fn", fn)  # the test itself, for its fixture parameters
+        run._sparrow_names = [*names, *getattr(fn, "_sparrow_names", [])]
         return run
     return wrap
 
@@ -275,10 +278,15 @@ class _Mark:
     def __getattr__(self, name):
         return lambda *a, **k: (a[0] if len(a) == 1 and callable(a[0]) and not k else (lambda fn: fn))
 
+def _fixture(*a, **k):
+    def mark(fn):
+        fn._sparrow_fixture = True
+        return fn
+    return mark(a[0]) if len(a) == 1 and callable(a[0]) and not k else mark
+
 def _pytest_shim():
     mod = types.ModuleType("pytest")
-    mod.raises, mod.approx, mod.mark = _raises, _Approx, _Mark()
-    mod.fixture = lambda *a, **k: a[0] if len(a) == 1 and callable(a[0]) else (lambda fn: fn)
+    mod.raises, mod.approx, mod.mark, mod.fixture = _raises, _Approx, _Mark(), _fixture
     return mod
 
 def _sparrow_snapshot(ns, extra):
@@ -320,15 +328,35 @@ def _sparrow_main():
         if ok is None:
             return
 
+def _sparrow_fixtures(fn, ns, owner, skip, depth=0):
+    """Keyword arguments for fn's parameters that name fixtures (functions marked by pytest.fixture, in the test
+    namespace or on the test class), each fixture's own fixtures resolved first; a generator fixture gives its
+    first value."""
+    import inspect
+    kwargs = {}
+    params = list(inspect.signature(fn).parameters.values())
+    for p in params[1:] if owner is not None and not inspect.ismethod(fn) else params:  # drop an unbound self
+        fixture = getattr(owner, p.name, None) if owner is not None else None
+        fixture = fixture if getattr(fixture, "_sparrow_fixture", False) else ns.get(p.name)
+        if p.name in skip or depth > 20 or not getattr(fixture, "_sparrow_fixture", False):
+            continue
+        bound = getattr(fixture, "__self__", None)
+        value = fixture(**_sparrow_fixtures(fixture, ns, bound, (), depth + 1))
+        kwargs[p.name] = next(value) if inspect.isgenerator(value) else value
+    return kwargs
+
 def _sparrow_call(ns, name):
+    owner = None
     if "." in name:
         cls, meth = name.split(".", 1)
-        obj = ns[cls]()
-        if hasattr(obj, "setup_method"):
-            obj.setup_method(getattr(obj, meth))
-        getattr(obj, meth)()
+        owner = ns[cls]()
+        if hasattr(owner, "setup_method"):
+            owner.setup_method(getattr(owner, meth))
+        target = getattr(owner, meth)
     else:
-        ns[name]()
+        target = ns[name]
+    base = getattr(target, "_sparrow_fn", target)
+    target(**_sparrow_fixtures(base, ns, owner, set(getattr(target, "_sparrow_names", ()))))
 
 def _sparrow_run(thunk, snapshot):
     """True (passed), False (failed) or None (failed, and the harness was tampered with: stop)."""

@@ -158,3 +158,50 @@ def test_sandbox_python_selection(monkeypatch, tmp_path):
     assert not sandbox._usable_by_sandbox([str(hidden / "python")])  # /tmp is a private tmpfs in the sandbox
     assert SandboxConfig().python in (sandbox._this_python_with_numpy(), "/usr/bin/python3",
                                       "/usr/local/bin/python3", __import__("sys").executable)
+
+
+STACK_TESTS = '''import pytest
+from solution import Stack
+
+@pytest.fixture
+def stack():
+    s = Stack()
+    s.push(1)
+    yield s
+
+@pytest.fixture
+def full(stack):
+    stack.push(2)
+    return stack
+
+def test_pop(stack):
+    assert stack.pop() == 1
+
+def test_full(full):
+    assert full.pop() == 2
+
+@pytest.mark.parametrize("x", [3, 4])
+def test_push(stack, x):
+    stack.push(x)
+    assert stack.pop() == x
+
+class TestStack:
+    @pytest.fixture
+    def empty(self):
+        return Stack()
+
+    def test_empty(self, empty):
+        with pytest.raises(IndexError):
+            empty.pop()
+'''
+STACK = ("class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):\n"
+         "        self.items.append(x)\n    def pop(self):\n        return self.items.pop()\n")
+
+
+def test_pytest_fixtures_parametrize_and_test_classes():
+    """KodCode-style tests: fixtures (plain, generator, depending on another, on a test class) are resolved by
+    parameter name, parametrize runs every row; a test that reaches the program only through a fixture counts."""
+    details = code.score_with_details(_fence(STACK), STACK_TESTS)
+    assert (details.score, details.total, details.format) == (1.0, 4, "pytest")
+    assert code.score(_fence(STACK.replace("items.pop()", "items.pop(0)")), STACK_TESTS) == 0.5
+    assert code.score(_fence("pass"), STACK_TESTS) == 0.0
