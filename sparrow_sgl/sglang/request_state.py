@@ -52,7 +52,7 @@ def parse_schedule(spec, allow_files: bool = False) -> Schedule:
         try:
             spec = json.loads(spec)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{SCHEDULE_KEY}: not valid JSON: {e}") from e
+            raise ConfigError(f"{SCHEDULE_KEY}: not valid JSON ({e.msg} at character {e.pos})") from None
     if isinstance(spec, dict):
         schedule = Schedule.from_dict(spec, where=SCHEDULE_KEY)
         schedule.name = schedule.name or "custom"
@@ -60,9 +60,9 @@ def parse_schedule(spec, allow_files: bool = False) -> Schedule:
     if isinstance(spec, str):
         if not allow_files and not _is_named_schedule(spec):
             raise ConfigError(
-                f"{SCHEDULE_KEY}: unknown schedule {spec[:80]!r}; a request may give 'dense', 'fixed:N' (N tokens), a "
-                f"preset ({', '.join(preset_names())}) or the schedule as a JSON object (files only on the server's "
-                "command line)"
+                f"{SCHEDULE_KEY}: unknown schedule {spec[:80]!r}; a request may give 'dense', 'fixed:N' (N tokens), "
+                "the schedule as a JSON object or a preset name (schedule files only on the server's command line); "
+                f"presets: {', '.join(preset_names())}"
             )
         schedule = resolve_schedule(spec)
         schedule.name = schedule.name or spec

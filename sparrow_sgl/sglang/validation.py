@@ -18,6 +18,8 @@ message embeds the server's source file and line (`File ".../http_server.py", li
 
 from __future__ import annotations
 
+import re
+
 from sparrow_sgl.config import ConfigError
 from sparrow_sgl.sglang.request_state import SCHEDULE_KEY, parse_schedule, request_schedule
 
@@ -32,8 +34,8 @@ class RequestError(ValueError):
         super().__init__(one_line(message))
 
 
-def one_line(message: str, limit: int = 500) -> str:
-    text = " ".join(str(message).split())
+def one_line(message: str, limit: int = 1000) -> str:
+    text = re.sub(r"\s*[\r\n\t]\s*", " ", str(message)).strip()
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -1,0 +1,285 @@
+"""Issue 15: the SGLang server survives every bad request.
+
+One real SGLang server (CPU, tiny Qwen3, sparrow backend) for the module: each malformed or crashing request gets a 4xx
+with a one-line message (no server source paths), and the next normal request succeeds; the same requests sent during
+a concurrent load of normal requests lose none of them; every request completes or is refused within its timeout.
+Also: per-request schedules never read files, `meta_info["sparrow"]` is a dict on the last streamed output only, and
+the OpenAI-compatible responses carry it in `metadata.sparrow`. Checks without a server come first.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("sglang")
+
+from sparrow_sgl.sglang import openai_meta, validation  # noqa: E402
+from sparrow_sgl.sglang.serve import ServerSpec, start  # noqa: E402
+
+pytestmark = [pytest.mark.sglang, pytest.mark.timeout(900)]
+
+VOCAB = 512  # TinyModelSpec's vocabulary
+SPARSE = "fixed:64"
+REQUEST_TIMEOUT_S = 180.0  # one request on a loaded 2-core machine; a hang fails the test instead of blocking it
+SERVER_PATH = re.compile(r'File "|\.py\b|line \d+|/site-packages/|Traceback')
+
+OK_BODY = {"input_ids": [5, 6, 7, 8], "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}}
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def _gen(body: dict, **sampling) -> dict:
+    return {**body, "sampling_params": {"max_new_tokens": 2, **sampling}}
+
+
+def _logprobs(top: int) -> dict:
+    return {"return_logprob": True, "top_logprobs_num": top}
+
+
+def _schedule(spec) -> dict:
+    return _gen({"text": "hi"}, custom_params={"sparrow_schedule": spec})
+
+
+# (id, route, body, a piece of the expected message)
+BAD_REQUESTS = [
+    ("empty-text", "/generate", _gen({"text": ""}), "tokenizes to no tokens"),
+    ("id-above-vocab", "/generate", _gen({"input_ids": [1, 2, 99999]}), "input_ids[2] = 99999"),
+    ("negative-id", "/generate", _gen({"input_ids": [1, -5]}), "[0, 512)"),
+    ("batch-text-one-empty", "/generate", _gen({"text": ["hi", ""]}), "tokenizes to no tokens"),
+    ("batch-ids-one-bad", "/generate", _gen({"input_ids": [[1, 2], [3, 99999]]}), "not a token id"),
+    ("n2-empty-text", "/generate", _gen({"text": ""}, n=2), "tokenizes to no tokens"),
+    ("completions-empty", "/v1/completions", {"model": "m", "prompt": "", "max_tokens": 2}, "empty"),
+    ("completions-batch-empty", "/v1/completions", {"model": "m", "prompt": ["hi", ""], "max_tokens": 2}, "no tokens"),
+    ("completions-bad-id", "/v1/completions", {"model": "m", "prompt": [1, 99999], "max_tokens": 2}, "99999"),
+    ("completions-logprobs-1", "/v1/completions", {"model": "m", "prompt": "hi", "logprobs": -1}, "logprobs"),
+    (
+        "chat-top-logprobs-1",
+        "/v1/chat/completions",
+        {"model": "m", "messages": CHAT, "max_tokens": 2, "logprobs": True, "top_logprobs": -1},
+        "top_logprobs",
+    ),
+    ("chat-empty-messages", "/v1/chat/completions", {"model": "m", "messages": [], "max_tokens": 2}, "empty"),
+    ("completions-custom-str", "/v1/completions", {"model": "m", "prompt": "hi", "custom_params": "x"}, "custom_par"),
+    ("completions-max-tokens-str", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": "x"}, "max_tokens"),
+    ("custom-params-str", "/generate", _gen({"text": "hi"}, custom_params="x"), "must be a JSON object"),
+    ("max-new-negative", "/generate", _gen({"text": "hi"}, max_new_tokens=-1), "max_new_tokens"),
+    ("max-new-absurd", "/generate", _gen({"text": "hi"}, max_new_tokens=10**9), "context length"),
+    ("max-new-float", "/generate", _gen({"text": "hi"}, max_new_tokens=2.5), "expected i64"),
+    ("top-logprobs-negative", "/generate", {**_gen({"text": "hi"}), **_logprobs(-1)}, "got -1"),
+    ("top-logprobs-huge", "/generate", {**_gen({"text": "hi"}), **_logprobs(10**5)}, "[0, 512]"),
+    ("n-zero", "/generate", _gen({"text": "hi"}, n=0), "n (OpenAI: n)"),
+    ("stop-id-bad", "/generate", _gen({"text": "hi"}, min_new_tokens=1, stop_token_ids=[99999]), "stop_token_ids"),
+    ("sampling-params-str", "/generate", {"text": "hi", "sampling_params": "x"}, "sampling_params"),
+    ("schedule-file", "/generate", _schedule("/etc/passwd"), "files only on the server's command line"),
+    ("schedule-negative", "/generate", _schedule("fixed:-5"), "negative"),
+    ("schedule-off-grid", "/generate", _schedule("fixed:65"), "64 or 80 tokens"),
+    ("schedule-below-min", "/generate", _schedule("fixed:32"), "minimum budget is 48 tokens"),
+    ("schedule-bad-json", "/generate", _schedule('{"budgets": [64]'), "not valid JSON"),
+    ("schedule-type", "/generate", _schedule(12), "must be a schedule name"),
+]
+
+
+# -- without a server ---------------------------------------------------------------------------------------------
+def test_prompt_checks_name_the_problem():
+    with pytest.raises(validation.RequestError, match="'   ' tokenizes to no tokens"):
+        validation.check_prompt([], "   ", VOCAB)
+    with pytest.raises(validation.RequestError, match="input_ids is empty"):
+        validation.check_prompt([], None, VOCAB)
+    with pytest.raises(validation.RequestError, match=r"input_ids\[1\] = True"):
+        validation.check_prompt([3, True], None, VOCAB)
+    validation.check_prompt([0, VOCAB - 1], None, VOCAB)
+    validation.check_prompt(None, None, VOCAB)  # input_embeds: SGLang's to check
+
+
+def test_logprob_checks():
+    validation.check_logprob_fields(None, None, VOCAB)
+    validation.check_logprob_fields(VOCAB, -1, VOCAB)
+    for top, first in [(-1, -1), (VOCAB + 1, 0), (1.5, 0), (0, -2)]:
+        with pytest.raises(validation.RequestError):
+            validation.check_logprob_fields(top, first, VOCAB)
+
+
+def test_dense_server_refuses_sparse_schedules_only(tmp_path):
+    validation.check_schedule({"sparrow_schedule": "dense"}, sparse_server=False)
+    validation.check_schedule({"sparrow_schedule": {"budgets": [None]}}, sparse_server=False)
+    validation.check_schedule({"sparrow_schedule": SPARSE}, sparse_server=True)
+    with pytest.raises(validation.RequestError, match="this server decodes densely"):
+        validation.check_schedule({"sparrow_schedule": SPARSE}, sparse_server=False)
+    with pytest.raises(validation.RequestError, match="nearest valid"):  # a bad spec gets its own reason first
+        validation.check_schedule({"sparrow_schedule": "fixed:50"}, sparse_server=False)
+
+
+def test_a_request_cannot_name_even_a_valid_schedule_file(tmp_path):
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps({"budgets": [64]}))
+    for sparse in (True, False):
+        with pytest.raises(validation.RequestError, match="files only on the server's command line"):
+            validation.check_schedule({"sparrow_schedule": str(path)}, sparse_server=sparse)
+
+
+def test_sparse_server_is_told_by_the_decode_backend():
+    args = dict(attention_backend="torch_native", prefill_attention_backend=None, decode_attention_backend=None)
+    assert not validation.is_sparse_server(SimpleNamespace(**args))
+    assert validation.is_sparse_server(SimpleNamespace(**{**args, "attention_backend": "sparrow"}))
+    assert validation.is_sparse_server(SimpleNamespace(**{**args, "decode_attention_backend": "sparrow"}))
+
+
+def test_messages_are_one_line():
+    assert validation.RequestError("a\n  b\tc").args[0] == "a b c"
+    assert len(validation.one_line("x" * 2000)) == 1000
+
+
+def test_stream_chunks_get_the_report_of_their_choice():
+    rids: dict[int, str] = {}
+    openai_meta.keep_stream_report("r1", {"schedule": "a"})
+    openai_meta.keep_stream_report("r0", {"schedule": "b"})
+    chunk = lambda rid, index, finish: (
+        "data: "
+        + json.dumps(  # noqa: E731
+            {"id": rid, "choices": [{"index": index, "finish_reason": finish}]}
+        )
+        + "\n\n"
+    )
+    assert openai_meta.add_to_chunk(chunk("r0", 0, None), rids) == chunk("r0", 0, None)
+    assert openai_meta.add_to_chunk(chunk("r1", 1, None), rids) == chunk("r1", 1, None)
+    # chat sends every finish chunk with the last request's id: the report follows the choice index
+    out = json.loads(openai_meta.add_to_chunk(chunk("r1", 0, "length"), rids)[len("data: ") :])
+    assert out["metadata"] == {"sparrow": [{"schedule": "b"}]}
+    out = json.loads(openai_meta.add_to_chunk(chunk("r1", 1, "length"), rids)[len("data: ") :])
+    assert out["metadata"] == {"sparrow": [{"schedule": "a"}]}
+    assert openai_meta.add_to_chunk("data: [DONE]\n\n", rids) == "data: [DONE]\n\n"
+
+
+# -- on a real server ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_factory, tmp_path_factory):
+    model = tiny_model_factory(hidden_size=128, intermediate_size=256, seed=3)
+    log = tmp_path_factory.mktemp("sglang-robustness") / "server.log"
+    srv = start(ServerSpec(model=str(model), schedule=SPARSE, port=_free_port(), kv_tokens=8192), log, timeout=600)
+    yield srv
+    srv.stop()
+
+
+def post(url: str, path: str, body, timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def stream(url: str, path: str, body, timeout: float = REQUEST_TIMEOUT_S) -> list[dict]:
+    request = urllib.request.Request(
+        url + path, data=json.dumps({**body, "stream": True}).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        lines = [line.decode().strip() for line in response]
+    return [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: {")]
+
+
+def error_message(payload: dict) -> str:
+    error = payload.get("error", payload)
+    return error.get("message", "") if isinstance(error, dict) else str(error)
+
+
+def assert_ok(status: int, payload: dict, tokens: int = 3) -> None:
+    assert status == 200, payload
+    assert len(payload["output_ids"]) == tokens and payload["meta_info"]["sparrow"]["schedule"] == SPARSE
+
+
+@pytest.mark.parametrize(("route", "body", "expect"), [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request_is_a_one_line_4xx_and_the_server_keeps_serving(server, route, body, expect):
+    status, payload = post(server.url, route, body)
+    message = error_message(payload)
+    assert 400 <= status < 500, payload
+    assert expect in message and message and "\n" not in message, message
+    assert not SERVER_PATH.search(message), message
+    assert_ok(*post(server.url, "/generate", OK_BODY))
+
+
+def test_whitespace_prompt_completes_or_is_refused(server):
+    """The tiny tokenizer encodes "   " to tokens (a 200); a tokenizer that strips it gets the empty-prompt 400."""
+    for route, body in [
+        ("/generate", _gen({"text": "   "})),
+        ("/v1/completions", {"model": "m", "prompt": "   ", "max_tokens": 2}),
+    ]:
+        status, payload = post(server.url, route, body)
+        assert status == 200 or (status == 400 and "no tokens" in error_message(payload)), payload
+    assert_ok(*post(server.url, "/generate", OK_BODY))
+
+
+def test_bad_requests_during_concurrent_load_lose_no_normal_request(server):
+    sampling = {"max_new_tokens": 6, "ignore_eos": True}
+    normal = [("/generate", {"input_ids": list(range(i + 1, i + 20)), "sampling_params": sampling}) for i in range(36)]
+    bad = [(route, body) for _, route, body, _ in BAD_REQUESTS]
+    jobs = [("ok", *job) for job in normal] + [("bad", *job) for job in bad]
+    jobs = [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: (i * 7919) % len(jobs))]  # interleaved
+
+    def send(job):
+        kind, route, body = job
+        try:
+            return kind, *post(server.url, route, body)
+        except (TimeoutError, urllib.error.URLError) as e:  # a hang or a dead server fails the test, never blocks it
+            return kind, 0, {"error": repr(e)}
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        results = list(pool.map(send, jobs))
+    ok = [(s, p) for kind, s, p in results if kind == "ok"]
+    refused = [(s, p) for kind, s, p in results if kind == "bad"]
+    assert len(ok) == 36 and all(s == 200 and len(p["output_ids"]) == 6 for s, p in ok), [s for s, _ in ok]
+    assert all(400 <= s < 500 for s, _ in refused), [(s, error_message(p)) for s, p in refused]
+    assert_ok(*post(server.url, "/generate", OK_BODY))
+
+
+def test_streamed_generate_has_the_report_on_its_last_output_only(server):
+    chunks = stream(server.url, "/generate", {"text": "hello", "sampling_params": {"max_new_tokens": 4}})
+    assert len(chunks) >= 2
+    *earlier, last = chunks
+    assert all("sparrow" not in c["meta_info"] for c in earlier)
+    assert last["meta_info"]["finish_reason"] and last["meta_info"]["sparrow"]["schedule"] == SPARSE
+    batch = stream(server.url, "/generate", {"text": ["hello", "abc"], "sampling_params": {"max_new_tokens": 3}})
+    finished = [c for c in batch if c["meta_info"]["finish_reason"]]
+    assert len(finished) == 2 and all(isinstance(c["meta_info"]["sparrow"], dict) for c in finished)
+    assert all("sparrow" not in c["meta_info"] for c in batch if not c["meta_info"]["finish_reason"])
+
+
+def test_openai_responses_carry_one_report_per_choice(server):
+    body = {"model": "m", "prompt": ["hello", "abc"], "max_tokens": 3, "n": 2}
+    status, payload = post(server.url, "/v1/completions", body)
+    assert status == 200 and len(payload["choices"]) == 4
+    assert [r["schedule"] for r in payload["metadata"]["sparrow"]] == [SPARSE] * 4
+    body = {"model": "m", "messages": CHAT, "max_tokens": 3, "custom_params": {"sparrow_schedule": "fixed:48"}}
+    status, payload = post(server.url, "/v1/chat/completions", body)
+    assert status == 200 and payload["metadata"]["sparrow"][0]["schedule"] == "fixed:48"
+    assert payload["metadata"]["sparrow"][0]["sparse_layer_steps"] > 0
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/completions", {"model": "m", "prompt": "hello", "max_tokens": 3, "n": 2}),
+        ("/v1/chat/completions", {"model": "m", "messages": CHAT, "max_tokens": 3, "n": 2}),
+    ],
+)
+def test_openai_streams_carry_the_report_on_each_finishing_chunk(server, route, body):
+    chunks = [c for c in stream(server.url, route, body) if c.get("choices")]
+    finishing = [c for c in chunks if c["choices"][0].get("finish_reason")]
+    assert sorted(c["choices"][0]["index"] for c in finishing) == [0, 1]
+    assert all(c["metadata"]["sparrow"][0]["schedule"] == SPARSE for c in finishing)
+    assert all("metadata" not in c for c in chunks if not c["choices"][0].get("finish_reason"))
