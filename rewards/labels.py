@@ -104,7 +104,8 @@ def _score_code(response: str, label: Label, timeout_s: float) -> Scored:
     timed_out = "timeout" in res.statuses
     bad = sorted({f"{r.status}: {r.reason}" for r in res.runs if not r.ok})
     reason = f"{res.passed}/{res.total} tests passed" + (f" ({'; '.join(bad)[:200]})" if bad else "")
-    return Scored(res.score, "code", reason, timed_out)
+    broken = [r.reason for r in res.runs if r.status == "error"]  # the sandbox itself failed, not the program
+    return Scored(res.score, "code", reason, timed_out, error=f"sandbox error: {broken[0][:300]}" if broken else None)
 
 
 def _kind_of(label: Any) -> str:
