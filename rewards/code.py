@@ -10,7 +10,8 @@ functions, plain assert code, `[{"input", "output"}]` lists); see `rewards.code_
 validated before any program runs: a test set that cannot fail (no cases, no assert / check call / test function,
 `check` without `entry_point`, every case expecting empty output or None) is a ValueError.
 
-How each kind runs (see `rewards.code_harness`; every program gets TACO/LiveCodeBench's standard import block):
+How each kind runs (see `rewards.code_harness` and `rewards.assert_harness`; every program gets
+TACO/LiveCodeBench's standard import block):
 - stdin/stdout cases: one sandboxed run per case with `input` on stdin; it passes when the run exits 0 and its
   stdout matches `output` by `rewards.compare.outputs_match` (lenient by default, `strict=True` for exact text).
 - call cases: one sandboxed run calls the function on every case's arguments and reports the return values as
@@ -29,8 +30,9 @@ import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from rewards.assert_harness import CODE_HARNESS, guard_asserts
 from rewards.code_formats import TestSet, parse_tests
-from rewards.code_harness import CALL_HARNESS, CODE_HARNESS, STDIO_MAIN, guard_asserts, prelude
+from rewards.code_harness import CALL_HARNESS, STDIO_MAIN, prelude
 from rewards.compare import outputs_match, values_match
 from rewards.sandbox import Job, SandboxConfig, SandboxResult, run_many, run_program
 from rewards.text import extract_code

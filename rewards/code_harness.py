@@ -1,4 +1,4 @@
-"""What runs inside the sandbox around a program: the standard import block and the three harnesses.
+"""What runs inside the sandbox around a program: the standard import block and the stdin and call harnesses.
 
 - Import block (`prelude`): the names TACO's and LiveCodeBench's harnesses put before every solution
   (`from typing import *`, `math`/`gcd`/`sqrt`, `collections`, `heapq`, `bisect`, `itertools`, `functools`,
@@ -15,26 +15,11 @@
   the program defines `class Solution` with it, a fresh instance per call) is called once per case and the return
   value is reported as JSON (numpy values as lists/numbers; anything else that is not JSON data fails the case)
   on a private descriptor, each line tagged with the run's random token. The parent decodes and compares.
-- test code (`CODE_HARNESS`): the program is loaded as module `solution` (so `from solution import f` works);
-  the test code runs in a namespace of its own seeded with the program's names, then each `test_*` function is
-  called. Before the program runs, the test file is read and deleted. Asserts are rewritten (`guard_asserts`) so
-  that a comparison only trusts plain data (numbers, strings, lists, dicts, ... and numpy values): comparing
-  an object of the program's own class with anything but an object of the same class, or taking its truth
-  value, fails the assert (even under `not`), so an always-equal or always-true object gains nothing. When the
-  test code mentions numpy, the harness imports it before the program and trusts exactly its types (numpy
-  semantics kept, `(a == b).all()` works) and watches `numpy` / `numpy.testing` for replacement too. Each test
-  statement or function reports pass/fail with the token; once builtins, `math`, `operator`, the pytest shim or
-  the guard helpers are found replaced (after the program loads, after each test), the run stops there.
-  `pytest` is a small shim (`raises`, `approx`, `mark.parametrize`, `fixture` resolved by parameter name, other
-  marks ignored). The program
-  shares the process with the test code, so one that introspects the interpreter (frames, gc) can still find
-  the test code or the token; the guards stop the known cheap tricks (always-equal objects, patched
-  comparisons, reading the test file, printing the answer, exiting early).
+- test code: see `rewards.assert_harness`.
 """
 
 from __future__ import annotations
 
-import ast
 import functools
 import importlib
 import re
@@ -87,7 +72,7 @@ del _f
 exec(compile(_src, "solution.py", "exec"), _ns)
 '''
 
-_COMMON = _PRELUDE_AS_BUILTINS + '''
+COMMON = _PRELUDE_AS_BUILTINS + '''
 import json, os, sys, traceback, types
 
 def _sparrow_setup(plan_file):
@@ -117,7 +102,7 @@ def _sparrow_load():
     return mod
 '''
 
-CALL_HARNESS = _COMMON + '''
+CALL_HARNESS = COMMON + '''
 def _sparrow_plain(value):
     if type(value).__module__.split(".")[0] == "numpy" and hasattr(value, "tolist"):
         return value.tolist()
@@ -151,259 +136,3 @@ def _sparrow_main():
 
 _sparrow_main()
 '''
-
-CODE_HARNESS = _COMMON + '''
-import builtins, math, operator, re as _re
-
-_PLAIN = (int, float, complex, str, bytes, bool, type(None))
-_NUMPY = set()  # exact numpy types, filled only when the harness itself imported numpy before the program ran
-
-def _sparrow_trust_numpy():
-    try:
-        import numpy, numpy.testing
-    except ImportError:
-        return []
-    _NUMPY.update(t for t in set(numpy.sctypeDict.values()) if isinstance(t, type))
-    _NUMPY.add(numpy.ndarray)
-    return [vars(numpy), vars(numpy.testing)]
-
-def _sparrow_data(v, type=type, hasattr=hasattr):
-    """v as trusted data, or raise TypeError: plain data, numpy values of the harness's own numpy (kept, so
-    numpy semantics hold), other numpy-looking values converted with tolist(); nothing else is trusted."""
-    t = type(v)
-    if t in _PLAIN:
-        return v
-    if t in (list, tuple, set, frozenset):
-        return t(_sparrow_data(x) for x in v)
-    if t is dict:
-        return {_sparrow_data(k): _sparrow_data(x) for k, x in v.items()}
-    if t is _Approx:
-        return v
-    if t in _NUMPY and str(getattr(v, "dtype", "")) != "object":
-        return v
-    if t.__module__.split(".")[0] == "numpy" and hasattr(v, "tolist"):
-        return _sparrow_data(v.tolist())
-    raise TypeError(t)
-
-_OPS = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt,
-        ">=": operator.ge, "in": lambda a, b: a in b, "not in": lambda a, b: a not in b,
-        "is": operator.is_, "is not": operator.is_not}
-
-def _sparrow_cmp(ops, *values, type=type, zip=zip, len=len, TypeError=TypeError):
-    """`values[0] ops[0] values[1] ...` as Python chains it (the first falsy result, else the last), each
-    comparison on trusted data only."""
-    for i, (op, a, b) in enumerate(zip(ops, values, values[1:])):
-        if op not in ("is", "is not"):
-            try:
-                a, b = _sparrow_data(a), _sparrow_data(b)
-            except TypeError:
-                if type(a) is not type(b):  # an opaque object only compares with one of its own type; raising
-                    raise AssertionError("untrusted comparison")  # fails the assert even under `not`
-        result = _OPS[op](a, b)
-        if i < len(ops) - 1 and not _sparrow_truth(result):
-            return result
-    return result
-
-def _sparrow_truth(v, type=type, bool=bool):
-    if type(v) is bool:
-        return v
-    try:
-        return bool(_sparrow_data(v))
-    except TypeError:
-        raise AssertionError("untrusted truth value") from None
-
-class _Approx:
-    def __init__(self, expected, rel=None, abs=None):
-        self.expected, self.rel, self.abs = expected, 1e-6 if rel is None else rel, 1e-12 if abs is None else abs
-
-    def _close(self, a, b):
-        if isinstance(b, (list, tuple)):
-            return isinstance(a, (list, tuple)) and len(a) == len(b) and all(map(self._close, a, b))
-        if isinstance(b, dict):
-            return isinstance(a, dict) and a.keys() == b.keys() and all(self._close(a[k], b[k]) for k in b)
-        try:
-            return math.isclose(a, b, rel_tol=self.rel, abs_tol=self.abs)
-        except TypeError:
-            return a == b
-
-    def __eq__(self, other):
-        try:
-            return self._close(_sparrow_data(other), self.expected)
-        except TypeError:
-            return False
-
-    __hash__ = None
-
-class _Raises:
-    def __init__(self, exc, match=None):
-        self.exc, self.match, self.value = exc, match, None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, t, v, tb):
-        if t is None:
-            raise AssertionError(f"DID NOT RAISE {self.exc}")
-        if not issubclass(t, self.exc):
-            return False
-        if self.match is not None and not _re.search(self.match, str(v)):
-            raise AssertionError(f"{v!r} does not match {self.match!r}")
-        self.value = v
-        return True
-
-def _raises(exc, *args, match=None, **kwargs):
-    ctx = _Raises(exc, match)
-    if not args:
-        return ctx
-    with ctx:
-        args[0](*args[1:], **kwargs)
-    return ctx
-
-def _parametrize(names, values, **_):
-    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-    def wrap(fn):
-        def run(*head, **given):
-            for row in values:
-                row = row if len(names) > 1 else (row,)
-                fn(*head, **given, **dict(zip(names, row)))
-        run.__name__ = fn.__name__
-        run._sparrow_fn = getattr(fn, "_sparrow_fn", fn)  # the test itself, for its fixture parameters
-        run._sparrow_names = [*names, *getattr(fn, "_sparrow_names", [])]
-        return run
-    return wrap
-
-class _Mark:
-    parametrize = staticmethod(_parametrize)
-
-    def __getattr__(self, name):
-        return lambda *a, **k: (a[0] if len(a) == 1 and callable(a[0]) and not k else (lambda fn: fn))
-
-def _fixture(*a, **k):
-    def mark(fn):
-        fn._sparrow_fixture = True
-        return fn
-    return mark(a[0]) if len(a) == 1 and callable(a[0]) and not k else mark
-
-def _pytest_shim():
-    mod = types.ModuleType("pytest")
-    mod.raises, mod.approx, mod.mark, mod.fixture = _raises, _Approx, _Mark(), _fixture
-    return mod
-
-def _sparrow_snapshot(ns, extra):
-    watched = [vars(builtins), vars(math), vars(operator), vars(sys.modules["pytest"]), vars(_Approx), vars(_Raises),
-               vars(_Mark), *extra]
-    return [(d, dict(d)) for d in watched] + [(ns, {k: ns[k] for k in ("_sparrow_cmp", "_sparrow_truth")})]
-
-def _sparrow_tampered(snapshot):
-    return any(d.get(k, None) is not v for d, saved in snapshot for k, v in saved.items()) or any(
-        set(d) - set(saved) for d, saved in snapshot[:-1])
-
-def _sparrow_main():
-    token, plan, report = _sparrow_setup("tests.json")
-    sys.modules["pytest"] = _pytest_shim()
-    ns = {"__name__": "sparrow_tests", "_sparrow_cmp": _sparrow_cmp, "_sparrow_truth": _sparrow_truth}
-    extra = _sparrow_trust_numpy() if plan["numpy"] else []
-    snapshot = _sparrow_snapshot(ns, extra)  # before the program runs: what it replaces at import is caught too
-    mod = _sparrow_load()
-    if mod is None:
-        return
-    ns.update({k: v for k, v in mod.__dict__.items() if k not in ns}, __builtins__=builtins)
-    if _sparrow_tampered(snapshot):
-        print("the program replaced builtins or comparison helpers", file=sys.stderr)
-        return
-    tree = __import__("ast").parse(plan["code"], "tests.py")
-    tests = set(plan["test_statements"])
-    for i, node in enumerate(tree.body):
-        code = compile(__import__("ast").Module(body=[node], type_ignores=[]), "tests.py", "exec")
-        ok = _sparrow_run(lambda: exec(code, ns), snapshot)
-        if i in tests:
-            report.write(f"{token} {i} {int(ok)}\\n")
-            report.flush()
-        if ok is None or (not ok and i not in tests):
-            return
-    for name in plan["test_functions"]:
-        ok = _sparrow_run(lambda: _sparrow_call(ns, name), snapshot)
-        report.write(f"{token} {name} {int(bool(ok))}\\n")
-        report.flush()
-        if ok is None:
-            return
-
-def _sparrow_fixtures(fn, ns, owner, skip, depth=0):
-    """Keyword arguments for fn's parameters that name fixtures (functions marked by pytest.fixture, in the test
-    namespace or on the test class), each fixture's own fixtures resolved first; a generator fixture gives its
-    first value."""
-    import inspect
-    kwargs = {}
-    params = list(inspect.signature(fn).parameters.values())
-    for p in params[1:] if owner is not None and not inspect.ismethod(fn) else params:  # drop an unbound self
-        fixture = getattr(owner, p.name, None) if owner is not None else None
-        fixture = fixture if getattr(fixture, "_sparrow_fixture", False) else ns.get(p.name)
-        if p.name in skip or depth > 20 or not getattr(fixture, "_sparrow_fixture", False):
-            continue
-        bound = getattr(fixture, "__self__", None)
-        value = fixture(**_sparrow_fixtures(fixture, ns, bound, (), depth + 1))
-        kwargs[p.name] = next(value) if inspect.isgenerator(value) else value
-    return kwargs
-
-def _sparrow_call(ns, name):
-    owner = None
-    if "." in name:
-        cls, meth = name.split(".", 1)
-        owner = ns[cls]()
-        if hasattr(owner, "setup_method"):
-            owner.setup_method(getattr(owner, meth))
-        target = getattr(owner, meth)
-    else:
-        target = ns[name]
-    base = getattr(target, "_sparrow_fn", target)
-    target(**_sparrow_fixtures(base, ns, owner, set(getattr(target, "_sparrow_names", ()))))
-
-def _sparrow_run(thunk, snapshot):
-    """True (passed), False (failed) or None (failed, and the harness was tampered with: stop)."""
-    try:
-        thunk()
-        ok = True
-    except BaseException:
-        traceback.print_exc()
-        ok = False
-    return None if _sparrow_tampered(snapshot) else ok
-
-_sparrow_main()
-'''
-
-
-class _GuardAsserts(ast.NodeTransformer):
-    """`assert e` -> `assert _sparrow_truth(e')`, every comparison in e' -> `_sparrow_cmp(ops, *operands)`."""
-
-    _NAMES = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=",
-              ast.In: "in", ast.NotIn: "not in", ast.Is: "is", ast.IsNot: "is not"}
-
-    def __init__(self) -> None:
-        self.in_assert = 0
-
-    def visit_Assert(self, node: ast.Assert) -> ast.Assert:
-        self.in_assert += 1
-        test = self.visit(node.test)
-        self.in_assert -= 1
-        call = ast.Call(ast.Name("_sparrow_truth", ast.Load()), [test], [])
-        return ast.copy_location(ast.Assert(call, node.msg), node)
-
-    def visit_Compare(self, node: ast.Compare) -> ast.AST:
-        node = self.generic_visit(node)
-        if not self.in_assert:
-            return node
-        ops = ast.Tuple([ast.Constant(self._NAMES[type(op)]) for op in node.ops], ast.Load())
-        call = ast.Call(ast.Name("_sparrow_cmp", ast.Load()), [ops, node.left, *node.comparators], [])
-        return ast.copy_location(call, node)
-
-    def visit_Lambda(self, node: ast.Lambda) -> ast.AST:  # a lambda in an assert runs later, elsewhere
-        depth, self.in_assert = self.in_assert, 0
-        node = self.generic_visit(node)
-        self.in_assert = depth
-        return node
-
-
-def guard_asserts(code: str) -> str:
-    """Test code with every assert's comparisons and truth test routed through the harness's guards."""
-    tree = _GuardAsserts().visit(ast.parse(code))
-    return ast.unparse(ast.fix_missing_locations(tree))
