@@ -2,8 +2,9 @@
 
 Formats (`format=` names; detected from the shape when not given; a dict or its JSON string):
 - "taco" / "apps": `{"inputs": [...], "outputs": [...], "fn_name": optional}` (the `input_output` field; a row
-  with `input_output` is accepted too). With `fn_name` the cases are calls: `inputs[i]` is the argument list;
-  else stdin/stdout (a list of lines is joined with newlines).
+  with `input_output` is accepted too). With `fn_name` the cases are calls: `inputs[i]` is the argument list
+  (or, as LiveCodeBench's evaluation samples have it, a string of newline-separated JSON arguments with a JSON
+  output); else stdin/stdout (a list of lines is joined with newlines).
 - "livecodebench": `[{"input", "output", "testtype": "stdin" | "functional"}]` (or a row with
   `public_test_cases` / `private_test_cases` / `metadata`). Functional inputs are newline-separated JSON
   arguments and the output is JSON; `fn_name` comes from the metadata's `func_name`.
@@ -184,6 +185,9 @@ def _parse_taco(data: Any, fn_name: str | None = None, fmt: str = "taco", **_: A
         cases = [StdioCase(_text(i, f"{fmt} input {n}"), _text(o, f"{fmt} output {n}"))
                  for n, (i, o) in enumerate(zip(inputs, outputs))]
         return _stdio_set(cases, fmt)
+    if inputs and all(isinstance(i, str) for i in inputs):  # LiveCodeBench's evaluation sample in this shape
+        lcb = [{"input": i, "output": o, "testtype": "functional"} for i, o in zip(inputs, outputs)]
+        return _parse_livecodebench(lcb, fn_name=name, fmt=fmt)
     calls = []
     for n, (args, expected) in enumerate(zip(inputs, outputs)):
         if not isinstance(args, list):

@@ -45,6 +45,13 @@ def test_livecodebench_functional_and_stdin():
         parse_tests([*cases, {"input": "1", "output": "2", "testtype": "stdin"}], fn_name="f")
 
 
+def test_livecodebench_evaluation_sample_in_taco_shape():
+    """LiveCodeBench's get_evaluation_sample(): input_output with fn_name and JSON-lines string inputs."""
+    sample = {"input_output": json.dumps({"inputs": ["[1, 2]\n3"], "outputs": ["true"], "fn_name": "hasPair"})}
+    ts = parse_tests(sample)
+    assert (ts.kind, ts.cases[0].args, ts.cases[0].expected, ts.unwrap_single) == ("call", [[1, 2], 3], True, False)
+
+
 def test_livecodebench_pickled_private_tests_refuse_objects():
     import base64
     import pickle
