@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Create (or reuse) a virtual environment and install sparrow-sgl with the given extras.
 # Torch: the CPU build torch==2.13.0, unless the system Python already has a CUDA build (then the venv sees it).
+# OpenRLHF (extra `openrlhf`): its pure dependencies from the extra (DeepSpeed with DS_BUILD_OPS=0: no op is built at
+# install time), with the venv's torch/transformers/sglang held where they are, then openrlhf==0.11.2 itself with
+# --no-deps (its transformers and flash-attn pins conflict with SGLang's), minus the stray top-level `tests` package
+# its wheel puts into site-packages.
 # Usage: scripts/setup_env.sh VENV_DIR [EXTRAS]      e.g. scripts/setup_env.sh .venv test,dev
 set -euo pipefail
 venv=${1:-.venv}
@@ -24,6 +28,20 @@ if [[ ",$extras," != *",sglang,"* ]] && ! "$venv/bin/python" -c 'import torch' 2
   echo "setup: installing torch==2.13.0 (CPU build)"
   "${pip[@]}" torch==2.13.0
 fi
+hold=()
+if [[ ",$extras," == *",openrlhf,"* ]]; then
+  held="$venv/.sparrow-held-versions.txt"
+  "$venv/bin/python" -m pip freeze 2>/dev/null | grep -iE '^(torch|transformers|sglang)==' > "$held" || true
+  hold=(-c "$held")
+fi
 echo "setup: installing sparrow-sgl${extras:+[$extras]} into $venv"
-"${pip[@]}" -e ".${extras:+[$extras]}"
+DS_BUILD_OPS=0 "${pip[@]}" "${hold[@]}" -e ".${extras:+[$extras]}"
+if [[ ",$extras," == *",openrlhf,"* ]]; then
+  echo "setup: installing openrlhf==0.11.2 (--no-deps)"
+  "${pip[@]}" --no-deps openrlhf==0.11.2
+  site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  if grep -q '^tests/' "$site"/openrlhf-0.11.2.dist-info/RECORD 2>/dev/null; then
+    rm -rf "$site/tests"  # OpenRLHF's own test files, installed as a top-level package named `tests`
+  fi
+fi
 touch "$stamp"

@@ -1,0 +1,89 @@
+"""The embedded engine (`sparrow_sgl.engine.Engine`) behind an OpenRLHF rollout actor: no SGLang needed.
+
+Everything runs in the actor's process: generation in a worker thread (one batch at a time, see batcher.py), the
+weights-update group joined by this process, weights applied in place between batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparrow_sgl.config import EngineConfig, Schedule
+from sparrow_sgl.engine import Engine
+from sparrow_sgl.engine import SamplingParams as EngineParams
+from sparrow_sgl.rollout import Rollout
+
+CANARY_PROMPT = list(range(10, 42))
+
+
+@dataclass
+class Canary:
+    prompt: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "token_ids": self.token_ids, "logprobs": self.logprobs}
+
+
+def engine_params(params, topk: int) -> EngineParams:
+    """vLLM-style SamplingParams (what OpenRLHF sends) -> the engine's; top_k -1 means off in vLLM, 0 here."""
+    stop = tuple(getattr(params, "stop_token_ids", None) or ())
+    return EngineParams(
+        temperature=float(params.temperature),
+        top_p=float(params.top_p),
+        top_k=max(int(params.top_k), 0),
+        max_new_tokens=int(params.max_tokens),
+        n=1,
+        seed=getattr(params, "seed", None),
+        stop_token_ids=stop,
+        logprobs_topk=topk,
+    )
+
+
+class EmbeddedBackend:
+    name = "embedded"
+
+    def __init__(self, model: str, seed: int, max_model_len: int | None, device: str | None = None,
+                 dtype: str = "auto", page_size: int = 16) -> None:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.engine = Engine(
+            EngineConfig(model=model, device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                         page_size=page_size)
+        )
+        self.tokenizer = self.engine.tokenizer
+        self.device = torch.device(device)
+
+    def resolve_schedule(self, spec: str | dict | Schedule) -> Schedule:
+        if isinstance(spec, dict):
+            spec = Schedule.from_dict(spec)
+        return self.engine.resolve_schedule(spec)
+
+    def generate(self, prompts: list[list[int]], params, schedule: Schedule, topk: int) -> list[Rollout]:
+        return self.engine.generate(prompts, engine_params(params, topk), schedule, progress=False)
+
+    def apply_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        self.engine.update_weights(named)
+
+    def canary(self, num_tokens: int) -> Canary:
+        params = EngineParams(temperature=0.0, max_new_tokens=num_tokens, ignore_eos=True)
+        r = self.engine.generate([CANARY_PROMPT], params, "dense", progress=False)[0]
+        return Canary(list(CANARY_PROMPT), list(r.token_ids), [float(x) for x in r.logprobs])
+
+    def set_adapter(self, path: str | None) -> None:
+        self.engine.set_adapter(path)
+
+    # The embedded engine keeps no prefix cache across calls and holds its memory for the run.
+    def flush_cache(self) -> None:
+        pass
+
+    def release_memory(self, tags: list[str]) -> None:
+        pass
+
+    def resume_memory(self, tags: list[str]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

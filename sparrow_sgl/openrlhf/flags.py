@@ -1,0 +1,152 @@
+"""`--sparrow.*` and `--sglang.*` flags, added to OpenRLHF's own parser, and their validation.
+
+OpenRLHF's `hierarchize` turns the dotted names into `args.sparrow.*` / `args.sglang.*`, which reach every actor
+through `strategy.args`. Engine counts, tensor parallel size, memory fraction and sleep stay OpenRLHF's `--vllm.*`.
+`check(args)` runs on the flat namespace right after parsing, before Ray or any device is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+from distill.config import DistillConfig
+from sparrow_sgl.config import ConfigError
+from sparrow_sgl.engine.sampling_params import MAX_LOGPROBS_TOPK
+
+ENGINES = ("sglang", "embedded")
+
+
+@dataclass(slots=True)
+class SparrowFlags:
+    engine: str = "sglang"  # rollout engine behind OpenRLHF's engine actors
+    schedule: str = "dense"  # preset name, fixed:N, dense or a schedule JSON path
+    tau: float = 0.86  # tail threshold (TailGuard, bins_below_tau)
+    quantile: float = 0.05  # the tail statistic: this quantile of the acceptance rate per bin
+    bin_tokens: int = 2048  # position bin width of the tail statistic
+    topk: int = 0  # rollout top-k log-probs per token (tails need >= 1); 0 = no tails
+    guard: bool = False  # TailGuard moves the engines' schedule between steps
+    sync_timeout: float = 600.0  # seconds any weight-sync call may take before the run fails closed
+    canary_tokens: int = 8  # greedy canary length checked after every weight sync (0 = off)
+    canary_atol: float = 0.05  # max |log-prob difference| engine vs trainer on the canary
+    out_dir: str | None = None  # events/canary JSON lines (default: <--ckpt.path>/sparrow)
+    dry_run: bool = False  # print the resolved configuration and exit
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--sparrow.engine must be one of {ENGINES}, got {self.engine!r}")
+        if not 0.0 < self.tau < 1.0 or not 0.0 < self.quantile < 1.0:
+            raise ConfigError(f"--sparrow.tau and .quantile must lie in (0, 1), got {self.tau}, {self.quantile}")
+        if not 0 <= self.topk <= MAX_LOGPROBS_TOPK:
+            raise ConfigError(f"--sparrow.topk must lie in [0, {MAX_LOGPROBS_TOPK}], got {self.topk}")
+        if self.bin_tokens < 1 or self.sync_timeout <= 0 or self.canary_tokens < 0:
+            raise ConfigError("--sparrow.bin_tokens and --sparrow.sync_timeout must be > 0, canary_tokens >= 0")
+
+
+@dataclass(slots=True)
+class SGLangFlags:
+    url: str | None = None  # comma-separated URLs of running `sparrow serve` servers, one per engine
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (float32 on CPU) | float32 | bfloat16 | float16
+    kv_tokens: int | None = None  # KV pool size in tokens
+    cuda_graph: bool = True  # decode CUDA graphs (GPU)
+    startup_timeout: float = 600.0
+    request_timeout: float = 3600.0  # one /generate call
+    extra_args: str = ""  # extra SGLang server flags, one string
+    log_dir: str | None = None  # server logs (default: <out_dir>/sglang)
+
+
+def _add(parser: argparse.ArgumentParser, prefix: str, f: dataclasses.Field, default) -> None:
+    name = f"--{prefix}.{f.name}"
+    if isinstance(default, bool):
+        parser.add_argument(name, type=_parse_bool, nargs="?", const=True, default=default, metavar="BOOL")
+    elif isinstance(default, tuple):
+        parser.add_argument(name, type=str, nargs="+", default=list(default))
+    else:
+        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        parser.add_argument(name, type=kind, default=default)
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Add `--sparrow.*`, `--sparrow.distill.*` and `--sglang.*` (defaults from the dataclasses)."""
+    group = parser.add_argument_group("sparrow-sgl")
+    for f in fields(SparrowFlags):
+        if f.name != "distill":
+            _add(group, "sparrow", f, getattr(SparrowFlags(), f.name))
+    for f in fields(DistillConfig):
+        _add(group, "sparrow.distill", f, getattr(DistillConfig(), f.name))
+    for f in fields(SGLangFlags):
+        _add(group, "sglang", f, getattr(SGLangFlags(), f.name))
+
+
+def _section(args, prefix: str, cls) -> dict:
+    flat = vars(args) if isinstance(args, argparse.Namespace) else args
+    return {f.name: flat[f"{prefix}.{f.name}"] for f in fields(cls) if f"{prefix}.{f.name}" in flat}
+
+
+def sparrow_from_flat(args) -> SparrowFlags:
+    distill = DistillConfig(**_section(args, "sparrow.distill", DistillConfig))
+    return SparrowFlags(**{**_section(args, "sparrow", SparrowFlags), "distill": distill})
+
+
+def sglang_from_flat(args) -> SGLangFlags:
+    return SGLangFlags(**_section(args, "sglang", SGLangFlags))
+
+
+def from_hierarchical(args) -> tuple[SparrowFlags, SGLangFlags]:
+    """The two configs from OpenRLHF's nested `strategy.args` (inside any actor)."""
+    sparrow = vars(args.sparrow).copy()
+    sparrow["distill"] = vars(sparrow["distill"])
+    return from_dicts(sparrow, vars(args.sglang))
+
+
+def from_dicts(sparrow: dict, sglang: dict) -> tuple[SparrowFlags, SGLangFlags]:
+    """The inverse of `to_dict` (how the configs travel to the engine actors)."""
+    sparrow = dict(sparrow)
+    sparrow["distill"] = DistillConfig(**sparrow["distill"])
+    return SparrowFlags(**sparrow), SGLangFlags(**sglang)
+
+
+def check(args: argparse.Namespace) -> tuple[SparrowFlags, SGLangFlags]:
+    """Our flags and their combination with OpenRLHF's; raises ConfigError with the reason."""
+    sparrow, sgl = sparrow_from_flat(args), sglang_from_flat(args)
+    flat = vars(args)
+    from sparrow_sgl.schedule import resolve_schedule
+
+    schedule = resolve_schedule(sparrow.schedule)
+    engines = flat.get("vllm.num_engines") or 0
+    if engines < 1:
+        raise ConfigError("sparrow-sgl serves OpenRLHF's rollout engines: set --vllm.num_engines >= 1")
+    if flat.get("vllm.sync_with_ray"):
+        raise ConfigError("--vllm.sync_with_ray is not supported: weights go over a torch process group")
+    if sparrow.engine == "embedded":
+        if flat.get("vllm.tensor_parallel_size", 1) != 1:
+            raise ConfigError("--sparrow.engine embedded runs one device per engine: --vllm.tensor_parallel_size 1")
+        set_sglang = [f.name for f in fields(SGLangFlags) if getattr(sgl, f.name) != getattr(SGLangFlags(), f.name)]
+        if set_sglang:
+            raise ConfigError(f"--sglang.{set_sglang[0]} needs --sparrow.engine sglang (engine is embedded)")
+    if sgl.url is not None and len(sgl.url.split(",")) != engines:
+        raise ConfigError(f"--sglang.url names {len(sgl.url.split(','))} servers for {engines} engines")
+    if sparrow.guard and (schedule.is_dense or sparrow.topk < 1):
+        raise ConfigError("--sparrow.guard needs a sparse --sparrow.schedule and --sparrow.topk >= 1 (live tails)")
+    if sparrow.distill.enabled:
+        if schedule.is_dense:
+            raise ConfigError("--sparrow.distill.enabled needs a sparse --sparrow.schedule")
+        if flat.get("ds.lora.rank", 0):
+            raise ConfigError("--sparrow.distill.enabled trains a rollout-only LoRA: leave --ds.lora.rank at 0")
+    return sparrow, sgl
+
+
+def to_dict(sparrow: SparrowFlags, sgl: SGLangFlags) -> dict:
+    return {"sparrow": dataclasses.asdict(sparrow), "sglang": dataclasses.asdict(sgl)}

@@ -1,0 +1,261 @@
+"""`SparrowRolloutActor`: what OpenRLHF's `RolloutRayActor` is (vllm_engine.py:33-206), served by sparrow-sgl.
+
+Every method OpenRLHF calls on its engines is here, with its signature: `generate_responses` (the executor's own
+loop: rewards, agents and the response dict stay OpenRLHF's), `generate` (returns a vLLM `RequestOutput`-like
+object), `get_num_unfinished_requests`, `sleep` / `wake_up(tags)`, `init_process_group`, `update_weight(s)`,
+`update_weight_cuda_ipc`, `reset_prefix_cache`, `pause_generation` / `resume_generation`. Each generated sample
+also carries the engine's sparse statistics (`extra_logs`: `sparrow_kv_tokens_mean`, ...) and, with
+`--sparrow.topk`, its top-k ids and log-probs (for the tails, tails.py). Every call is appended to
+`<out_dir>/engine_<i>.jsonl`, so the order OpenRLHF drives the engines in can be checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+
+from sparrow_sgl.openrlhf import batcher as batching
+from sparrow_sgl.openrlhf.batcher import Batcher
+from sparrow_sgl.openrlhf.flags import SGLangFlags, SparrowFlags
+
+TOPK_KEY = "sparrow_topk"  # response-dict key carrying [ids, logprobs] per generated token
+
+
+# -- vLLM's RequestOutput, as far as OpenRLHF reads it (agent.py:245-262) ------------------------------------------
+@dataclass
+class Logprob:
+    logprob: float
+
+
+@dataclass
+class CompletionOutput:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[dict[int, Logprob]] | None
+    index: int = 0
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = True
+    meta: dict = field(default_factory=dict)
+
+
+def request_output(rollout, want_logprobs: bool) -> RequestOutput:
+    logprobs = None
+    if want_logprobs:
+        logprobs = [{t: Logprob(lp)} for t, lp in zip(rollout.token_ids, rollout.logprobs)]
+    finish = "length" if rollout.finish_reason == "length" else "stop"
+    text = rollout.text or ""
+    return RequestOutput(list(rollout.prompt_ids), [CompletionOutput(list(rollout.token_ids), text, finish, logprobs)],
+                         meta=dict(rollout.meta))
+
+
+def make_backend(model: str, sparrow: SparrowFlags, sgl: SGLangFlags, index: int, seed: int,
+                 max_model_len: int | None, out_dir: str):
+    if sparrow.engine == "embedded":
+        from sparrow_sgl.openrlhf.embedded_backend import EmbeddedBackend
+
+        return EmbeddedBackend(model, seed=seed, max_model_len=max_model_len)
+    from sparrow_sgl.openrlhf.sglang_backend import SGLangBackend
+
+    return SGLangBackend(model, sparrow, sgl, index=index, seed=seed, max_model_len=max_model_len, out_dir=out_dir)
+
+
+@ray.remote
+class SparrowRolloutActor:
+    def __init__(self, *, index: int, model: str, sparrow: dict, sglang: dict, seed: int,
+                 max_model_len: int | None, out_dir: str, agent_func_path: str | None = None,
+                 remote_rm_url=None, enable_sleep: bool = False) -> None:
+        from sparrow_sgl.openrlhf.flags import from_dicts
+        from sparrow_sgl.openrlhf.patches import apply_worker
+
+        apply_worker()
+        self.index = index
+        self.sparrow, self.sgl = from_dicts(sparrow, sglang)
+        self.events = Path(out_dir) / f"engine_{index}.jsonl"
+        self.events.parent.mkdir(parents=True, exist_ok=True)
+        self.executor = _executor(agent_func_path, remote_rm_url)
+        self.backend = make_backend(model, self.sparrow, self.sgl, index, seed, max_model_len, out_dir)
+        self.schedule = self.backend.resolve_schedule(self.sparrow.schedule)
+        self.batcher = Batcher(self._run_batch)
+        self.asleep: set[str] = set()
+        self.group = None
+        self._log("init", engine=self.backend.name, schedule=self.schedule.describe(), pid=os.getpid())
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    async def generate_responses(self, prompt, label, sampling_params, max_length, hf_tokenizer, num_samples=1,
+                                 images=None):
+        """OpenRLHF's own executor per sample (vllm_engine.py:183-206), plus the sparse extras of each sample."""
+        self._log("generate_responses", num_samples=num_samples)
+
+        async def one():
+            extras: dict = {}
+            batching.sample_extras.set(extras)
+            out = await self.executor.execute(prompt=prompt, label=label, sampling_params=sampling_params,
+                                              max_length=max_length, hf_tokenizer=hf_tokenizer, llm_engine=self,
+                                              images=images)
+            out["extra_logs"] = {**(out.get("extra_logs") or {}), **extras.get("logs", {})}
+            if TOPK_KEY in extras:
+                out[TOPK_KEY] = extras[TOPK_KEY]
+            return out
+
+        return await asyncio.gather(*[asyncio.create_task(one()) for _ in range(num_samples)])
+
+    async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
+        if multi_modal_data:
+            raise NotImplementedError("sparrow-sgl rollout engines are text-only")
+        if self.asleep:
+            raise RuntimeError(f"engine {self.index} is asleep ({sorted(self.asleep)}): wake_up() first")
+        key = _params_key(sampling_params)
+        rollout = await self.batcher.submit(list(prompt_token_ids), sampling_params, key)
+        extras = batching.sample_extras.get()
+        if extras is not None:
+            extras["logs"] = _meta_logs(rollout.meta)
+            if rollout.topk_ids is not None:
+                extras[TOPK_KEY] = [rollout.topk_ids, rollout.topk_logprobs]
+        return request_output(rollout, sampling_params.logprobs is not None)
+
+    def _run_batch(self, prompts: list[list[int]], params) -> list:
+        return self.backend.generate(prompts, params, self.schedule, self.sparrow.topk)
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.batcher.num_unfinished
+
+    # -- memory ---------------------------------------------------------------------------------------------------
+    async def sleep(self, level=1):
+        self._log("sleep", level=level)
+        async with self.batcher.lock:
+            await asyncio.to_thread(self.backend.release_memory, ["weights", "kv_cache"])
+        self.asleep = {"weights", "kv_cache"}
+
+    async def wake_up(self, tags=None):
+        tags = list(tags) if tags is not None else ["weights", "kv_cache"]
+        self._log("wake_up", tags=tags)
+        await asyncio.to_thread(self.backend.resume_memory, tags)
+        self.asleep -= set(tags)
+
+    async def reset_prefix_cache(self):
+        self._log("reset_prefix_cache")
+        async with self.batcher.lock:
+            await asyncio.to_thread(self.backend.flush_cache)
+
+    async def pause_generation(self):
+        """vLLM's mode="keep": no new batch starts; the running one finishes first (its requests complete)."""
+        self._log("pause_generation")
+        self.batcher.gate.clear()
+        async with self.batcher.lock:
+            pass
+
+    async def resume_generation(self):
+        self._log("resume_generation")
+        self.batcher.gate.set()
+
+    # -- weights --------------------------------------------------------------------------------------------------
+    async def init_process_group(self, master_address, master_port, rank_offset, world_size, group_name, backend,
+                                 use_ray=False):
+        from sparrow_sgl.openrlhf import weight_sync
+
+        if use_ray:
+            raise ValueError("--vllm.sync_with_ray is not supported by sparrow-sgl engines")
+        self._log("init_process_group", rank=rank_offset, world_size=world_size, backend=backend)
+        self.group = await asyncio.to_thread(
+            self.backend.init_weights_group if hasattr(self.backend, "init_weights_group") else weight_sync.init_group,
+            master_address, master_port, rank_offset, world_size, group_name, backend, self.sparrow.sync_timeout,
+        )
+
+    async def update_weights(self, specs: list[dict], group_name: str, flush_cache: bool = True) -> dict:
+        """One sync: receive every tensor (in `specs` order), then apply them all; returns the greedy canary."""
+        from sparrow_sgl.openrlhf.weight_sync import TensorSpec, receive
+
+        specs = [TensorSpec(**s) for s in specs]
+        start = time.perf_counter()
+        async with self.batcher.lock:
+            if hasattr(self.backend, "update_weights_from_group"):
+                await asyncio.to_thread(self.backend.update_weights_from_group, specs, group_name)
+            else:
+                named = await asyncio.to_thread(receive, self.group, specs, self.backend.device)
+                await asyncio.to_thread(self.backend.apply_weights, named)
+            if flush_cache:
+                await asyncio.to_thread(self.backend.flush_cache)
+            canary = await self._canary()
+        self._log("update_weights", tensors=len(specs), seconds=round(time.perf_counter() - start, 3),
+                  canary=canary)
+        return canary
+
+    async def update_weight(self, name, dtype, shape, empty_cache=False):
+        """OpenRLHF's one-parameter RPC (used only if the trainer-side patch is off)."""
+        spec = {"name": name, "dtype": str(dtype).removeprefix("torch."), "shape": tuple(shape)}
+        await self.update_weights([spec], "", flush_cache=bool(empty_cache))
+
+    async def update_weight_cuda_ipc(self, name, dtype, shape, ipc_handles, empty_cache=False):
+        """Colocated GPU path (ppo_actor.py:439-466): rebuild the trainer's tensor from its CUDA IPC handle."""
+        from openrlhf.trainer.ray.utils import get_physical_gpu_id
+
+        func, args = ipc_handles[get_physical_gpu_id()]
+        args = list(args)
+        args[6] = torch.cuda.current_device()  # the rebuilt tensor lives on this process's device
+        tensor = func(*args)
+        async with self.batcher.lock:
+            await asyncio.to_thread(self.backend.apply_weights, [(name, tensor)])
+            if empty_cache:
+                await asyncio.to_thread(self.backend.flush_cache)
+        self._log("update_weight_cuda_ipc", name=name)
+
+    async def _canary(self) -> dict | None:
+        if not self.sparrow.canary_tokens:
+            return None
+        canary = await asyncio.to_thread(self.backend.canary, self.sparrow.canary_tokens)
+        return canary.to_dict()
+
+    async def canary(self) -> dict | None:
+        async with self.batcher.lock:
+            return await self._canary()
+
+    # -- schedule (TailGuard, DistillSparse re-plans) -----------------------------------------------------------
+    def set_schedule(self, schedule: dict) -> str:
+        self.schedule = self.backend.resolve_schedule(schedule)
+        self._log("set_schedule", schedule=self.schedule.describe())
+        return self.schedule.describe()
+
+    def get_schedule(self) -> dict:
+        return self.schedule.to_dict()
+
+    def shutdown(self) -> None:
+        self.backend.close()
+
+    def _log(self, call: str, **data) -> None:
+        with self.events.open("a") as f:
+            f.write(json.dumps({"t": time.time(), "call": call, **data}) + "\n")
+
+
+def _executor(agent_func_path, remote_rm_url):
+    from openrlhf.trainer.ray.vllm_engine import _load_agent_executor
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    return _load_agent_executor(agent_func_path) if agent_func_path else SingleTurnAgentExecutor(remote_rm_url)
+
+
+def _params_key(p) -> tuple:
+    stop = tuple(getattr(p, "stop_token_ids", None) or ())
+    return (p.temperature, p.top_p, p.top_k, p.max_tokens, p.logprobs, getattr(p, "seed", None), stop)
+
+
+def _meta_logs(meta: dict) -> dict:
+    """Scalar sparse statistics of one sample, as OpenRLHF extra_logs (logged as train/<key>)."""
+    out = {}
+    for key in ("kv_tokens_mean", "decode_steps"):
+        value = meta.get(key)
+        if isinstance(value, int | float):
+            out[f"sparrow_{key}"] = float(value)
+    return out

@@ -1,0 +1,131 @@
+"""Trainer side of the weight sync, patched into OpenRLHF's `ActorPPOTrainer` (ppo_actor.py:113-151, 409-489).
+
+`_init_vllm_sync_group`: rank 0 hosts SGLang's kind of weights-update group (weight_sync.py) instead of vLLM's
+PyNccl one; `broadcast_to_vllm`: one `update_weights` call per engine with every tensor's name/dtype/shape, the
+tensors broadcast in that order, each engine's greedy canary compared with the trainer's own log-probs of the same
+tokens. Any step past `--sparrow.sync_timeout` raises `SyncError`. The colocated CUDA-IPC path stays OpenRLHF's.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sparrow_sgl.openrlhf.weight_sync import (
+    GROUP_NAME,
+    SyncError,
+    TensorSpec,
+    broadcast,
+    default_backend,
+    hf_named_tensors,
+    init_group,
+    wait,
+)
+
+
+def patch() -> None:
+    import openrlhf.trainer.ray.ppo_actor as ppo_actor
+
+    cls = ppo_actor.ActorPPOTrainer
+    if getattr(cls, "_sparrow_patched", False):
+        return
+    cls._openrlhf_broadcast_to_vllm = cls.broadcast_to_vllm
+    cls._init_vllm_sync_group = init_sync_group
+    cls.broadcast_to_vllm = broadcast_to_engines
+    cls._sparrow_patched = True
+
+
+def _sparrow(trainer):
+    from sparrow_sgl.openrlhf.flags import from_hierarchical
+
+    return from_hierarchical(trainer.strategy.args)[0]
+
+
+def init_sync_group(self, backend: str) -> None:
+    import ray
+
+    sparrow = _sparrow(self)
+    backend = backend if torch.cuda.is_available() else default_backend()
+    address = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    tp = self.strategy.args.vllm.tensor_parallel_size
+    world_size = len(self.vllm_engines) * tp + 1
+    refs = [
+        e.init_process_group.remote(address, port, i * tp + 1, world_size, GROUP_NAME, backend=backend, use_ray=False)
+        for i, e in enumerate(self.vllm_engines)
+    ]
+    self._model_update_group = init_group(address, port, 0, world_size, GROUP_NAME, backend, sparrow.sync_timeout)
+    wait(refs, sparrow.sync_timeout, "joining the weight-sync group")
+
+
+def broadcast_to_engines(self) -> None:
+    if self.use_cuda_ipc:
+        return self._openrlhf_broadcast_to_vllm()
+    import deepspeed
+    from openrlhf.utils.distributed_util import torch_dist_barrier_and_cuda_sync
+
+    sparrow = _sparrow(self)
+    args = self.strategy.args
+    model = self.actor.model.module
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=args.ds.zero_stage == 3):
+        if dist.get_rank() == 0:
+            push(model, self.vllm_engines, self._model_update_group, sparrow, flush=True)
+    torch_dist_barrier_and_cuda_sync()
+
+
+def push(model: torch.nn.Module, engines: list, group, sparrow, flush: bool = True) -> list[dict | None]:
+    """Rank 0: send the policy to every engine; check each engine's canary against this model."""
+    start = time.perf_counter()
+    named = list(hf_named_tensors(model))
+    specs = [TensorSpec.of(n, t).__dict__ for n, t in named]
+    refs = [e.update_weights.remote(specs, GROUP_NAME, flush) for e in engines]
+    broadcast(group, (t for _, t in named), sparrow.sync_timeout, "weight sync")
+    canaries = wait(refs, sparrow.sync_timeout, "weight sync")
+    record = {"tensors": len(named), "seconds": round(time.perf_counter() - start, 3), "canary_max_abs_diff": None}
+    diffs = [canary_diff(model, c) for c in canaries if c is not None]
+    if diffs:
+        record["canary_max_abs_diff"] = max(diffs)
+    _log_event(sparrow, "weight_sync", **record)
+    if diffs and max(diffs) > sparrow.canary_atol:
+        raise SyncError(
+            f"after the weight sync an engine's greedy canary log-probs differ from the trainer's by {max(diffs):.4f} "
+            f"(> --sparrow.canary_atol {sparrow.canary_atol}): the engine does not serve the trained weights"
+        )
+    return canaries
+
+
+@torch.no_grad()
+def canary_diff(model: torch.nn.Module, canary: dict) -> float:
+    """max |engine log-prob - trainer log-prob| over the canary's greedy tokens (temperature 1, plain softmax)."""
+    prompt, tokens = canary["prompt"], canary["token_ids"]
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt + tokens], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    finally:
+        model.train(was_training)
+    logp = torch.log_softmax(logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+    mine = logp.gather(-1, torch.tensor(tokens, device=device)[:, None]).squeeze(-1).cpu()
+    return float((mine - torch.tensor(canary["logprobs"])).abs().max())
+
+
+def _log_event(sparrow, kind: str, **data) -> None:
+    if not sparrow.out_dir:
+        return
+    path = Path(sparrow.out_dir) / "trainer.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"t": time.time(), "event": kind, **data}) + "\n")
+
+
+__all__ = ["SyncError", "patch", "push", "canary_diff"]
