@@ -157,6 +157,24 @@ def test_stream_chunks_get_the_report_of_their_choice():
     assert openai_meta.add_to_chunk("data: [DONE]\n\n", rids) == "data: [DONE]\n\n"
 
 
+def test_meta_info_gets_the_report_dict_and_sglang_accumulates_the_rest():
+    from sparrow_sgl.sglang.hooks import _write_meta
+
+    seen = []
+
+    def original(manager, meta_info, state, customized_info, *rest):
+        seen.append(customized_info)
+
+    state = SimpleNamespace(obj=SimpleNamespace(stream=False))
+    meta = {"id": "r"}
+    info = {"sparrow": [[], [{"schedule": "x"}]], "other": [[1], [2]]}
+    _write_meta(original, None, meta, state, info, 1, None)
+    assert meta["sparrow"] == {"schedule": "x"} and seen == [{"other": [[1], [2]]}]
+    meta = {"id": "r"}
+    _write_meta(original, None, meta, state, {"sparrow": [[]]}, 0, None)
+    assert "sparrow" not in meta and len(seen) == 1  # nothing left for SGLang's per-token accumulation
+
+
 # -- on a real server ---------------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

@@ -43,7 +43,8 @@ def check_request(obj, input_ids, vocab_size: int, sparse_server: bool) -> None:
     """Refuse a generate request (one prompt of a batch) the scheduler cannot serve; `input_ids` are its tokens."""
     if not hasattr(obj, "return_logprob"):  # embedding requests: not served by rollout servers, SGLang checks them
         return
-    check_prompt(input_ids, obj.text, vocab_size)
+    if not _continues_session(obj) and not obj.contains_mm_input():  # SGLang rebuilds / expands those prompts
+        check_prompt(input_ids, obj.text, vocab_size)
     params = obj.sampling_params if obj.sampling_params is not None else {}
     if not isinstance(params, dict):
         raise RequestError(f"sampling_params must be a JSON object, got {_json_type(params)}")
@@ -143,6 +144,11 @@ def validation_error_response(request, exc):
     error = {"message": message, "type": "BadRequest", "param": None, "code": 400}
     body = {"error": error} if request.url.path.startswith("/v1/responses") else {"object": "error", **error}
     return ORJSONResponse(status_code=400, content=body)
+
+
+def _continues_session(obj) -> bool:
+    """A session request's prompt may come from the session's history (SGLang refuses it if it stays empty)."""
+    return isinstance(obj.session_params, dict) and bool(obj.session_params.get("id"))
 
 
 def _is_int(value) -> bool:
