@@ -16,7 +16,9 @@ TACO/LiveCodeBench's standard import block):
   stdout matches `output` by `rewards.compare.outputs_match` (lenient by default, `strict=True` for exact text).
 - call cases: one sandboxed run calls the function on every case's arguments and reports the return values as
   JSON; the expected values never enter the sandbox and are compared here by `rewards.compare.values_match`.
-- test code: one sandboxed run executes the program as module `solution`, then the test statements and test
+- test code whose tests are all `assert <expression> == <literal>` (MBPP style): one sandboxed run evaluates the
+  expressions after the program and the other statements; the literals stay here and are compared by `==`.
+- other test code: one sandboxed run executes the program as module `solution`, then the test statements and test
   functions, each reporting pass/fail with a per-run random token. A program that exits early passes nothing
   after that point; one that prints the expected output gains nothing.
 `timeout_s` bounds each sandboxed run (wall clock).
@@ -24,6 +26,7 @@ TACO/LiveCodeBench's standard import block):
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import secrets
@@ -32,7 +35,7 @@ from typing import Any
 
 from rewards.assert_harness import CODE_HARNESS, guard_asserts
 from rewards.code_formats import TestSet, parse_tests
-from rewards.code_harness import CALL_HARNESS, STDIO_MAIN, prelude
+from rewards.code_harness import CALL_HARNESS, STDIO_MAIN, VALUES_HARNESS, decode_value, prelude
 from rewards.compare import outputs_match, values_match
 from rewards.sandbox import Job, SandboxConfig, SandboxResult, run_many, run_program
 from rewards.text import extract_code
@@ -92,6 +95,24 @@ def _run_calls(program: str, ts: TestSet, cfg: SandboxConfig) -> CodeResult:
     return _result(passed, ts, program, [run])
 
 
+def _run_values(program: str, ts: TestSet, cfg: SandboxConfig) -> CodeResult:
+    token = secrets.token_hex(16)
+    exprs = {i: expr for i, expr, _ in ts.cases}
+    steps = [{"eval": exprs[i], "id": i} if i in exprs else {"exec": ast.unparse(node)}
+             for i, node in enumerate(ast.parse(ts.code).body)]
+    run = run_program(VALUES_HARNESS, stdin=token + "\n", config=cfg,
+                      files={"solution.py": program, "prelude.py": prelude(program),
+                             "tests.json": json.dumps({"steps": steps})})
+    reports = _reports(run, token)
+    passed = 0
+    for i, _, expected in ts.cases:
+        try:
+            passed += bool(decode_value(reports[str(i)]) == expected)
+        except (KeyError, ValueError, TypeError):
+            continue
+    return _result(passed, ts, program, [run])
+
+
 def _run_code(program: str, ts: TestSet, cfg: SandboxConfig) -> CodeResult:
     token = secrets.token_hex(16)
     plan = json.dumps({"code": guard_asserts(ts.code), "test_statements": ts.test_statements,
@@ -129,6 +150,8 @@ def score_with_details(response: str, tests: Any, timeout_s: float = DEFAULT_TIM
         return _run_stdio(program, ts, cfg, max_workers, strict)
     if ts.kind == "call":
         return _run_calls(program, ts, cfg)
+    if ts.kind == "values":
+        return _run_values(program, ts, cfg)
     return _run_code(program, ts, cfg)
 
 

@@ -53,7 +53,9 @@ class CallCase:
 
 @dataclass(slots=True)
 class TestSet:
-    """What to run: `kind` "stdio" (cases), "call" (cases + fn_name) or "code" (test code + test statements)."""
+    """What to run: `kind` "stdio" (cases), "call" (cases + fn_name), "code" (test code + test statements and
+    functions) or "values" (test code whose test statements are `assert <expression> == <literal>`: `cases`
+    holds (statement index, expression source, expected value))."""
 
     kind: str
     format: str
@@ -67,7 +69,7 @@ class TestSet:
     @property
     def total(self) -> int:
         if self.kind == "code":
-            return len(self.test_statements) + len(self.test_functions)
+            return len(self.test_statements) + len(self.test_functions)  # "values": one case per statement
         return len(self.cases)
 
 
@@ -301,6 +303,9 @@ def _code_set(code: str, entry_point: str | None, fmt: str | None) -> TestSet:
     tc = analyze(code, entry_point)
     fmt = fmt or ("humaneval" if tc.calls_check else "pytest" if tc.test_functions and not tc.test_statements
                   else "asserts")
+    if tc.value_asserts is not None:
+        cases = [(i, expr, value) for i, (expr, value) in tc.value_asserts.items()]
+        return TestSet("values", fmt, cases, code=tc.code, test_statements=tc.test_statements)
     return TestSet("code", fmt, code=tc.code, test_statements=tc.test_statements, test_functions=tc.test_functions)
 
 

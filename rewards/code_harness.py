@@ -15,14 +15,20 @@
   the program defines `class Solution` with it, a fresh instance per call) is called once per case and the return
   value is reported as JSON (numpy values as lists/numbers; anything else that is not JSON data fails the case)
   on a private descriptor, each line tagged with the run's random token. The parent decodes and compares.
-- test code: see `rewards.assert_harness`.
+- value asserts (`VALUES_HARNESS`): test code whose every test is `assert <expression> == <literal>` (MBPP
+  style) runs without its literals: the sandbox executes the other statements and evaluates each expression,
+  reporting the value as type-tagged JSON (`decode_value`); the parent compares it with the literal by Python's
+  `==`. As with call-based tests, the expected values never enter the sandbox.
+- other test code: see `rewards.assert_harness`.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import json
 import re
+from typing import Any
 
 # (module, also `from module import *`): the union of TACO's and LiveCodeBench's blocks, numpy aside
 _BLOCK = (("bisect", True), ("collections", True), ("copy", True), ("datetime", True), ("decimal", False),
@@ -136,3 +142,72 @@ def _sparrow_main():
 
 _sparrow_main()
 '''
+
+VALUES_HARNESS = COMMON + '''
+import builtins
+
+def _sparrow_enc(v, isinstance=isinstance, type=type):
+    """v as JSON that keeps Python's types apart (tuples, sets, dicts with any keys, bytes, complex)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, list):
+        return [_sparrow_enc(x) for x in v]
+    if isinstance(v, tuple):
+        return {"t": [_sparrow_enc(x) for x in v]}
+    if isinstance(v, dict):
+        return {"d": [[_sparrow_enc(k), _sparrow_enc(x)] for k, x in v.items()]}
+    if isinstance(v, (set, frozenset)):
+        return {"s" if isinstance(v, set) else "f": [_sparrow_enc(x) for x in v]}
+    if isinstance(v, bytes):
+        return {"b": v.hex()}
+    if isinstance(v, complex):
+        return {"c": [v.real, v.imag]}
+    if type(v).__module__.split(".")[0] == "numpy" and hasattr(v, "tolist"):
+        return _sparrow_enc(v.tolist())
+    raise TypeError(f"a value of type {type(v).__name__} cannot be compared outside the sandbox")
+
+def _sparrow_main():
+    token, plan, report = _sparrow_setup("tests.json")
+    dumps = json.dumps
+    mod = _sparrow_load()
+    if mod is None:
+        return
+    ns = dict(mod.__dict__)
+    ns.update(__name__="sparrow_tests", __builtins__=builtins)
+    for step in plan["steps"]:
+        if "exec" in step:
+            try:
+                exec(compile(step["exec"], "tests.py", "exec"), ns)
+            except BaseException:
+                traceback.print_exc()
+                return
+            continue
+        try:
+            value = dumps(_sparrow_enc(eval(compile(step["eval"], "tests.py", "eval"), ns)))
+        except BaseException:
+            traceback.print_exc()
+            continue
+        report.write(f"{token} {step['id']} {value}\\n")
+        report.flush()
+
+_sparrow_main()
+'''
+
+
+def decode_value(text: str) -> Any:
+    """A value reported by `VALUES_HARNESS`, with its Python types back."""
+    tags = {"t": tuple, "s": set, "f": frozenset}
+
+    def hook(obj: dict) -> Any:
+        (tag, payload), = obj.items()
+        if tag in tags:
+            return tags[tag](payload)
+        if tag == "d":
+            return {k: v for k, v in payload}
+        if tag == "b":
+            return bytes.fromhex(payload)
+        if tag == "c":
+            return complex(*payload)
+        raise ValueError(f"unknown tag {tag!r}")
+
+    return json.loads(text, object_hook=hook)

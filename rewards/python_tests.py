@@ -6,6 +6,8 @@ program provides: a name the test code does not define or import itself (names i
 are the program's), directly or through a helper or fixture that does. `if __name__ == "__main__":` blocks never
 run. Test code with no such test cannot fail (an empty program would pass it): `analyze` raises ValueError, as it
 does for `def check(` with neither a call nor an `entry_point` (then `check(entry_point)` is appended).
+When every test is `assert <expression> == <literal>` (MBPP's asserts mostly are), `value_asserts` says so: the
+expression can be evaluated in the sandbox and compared with the literal outside it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import ast
 import builtins
 from dataclasses import dataclass
+from typing import Any
 
 _BUILTINS = frozenset(dir(builtins)) | {"__name__", "__file__"}
 
@@ -23,6 +26,29 @@ class TestCode:
     test_statements: list[int]  # indices into the top level of `code`
     test_functions: list[str]  # "test_x" or "TestC.test_y"
     calls_check: bool
+    # when every test is `assert <expression> == <literal>` (MBPP style): per test statement, the expression's
+    # source and the literal's value, so the expected values can stay out of the sandbox
+    value_asserts: dict[int, tuple[str, Any]] | None = None
+
+
+def _literal(node: ast.AST) -> tuple[bool, Any]:
+    try:
+        return True, ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False, None
+
+
+def _value_assert(node: ast.stmt) -> tuple[str, Any] | None:
+    """`assert expr == literal` (either order) as (expr source, literal value); None for any other statement."""
+    if not (isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare) and len(node.test.ops) == 1
+            and isinstance(node.test.ops[0], ast.Eq)):
+        return None
+    left, right = node.test.left, node.test.comparators[0]
+    for expr, lit in ((left, right), (right, left)):
+        ok, value = _literal(lit)
+        if ok and not _literal(expr)[0]:
+            return ast.unparse(expr), value
+    return None
 
 
 def _is_main_guard(node: ast.stmt) -> bool:
@@ -134,4 +160,7 @@ def analyze(code: str, entry_point: str | None = None) -> TestCode:
     if not statements and not functions:
         raise ValueError("the tests cannot fail: no assert, no check() call and no test_* function that uses "
                          "the program")
-    return TestCode(code, statements, functions, calls_check)
+    values = {i: _value_assert(tree.body[i]) for i in statements}
+    if functions or calls_check or any(v is None for v in values.values()):
+        values = None
+    return TestCode(code, statements, functions, calls_check, values)

@@ -205,3 +205,15 @@ def test_pytest_fixtures_parametrize_and_test_classes():
     assert (details.score, details.total, details.format) == (1.0, 4, "pytest")
     assert code.score(_fence(STACK.replace("items.pop()", "items.pop(0)")), STACK_TESTS) == 0.5
     assert code.score(_fence("pass"), STACK_TESTS) == 0.0
+
+
+def test_value_asserts_compare_with_python_equality_outside_the_sandbox():
+    tests = ("import math\nassert f(1) == (1, 2)\nassert f(2) == {1: 'a'}\nassert {3} == f(3)\nx = 4\n"
+             "assert f(x) == b'x'\nassert f(5) == 1.5\nassert f(6) == 2\n")
+    right = "def f(x):\n    return {1: (1, 2), 2: {1: 'a'}, 3: {3}, 4: b'x', 5: 1.5, 6: 2.0}[x]\n"
+    details = code.score_with_details(_fence(right), tests)
+    assert (details.score, details.total) == (1.0, 6)  # 2.0 == 2 as in Python
+    assert code.score(_fence(right.replace("(1, 2)", "[1, 2]")), tests) == pytest.approx(5 / 6)  # a list != a tuple
+    assert code.score(_fence(right.replace("1.5", "1.5000001")), tests) == pytest.approx(5 / 6)  # exact, as ==
+    # a value that is not data (a class of the program's) fails its case only
+    assert code.score(_fence(right.replace("b'x'", "object()")), tests) == pytest.approx(5 / 6)

@@ -152,7 +152,25 @@ def test_patching_globals_between_asserts_does_not_help():
             frame.f_globals["_sparrow_truth"] = lambda v: True
             return 0
     """)
-    assert code.score(_fence(program), "assert add(1, 2) == 3\nassert add(3, 4) == 7\n") == 0.0
+    assert code.score(_fence(program), "assert add(1, 2) in (3,)\nassert add(3, 4) in (7,)\n") == 0.0
+
+
+def test_value_asserts_keep_the_expected_values_out_of_the_sandbox():
+    """MBPP-style `assert f(x) == literal` tests run without their literals: a program that reads its caller's
+    frame (the test code, its constants) finds only the call, and a program that reads memory for the token
+    still cannot report the right value."""
+    program = textwrap.dedent("""
+        import gc, sys
+        def add(a, b):
+            seen = [c for f in (sys._getframe(1), sys._getframe(2)) for c in f.f_code.co_consts]
+            seen += [o for o in gc.get_objects() if isinstance(o, (list, dict))][:10000]
+            found = [c for c in seen if isinstance(c, int) and c not in (a, b) and c > 2]
+            return found[0] if found else -1
+    """)
+    tests = "assert add(1, 2) == 3\nassert add(3, 4) == 7\n"
+    assert code.score_with_details(_fence(program), tests).format == "asserts"
+    assert code.score(_fence(program), tests) == 0.0
+    assert code.score(_fence("def add(a, b):\n    return a + b\n"), tests) == 1.0
 
 
 def test_truthiness_of_opaque_objects_is_not_trusted():

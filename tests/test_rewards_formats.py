@@ -72,14 +72,15 @@ def test_codecontests_mbpp_humaneval_pytest():
     assert (cc.kind, cc.format, cc.total) == ("stdio", "codecontests", 2)
     mbpp = parse_tests({"test_list": ["assert f(1) == 1", "assert f(2) == 4"], "test_setup_code": "",
                         "test_imports": ["import math"]})
-    assert (mbpp.kind, mbpp.format, mbpp.total) == ("code", "mbpp", 2)
+    assert (mbpp.kind, mbpp.format, mbpp.total) == ("values", "mbpp", 2)  # every test is `assert expr == literal`
+    assert [(expr, value) for _, expr, value in mbpp.cases] == [("f(1)", 1), ("f(2)", 4)]
     he = parse_tests({"test": "def check(candidate):\n    assert candidate(1) == 1\n", "entry_point": "f"})
     assert (he.format, he.total) == ("humaneval", 1) and he.code.rstrip().endswith("check(f)")
     py = parse_tests("from solution import f\n\ndef test_a():\n    assert f(1) == 1\n\nclass TestB:\n"
                      "    def test_c(self):\n        assert f(2) == 2\n\ndef helper():\n    assert f(3) == 3\n")
     assert (py.format, py.test_functions) == ("pytest", ["test_a", "TestB.test_c"])
     plain = parse_tests("import math\nx = 2\nassert f(x) == 4\nfor i in range(3):\n    assert f(i) >= 0\n")
-    assert (plain.format, plain.test_statements) == ("asserts", [2, 3])
+    assert (plain.kind, plain.format, plain.test_statements) == ("code", "asserts", [2, 3])
     assert parse_tests(["assert f(1) == 1"], format="mbpp").total == 1  # test_list alone
     kodcode_row = {"question": "q", "test": "from solution import f\ndef test_a():\n    assert f(1) == 1\n"}
     assert parse_tests(kodcode_row).format == "pytest"
