@@ -97,7 +97,7 @@ def _run_calls(program: str, ts: TestSet, cfg: SandboxConfig) -> CodeResult:
 
 def _run_values(program: str, ts: TestSet, cfg: SandboxConfig) -> CodeResult:
     token = secrets.token_hex(16)
-    exprs = {i: expr for i, expr, _ in ts.cases}
+    exprs = {c.index: c.expr for c in ts.cases}
     steps = [{"eval": exprs[i], "id": i} if i in exprs else {"exec": ast.unparse(node)}
              for i, node in enumerate(ast.parse(ts.code).body)]
     run = run_program(VALUES_HARNESS, stdin=token + "\n", config=cfg,
@@ -105,9 +105,9 @@ def _run_values(program: str, ts: TestSet, cfg: SandboxConfig) -> CodeResult:
                              "tests.json": json.dumps({"steps": steps})})
     reports = _reports(run, token)
     passed = 0
-    for i, _, expected in ts.cases:
+    for case in ts.cases:
         try:
-            passed += bool(decode_value(reports[str(i)]) == expected)
+            passed += bool(decode_value(reports[str(case.index)]) == case.expected)
         except (KeyError, ValueError, TypeError):
             continue
     return _result(passed, ts, program, [run])

@@ -52,10 +52,17 @@ class CallCase:
 
 
 @dataclass(slots=True)
+class ValueCase:
+    index: int  # of the assert statement in the test code's top level
+    expr: str  # evaluated in the sandbox
+    expected: Any  # the literal, compared here
+
+
+@dataclass(slots=True)
 class TestSet:
     """What to run: `kind` "stdio" (cases), "call" (cases + fn_name), "code" (test code + test statements and
-    functions) or "values" (test code whose test statements are `assert <expression> == <literal>`: `cases`
-    holds (statement index, expression source, expected value))."""
+    functions) or "values" (test code whose test statements are `assert <expression> == <literal>`: one
+    `ValueCase` per statement)."""
 
     kind: str
     format: str
@@ -304,7 +311,7 @@ def _code_set(code: str, entry_point: str | None, fmt: str | None) -> TestSet:
     fmt = fmt or ("humaneval" if tc.calls_check else "pytest" if tc.test_functions and not tc.test_statements
                   else "asserts")
     if tc.value_asserts is not None:
-        cases = [(i, expr, value) for i, (expr, value) in tc.value_asserts.items()]
+        cases = [ValueCase(i, expr, value) for i, (expr, value) in tc.value_asserts.items()]
         return TestSet("values", fmt, cases, code=tc.code, test_statements=tc.test_statements)
     return TestSet("code", fmt, code=tc.code, test_statements=tc.test_statements, test_functions=tc.test_functions)
 

@@ -73,7 +73,7 @@ def test_codecontests_mbpp_humaneval_pytest():
     mbpp = parse_tests({"test_list": ["assert f(1) == 1", "assert f(2) == 4"], "test_setup_code": "",
                         "test_imports": ["import math"]})
     assert (mbpp.kind, mbpp.format, mbpp.total) == ("values", "mbpp", 2)  # every test is `assert expr == literal`
-    assert [(expr, value) for _, expr, value in mbpp.cases] == [("f(1)", 1), ("f(2)", 4)]
+    assert [(c.expr, c.expected) for c in mbpp.cases] == [("f(1)", 1), ("f(2)", 4)]
     he = parse_tests({"test": "def check(candidate):\n    assert candidate(1) == 1\n", "entry_point": "f"})
     assert (he.format, he.total) == ("humaneval", 1) and he.code.rstrip().endswith("check(f)")
     py = parse_tests("from solution import f\n\ndef test_a():\n    assert f(1) == 1\n\nclass TestB:\n"
