@@ -16,21 +16,22 @@ import argparse
 import shlex
 
 DEMO_TASK = dict(num_vars=[8, 12], hops=2, filler=[20, 80], seed=1)  # the CPU demo's task (`sparrow demo`)
-SWEEP_TASK = dict(num_vars=[12, 24], hops=2, filler=[150, 500], seed=1)  # prompts of ~2K-12K tokens
+SWEEP_TASK = dict(num_vars=[12, 24], hops=2, filler=[100, 400], seed=1)  # prompts of ~1.3K-10K tokens
 
 PRETRAIN_PROFILES: dict[str, dict] = {
     "h200": dict(
         device="cuda",
-        spec=dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        spec=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                   intermediate_size=512, max_position_embeddings=16384),
-        buckets=[
-            dict(num_vars=[6, 12], filler=[0, 40]),  # ~100-400 tokens
-            dict(num_vars=[8, 16], filler=[20, 120]),  # ~0.5-1.5K
-            dict(num_vars=[12, 24], filler=[60, 300]),  # ~2-5K
-            dict(num_vars=[12, 24], filler=[150, 500]),  # ~2-12K (the sweep's lengths)
+        buckets=[  # word-level tokens: about one per word
+            dict(num_vars=[6, 16], filler=[0, 20], weight=3.0),  # ~30-400 tokens: where the lookup is learned
+            dict(num_vars=[8, 12], filler=[20, 80]),  # ~0.2-1K (the CPU demo's lengths)
+            dict(num_vars=[12, 24], filler=[100, 400]),  # ~1.3-10K (the sweep's lengths)
+            dict(num_vars=[16, 28], filler=[200, 500]),  # ~3-14K
         ],
+        hops=[1, 2, 3, 4],
         tokens_per_batch=131072,
-        minutes=4.0,
+        minutes=3.5,
         steps=20000,
         lr=1.5e-3,
         workers=10,
@@ -62,7 +63,8 @@ SWEEP_PROFILES: dict[str, dict] = {
         bin_tokens=2048,
         calib_prompts=32,
         calib_samples=4,
-        steps=60,
+        steps=40,
+        micro_batch_size=4,
         jobs=6,
         minutes=7.0,
         hardware="h200",

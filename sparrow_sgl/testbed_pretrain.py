@@ -5,6 +5,10 @@ Batches hold about `tokens_per_batch` tokens of one length bucket (many short pr
 drawn per example from `hops`; the loss is cross-entropy on the response tokens only (reference chain + EOS).
 Right padding with causal attention needs no mask (real tokens never see the pads), so attention runs its fused
 causal path. With `minutes` set, the LR decays over wall time (cosine to 10%) and training stops at that budget.
+The tokenizer is word-level (`build_chain_tokenizer`): every variable, number, filler word and symbol is one token
+and a variable is the same token wherever it occurs, so a lookup is a two-token associative recall (`x7 =` -> the
+token after it); with the byte-level BPE, `x7` splits into `x` + `7` and the response's first variable differs from
+the listing's (`x` vs ` x`), and a 6-layer model pretrained 4 minutes on an H200 learned the answer format only.
 Greedy accuracy is measured by teacher forcing: greedy decoding reproduces the reference exactly iff every
 reference token (EOS included) is the argmax given the reference prefix.
 """
@@ -39,7 +43,8 @@ class PretrainConfig:
     device: str = "cuda"
     seed: int = 0
     spec: dict = field(default_factory=dict)  # TinyModelSpec overrides
-    vocab: int = 512
+    vocab: int = 512  # byte-level BPE size (tokenizer "bpe"); the word-level one has its own ~190 tokens
+    tokenizer: str = "word"  # "word" (build_chain_tokenizer) or "bpe" (sparrow_sgl.tiny.build_tokenizer)
     buckets: list[Bucket] = field(default_factory=list)
     hops: list[int] = field(default_factory=lambda: [1, 2, 3])
     steps: int = 3000  # upper bound on optimizer steps
@@ -56,6 +61,28 @@ class PretrainConfig:
         self.buckets = [b if isinstance(b, Bucket) else Bucket(**b) for b in self.buckets]
         if not self.buckets or self.tokens_per_batch < 1 or self.steps < 1:
             raise ValueError("pretrain needs buckets, tokens_per_batch >= 1 and steps >= 1")
+
+
+def build_chain_tokenizer(max_vars: int = 64, max_number: int = 100):
+    """Word-level tokenizer of the chain task's text (whitespace split, Qwen3 special tokens and chat template);
+    decoding joins words with single spaces. Anything else maps to <unk>."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sparrow_sgl.rl.tasks import FILLER_WORDS
+    from sparrow_sgl.tiny import QWEN3_CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    words = ["user", "assistant", "system", "find", "=", ";", ".", *FILLER_WORDS]
+    words += [str(i) for i in range(max_number)] + [f"x{i}" for i in range(max_vars)]
+    vocab = {w: i for i, w in enumerate(["<unk>", *SPECIAL_TOKENS, *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ["<unk>", *SPECIAL_TOKENS]])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>", bos_token=None)
+    fast.chat_template = QWEN3_CHAT_TEMPLATE
+    return fast
 
 
 def build_tasks(cfg: PretrainConfig) -> list[list[ChainTask]]:
@@ -156,9 +183,13 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> d
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = [text for row in build_tasks(cfg) for task in row for text in task.corpus(8)]
-    tokenizer = build_tokenizer(cfg.vocab, corpus)
-    model = build_tiny_model(TinyModelSpec(**{**cfg.spec, "vocab_size": cfg.vocab, "seed": cfg.seed}), tokenizer)
+    if cfg.tokenizer == "word":
+        tokenizer = build_chain_tokenizer()
+    else:
+        corpus = [text for row in build_tasks(cfg) for task in row for text in task.corpus(8)]
+        tokenizer = build_tokenizer(cfg.vocab, corpus)
+    vocab = len(tokenizer) if cfg.tokenizer == "word" else cfg.vocab
+    model = build_tiny_model(TinyModelSpec(**{**cfg.spec, "vocab_size": vocab, "seed": cfg.seed}), tokenizer)
     device = torch.device(cfg.device)
     model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())

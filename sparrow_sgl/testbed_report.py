@@ -62,8 +62,9 @@ def target_of(name: str) -> float | None:
 def common_steps(runs: dict[str, dict]) -> tuple[int, int]:
     """Steps every run completed, and the last step at which every run was evaluated (runs stopped by a deadline
     end at different steps; the table compares them at these)."""
-    steps = min((len(r["metrics"]) for r in runs.values()), default=0)
-    evaluated = [{e["step"] for e in r["evals"]} for r in runs.values()]
+    ran = [r for r in runs.values() if r["metrics"]]  # a run that failed before its first step is reported apart
+    steps = min((len(r["metrics"]) for r in ran), default=0)
+    evaluated = [{e["step"] for e in r["evals"]} for r in ran]
     shared = set.intersection(*evaluated) if evaluated else set()
     return steps, max((s for s in shared if s <= steps), default=0)
 
@@ -111,6 +112,7 @@ def row_for(name: str, run: dict, dense: dict | None, speed: dict, steps: int, e
         "reward_vs_dense": final / dense_final if final is not None and dense_final else None,
         "greedy_acc_start": acc0,
         "greedy_acc_final": acc,
+        "completed": bool(run["summary"]),  # run_one writes summary.json last: absent = the run crashed
         "collapsed": bool(reasons),
         "collapse_reasons": reasons,
     }
@@ -123,6 +125,12 @@ def make_table(sweep_dir: Path) -> list[dict]:
     order = sorted(runs, key=lambda n: (n != "dense", target_of(n) or 0.0, "+" in n))
     steps, eval_step = common_steps(runs)
     return [row_for(n, runs[n], runs.get("dense"), speed, steps, eval_step) for n in order]
+
+
+def _verdict(row: dict) -> str:
+    if not row["completed"]:
+        return f"run failed after {row['steps_run']} steps (see its log)"
+    return "yes: " + "; ".join(row["collapse_reasons"]) if row["collapsed"] else "no"
 
 
 def _f(x, pattern: str = "{:.3f}") -> str:
@@ -142,7 +150,7 @@ def markdown(rows: list[dict]) -> str:
             f"{_f(r['tail_first_half'])} -> {_f(r['tail_second_half'])} | {_f(r['is_truncated_frac'], '{:.4f}')} | "
             f"{_f(r['rollout_speedup'], '{:.2f}x')} | {_f(r['reward_final'])} | {_f(r['reward_vs_dense'], '{:.2f}')} | "
             f"{_f(r['greedy_acc_start'])} -> {_f(r['greedy_acc_final'])} | "
-            f"{'yes: ' + '; '.join(r['collapse_reasons']) if r['collapsed'] else 'no'} |"
+            f"{_verdict(r)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -34,6 +34,7 @@ class SweepConfig:
     distill_target: float = 0.80
     budgets: list[int] = field(default_factory=list)  # calibration grid (tokens)
     page_size: int = 16
+    dense_layers: list[int] = field(default_factory=lambda: [0])  # 1 of 4 layers (the paper: 2 of 28-40)
     bin_tokens: int = 2048
     min_count: int = 20
     calib_prompts: int = 32
@@ -82,7 +83,8 @@ def calibrate_and_plan(cfg: SweepConfig, engine, progress: bool = True) -> dict[
     out = Path(cfg.out)
     prompts = task_prompts(engine, ChainTask(**cfg.task), CALIB_OFFSET, cfg.calib_prompts)
     sparsity = {"page_size": cfg.page_size, "sink_pages": engine.config.sink_pages,
-                "local_pages": engine.config.local_pages, "scorer": engine.config.scorer}
+                "local_pages": engine.config.local_pages, "scorer": engine.config.scorer,
+                "dense_layers": list(cfg.dense_layers)}
     table = calibrate(engine, prompts, cfg.budgets, samples=cfg.calib_samples, max_new_tokens=cfg.max_new_tokens,
                       seed=cfg.seed, bin_tokens=cfg.bin_tokens, noise_floor=True, sparsity=sparsity,
                       progress=progress)
@@ -155,11 +157,14 @@ def run_specs(cfg: SweepConfig, schedules: dict[str, str]) -> dict[str, dict]:
 
 def run_one(spec: dict) -> list[dict]:
     """One GRPO run with periodic dense-policy evaluations; writes metrics.jsonl, evals.jsonl, summary.json."""
+    import torch
+
     from sparrow_sgl.rl.config import TrainConfig
     from sparrow_sgl.rl.metrics import plot_run
     from sparrow_sgl.rl.tasks import ChainTask
     from sparrow_sgl.rl.trainer import Trainer
 
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg = TrainConfig.from_dict(spec["train"], where=f"testbed run {spec['name']}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def test_toy_pretrain_sweep_report(tmp_path):
 def test_collapse_rule():
     def run(rewards, accs):
         return {"metrics": [{"rollout/reward_mean": r} for r in rewards],
-                "evals": [{"step": s, "greedy_exact": a} for s, a in accs], "summary": {}}
+                "evals": [{"step": s, "greedy_exact": a} for s, a in accs], "summary": {"steps": len(rewards)}}
 
     dense = run([0.5] * 20, [(0, 0.5), (20, 0.6)])
     ok = row_for("tau-0.86", run([0.5] * 20, [(0, 0.5), (20, 0.55)]), dense, {}, 20, 20)

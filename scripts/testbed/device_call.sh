@@ -5,7 +5,8 @@
 set -u
 out=$1; minutes=$2; steps=$3; budget=$4; model=${5:-}
 start=$(date +%s)
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2 \
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers",
