@@ -172,7 +172,10 @@ def score_labeled(responses: Sequence[str], labels: Sequence[Any], workers: int 
                 on_done(1)
             return result
 
-        with ThreadPoolExecutor(max_workers=max(1, workers or 4), thread_name_prefix="code-reward") as ex:
-            for i, result in zip(code_idx, ex.map(one, code_idx)):
-                out[i] = result
+        if len(code_idx) == 1:  # OpenRLHF calls with one sample, from many threads: no executor per call
+            out[code_idx[0]] = one(code_idx[0])
+        else:
+            with ThreadPoolExecutor(max_workers=max(1, workers or 4), thread_name_prefix="code-reward") as ex:
+                for i, result in zip(code_idx, ex.map(one, code_idx)):
+                    out[i] = result
     return out  # type: ignore[return-value]
