@@ -64,7 +64,8 @@ def check_prompt(input_ids, text, vocab_size: int) -> None:
     for i, token in enumerate(input_ids):
         if not _is_int(token) or not 0 <= token < vocab_size:
             raise RequestError(
-                f"input_ids[{i}] = {_quote(token)} is not a token id of this model (integers in [0, {vocab_size}))"
+                f"prompt token {_quote(token)} at position {i} is not a token id of this model "
+                f"(integers in [0, {vocab_size}))"
             )
 
 
