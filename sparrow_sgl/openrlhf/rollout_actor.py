@@ -213,7 +213,9 @@ class SparrowRolloutActor:
         self._log("update_weight_cuda_ipc", name=name)
 
     async def _canary(self) -> dict | None:
-        if not self.sparrow.canary_tokens:
+        """Greedy canary, or None when off or while part of the engine sleeps (colocated runs sync weights-only:
+        the KV cache comes back only before the next rollout)."""
+        if not self.sparrow.canary_tokens or self.asleep:
             return None
         canary = await asyncio.to_thread(self.backend.canary, self.sparrow.canary_tokens)
         return canary.to_dict()

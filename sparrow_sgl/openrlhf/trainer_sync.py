@@ -75,9 +75,14 @@ def broadcast_to_engines(self) -> None:
     args = self.strategy.args
     model = self.actor.model.module
     params = list(model.parameters())
+    rank0 = dist.get_rank() == 0
+    resets = []
+    if rank0 and args.vllm.enable_prefix_caching:  # OpenRLHF's order: cache resets go out first (ppo_actor.py:410)
+        resets = [e.reset_prefix_cache.remote() for e in self.vllm_engines]
     with deepspeed.zero.GatheredParameters(params, enabled=args.ds.zero_stage == 3):
-        if dist.get_rank() == 0:
+        if rank0:
             push(model, self.vllm_engines, self._model_update_group, sparrow, flush=True)
+    wait(resets, sparrow.sync_timeout, "prefix-cache reset")
     torch_dist_barrier_and_cuda_sync()
 
 
