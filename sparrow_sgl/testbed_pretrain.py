@@ -45,6 +45,7 @@ class PretrainConfig:
     spec: dict = field(default_factory=dict)  # TinyModelSpec overrides
     vocab: int = 512  # byte-level BPE size (tokenizer "bpe"); the word-level one has its own ~190 tokens
     tokenizer: str = "word"  # "word" (build_chain_tokenizer) or "bpe" (sparrow_sgl.tiny.build_tokenizer)
+    init: str | None = None  # continue from this model directory (its tokenizer too) instead of a random model
     buckets: list[Bucket] = field(default_factory=list)
     hops: list[int] = field(default_factory=lambda: [1, 2, 3])
     steps: int = 3000  # upper bound on optimizer steps
@@ -183,13 +184,19 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> d
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.tokenizer == "word":
+    if cfg.init:
+        from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.init)
+        model = Qwen3ForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
+    elif cfg.tokenizer == "word":
         tokenizer = build_chain_tokenizer()
     else:
         corpus = [text for row in build_tasks(cfg) for task in row for text in task.corpus(8)]
         tokenizer = build_tokenizer(cfg.vocab, corpus)
-    vocab = len(tokenizer) if cfg.tokenizer == "word" else cfg.vocab
-    model = build_tiny_model(TinyModelSpec(**{**cfg.spec, "vocab_size": vocab, "seed": cfg.seed}), tokenizer)
+    if not cfg.init:
+        vocab = len(tokenizer) if cfg.tokenizer == "word" else cfg.vocab
+        model = build_tiny_model(TinyModelSpec(**{**cfg.spec, "vocab_size": vocab, "seed": cfg.seed}), tokenizer)
     device = torch.device(cfg.device)
     model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
