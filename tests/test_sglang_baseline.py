@@ -2,7 +2,8 @@
 
 The baseline must equal transformers (so does the sparrow backend with a dense schedule, test_sglang_server.py), so
 engine-vs-trainer drift is never mistaken for sparsity-induced mismatch. A weight reload must flush the prefix cache:
-the canary right after it reflects the new weights even though its prompt was cached before.
+the canary right after it reflects the new weights even though its prompt was cached before. A dense server refuses
+a sparse per-request schedule, and the inputs that crash SGLang's own stock backend (issue 15) get a 400.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 pytest.importorskip("sglang")
 
 from sparrow_sgl.engine import SamplingParams  # noqa: E402
-from sparrow_sgl.sglang.client import CANARY_PROMPT, SGLangRolloutClient  # noqa: E402
+from sparrow_sgl.sglang.client import CANARY_PROMPT, SGLangError, SGLangRolloutClient  # noqa: E402
 from sparrow_sgl.sglang.serve import ServerSpec, start  # noqa: E402
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -74,3 +75,17 @@ def test_weight_reload_flushes_the_cache_and_the_canary_follows(client, models):
     back = client.update_weights_from_disk(str(models[0]))
     assert back.token_ids == base.token_ids
     torch.testing.assert_close(torch.tensor(back.logprobs), torch.tensor(base.logprobs), atol=1e-6, rtol=0)
+
+
+def test_dense_server_refuses_sparse_schedules_and_survives_sglang_crashing_inputs(client):
+    with pytest.raises(SGLangError) as err:
+        client.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2), schedule="fixed:64")
+    assert err.value.status == 400 and "decodes densely" in str(err.value)
+    (r,) = client.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2, ignore_eos=True), schedule="dense")
+    assert len(r.token_ids) == 2
+    # without the plugin's check these kill the stock backend's scheduler (logits processor / embedding IndexError)
+    for prompt in ({"text": ""}, {"input_ids": [1, 2, 99999]}, {"input_ids": [1, -5]}):
+        with pytest.raises(SGLangError) as err:
+            client.post("/generate", {**prompt, "sampling_params": {"max_new_tokens": 2}})
+        assert err.value.status == 400
+    assert len(client.canary().token_ids) == 16

@@ -90,7 +90,10 @@ class ServerSpec:
         args += ["--host", self.host, "--port", str(self.port), "--device", self.device, "--dtype", self.dtype]
         args += ["--attention-backend", self.backend(), "--page-size", "16"]
         if self.device == "cpu":  # the generic device path (see cpu_support.py), a small static pool
-            args += ["--mem-fraction-static", "0.1", "--max-total-tokens", str(self.kv_tokens or 16384)]
+            # --max-total-tokens sizes the pool; the fraction is only SGLang's start-up check that free host memory
+            # did not drop by more than it while the weights loaded, which other processes on a shared host can
+            # make fail at 0.1 ("Loaded weights leave no GPU memory for the KV cache")
+            args += ["--mem-fraction-static", "0.3", "--max-total-tokens", str(self.kv_tokens or 16384)]
         else:
             if self.kv_tokens:
                 args += ["--max-total-tokens", str(self.kv_tokens)]
