@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.sglang, pytest.mark.timeout(900)]
 VOCAB = 512  # TinyModelSpec's vocabulary
 SPARSE = "fixed:64"
 REQUEST_TIMEOUT_S = 180.0  # one request on a loaded 2-core machine; a hang fails the test instead of blocking it
-SERVER_PATH = re.compile(r'File "|\.py\b|line \d+|/site-packages/|Traceback')
+SERVER_PATH = re.compile(r'File "|\.(?:py|pyx|cc|cpp|cu|h|hpp|c|rs)\b|line \d+|/site-packages/|Traceback|\[\d\d:\d\d:')
 
 OK_BODY = {"input_ids": [5, 6, 7, 8], "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}}
 CHAT = [{"role": "user", "content": "hi"}]
@@ -77,6 +77,8 @@ BAD_REQUESTS = [
     ("n-zero", "/generate", _gen({"text": "hi"}, n=0), "n (OpenAI: n)"),
     ("stop-id-bad", "/generate", _gen({"text": "hi"}, min_new_tokens=1, stop_token_ids=[99999]), "stop_token_ids"),
     ("sampling-params-str", "/generate", {"text": "hi", "sampling_params": "x"}, "sampling_params"),
+    ("regex-bad", "/generate", _gen({"text": "hi"}, regex="(("), "Regex parsing error"),
+    ("completions-regex-bad", "/v1/completions", {"model": "m", "prompt": "hi", "regex": "(("}, "Regex parsing error"),
     ("schedule-file", "/generate", _schedule("/etc/passwd"), "files only on the server's command line"),
     ("schedule-negative", "/generate", _schedule("fixed:-5"), "negative"),
     ("schedule-off-grid", "/generate", _schedule("fixed:65"), "64 or 80 tokens"),
@@ -129,6 +131,15 @@ def test_sparse_server_is_told_by_the_decode_backend():
     assert not validation.is_sparse_server(SimpleNamespace(**args))
     assert validation.is_sparse_server(SimpleNamespace(**{**args, "attention_backend": "sparrow"}))
     assert validation.is_sparse_server(SimpleNamespace(**{**args, "decode_attention_backend": "sparrow"}))
+
+
+def test_public_messages_lose_server_source_locations():
+    xgrammar = "Failed to compile regex grammar: [22:15:41] /project/cpp/regex_converter.cc:83: Regex parsing error\n"
+    assert validation.public_message(xgrammar) == "Failed to compile regex grammar: Regex parsing error"
+    fastapi = '1 validation error:\n  {x}\n\n  File "/srv/sglang/http_server.py", line 12, in openai_v1_completions'
+    assert validation.public_message(fastapi) == "1 validation error: {x}"
+    plain = "max_new_tokens must be at least 0, got -1."
+    assert validation.public_message(plain) == plain
 
 
 def test_messages_are_one_line():

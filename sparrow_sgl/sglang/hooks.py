@@ -26,6 +26,7 @@ CLI_FLAG = "--sparrow-schedule"
 
 TOKENIZER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 OPENAI = "sglang.srt.entrypoints.openai"
+HTTP = "sglang.srt.entrypoints.http_server"
 
 
 def install() -> None:
@@ -43,7 +44,10 @@ def install() -> None:
 
 
 def _install_http_hooks(registry, hook_type) -> None:
-    registry.register("sglang.srt.entrypoints.http_server.launch_server", _before_launch, hook_type.BEFORE)
+    registry.register(f"{HTTP}.launch_server", _before_launch, hook_type.BEFORE)
+    registry.register(f"{HTTP}._create_error_response", validation.clean_error, hook_type.BEFORE)
+    base = f"{OPENAI}.serving_base.OpenAIServingBase"
+    registry.register(f"{base}.create_error_response", validation.clean_openai_error, hook_type.BEFORE)
     for cls, build, stream in (
         ("serving_completions.OpenAIServingCompletion", "_build_completion_response", "_generate_completion_stream"),
         ("serving_chat.OpenAIServingChat", "_build_chat_response", "_generate_chat_stream"),

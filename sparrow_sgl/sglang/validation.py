@@ -12,8 +12,9 @@ token ids, n > 1), `/v1/completions`, `/v1/chat/completions` and the Python `Eng
 answered with a 400 carrying its message by every route. SGLang's own checks (negative or over-context
 `max_new_tokens`, types of `/generate` fields) stay in place; these add what it lets through.
 
-`validation_error_response` replaces SGLang's handler for FastAPI's request-validation errors (OpenAI routes), whose
-message embeds the server's source file and line (`File ".../http_server.py", line N`) over several lines.
+`install_error_handler` replaces SGLang's handler for FastAPI's request-validation errors (OpenAI routes), whose
+message embeds the server's source file and line (`File ".../http_server.py", line N`) over several lines;
+`clean_error` / `clean_openai_error` strip source locations from the other 400s (e.g. xgrammar's C++ file and line).
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from sparrow_sgl.config import ConfigError
 from sparrow_sgl.sglang.request_state import SCHEDULE_KEY, parse_schedule, request_schedule
 
 BACKEND_NAME = "sparrow"
+SOURCE_LOCATION = re.compile(  # a log timestamp, a Python traceback line, a source file path with its line numbers
+    r"\[\d\d:\d\d:\d\d\]\s*"
+    r'|File "[^"]*", line \d+(?:, in [\w<>.]+)?'
+    r"|(?:/[\w.+-]+)+\.(?:pyx|py|cpp|cc|cu|hpp|h|c|rs)\b(?::\d+)*:?"
+)
 JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "an array"}
 
 
@@ -32,6 +38,12 @@ class RequestError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(one_line(message))
+
+
+def public_message(message) -> str:
+    """An error message as a client should see it: one line, no server source locations (paths, line numbers, log
+    timestamps), e.g. xgrammar's "[22:15:41] /project/cpp/regex_converter.cc:83: Regex parsing error ..."."""
+    return one_line(re.sub(r" {2,}", " ", SOURCE_LOCATION.sub("", str(message))))
 
 
 def one_line(message: str, limit: int = 1000) -> str:
@@ -117,6 +129,19 @@ def is_sparse_server(server_args) -> bool:
     from sglang.srt.arg_groups.model_override_base import attention_backends_of
 
     return BACKEND_NAME in attention_backends_of(server_args)
+
+
+def clean_error(error, *args, **kwargs):
+    """BEFORE hook of SGLang's `http_server._create_error_response(e)`: the same error with a public message."""
+    cleaned = ValueError(public_message(error))
+    if hasattr(error, "status_code"):
+        cleaned.status_code = error.status_code
+    return (cleaned, *args), kwargs
+
+
+def clean_openai_error(serving, message, *args, **kwargs):
+    """BEFORE hook of `OpenAIServingBase.create_error_response(message, ...)`."""
+    return (serving, public_message(message), *args), kwargs
 
 
 def install_error_handler(app) -> None:
