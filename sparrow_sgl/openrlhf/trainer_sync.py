@@ -20,7 +20,7 @@ from sparrow_sgl.openrlhf.weight_sync import (
     GROUP_NAME,
     SyncError,
     TensorSpec,
-    broadcast,
+    broadcast_watching,
     default_backend,
     hf_named_tensors,
     init_group,
@@ -92,7 +92,7 @@ def push(model: torch.nn.Module, engines: list, group, sparrow, flush: bool = Tr
     named = list(hf_named_tensors(model))
     specs = [TensorSpec.of(n, t).__dict__ for n, t in named]
     refs = [e.update_weights.remote(specs, GROUP_NAME, flush) for e in engines]
-    broadcast(group, (t for _, t in named), sparrow.sync_timeout, "weight sync")
+    broadcast_watching(group, [t for _, t in named], refs, sparrow.sync_timeout, "weight sync")
     canaries = wait(refs, sparrow.sync_timeout, "weight sync")
     record = {"tensors": len(named), "seconds": round(time.perf_counter() - start, 3), "canary_max_abs_diff": None}
     diffs = [canary_diff(model, c) for c in canaries if c is not None]

@@ -92,6 +92,39 @@ def receive(group, specs: list[TensorSpec], device) -> list[tuple[str, torch.Ten
     return out
 
 
+def broadcast_watching(group, tensors: list[torch.Tensor], refs: list, timeout_s: float, what: str) -> None:
+    """`broadcast` in a worker thread while watching the engines' calls: an engine that fails (it refused the
+    update, its server died) stops the sync at once instead of leaving rank 0 blocked until the group timeout."""
+    import threading
+
+    import ray
+
+    error: list[BaseException] = []
+
+    def send():
+        try:
+            broadcast(group, tensors, timeout_s, what)
+        except BaseException as e:  # noqa: BLE001 (handed to the caller)
+            error.append(e)
+
+    sender = threading.Thread(target=send, name="sparrow-weight-broadcast", daemon=True)
+    sender.start()
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while sender.is_alive():
+        if time.monotonic() > deadline:
+            raise SyncError(f"{what}: the broadcast did not finish within {timeout_s:.0f} s (--sparrow.sync_timeout)")
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5) if pending else ([], [])
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise SyncError(f"{what}: an engine failed during the broadcast: {e}") from e
+        sender.join(0.0 if pending else 0.5)
+    if error:
+        raise error[0]
+
+
 def wait(refs: list, timeout_s: float, what: str) -> list:
     """ray.get with a deadline: a sync call that does not answer in time is an error, never a hang."""
     import ray
