@@ -71,7 +71,9 @@ BAD_REQUESTS = [
     ("custom-params-str", "/generate", _gen({"text": "hi"}, custom_params="x"), "must be a JSON object"),
     ("max-new-negative", "/generate", _gen({"text": "hi"}, max_new_tokens=-1), "max_new_tokens"),
     ("max-new-absurd", "/generate", _gen({"text": "hi"}, max_new_tokens=10**9), "context length"),
-    ("max-new-float", "/generate", _gen({"text": "hi"}, max_new_tokens=2.5), "expected i64"),
+    ("max-new-float", "/generate", _gen({"text": "hi"}, max_new_tokens=2.5), "sampling_params.max_new_tokens: "),
+    ("temperature-str", "/generate", _gen({"text": "hi"}, temperature="hot"), "sampling_params.temperature: "),
+    ("stream-str", "/generate", {**_gen({"text": "hi"}), "stream": "yes"}, "stream: invalid type"),
     ("top-logprobs-negative", "/generate", {**_gen({"text": "hi"}), **_logprobs(-1)}, "got -1"),
     ("top-logprobs-huge", "/generate", {**_gen({"text": "hi"}), **_logprobs(10**5)}, "[0, 512]"),
     ("n-zero", "/generate", _gen({"text": "hi"}, n=0), "n (OpenAI: n)"),
@@ -140,6 +142,13 @@ def test_public_messages_lose_server_source_locations():
     assert validation.public_message(fastapi) == "1 validation error: {x}"
     plain = "max_new_tokens must be at least 0, got -1."
     assert validation.public_message(plain) == plain
+
+
+def test_schema_errors_name_their_field():
+    body = {"text": "hi", "sampling_params": {"max_new_tokens": 2, "temperature": "hot"}}
+    named = validation.name_contract_field('invalid type: string "hot", expected f64', body)
+    assert named == 'sampling_params.temperature: invalid type: string "hot", expected f64'
+    assert validation.name_contract_field(None, body) is None
 
 
 def test_messages_are_one_line():

@@ -46,6 +46,8 @@ def install() -> None:
 def _install_http_hooks(registry, hook_type) -> None:
     registry.register(f"{HTTP}.launch_server", _before_launch, hook_type.BEFORE)
     registry.register(f"{HTTP}._create_error_response", validation.clean_error, hook_type.BEFORE)
+    contract = "sglang.srt.entrypoints.api_contract.generate_contract_error"
+    registry.register(contract, validation.name_contract_field, hook_type.AFTER)
     base = f"{OPENAI}.serving_base.OpenAIServingBase"
     registry.register(f"{base}.create_error_response", validation.clean_openai_error, hook_type.BEFORE)
     for cls, build, stream in (

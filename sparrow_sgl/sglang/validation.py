@@ -144,6 +144,28 @@ def clean_openai_error(serving, message, *args, **kwargs):
     return (serving, public_message(message), *args), kwargs
 
 
+def name_contract_field(error, body, *args, **kwargs):
+    """AFTER hook of SGLang's `/generate` schema check `generate_contract_error(body)`, whose message does not say
+    which field it refuses ("invalid type: string "hot", expected f64"): the first field refused alone is named."""
+    if error is None or not isinstance(body, dict):
+        return error
+    from sglang.api.v1.api_types import GenerateRequest, JsonContractError
+
+    def refused(part: dict) -> bool:
+        try:
+            GenerateRequest.from_json_value(part)
+        except JsonContractError:
+            return True
+        return False
+
+    for key, value in body.items():
+        inner = value.items() if key == "sampling_params" and isinstance(value, dict) else ()
+        field = next((f"{key}.{k}" for k, v in inner if refused({key: {k: v}})), None)
+        if field or refused({key: value}):
+            return f"{field or key}: {error}"
+    return error
+
+
 def install_error_handler(app) -> None:
     """Answer FastAPI request-validation errors (OpenAI routes) with a one-line 400 naming each bad field; SGLang's
     handler stays for the routes whose error shape it owns (Anthropic `/v1/messages`, `/v1/systemone`)."""
