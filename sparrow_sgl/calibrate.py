@@ -331,31 +331,61 @@ def _acceptance(engine, rollouts, schedule, mode: str, topk: int):
 
 # -- plot ---------------------------------------------------------------------------------------------------------
 def plot_table(table: CalibrationTable, path: str | os.PathLike, tau: float | None = None) -> Path:
-    """PNG: tail vs position (bin middle), one line per budget, tau as a horizontal line, noise floor dashed."""
+    """PNG of the table with tau as a horizontal line and the legend beside the axes (never over the lines).
+
+    Several populated bins: tail vs position (bin middle), one line per budget, noise floor dashed. One or two
+    populated bins (short responses): tail vs budget, one line per bin, each bin's noise floor dotted.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tau = table.tau if tau is None else tau
-    fig, ax = plt.subplots(figsize=(8, 5))
-    cmap = plt.get_cmap("viridis")
-    budgets = table.budget_values()
-    for i, budget in enumerate(budgets):
-        _plot_line(ax, table.stats(budget), f"{budget} tok", color=cmap(i / max(1, len(budgets) - 1)))
-    if table.has(None):
-        _plot_line(ax, table.stats(None), "dense (noise floor)", color="black", linestyle="--")
-    ax.axhline(tau, color="red", linewidth=1, label=f"tau = {tau:g}")
-    ax.set_xlabel("position (tokens)")
+    fig, ax = plt.subplots(figsize=(9, 5))
+    populated = _populated_bins(table)
+    if len(populated) <= 2 and table.budget_values():
+        _plot_by_budget(ax, table, populated)
+    else:
+        _plot_by_position(ax, table, plt.get_cmap("viridis"))
+    ax.axhline(tau, color="red", linewidth=1.2, label=f"tau = {tau:g}")
     ax.set_ylabel(f"{100 * table.quantile:g}th percentile of acceptance rate")
     ax.set_title(f"{Path(table.model).name or 'model'}: tail per {table.bin_tokens}-token bin ({table.mode} mode)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _populated_bins(table: CalibrationTable) -> list[int]:
+    return sorted({i for key in table.budgets for i, s in enumerate(table.budgets[key]) if s.tail is not None})
+
+
+def _plot_by_position(ax, table: CalibrationTable, cmap) -> None:
+    budgets = table.budget_values()
+    for i, budget in enumerate(budgets):
+        _plot_line(ax, table.stats(budget), f"{budget} tok", color=cmap(i / max(1, len(budgets) - 1)))
+    if table.has(None):
+        _plot_line(ax, table.stats(None), "dense (noise floor)", color="black", linestyle="--")
+    ax.set_xlabel("position (tokens, bin middle)")
+
+
+def _plot_by_budget(ax, table: CalibrationTable, bins: list[int]) -> None:
+    budgets = table.budget_values()
+    for n, i in enumerate(bins):
+        color = f"C{n}"
+        span = f"tokens {i * table.bin_tokens}-{(i + 1) * table.bin_tokens}"
+        xs = [b for b in budgets if table.tail(b, i) is not None]
+        ax.plot(xs, [table.tail(b, i) for b in xs], marker="o", color=color, label=span)
+        floor = table.tail(None, i)
+        if floor is not None:
+            ax.axhline(floor, color=color, linestyle=":", linewidth=1, label=f"dense noise floor, {span}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("KV budget (tokens per request and KV head)")
 
 
 def _plot_line(ax, stats: list[BinStat], label: str, **style) -> None:

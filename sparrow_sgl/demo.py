@@ -387,13 +387,15 @@ class Demo:
             "live tail (min over GRPO)",
             "dense noise floor",
             ">= tau",
+            "what happened",
         ):
             t.add_column(col)
         bins = []
+        events = trainer.guard.events if trainer.guard is not None else None
         for d in plan.bins:
             lt = live.get(d.bin)
             fl = floor[d.bin].tail if d.bin < len(floor) else None
-            ok = all(x is None or x >= tau for x in (d.tail, lt))
+            verdict, note = bin_verdict(d, lt, tau, events)
             row = {
                 "bin": d.bin,
                 "start": d.start,
@@ -403,7 +405,9 @@ class Demo:
                 "live_tail_min": lt,
                 "noise_floor": fl,
                 "status": d.status,
-                "ok": ok,
+                "ok": verdict != "NO",
+                "verdict": verdict,
+                "note": note,
             }
             bins.append(row)
             t.add_row(
@@ -412,7 +416,8 @@ class Demo:
                 _fmt(d.tail),
                 _fmt(lt),
                 _fmt(fl),
-                ("yes" if ok else "NO") + ("" if d.status == "ok" else f" ({d.status})"),
+                verdict,
+                note,
             )
         self.console.print(t)
         last = records[-1] if records else {}
@@ -431,7 +436,7 @@ class Demo:
         )
         speed.add_row(
             "measured rollout speedup (this machine, sparse vs dense tokens/s)",
-            _fmt(last.get("sparse/speedup_measured"), "{:.2f}x"),
+            measured_speedup_text(last.get("sparse/speedup_measured"), self.args.device),
         )
         speed.add_row(
             "attended KV per sparse step / context",
@@ -463,6 +468,40 @@ class Demo:
         )
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=1, default=str) + "\n")
         self.console.print(f"wrote {self.out}/summary.json, calibration.png, grpo/plots/*.png")
+
+
+def bin_verdict(decision, live_tail: float | None, tau: float, events) -> tuple[str, str]:
+    """(yes | NO | no data, one sentence on why and what TailGuard did) for one bin of the summary table.
+    `events`: the TailGuard's budget changes (None when it was off)."""
+    if decision.tail is None and live_tail is None:
+        borrowed = decision.status == "missing" and decision.budget is not None
+        return "no data", "no response reached this bin" + (", budget from a measured neighbour" if borrowed else "")
+    if decision.status == "unsatisfiable":
+        return "NO", "no calibrated budget reached tau here: planned dense"
+    if all(x is None or x >= tau for x in (decision.tail, live_tail)):
+        return "yes", "raised to keep budgets growing with position" if decision.status == "raised" else ""
+    low = f"live tail dipped to {live_tail:.2f} < tau" if live_tail is not None and live_tail < tau else (
+        f"calibrated tail {decision.tail:.2f} < tau")
+    if events is None:
+        return "NO", f"{low}; TailGuard off (--tailguard turns it on), budget kept"
+    raises = [e for e in events if e.bin == decision.bin and e.reason == "raise"]
+    if not raises:
+        return "NO", f"{low}; TailGuard made no change (no larger budget on its grid)"
+    moves = ", ".join(f"{_tokens(e.old)} -> {_tokens(e.new)} at step {e.step}" for e in raises)
+    return "NO", f"{low}; TailGuard raised the budget {moves} (later steps decode with more KV)"
+
+
+def _tokens(budget: int | None) -> str:
+    return "dense" if budget is None else f"{budget} tok"
+
+
+def measured_speedup_text(speedup: float | None, device: str) -> str:
+    if speedup is None:
+        return "-"
+    if device.startswith("cuda"):
+        return f"{speedup:.2f}x"
+    return (f"{speedup:.2f}x: not meaningful on CPU (a tiny model's decode time is per-step overhead and timing "
+            "noise, not KV reads; see the prediction above)")
 
 
 def _live_tails(records: list[dict]) -> dict[int, float]:

@@ -45,3 +45,37 @@ def test_demo_refuses_cuda_without_a_gpu(tmp_path, capsys):
         return
     assert main(["demo", "--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_summary_verdicts_explain_each_bin():
+    from sparrow_sgl.demo import bin_verdict, measured_speedup_text
+    from sparrow_sgl.plan import BinDecision
+    from sparrow_sgl.tailguard import GuardEvent
+
+    missing = BinDecision(0, 0, 128, 16, None, 0, "missing")
+    assert bin_verdict(missing, None, 0.86, []) == (
+        "no data", "no response reached this bin, budget from a measured neighbour")
+    fine = BinDecision(1, 128, 256, 16, 0.95, 40, "ok")
+    assert bin_verdict(fine, 0.93, 0.86, [])[0] == "yes"
+    dipped = BinDecision(2, 256, 384, 16, 0.95, 40, "ok")
+    raised = [GuardEvent(step=1, bin=2, old=16, new=32, tail=0.78, reason="raise")]
+    verdict, note = bin_verdict(dipped, 0.78, 0.86, raised)
+    assert verdict == "NO" and "dipped to 0.78 < tau" in note and "raised the budget 16 tok -> 32 tok at step 1" in note
+    assert "TailGuard off" in bin_verdict(dipped, 0.78, 0.86, None)[1]
+    assert "not meaningful on CPU" in measured_speedup_text(8.72, "cpu")
+    assert measured_speedup_text(2.1, "cuda") == "2.10x"
+
+
+def test_plots_read_well_with_one_populated_bin(tmp_path):
+    from sparrow_sgl.calibrate import CalibrationTable, plot_table
+    from sparrow_sgl.mismatch import BinStat
+    from sparrow_sgl.rl.metrics import bin_label, plot_run
+
+    one_bin = {str(b): [BinStat(0, 128, 40, t, 0.99)] for b, t in ((16, 0.9), (32, 0.95), (64, 0.97))}
+    table = CalibrationTable(bin_tokens=128, budgets={**one_bin, "dense": [BinStat(0, 128, 40, 1.0, 1.0)]})
+    assert plot_table(table, tmp_path / "calib.png").stat().st_size > 0
+    assert bin_label(1, 2048) == "tokens 2048-4096" and bin_label(1, None) == "bin 1"
+    records = [{"step": s, "rollout/reward_mean": 0.1 * s, "sparse/tail_p5/bin_1": 0.9, "timing/step": 1.0}
+               for s in (1, 2, 3)]
+    paths = plot_run(records, tmp_path / "plots", tau=0.86, bin_tokens=2048)
+    assert [p.name for p in paths] == ["reward.png", "tails.png", "timing.png"]

@@ -152,8 +152,11 @@ def _plain(v):
     return v
 
 
-def plot_run(records: list[dict], out_dir: str | os.PathLike, tau: float | None = None) -> list[Path]:
-    """reward.png (reward vs step), tails.png (per-bin tail vs step, tau drawn), timing.png; returns the paths."""
+def plot_run(
+    records: list[dict], out_dir: str | os.PathLike, tau: float | None = None, bin_tokens: int | None = None
+) -> list[Path]:
+    """reward.png (reward vs step), tails.png (per-bin tail vs step, tau drawn; bins labelled by their token range
+    when `bin_tokens` is given), timing.png (seconds per phase vs step); returns the paths."""
     if not records:
         return []
     import matplotlib
@@ -164,48 +167,56 @@ def plot_run(records: list[dict], out_dir: str | os.PathLike, tau: float | None 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = [r["step"] for r in records]
-    paths = []
 
     def series(key):
         return [r.get(key) if r.get(key) is not None else float("nan") for r in records]
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, series("rollout/reward_mean"), marker="o", label="reward (mean)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    paths.append(_save(fig, out_dir / "reward.png"))
+    fig, ax = _step_axes(plt, "GRPO: mean reward of each step's rollouts", "reward (0-1)")
+    ax.plot(steps, series("rollout/reward_mean"), marker="o", label="reward (mean over the step's rollouts)")
+    paths = [_save(fig, ax, out_dir / "reward.png")]
 
     tail_keys = sorted(
         {k for r in records for k in r if k.startswith("sparse/tail_p5/bin_")}, key=lambda k: int(k.rsplit("_", 1)[1])
     )
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _step_axes(plt, "GRPO: live tail per position bin (5th percentile of acceptance rate)",
+                         "5th-percentile acceptance rate")
     for key in tail_keys:
-        ax.plot(steps, series(key), marker=".", label=key.rsplit("/", 1)[1])
+        ax.plot(steps, series(key), marker=".", label=bin_label(int(key.rsplit("_", 1)[1]), bin_tokens))
     if tau is not None:
-        ax.axhline(tau, color="red", linestyle="--", label=f"tau = {tau}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("5th-percentile acceptance rate")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out_dir / "tails.png"))
+        ax.axhline(tau, color="red", linestyle="--", label=f"tau = {tau:g}")
+    paths.append(_save(fig, ax, out_dir / "tails.png"))
 
     timing_keys = sorted({k for r in records for k in r if k.startswith("timing/")})
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _step_axes(plt, "GRPO: time per step, by phase", "seconds")
     for key in timing_keys:
-        ax.plot(steps, series(key), marker=".", label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("seconds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out_dir / "timing.png"))
+        name = key.removeprefix("timing/")
+        ax.plot(steps, series(key), marker=".", label="whole step" if name == "step" else name)
+    paths.append(_save(fig, ax, out_dir / "timing.png"))
     return paths
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+def bin_label(index: int, bin_tokens: int | None) -> str:
+    """`tokens 2048-4096` (or `bin 1` when the width is unknown)."""
+    if not bin_tokens:
+        return f"bin {index}"
+    return f"tokens {index * bin_tokens}-{(index + 1) * bin_tokens}"
+
+
+def _step_axes(plt, title: str, ylabel: str):
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _save(fig, ax, path: Path) -> Path:
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -235,7 +235,7 @@ class Trainer:
         if records and not (self.cfg.save_every and self.step % self.cfg.save_every == 0):
             self.save()
         if self.cfg.plot:
-            plot_run(self.log.records(), self.out_dir / "plots", tau=self.cfg.tau)
+            plot_run(self.log.records(), self.out_dir / "plots", tau=self.cfg.tau, bin_tokens=self.cfg.bin_tokens)
         return records
 
     def train_step(self) -> dict:
