@@ -42,6 +42,7 @@ class DemoProfile:
     hardware: str = "cpu"
     micro_batch_size: int = 8
     tokenizer_vocab: int = 512
+    pretrained: bool = False  # start from the committed checkpoint (DEMO_MODEL) instead of build + warm-up
     extra: dict = field(default_factory=dict)
 
 
@@ -108,6 +109,27 @@ PROFILES = {
         warmup_pool=4096,
     ),
 }
+PROFILES["pretrained"] = DemoProfile(  # the CPU default: GRPO from the testbed's pretrained checkpoint
+    spec={},
+    task=dict(num_vars=[5, 8], hops=1, filler=[0, 4]),  # ~30-70-token prompts: the lengths it learned best
+    warmup_task=dict(num_vars=[5, 8], hops=1, filler=[0, 4]),
+    warmup_steps=0,
+    warmup_batch=0,
+    page_size=4,
+    bin_tokens=32,
+    budgets=[12, 16, 24, 32, 48],
+    grpo_steps=20,
+    prompts_per_step=4,
+    group_size=8,
+    max_new_tokens=8,
+    eval_prompts=16,
+    eval_samples=4,
+    lr=1e-4,
+    min_count=10,
+    micro_batch_size=16,
+    pretrained=True,
+)
+DEMO_MODEL = Path(__file__).parent / "data" / "demo_model"  # `sparrow testbed pretrain`: see its PROVENANCE.md
 EVAL_OFFSET = 2_000_000_000  # task indices of evaluation prompts (never reached by the training cursor)
 CALIB_OFFSET = 1_500_000_000
 
@@ -126,6 +148,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="let the TailGuard raise a bin's budget when its live tail dips below tau during GRPO (default: on)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="CPU: build a random tiny model and warm it up (the old demo) instead of starting from the committed "
+        "pretrained checkpoint",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -134,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console()
-    profile = PROFILES["quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")]
+    cpu = "cpu" if getattr(args, "from_scratch", False) else "pretrained"
+    profile = PROFILES["quick" if args.quick else ("cuda" if args.device.startswith("cuda") else cpu)]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         console.print("[red]sparrow demo: --device cuda but no CUDA device is available[/red]")
         return 2
@@ -218,6 +247,8 @@ class Demo:
 
         p = self.p
         model_dir = self.out / "model"
+        if p.pretrained:
+            return self.copy_pretrained(model_dir)
         corpus = self.task.corpus(32) + self.warmup_task.corpus(64)
         spec = TinyModelSpec(**{**p.spec, "vocab_size": p.tokenizer_vocab, "seed": self.args.seed})
         save_tiny_model(model_dir, spec, extra_text=corpus)
@@ -250,6 +281,19 @@ class Demo:
             "accuracy_task": acc_long,
             "params": n_params,
         }
+        return model_dir
+
+    def copy_pretrained(self, model_dir: Path) -> Path:
+        """The committed checkpoint, copied (GRPO checkpoints and plans then never touch the package's copy)."""
+        import shutil
+
+        shutil.copytree(DEMO_MODEL, model_dir, dirs_exist_ok=True)
+        info = json.loads((DEMO_MODEL / "pretrain.json").read_text())
+        self.console.print(
+            f"pretrained Qwen3 from {DEMO_MODEL}: {info['params'] / 1e6:.2f} M parameters ({info['device']}, "
+            f"{info['train_s']:.0f} s of its last stage; PROVENANCE.md there has the commands and seeds)"
+        )
+        self.summary["warmup"] = {"pretrained": str(DEMO_MODEL), "params": info["params"]}
         return model_dir
 
     def build_engine(self, model_dir: Path):

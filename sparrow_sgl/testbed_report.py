@@ -27,9 +27,9 @@ def load_runs(sweep_dir: Path) -> dict[str, dict]:
     runs = {}
     for spec_path in sorted((sweep_dir / "runs").glob("spec_*.json")):
         spec = json.loads(spec_path.read_text())
-        run_dir = Path(spec["train"]["out_dir"])
-        if not run_dir.is_absolute() and not run_dir.exists():
-            run_dir = sweep_dir / "runs" / spec["name"]
+        run_dir = sweep_dir / "runs" / spec["name"]  # where `sweep` puts it, also after the directory moved
+        if not run_dir.exists():
+            run_dir = Path(spec["train"]["out_dir"])
         runs[spec["name"]] = {
             "spec": spec,
             "metrics": read_jsonl(run_dir / "metrics.jsonl"),
@@ -62,7 +62,9 @@ def target_of(name: str) -> float | None:
 def common_steps(runs: dict[str, dict]) -> tuple[int, int]:
     """Steps every run completed, and the last step at which every run was evaluated (runs stopped by a deadline
     end at different steps; the table compares them at these)."""
-    ran = [r for r in runs.values() if r["metrics"]]  # a run that failed before its first step is reported apart
+    longest = max((len(r["metrics"]) for r in runs.values()), default=0)
+    # a run that stopped before half the longest run's steps (crashed, or far slower) is reported at its own end
+    ran = [r for r in runs.values() if len(r["metrics"]) >= longest / 2 and r["metrics"]]
     steps = min((len(r["metrics"]) for r in ran), default=0)
     evaluated = [{e["step"] for e in r["evals"]} for r in ran]
     shared = set.intersection(*evaluated) if evaluated else set()
@@ -75,6 +77,8 @@ def acc_at(run: dict | None, step: int) -> float | None:
 
 
 def row_for(name: str, run: dict, dense: dict | None, speed: dict, steps: int, eval_step: int) -> dict:
+    if len(run["metrics"]) < steps:  # stopped early: compared at its own last step and last evaluation
+        steps, eval_step = len(run["metrics"]), max((e["step"] for e in run["evals"]), default=0)
     m = run["metrics"][:steps]
     rewards = [r.get("rollout/reward_mean") for r in m]
     tails = [r.get("sparse/tail_p5/min") for r in m]

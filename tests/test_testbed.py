@@ -50,3 +50,22 @@ def test_collapse_rule():
                                                                 f"best {0.6:.3f}"]
     assert best_window([1.0] * WINDOW + [0.0]) == 1.0
     assert "| tau-0.86 | 0.86 |" in markdown([ok])
+
+
+def test_committed_demo_checkpoint():
+    """The demo's pretrained checkpoint: bf16 safetensors <= 16 MB, tokenizer, and the command + seed that made it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from sparrow_sgl.demo import DEMO_MODEL, PROFILES
+    from sparrow_sgl.rl.tasks import ChainTask
+
+    assert (DEMO_MODEL / "model.safetensors").stat().st_size <= 16 * 2**20
+    assert AutoConfig.from_pretrained(DEMO_MODEL).dtype in ("bfloat16", __import__("torch").bfloat16)
+    info = json.loads((DEMO_MODEL / "pretrain.json").read_text())
+    assert info["command"].startswith("sparrow testbed pretrain") and info["seed"] == 0
+    assert (DEMO_MODEL / "PROVENANCE.md").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    sample = ChainTask(**PROFILES["pretrained"].task, seed=1).sample(0)
+    ids = tokenizer.encode(sample.reference, add_special_tokens=False)
+    assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == sample.reference
+    assert PROFILES["pretrained"].pretrained and not PROFILES["cpu"].pretrained
