@@ -22,7 +22,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("sparrow_sgl.bench", "run a benchmark and print JSON"),
     "reward": ("rewards.cli", "score rollouts with the math or code reward"),
     "testbed": ("sparrow_sgl.testbed", "pretrain a small model on the chain task; sweep tail targets with GRPO"),
-    "testbed": ("sparrow_sgl.testbed", "pretrain a small model on the chain task; sweep tail targets with GRPO"),
 }
 
 
