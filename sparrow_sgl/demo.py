@@ -431,7 +431,6 @@ class Demo:
             "live tail (min over GRPO)",
             "dense noise floor",
             ">= tau",
-            "what happened",
         ):
             t.add_column(col)
         bins = []
@@ -461,9 +460,11 @@ class Demo:
                 _fmt(lt),
                 _fmt(fl),
                 verdict,
-                note,
             )
         self.console.print(t)
+        for row in bins:
+            if row["note"]:
+                self.console.print(f"bin {row['start']}-{row['end']} tokens: {row['note']}")
         last = records[-1] if records else {}
         speed = Table(title="summary")
         speed.add_column("quantity")
@@ -518,8 +519,8 @@ def bin_verdict(decision, live_tail: float | None, tau: float, events) -> tuple[
     """(yes | NO | no data, one sentence on why and what TailGuard did) for one bin of the summary table.
     `events`: the TailGuard's budget changes (None when it was off)."""
     if decision.tail is None and live_tail is None:
-        borrowed = decision.status == "missing" and decision.budget is not None
-        return "no data", "no response reached this bin" + (", budget from a measured neighbour" if borrowed else "")
+        borrowed = ", its budget comes from a measured neighbour" if decision.status == "missing" else ""
+        return "no data", f"no response reached this bin{borrowed}"
     if decision.status == "unsatisfiable":
         return "NO", "no calibrated budget reached tau here: planned dense"
     if all(x is None or x >= tau for x in (decision.tail, live_tail)):

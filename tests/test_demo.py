@@ -54,7 +54,7 @@ def test_summary_verdicts_explain_each_bin():
 
     missing = BinDecision(0, 0, 128, 16, None, 0, "missing")
     assert bin_verdict(missing, None, 0.86, []) == (
-        "no data", "no response reached this bin, budget from a measured neighbour")
+        "no data", "no response reached this bin, its budget comes from a measured neighbour")
     fine = BinDecision(1, 128, 256, 16, 0.95, 40, "ok")
     assert bin_verdict(fine, 0.93, 0.86, [])[0] == "yes"
     dipped = BinDecision(2, 256, 384, 16, 0.95, 40, "ok")
