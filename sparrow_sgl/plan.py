@@ -49,8 +49,9 @@ class Plan:
         lines = [f"planned {self.schedule.describe()}", f"threshold: tail >= {self.threshold:.4f}"]
         flags = ((MISSING, "no data (borrowed a neighbour's budget)"), (UNSATISFIABLE, "dense: no budget passes"))
         for status, what in flags:
-            if self.flagged(status):
-                lines.append(f"bins {self.flagged(status)}: {what}")
+            spans = [f"{d.start}-{d.end}" for d in self.bins if d.status == status]
+            if spans:
+                lines.append(f"positions {', '.join(spans)} (tokens): {what}")
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
 
