@@ -455,7 +455,8 @@ def encode_prompts(tokenizer, prompts: list, chat: bool = True) -> list[list[int
 # -- CLI ----------------------------------------------------------------------------------------------------------
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="local HF model dir")
-    p.add_argument("--prompts", required=True, help="prompt set: .jsonl file or a `datasets` dataset saved to disk")
+    p.add_argument("--prompts", required=True,
+                   help="prompt set: .jsonl file (e.g. rewards/data/gsm8k/test.jsonl) or a `datasets` dataset on disk")
     p.add_argument("--prompt-field", help=f"field holding the prompt (default: first of {', '.join(PROMPT_FIELDS)})")
     p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts")
     p.add_argument("--no-chat", action="store_true", help="feed prompts raw instead of through the chat template")
