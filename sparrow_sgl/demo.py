@@ -438,7 +438,8 @@ class Demo:
         for d in plan.bins:
             lt = live.get(d.bin)
             fl = floor[d.bin].tail if d.bin < len(floor) else None
-            verdict, note = bin_verdict(d, lt, tau, events)
+            final = trainer.schedule.budgets[min(d.bin, len(trainer.schedule.budgets) - 1)]
+            verdict, note = bin_verdict(d, lt, tau, events, final)
             row = {
                 "bin": d.bin,
                 "start": d.start,
@@ -515,9 +516,9 @@ class Demo:
         self.console.print(f"wrote {self.out}/summary.json, calibration.png, grpo/plots/*.png")
 
 
-def bin_verdict(decision, live_tail: float | None, tau: float, events) -> tuple[str, str]:
+def bin_verdict(decision, live_tail: float | None, tau: float, events, final_budget=...) -> tuple[str, str]:
     """(yes | NO | no data, one sentence on why and what TailGuard did) for one bin of the summary table.
-    `events`: the TailGuard's budget changes (None when it was off)."""
+    `events`: the TailGuard's budget changes (None when it was off); `final_budget`: the bin's budget after GRPO."""
     if decision.tail is None and live_tail is None:
         borrowed = ", its budget comes from a measured neighbour" if decision.status == "missing" else ""
         return "no data", f"no response reached this bin{borrowed}"
@@ -527,13 +528,16 @@ def bin_verdict(decision, live_tail: float | None, tau: float, events) -> tuple[
         return "yes", "raised to keep budgets growing with position" if decision.status == "raised" else ""
     low = f"live tail dipped to {live_tail:.2f} < tau" if live_tail is not None and live_tail < tau else (
         f"calibrated tail {decision.tail:.2f} < tau")
+    end = "" if final_budget is ... else f"; after GRPO it decodes with {_tokens(final_budget)}"
     if events is None:
         return "NO", f"{low}; TailGuard off (--tailguard turns it on), budget kept"
-    raises = [e for e in events if e.bin == decision.bin and e.reason == "raise"]
-    if not raises:
-        return "NO", f"{low}; TailGuard made no change (no larger budget on its grid)"
-    moves = ", ".join(f"{_tokens(e.old)} -> {_tokens(e.new)} at step {e.step}" for e in raises)
-    return "NO", f"{low}; TailGuard raised the budget {moves} (later steps decode with more KV)"
+    moves = [e for e in events if e.bin == decision.bin]
+    if not moves:
+        return "NO", f"{low}; TailGuard made no change to it{end}"
+    what = {"raise": "raised", "lower": "lowered", "monotone": "lifted with an earlier bin"}
+    told = ", ".join(f"{what.get(e.reason, e.reason)} {_tokens(e.old)} -> {_tokens(e.new)} at step {e.step}"
+                     for e in moves)
+    return "NO", f"{low}; TailGuard {told}{end}"
 
 
 def _tokens(budget: int | None) -> str:

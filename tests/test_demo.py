@@ -59,8 +59,11 @@ def test_summary_verdicts_explain_each_bin():
     assert bin_verdict(fine, 0.93, 0.86, [])[0] == "yes"
     dipped = BinDecision(2, 256, 384, 16, 0.95, 40, "ok")
     raised = [GuardEvent(step=1, bin=2, old=16, new=32, tail=0.78, reason="raise")]
-    verdict, note = bin_verdict(dipped, 0.78, 0.86, raised)
-    assert verdict == "NO" and "dipped to 0.78 < tau" in note and "raised the budget 16 tok -> 32 tok at step 1" in note
+    raised.append(GuardEvent(step=4, bin=2, old=32, new=16, tail=0.95, reason="lower"))
+    verdict, note = bin_verdict(dipped, 0.78, 0.86, raised, 16)
+    assert verdict == "NO" and "dipped to 0.78 < tau" in note
+    assert "raised 16 tok -> 32 tok at step 1, lowered 32 tok -> 16 tok at step 4" in note
+    assert note.endswith("after GRPO it decodes with 16 tok")
     assert "TailGuard off" in bin_verdict(dipped, 0.78, 0.86, None)[1]
     assert "not meaningful on CPU" in measured_speedup_text(8.72, "cpu")
     assert measured_speedup_text(2.1, "cuda") == "2.10x"

@@ -255,3 +255,11 @@ def test_tailguard_raises_the_budget_on_a_dip_and_is_checkpointed(tiny_model_dir
     resumed = make_trainer(make_cfg(tiny_model_dir, tmp_path, steps=1, tailguard=True, tau=0.9999, bin_tokens=64))
     resumed.resume(tmp_path)
     assert resumed.schedule.budgets == tr.schedule.budgets and resumed.guard.budgets == tr.schedule.budgets
+
+
+def test_small_budget_ladder_fills_the_grid_below_the_paper_presets():
+    from sparrow_sgl.rl.trainer import small_budget_ladder
+
+    assert small_budget_ladder(Schedule(budgets=[48, 64], page_size=16)) == [48, 96, 192, 384]
+    assert small_budget_ladder(Schedule(budgets=[12], page_size=4)) == [12, 24, 48, 96, 192, 384]
+    assert small_budget_ladder(Schedule(budgets=[1024, None], page_size=16)) == []

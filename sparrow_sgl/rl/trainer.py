@@ -86,6 +86,19 @@ def build_sglang_engine(cfg: TrainConfig):
     )
 
 
+def small_budget_ladder(schedule: Schedule, above: int = 512) -> list[int]:
+    """Budgets doubling from the schedule's smallest (a page multiple) up to `above` tokens (the paper grid's
+    smallest), so that a TailGuard raise on a short-context schedule (the CPU demo's 48 tokens) takes a step, not
+    a jump to 512 tokens."""
+    page = schedule.page_size
+    budget = min((b for b in schedule.budgets if b is not None), default=above)
+    ladder = []
+    while budget < above:
+        ladder.append(budget)
+        budget = -(-2 * budget // page) * page
+    return ladder
+
+
 class Timer(dict):
     @contextmanager
     def __call__(self, name: str):
@@ -144,7 +157,9 @@ class Trainer:
             from sparrow_sgl.tailguard import TailGuard
         except ImportError as e:
             raise ConfigError(f"tailguard: true needs sparrow_sgl.tailguard.TailGuard, not in this build ({e})") from e
-        return TailGuard(self.schedule, tau=self.cfg.tau)
+        from sparrow_sgl.calibrate import paper_budget_grid
+
+        return TailGuard(self.schedule, tau=self.cfg.tau, grid=paper_budget_grid() + small_budget_ladder(self.schedule))
 
     def _adopt_bins(self, schedule: Schedule) -> Schedule:
         """A one-budget schedule takes the run's bin width (it changes nothing for the budget, but the TailGuard
