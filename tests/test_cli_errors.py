@@ -129,3 +129,13 @@ def test_serve_without_sglang_says_what_to_install(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path)]) == 2
     line = _error_line(capsys)
     assert "needs sglang" in line and "make setup-sglang" in line and "pip install -e '.[sglang]'" in line
+
+
+def test_distill_and_train_check_the_schedule_before_loading_models(tiny_model_dir, tmp_path, capsys, no_engine):
+    argv = ["distill", "--model", str(tiny_model_dir), "--schedule", "fixed:-48", "--out", str(tmp_path / "a")]
+    assert main(argv) == 2
+    assert "negative" in _error_line(capsys)
+    config = tmp_path / "c.yaml"
+    config.write_text("model: /nowhere\nschedule: qwen3-99b-0.86\n")  # the model dir is checked later
+    assert main(["train", "--config", str(config)]) == 2
+    assert "unknown schedule" in _error_line(capsys)
