@@ -23,8 +23,24 @@ from pathlib import Path
 _SHOW_ERRORS = 20  # items whose error is printed after the table
 
 
+_INPUT_FORMAT = """\
+input (--file): JSON lines, one rollout per line, with a string `response` and one of
+  label       a JSON label: {"kind": "math", "answer": "..."} or {"kind": "code", "tests": ..., "fn_name": ...};
+              any other string is a math answer (what `sparrow generate` copies from a dataset row)
+  reference / answer   math: a bare answer, a boxed solution or a GSM8K '#### N' solution
+  tests       code: Python test code, [{"input", "output"}] cases, TACO/APPS input_output, LiveCodeBench cases,
+              CodeContests / MBPP / HumanEval test fields; optional fn_name, entry_point, prefix, format, strict
+example:
+  sparrow generate --model DIR --prompts rewards/data/gsm8k/test.jsonl --num-prompts 8 --out rollouts.jsonl
+  sparrow reward --file rollouts.jsonl
+rows and items are numbered from 1; an item that cannot be scored (tests that cannot fail, ...) scores 0 and
+its reason is printed."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--file", required=True, type=Path, help="rollouts.jsonl (see `rewards.cli` docstring)")
+    parser.epilog = _INPUT_FORMAT
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--file", required=True, type=Path, help="rollouts.jsonl (format below)")
     parser.add_argument("--kind", choices=("math", "code"), default=None,
                         help="scorer for rows without a JSON label (default: math)")
     parser.add_argument("--workers", type=int, default=None, help="processes / concurrent sandbox runs")
@@ -60,7 +76,7 @@ def load_rollouts(path: Path, kind: str | None, limit: int | None = None) -> tup
         raise ValueError(f"{path}: no rollouts")
     responses, labels = [], []
     for i, row in enumerate(rows):
-        where = f"{path}: row {i}"
+        where = f"{path}: row {i + 1}"
         if not isinstance(row.get("response"), str):
             raise ValueError(f"{where}: needs a string 'response'; fields: {sorted(row)}")
         responses.append(row["response"])
@@ -100,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
           f"other errors: {summary['errors'] - summary['invalid_labels']} items, time: {elapsed:.1f} s")
     errors = [(i, s.error) for i, s in enumerate(scored) if s.error is not None]
     for i, error in errors[:_SHOW_ERRORS]:
-        print(f"item {i}: {error}", file=sys.stderr)
+        print(f"item {i + 1}: {error}", file=sys.stderr)
     if len(errors) > _SHOW_ERRORS:
         print(f"... and {len(errors) - _SHOW_ERRORS} more items that could not be scored", file=sys.stderr)
     return 0
@@ -134,5 +150,5 @@ def _print_table(scored, responses, show: int) -> None:
         table.add_column(col)
     for i, (s, r) in enumerate(zip(scored[:show], responses)):
         tail = " ".join(r.split())[-60:]
-        table.add_row(str(i), s.kind, f"{s.score:.2f}", s.reason[:120], tail)
+        table.add_row(str(i + 1), s.kind, f"{s.score:.2f}", s.reason[:120], tail)
     Console().print(table)

@@ -227,4 +227,4 @@ def test_cli_shows_reasons_and_counts_invalid_labels(tmp_path, capsys):
     assert run(_args("--file", str(rollouts))) == 0
     captured = capsys.readouterr()
     assert "invalid labels: 2 items" in captured.out and "invalid label" in captured.out
-    assert "item 2: invalid label: no test cases" in captured.err
+    assert "item 3: invalid label: no test cases" in captured.err  # items numbered from 1
