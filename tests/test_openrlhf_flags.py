@@ -30,7 +30,7 @@ def _parse(*argv: str) -> argparse.Namespace:
 def test_defaults_and_nested_distill_flags():
     ns = _parse("--vllm.num_engines", "2", "--sparrow.schedule", "qwen3-4b-0.86", "--sparrow.topk", "20",
                 "--sparrow.guard", "--sparrow.distill.enabled", "--sparrow.distill.rank", "8",
-                "--sglang.kv_tokens", "4096")
+                "--sglang.kv_tokens", "4096", "--sparrow.dry_run")
     sparrow, sgl = flags.check(ns)
     assert sparrow.engine == "sglang" and sparrow.topk == 20 and sparrow.guard is True
     assert sparrow.distill.enabled and sparrow.distill.rank == 8
@@ -54,6 +54,8 @@ def test_defaults_and_nested_distill_flags():
         (("--vllm.num_engines", "1", "--sparrow.topk", "21"), "topk must lie"),
         (("--vllm.num_engines", "1", "--sparrow.schedule", "fixed:512", "--sparrow.distill.enabled",
           "--ds.lora.rank", "8"), "rollout-only LoRA"),
+        (("--vllm.num_engines", "1", "--sparrow.schedule", "fixed:512", "--sparrow.distill.enabled"),
+         "not built yet"),
     ],
 )
 def test_conflicts_are_refused(argv, reason):

@@ -19,12 +19,13 @@ pytestmark = [pytest.mark.openrlhf, pytest.mark.timeout(900)]
 def run(tiny_model_factory, tmp_path_factory):
     model = tiny_model_factory(hidden_size=128, intermediate_size=256, seed=3)
     tmp = tmp_path_factory.mktemp("openrlhf-grpo")
-    done = run_entry(grpo_args(model, tmp, "--sparrow.engine", "embedded", "--sparrow.schedule", "fixed:64"), tmp)
+    done = run_entry(grpo_args(model, tmp, "--sparrow.engine", "embedded", "--sparrow.schedule", "fixed:64",
+                                   "--sparrow.topk", "4"), tmp)
     assert done.returncode == 0, (done.stdout[-4000:], done.stderr[-6000:])
     return tmp, done
 
 
-def test_step_finishes_with_rewards_and_sparse_stats_in_openrlhf_metrics(run):
+def test_step_finishes_with_rewards_tails_and_sparse_stats_in_openrlhf_metrics(run):
     tmp, _ = run
     scalars = tensorboard_scalars(tmp / "tb")
     for key in ("train/reward", "train/test_reward_len", "train/vllm_kl", "train/sparrow_kv_tokens_mean",
@@ -34,6 +35,9 @@ def test_step_finishes_with_rewards_and_sparse_stats_in_openrlhf_metrics(run):
     assert abs(scalars["train/vllm_kl"][0]) < 1e-2
     # fixed:64 attends at most 64 KV tokens per (sparse layer, KV head, step)
     assert 0 < scalars["train/sparrow_kv_tokens_mean"][0] <= 64
+    # the tail, measured in the trainer's own forward against the rollout's top-4, next to vllm_kl
+    assert 0.0 <= scalars["train/sparrow/tail_bin_0"][0] <= 1.0
+    assert scalars["train/sparrow/tail_min"][0] == scalars["train/sparrow/tail_bin_0"][0]
 
 
 def test_engine_calls_in_openrlhf_order(run):

@@ -22,6 +22,15 @@ class DriverConfig:
 _config: DriverConfig | None = None
 
 
+def engine_name(index: int) -> str:
+    return f"sparrow-engine-{index}"
+
+
+def engine_handles(num_engines: int) -> list:
+    """The engine actors of this job, from any of its actors (the experience maker has no handles of its own)."""
+    return [ray.get_actor(engine_name(i)) for i in range(num_engines)]
+
+
 def configure(sparrow: SparrowFlags, sgl: SGLangFlags, out_dir: str) -> None:
     global _config
     _config = DriverConfig(sparrow, sgl, out_dir)
@@ -52,7 +61,8 @@ def create_engines(num_engines, tensor_parallel_size, pretrain, seed, full_deter
             placement_group_bundle_index=i * tensor_parallel_size,
         )
         engines.append(
-            SparrowRolloutActor.options(num_cpus=num_gpus, num_gpus=num_gpus, scheduling_strategy=strategy).remote(
+            SparrowRolloutActor.options(num_cpus=num_gpus, num_gpus=num_gpus, scheduling_strategy=strategy,
+                                        name=engine_name(i)).remote(
                 index=i,
                 model=pretrain,
                 sparrow=sections["sparrow"],

@@ -145,6 +145,11 @@ def check(args: argparse.Namespace) -> tuple[SparrowFlags, SGLangFlags]:
             raise ConfigError("--sparrow.distill.enabled needs a sparse --sparrow.schedule")
         if flat.get("ds.lora.rank", 0):
             raise ConfigError("--sparrow.distill.enabled trains a rollout-only LoRA: leave --ds.lora.rank at 0")
+        if not sparrow.dry_run:
+            raise ConfigError(
+                "--sparrow.distill.enabled: the DistillSparse hook inside OpenRLHF is not built yet (issue 16); "
+                "use `sparrow train` with distill.enabled, or --sparrow.dry_run to check the configuration"
+            )
     return sparrow, sgl
 
 

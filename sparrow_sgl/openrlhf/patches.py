@@ -5,6 +5,7 @@ only in the driver does not reach the actors):
 - the `vllm` / `flash_attn` import shims (shims.py);
 - trainer-side weight sync: `ActorPPOTrainer._init_vllm_sync_group` / `broadcast_to_vllm` (ppo_actor.py:113,409)
   go over a torch process group SGLang can join (trainer_sync.py) instead of vLLM's PyNccl group;
+- tails: rollout top-k through the experience pipeline into the actor's forward, TailGuard between steps (tails.py);
 - DeepSpeed on CPU: torch's AdamW instead of a JIT-built fused/CPU Adam (`torch_adam`), no JIT-built shm comm op;
 - CPU only (no CUDA): the few `torch.cuda.*` calls OpenRLHF makes unconditionally become no-ops or "cpu".
 `apply_driver()` also swaps the engine factory `create_vllm_engines` (train_ppo_ray.py:8 binds it at import).
@@ -40,6 +41,9 @@ def apply_worker() -> None:
     from sparrow_sgl.openrlhf import trainer_sync
 
     trainer_sync.patch()
+    from sparrow_sgl.openrlhf import tails
+
+    tails.patch()
 
 
 def apply_driver() -> None:

@@ -24,8 +24,7 @@ import torch
 from sparrow_sgl.openrlhf import batcher as batching
 from sparrow_sgl.openrlhf.batcher import Batcher
 from sparrow_sgl.openrlhf.flags import SGLangFlags, SparrowFlags
-
-TOPK_KEY = "sparrow_topk"  # response-dict key carrying [ids, logprobs] per generated token
+from sparrow_sgl.openrlhf.tails import TOPK_KEY  # response-dict key carrying [ids, logprobs] per generated token
 
 
 # -- vLLM's RequestOutput, as far as OpenRLHF reads it (agent.py:245-262) ------------------------------------------
