@@ -20,7 +20,7 @@ def run(tiny_model_factory, tmp_path_factory):
     model = tiny_model_factory(hidden_size=128, intermediate_size=256, seed=3)
     tmp = tmp_path_factory.mktemp("openrlhf-grpo")
     done = run_entry(grpo_args(model, tmp, "--sparrow.engine", "embedded", "--sparrow.schedule", "fixed:64",
-                                   "--sparrow.topk", "4"), tmp)
+                                   "--sparrow.topk", "4", "--sparrow.guard"), tmp)
     assert done.returncode == 0, (done.stdout[-4000:], done.stderr[-6000:])
     return tmp, done
 
@@ -44,7 +44,8 @@ def test_engine_calls_in_openrlhf_order(run):
     tmp, _ = run
     calls = [e["call"] for e in read_jsonl(tmp / "out" / "sparrow" / "engine_0.jsonl")]
     assert calls[:2] == ["init", "init_process_group"]
-    assert calls[2:] == ["generate_responses", "generate_responses", "update_weights"]
+    # a random tiny model's top-4 tail is far below tau: TailGuard raises the budget before the sync
+    assert calls[2:] == ["generate_responses", "generate_responses", "set_schedule", "update_weights"]
 
 
 def test_weights_reach_the_engine(run, tiny_model_factory):
@@ -69,3 +70,21 @@ def test_weights_reach_the_engine(run, tiny_model_factory):
         [canary["prompt"]], SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True), "dense",
         progress=False)[0]
     assert before.logprobs != fresh.logprobs  # the step changed the weights, and the engine serves the new ones
+
+
+def test_resume_starts_the_engines_on_the_guards_schedule(run, tiny_model_factory):
+    """A second run with --ckpt.load_enable on the same output: the engine starts on the schedule TailGuard saved,
+    and the guard's step count goes on."""
+    import json
+
+    tmp, _ = run
+    saved = json.loads((tmp / "out" / "sparrow" / "guard_state.json").read_text())
+    assert saved["step"] == 1 and saved["schedule"]["budgets"][0] > 64
+    (tmp / "out" / "sparrow" / "engine_0.jsonl").unlink()
+    model = tiny_model_factory(hidden_size=128, intermediate_size=256, seed=3)
+    done = run_entry(grpo_args(model, tmp, "--sparrow.engine", "embedded", "--sparrow.schedule", "fixed:64",
+                               "--sparrow.topk", "4", "--sparrow.guard", "--ckpt.load_enable"), tmp)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
+    init = read_jsonl(tmp / "out" / "sparrow" / "engine_0.jsonl")[0]
+    assert f"{saved['schedule']['budgets'][0]} tok" in init["schedule"]
+    assert json.loads((tmp / "out" / "sparrow" / "guard_state.json").read_text())["step"] == 2

@@ -17,6 +17,7 @@ class DriverConfig:
     sparrow: SparrowFlags
     sglang: SGLangFlags
     out_dir: str
+    load_enable: bool = False  # --ckpt.load_enable: engines start on the TailGuard's saved schedule
 
 
 _config: DriverConfig | None = None
@@ -31,9 +32,9 @@ def engine_handles(num_engines: int) -> list:
     return [ray.get_actor(engine_name(i)) for i in range(num_engines)]
 
 
-def configure(sparrow: SparrowFlags, sgl: SGLangFlags, out_dir: str) -> None:
+def configure(sparrow: SparrowFlags, sgl: SGLangFlags, out_dir: str, load_enable: bool = False) -> None:
     global _config
-    _config = DriverConfig(sparrow, sgl, out_dir)
+    _config = DriverConfig(sparrow, sgl, out_dir, load_enable)
 
 
 def create_engines(num_engines, tensor_parallel_size, pretrain, seed, full_determinism, enable_prefix_caching,
@@ -53,6 +54,9 @@ def create_engines(num_engines, tensor_parallel_size, pretrain, seed, full_deter
                                     strategy="PACK")
         ray.get(shared_pg.ready())
     sections = to_dict(_config.sparrow, _config.sglang)
+    from sparrow_sgl.openrlhf.guard import resumed_schedule
+
+    schedule = resumed_schedule(_config.sparrow, _config.load_enable)
     engines = []
     for i in range(num_engines):
         strategy = PlacementGroupSchedulingStrategy(
@@ -73,6 +77,7 @@ def create_engines(num_engines, tensor_parallel_size, pretrain, seed, full_deter
                 agent_func_path=agent_func_path,
                 remote_rm_url=remote_rm_url,
                 enable_sleep=vllm_enable_sleep,
+                schedule=schedule,
             )
         )
     if vllm_enable_sleep:

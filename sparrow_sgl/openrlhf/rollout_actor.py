@@ -75,7 +75,7 @@ def make_backend(model: str, sparrow: SparrowFlags, sgl: SGLangFlags, index: int
 class SparrowRolloutActor:
     def __init__(self, *, index: int, model: str, sparrow: dict, sglang: dict, seed: int,
                  max_model_len: int | None, out_dir: str, agent_func_path: str | None = None,
-                 remote_rm_url=None, enable_sleep: bool = False) -> None:
+                 remote_rm_url=None, enable_sleep: bool = False, schedule: dict | None = None) -> None:
         from sparrow_sgl.openrlhf.flags import from_dicts
         from sparrow_sgl.openrlhf.patches import apply_worker
 
@@ -86,7 +86,7 @@ class SparrowRolloutActor:
         self.events.parent.mkdir(parents=True, exist_ok=True)
         self.executor = _executor(agent_func_path, remote_rm_url)
         self.backend = make_backend(model, self.sparrow, self.sgl, index, seed, max_model_len, out_dir)
-        self.schedule = self.backend.resolve_schedule(self.sparrow.schedule)
+        self.schedule = self.backend.resolve_schedule(schedule or self.sparrow.schedule)  # a dict: resumed guard
         self.batcher = Batcher(self._run_batch)
         self.asleep: set[str] = set()
         self.group = None

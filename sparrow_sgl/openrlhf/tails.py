@@ -11,8 +11,8 @@ Path of the data (OpenRLHF 0.11.2):
   `_flatten_results` unwraps that again;
 - the batch's per-bin q-quantile of alpha (`sparrow_sgl.mismatch.tail_by_bin`, the embedded trainer's statistic)
   goes into every sample's `info` as `sparrow/tail_bin_<i>`, `sparrow/tail_min`, ... (logged as `train/...`);
-- with `--sparrow.guard`, the same wrapper feeds those tails to a TailGuard and sends a changed schedule to every
-  engine (`set_schedule`, engines found by name) before the next rollout.
+- with `--sparrow.guard`, the same wrapper feeds those tails to a TailGuard (guard.py), which sends a changed
+  schedule to every engine before the next rollout.
 """
 
 from __future__ import annotations
@@ -115,6 +115,8 @@ def _measure(original):
             logs, stats = tail_logs([a for a, _ in pairs], [p for _, p in pairs], sparrow.bin_tokens,
                                     sparrow.quantile, sparrow.tau)
             if sparrow.guard:
+                from sparrow_sgl.openrlhf.guard import guard_step
+
                 logs.update(guard_step(self, stats))
             for s in samples_list:  # one batch statistic: every sample carries it, so OpenRLHF's mean is it
                 s.info.update({k: torch.full((len(s.sequences),), float(v)) for k, v in logs.items()})
@@ -169,32 +171,3 @@ def forward_with_alpha(self, sequences, action_mask=None, attention_mask=None, p
         alpha = experience_alpha(output["logits"], action_mask.to(device), sparrow_topk)
     self.actor.train()
     return action_log_probs.to("cpu"), alpha
-
-
-def guard_step(maker, stats: list[BinStat]) -> dict:
-    """TailGuard on this batch's tails; a changed schedule goes to every engine before the next rollout."""
-    import ray
-
-    from sparrow_sgl.openrlhf.factory import engine_handles
-    from sparrow_sgl.schedule import resolve_schedule
-    from sparrow_sgl.tailguard import TailGuard
-
-    sparrow = maker.strategy.args.sparrow
-    step = maker.sparrow_step = getattr(maker, "sparrow_step", 0) + 1
-    guard = getattr(maker, "sparrow_guard", None)
-    if guard is None:
-        schedule = resolve_schedule(sparrow.schedule)
-        if len(schedule.budgets) == 1 and schedule.bin_tokens != sparrow.bin_tokens:
-            import dataclasses
-
-            schedule = dataclasses.replace(schedule, bin_tokens=sparrow.bin_tokens)
-        guard = maker.sparrow_guard = TailGuard(schedule, tau=sparrow.tau)
-    before = list(guard.budgets)
-    events = guard.update(step, stats)
-    if guard.budgets != before:
-        spec = guard.schedule.to_dict()
-        engines = engine_handles(maker.strategy.args.vllm.num_engines)
-        described = ray.get([e.set_schedule.remote(spec) for e in engines])
-        log.info("TailGuard step %d: %s -> engines now %s", step, [e.to_dict() for e in events], described[0])
-    return {"sparrow/guard_events": float(len(events)),
-            "sparrow/schedule_budget_max": float(max((b or 0) for b in guard.budgets))}
