@@ -19,6 +19,7 @@ sandbox hides behind a private tmpfs) cannot start inside it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -89,9 +90,11 @@ def _this_python_with_numpy() -> str | None:
 def _default_python() -> str:
     """`SPARROW_SANDBOX_PYTHON`, else this interpreter when it has numpy and the sandbox can run it, else the
     system python3, else this interpreter."""
-    override = os.environ.get("SPARROW_SANDBOX_PYTHON")
-    if override:
-        return override
+    return os.environ.get("SPARROW_SANDBOX_PYTHON") or _detected_python()
+
+
+@functools.cache  # the environment does not change under a running process; every SandboxConfig() asks
+def _detected_python() -> str:
     mine = _this_python_with_numpy()
     if mine:
         return mine
