@@ -18,6 +18,28 @@ import shlex
 DEMO_TASK = dict(num_vars=[8, 12], hops=2, filler=[20, 80], seed=1)  # the CPU demo's task (`sparrow demo`)
 SWEEP_TASK = dict(num_vars=[12, 24], hops=2, filler=[100, 400], seed=1)  # prompts of ~1.3K-10K tokens
 
+# Candidate sweep tasks, longest first, each with the sweep settings its lengths need (bins, budget grid, pages).
+# The sweep runs the longest one the pretrained model solves: `pick_sweep_task` (rule fixed before the sweep ran).
+SWEEP_TASKS: dict[str, tuple[dict, dict]] = {
+    "long": (SWEEP_TASK, {}),  # ~1.3-10K tokens
+    "mid": (dict(num_vars=[8, 16], hops=2, filler=[50, 200], seed=1),  # ~0.4-3.5K
+            dict(bin_tokens=1024, budgets=[32, 48, 64, 96, 128, 192, 256, 384, 512, 1024])),
+    "short": (dict(num_vars=[8, 12], hops=2, filler=[20, 80], seed=1),  # ~0.2-1K
+              dict(bin_tokens=256, budgets=[16, 32, 48, 64, 96, 128, 192, 256, 384])),
+    "minimal": (dict(num_vars=[8, 12], hops=2, filler=[0, 10], seed=1),  # ~60-250 tokens
+                dict(page_size=8, bin_tokens=64, budgets=[8, 16, 24, 32, 48, 64, 96, 128])),
+}
+PICK_MIN_ACCURACY = 0.25  # greedy exact accuracy (pretraining's final evaluation) a sweep task needs
+
+
+def pick_sweep_task(final_eval: dict, min_accuracy: float = PICK_MIN_ACCURACY) -> str:
+    """The longest candidate of SWEEP_TASKS whose greedy exact accuracy reaches `min_accuracy` ("minimal" if none)."""
+    for name in SWEEP_TASKS:
+        if final_eval.get(f"acc/{name}", 0.0) >= min_accuracy:
+            return name
+    return "minimal"
+
+
 PRETRAIN_PROFILES: dict[str, dict] = {
     "h200": dict(
         device="cuda",
@@ -38,6 +60,28 @@ PRETRAIN_PROFILES: dict[str, dict] = {
         eval_every=100,
         eval_prompts=64,
         eval_tasks={"demo": DEMO_TASK, "sweep": SWEEP_TASK},
+    ),
+    # stage 4: from the demo checkpoint (lookups learned on short prompts) to the sweep's lengths, filler added
+    # gradually; short prompts stay in the mix so the lookups are not forgotten
+    "h200-lengths": dict(
+        device="cuda",
+        init="sparrow_sgl/data/demo_model",
+        buckets=[
+            dict(num_vars=[5, 12], filler=[0, 10], weight=2.0),  # ~40-250 tokens
+            dict(num_vars=[8, 12], filler=[20, 80], weight=2.0),  # ~0.2-1K
+            dict(num_vars=[8, 16], filler=[50, 200], weight=2.0),  # ~0.4-3.5K
+            dict(num_vars=[12, 24], filler=[100, 400]),  # ~1.3-10K
+        ],
+        hops=[1, 2, 3],
+        tokens_per_batch=65536,
+        minutes=4.0,
+        steps=20000,
+        lr=1e-3,
+        warmup_steps=10,
+        workers=10,
+        eval_every=500,
+        eval_prompts=64,
+        eval_tasks={name: task for name, (task, _) in SWEEP_TASKS.items()},
     ),
     "toy": dict(
         device="cpu",
@@ -108,6 +152,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sw.add_argument("--model", required=True, help="pretrained model directory (HF format)")
     sw.add_argument("--out", default="runs/testbed/sweep")
     sw.add_argument("--results", default=None, help="also write the report here (e.g. bench/results/testbed)")
+    sw.add_argument("--task", default=None, metavar="NAME|auto=PRETRAIN_JSON",
+                    help=f"a task of SWEEP_TASKS ({', '.join(SWEEP_TASKS)}) with its settings, or "
+                         f"auto=<pretrain.json>: the longest with greedy exact accuracy >= {PICK_MIN_ACCURACY} there")
     for q in (pre, sw):
         q.add_argument("--device", default=None, help="cpu or cuda (default: the profile's)")
         q.add_argument("--steps", type=int, default=None)
@@ -131,6 +178,30 @@ def build_config(cls, profile: dict, args: argparse.Namespace, **fixed):
     for item in args.set:
         apply_override(data, item)
     return cls(**data)
+
+
+def sweep_task_settings(choice: str | None) -> dict:
+    """`--task` -> SweepConfig fields (task + its bins/budgets/pages); {} keeps the profile's."""
+    import json
+
+    from sparrow_sgl.errors import ConfigError
+
+    if not choice:
+        return {}
+    if choice.startswith("auto="):
+        path = choice[len("auto="):]
+        try:
+            final_eval = json.loads(open(path).read())["final_eval"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"--task {choice}: cannot read final_eval from {path} ({exc})") from exc
+        choice = pick_sweep_task(final_eval)
+        print(f"sweep task: {choice} (greedy exact accuracy " +
+              ", ".join(f"{k[4:]} {v:.3f}" for k, v in final_eval.items() if k.startswith("acc/")) +
+              f"; rule: the longest with >= {PICK_MIN_ACCURACY})")
+    if choice not in SWEEP_TASKS:
+        raise ConfigError(f"--task {choice!r}: not one of {', '.join(SWEEP_TASKS)} or auto=<pretrain.json>")
+    task, settings = SWEEP_TASKS[choice]
+    return {"task": task, **settings}
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -164,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
         from sparrow_sgl.testbed_report import report
         from sparrow_sgl.testbed_sweep import SweepConfig, sweep
 
-        cfg = build_config(SweepConfig, SWEEP_PROFILES[args.profile], args, model=args.model, out=args.out)
+        cfg = build_config(SweepConfig, SWEEP_PROFILES[args.profile], args, model=args.model, out=args.out,
+                           **sweep_task_settings(args.task))
         result = sweep(cfg, progress=not args.no_progress, command=command)
         print(f"sweep: exit codes {result['exit_codes']}, times " +
               ", ".join(f"{k} {v:.0f} s" for k, v in result["times"].items()))

@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from sparrow_sgl.cli import main
+from sparrow_sgl.errors import ConfigError
+from sparrow_sgl.testbed import PRETRAIN_PROFILES, SWEEP_TASKS, pick_sweep_task, sweep_task_settings
 from sparrow_sgl.testbed_report import ACC_DROP, REWARD_CRASH, WINDOW, best_window, markdown, row_for
 
 
@@ -69,3 +73,18 @@ def test_committed_demo_checkpoint():
     ids = tokenizer.encode(sample.reference, add_special_tokens=False)
     assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == sample.reference
     assert PROFILES["pretrained"].pretrained and not PROFILES["cpu"].pretrained
+
+
+def test_sweep_task_pick_rule(tmp_path):
+    """The sweep runs the longest candidate task the pretrained model solves (rule fixed before the sweep)."""
+    assert pick_sweep_task({"acc/long": 0.1, "acc/mid": 0.3, "acc/short": 0.9}) == "mid"
+    assert pick_sweep_task({}) == "minimal"
+    p = tmp_path / "pretrain.json"
+    p.write_text(json.dumps({"final_eval": {"acc/long": 0.5}}))
+    assert sweep_task_settings(f"auto={p}")["task"] == SWEEP_TASKS["long"][0]
+    assert sweep_task_settings("minimal")["page_size"] == 8
+    with pytest.raises(ConfigError, match="not one of"):
+        sweep_task_settings("huge")
+    with pytest.raises(ConfigError, match="cannot read"):
+        sweep_task_settings(f"auto={tmp_path}/none.json")
+    assert set(PRETRAIN_PROFILES["h200-lengths"]["eval_tasks"]) == set(SWEEP_TASKS)
