@@ -18,16 +18,17 @@ import shlex
 DEMO_TASK = dict(num_vars=[8, 12], hops=2, filler=[20, 80], seed=1)  # the CPU demo's task (`sparrow demo`)
 SWEEP_TASK = dict(num_vars=[12, 24], hops=2, filler=[100, 400], seed=1)  # prompts of ~1.3K-10K tokens
 
-# Candidate sweep tasks, longest first, each with the sweep settings its lengths need (bins, budget grid, pages).
+# Candidate sweep tasks, longest first, each with the sweep settings its lengths need (bins, budget grid, pages;
+# a budget keeps at least the 3 sink + local pages).
 # The sweep runs the longest one the pretrained model solves: `pick_sweep_task` (rule fixed before the sweep ran).
 SWEEP_TASKS: dict[str, tuple[dict, dict]] = {
     "long": (SWEEP_TASK, {}),  # ~1.3-10K tokens
     "mid": (dict(num_vars=[8, 16], hops=2, filler=[50, 200], seed=1),  # ~0.4-3.5K
-            dict(bin_tokens=1024, budgets=[32, 48, 64, 96, 128, 192, 256, 384, 512, 1024])),
+            dict(bin_tokens=1024, budgets=[48, 64, 96, 128, 192, 256, 384, 512, 1024])),
     "short": (dict(num_vars=[8, 12], hops=2, filler=[20, 80], seed=1),  # ~0.2-1K
-              dict(bin_tokens=256, budgets=[16, 32, 48, 64, 96, 128, 192, 256, 384])),
+              dict(bin_tokens=256, budgets=[48, 64, 96, 128, 192, 256, 384, 512])),
     "minimal": (dict(num_vars=[8, 12], hops=2, filler=[0, 10], seed=1),  # ~60-250 tokens
-                dict(page_size=8, bin_tokens=64, budgets=[8, 16, 24, 32, 48, 64, 96, 128])),
+                dict(page_size=4, bin_tokens=64, budgets=[12, 16, 24, 32, 48, 64, 96, 128])),
 }
 PICK_MIN_ACCURACY = 0.25  # greedy exact accuracy (pretraining's final evaluation) a sweep task needs
 

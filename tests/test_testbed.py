@@ -82,7 +82,9 @@ def test_sweep_task_pick_rule(tmp_path):
     p = tmp_path / "pretrain.json"
     p.write_text(json.dumps({"final_eval": {"acc/long": 0.5}}))
     assert sweep_task_settings(f"auto={p}")["task"] == SWEEP_TASKS["long"][0]
-    assert sweep_task_settings("minimal")["page_size"] == 8
+    assert sweep_task_settings("minimal")["page_size"] == 4
+    for _, settings in SWEEP_TASKS.values():  # every budget keeps the 3 sink + local pages
+        assert min(settings.get("budgets", [48])) >= 3 * settings.get("page_size", 16)
     with pytest.raises(ConfigError, match="not one of"):
         sweep_task_settings("huge")
     with pytest.raises(ConfigError, match="cannot read"):
