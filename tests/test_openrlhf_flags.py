@@ -23,17 +23,19 @@ def _parse(*argv: str) -> argparse.Namespace:
     p.add_argument("--vllm.tensor_parallel_size", type=int, default=1)
     p.add_argument("--vllm.sync_with_ray", action="store_true")
     p.add_argument("--ds.lora.rank", type=int, default=0)
+    p.add_argument("--ds.zero_stage", type=int, default=2)
+    p.add_argument("--algo.advantage.is_correction_level", default="off")
     flags.add_flags(p)
     return p.parse_args(list(argv))
 
 
 def test_defaults_and_nested_distill_flags():
     ns = _parse("--vllm.num_engines", "2", "--sparrow.schedule", "qwen3-4b-0.86", "--sparrow.topk", "20",
-                "--sparrow.guard", "--sparrow.distill.enabled", "--sparrow.distill.rank", "8",
-                "--sglang.kv_tokens", "4096", "--sparrow.dry_run")
+                "--sparrow.distill.enabled", "--sparrow.distill.rank", "8", "--sparrow.distill.replan_every", "0",
+                "--algo.advantage.is_correction_level", "token", "--sglang.kv_tokens", "4096", "--sparrow.dry_run")
     sparrow, sgl = flags.check(ns)
-    assert sparrow.engine == "sglang" and sparrow.topk == 20 and sparrow.guard is True
-    assert sparrow.distill.enabled and sparrow.distill.rank == 8
+    assert sparrow.engine == "sglang" and sparrow.topk == 20 and sparrow.guard is False
+    assert sparrow.distill.enabled and sparrow.distill.rank == 8 and sparrow.distill.replan_every == 0
     assert sgl.kv_tokens == 4096
     sections = flags.to_dict(sparrow, sgl)  # how they travel to the engine actors
     assert flags.from_dicts(sections["sparrow"], sections["sglang"]) == (sparrow, sgl)
@@ -55,7 +57,15 @@ def test_defaults_and_nested_distill_flags():
         (("--vllm.num_engines", "1", "--sparrow.schedule", "fixed:512", "--sparrow.distill.enabled",
           "--ds.lora.rank", "8"), "rollout-only LoRA"),
         (("--vllm.num_engines", "1", "--sparrow.schedule", "fixed:512", "--sparrow.distill.enabled"),
-         "not built yet"),
+         "is_correction_level token"),
+        (("--vllm.num_engines", "1", "--sparrow.schedule", "fixed:512", "--sparrow.distill.enabled",
+          "--algo.advantage.is_correction_level", "token", "--sparrow.distill.kl_mode", "forward"), "only k3"),
+        (("--vllm.num_engines", "1", "--sparrow.schedule", "fixed:512", "--sparrow.distill.enabled",
+          "--algo.advantage.is_correction_level", "token", "--ds.zero_stage", "3"), "zero_stage <= 2"),
+        (("--vllm.num_engines", "1", "--sparrow.schedule", "fixed:512", "--sparrow.distill.enabled", "--sparrow.topk",
+          "4", "--sparrow.guard", "--algo.advantage.is_correction_level", "token"), "re-planner"),
+        (("--vllm.num_engines", "1", "--sparrow.schedule", "fixed:512", "--sparrow.distill.enabled",
+          "--algo.advantage.is_correction_level", "token"), "replan_every 0 with SGLang"),
     ],
 )
 def test_conflicts_are_refused(argv, reason):

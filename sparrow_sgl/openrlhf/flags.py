@@ -145,12 +145,34 @@ def check(args: argparse.Namespace) -> tuple[SparrowFlags, SGLangFlags]:
             raise ConfigError("--sparrow.distill.enabled needs a sparse --sparrow.schedule")
         if flat.get("ds.lora.rank", 0):
             raise ConfigError("--sparrow.distill.enabled trains a rollout-only LoRA: leave --ds.lora.rank at 0")
-        if not sparrow.dry_run:
-            raise ConfigError(
-                "--sparrow.distill.enabled: the DistillSparse hook inside OpenRLHF is not built yet (issue 16); "
-                "use `sparrow train` with distill.enabled, or --sparrow.dry_run to check the configuration"
-            )
+        _check_distill(sparrow, flat)
     return sparrow, sgl
+
+
+def _check_distill(sparrow: SparrowFlags, flat: dict) -> None:
+    """DistillSparse runs on the actor group between the policy update and the weight sync (distill_hook.py)."""
+    cfg = sparrow.distill
+    if cfg.kl_mode != "k3":
+        raise ConfigError("--sparrow.distill.kl_mode: inside OpenRLHF only k3 (the dense log-probs of the sampled "
+                          "tokens, which OpenRLHF already computed; full distributions are never kept)")
+    if flat.get("algo.advantage.is_correction_level", "off") == "off":
+        raise ConfigError("--sparrow.distill.enabled needs the rollout log-probs: set "
+                          "--algo.advantage.is_correction_level token (or seq)")
+    if flat.get("train.async_enable"):
+        raise ConfigError("--sparrow.distill.enabled runs between the policy update and the weight sync: "
+                          "leave --train.async_enable off")
+    if flat.get("ds.zero_stage", 0) == 3:
+        raise ConfigError("--sparrow.distill.enabled shares the policy's full weights with the LoRA: "
+                          "--ds.zero_stage <= 2")
+    if sparrow.guard:
+        raise ConfigError("--sparrow.guard and --sparrow.distill.enabled would both move the engines' schedule from "
+                          "different processes: DistillSparse's re-planner (--sparrow.distill.replan_every) does it")
+    if cfg.replan_every and sparrow.engine != "embedded":
+        raise ConfigError("--sparrow.distill.replan_every > 0 measures tails by sparse teacher forcing, which only "
+                          "--sparrow.engine embedded offers: set --sparrow.distill.replan_every 0 with SGLang engines")
+    if cfg.replan_every and flat.get("vllm.enable_sleep"):
+        raise ConfigError("--sparrow.distill.replan_every > 0 generates on engine 0 during training: leave "
+                          "--vllm.enable_sleep off")
 
 
 def to_dict(sparrow: SparrowFlags, sgl: SGLangFlags) -> dict:

@@ -6,6 +6,7 @@ only in the driver does not reach the actors):
 - trainer-side weight sync: `ActorPPOTrainer._init_vllm_sync_group` / `broadcast_to_vllm` (ppo_actor.py:113,409)
   go over a torch process group SGLang can join (trainer_sync.py) instead of vLLM's PyNccl group;
 - tails: rollout top-k through the experience pipeline into the actor's forward, TailGuard between steps (tails.py);
+- DistillSparse: the φ step after each policy update, its state in the actor checkpoints (distill_hook.py);
 - DeepSpeed on CPU: torch's AdamW instead of a JIT-built fused/CPU Adam (`torch_adam`), no JIT-built shm comm op;
 - CPU only (no CUDA): the few `torch.cuda.*` calls OpenRLHF makes unconditionally become no-ops or "cpu".
 `apply_driver()` also swaps the engine factory `create_vllm_engines` (train_ppo_ray.py:8 binds it at import).
@@ -44,6 +45,9 @@ def apply_worker() -> None:
     from sparrow_sgl.openrlhf import tails
 
     tails.patch()
+    from sparrow_sgl.openrlhf import distill_hook
+
+    distill_hook.patch()
 
 
 def apply_driver() -> None:

@@ -3,7 +3,8 @@
 Every method OpenRLHF calls on its engines is here, with its signature: `generate_responses` (the executor's own
 loop: rewards, agents and the response dict stay OpenRLHF's), `generate` (returns a vLLM `RequestOutput`-like
 object), `get_num_unfinished_requests`, `sleep` / `wake_up(tags)`, `init_process_group`, `update_weight(s)`,
-`update_weight_cuda_ipc`, `reset_prefix_cache`, `pause_generation` / `resume_generation`. Each generated sample
+`update_weight_cuda_ipc`, `reset_prefix_cache`, `pause_generation` / `resume_generation` (and, for DistillSparse,
+`set_adapter`, `set_schedule` and the re-planner's `engine_call`). Each generated sample
 also carries the engine's sparse statistics (`extra_logs`: `sparrow_kv_tokens_mean`, ...) and, with
 `--sparrow.topk`, its top-k ids and log-probs (for the tails, tails.py). Every call is appended to
 `<out_dir>/engine_<i>.jsonl`, so the order OpenRLHF drives the engines in can be checked.
@@ -222,6 +223,25 @@ class SparrowRolloutActor:
     async def canary(self) -> dict | None:
         async with self.batcher.lock:
             return await self._canary()
+
+    # -- DistillSparse: the rollout-only LoRA, and the re-planner's measurements --------------------------------
+    async def set_adapter(self, path: str | None) -> str | None:
+        """Serve the weights + the peft LoRA at `path` (None: the weights alone); later weight syncs keep it merged."""
+        async with self.batcher.lock:
+            await asyncio.to_thread(self.backend.set_adapter, path)
+            await asyncio.to_thread(self.backend.flush_cache)
+        self._log("set_adapter", path=path)
+        return path
+
+    async def engine_call(self, method: str, args: tuple, kwargs: dict):
+        """`generate` / `score` / `set_adapter` on the embedded engine itself (the re-planner's tail measurement)."""
+        if method not in ("generate", "score", "set_adapter"):
+            raise ValueError(f"engine_call: {method!r} is not a measurement call")
+        engine = getattr(self.backend, "engine", None)
+        if engine is None:
+            raise NotImplementedError(f"engine_call needs --sparrow.engine embedded (this one is {self.backend.name})")
+        async with self.batcher.lock:
+            return await asyncio.to_thread(getattr(engine, method), *args, **kwargs)
 
     # -- schedule (TailGuard, DistillSparse re-plans) -----------------------------------------------------------
     def set_schedule(self, schedule: dict) -> str:

@@ -3,7 +3,8 @@
 `_init_vllm_sync_group`: rank 0 hosts SGLang's kind of weights-update group (weight_sync.py) instead of vLLM's
 PyNccl one; `broadcast_to_vllm`: one `update_weights` call per engine with every tensor's name/dtype/shape, the
 tensors broadcast in that order, each engine's greedy canary compared with the trainer's own log-probs of the same
-tokens. Any step past `--sparrow.sync_timeout` raises `SyncError`. The colocated CUDA-IPC path stays OpenRLHF's.
+tokens (with DistillSparse: θ + φ, which the engines serve; θ alone is sent). Any step past `--sparrow.sync_timeout`
+raises `SyncError`. The colocated CUDA-IPC path stays OpenRLHF's.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def init_sync_group(self, backend: str) -> None:
 
 
 def broadcast_to_engines(self) -> None:
+    from sparrow_sgl.openrlhf import distill_hook
+
+    distill = distill_hook.current(self)  # on a resumed run: created here, φ pushed to the engines before θ
     if self.use_cuda_ipc:
         return self._openrlhf_broadcast_to_vllm()
     import deepspeed
@@ -81,21 +85,25 @@ def broadcast_to_engines(self) -> None:
         resets = [e.reset_prefix_cache.remote() for e in self.vllm_engines]
     with deepspeed.zero.GatheredParameters(params, enabled=args.ds.zero_stage == 3):
         if rank0:
-            push(model, self.vllm_engines, self._model_update_group, sparrow, flush=True)
+            served = distill.served_model() if distill is not None else None
+            push(model, self.vllm_engines, self._model_update_group, sparrow, flush=True, served=served)
     wait(resets, sparrow.sync_timeout, "prefix-cache reset")
     torch_dist_barrier_and_cuda_sync()
 
 
-def push(model: torch.nn.Module, engines: list, group, sparrow, flush: bool = True) -> list[dict | None]:
-    """Rank 0: send the policy to every engine; check each engine's canary against this model."""
+def push(model: torch.nn.Module, engines: list, group, sparrow, flush: bool = True,
+         served: torch.nn.Module | None = None) -> list[dict | None]:
+    """Rank 0: send the policy to every engine; check each engine's canary against `served` (what the engines
+    serve: θ + the DistillSparse φ they merge on top) or, without it, against the policy itself."""
     start = time.perf_counter()
     named = list(hf_named_tensors(model))
     specs = [TensorSpec.of(n, t).__dict__ for n, t in named]
     refs = [e.update_weights.remote(specs, GROUP_NAME, flush) for e in engines]
     broadcast_watching(group, [t for _, t in named], refs, sparrow.sync_timeout, "weight sync")
     canaries = wait(refs, sparrow.sync_timeout, "weight sync")
-    record = {"tensors": len(named), "seconds": round(time.perf_counter() - start, 3), "canary_max_abs_diff": None}
-    diffs = [canary_diff(model, c) for c in canaries if c is not None]
+    record = {"tensors": len(named), "seconds": round(time.perf_counter() - start, 3), "canary_max_abs_diff": None,
+              "canary_reference": "policy+distill_lora" if served is not None else "policy"}
+    diffs = [canary_diff(served if served is not None else model, c) for c in canaries if c is not None]
     if diffs:
         record["canary_max_abs_diff"] = max(diffs)
     _log_event(sparrow, "weight_sync", **record)
