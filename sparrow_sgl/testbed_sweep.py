@@ -32,6 +32,9 @@ class SweepConfig:
     task: dict = field(default_factory=dict)  # ChainTask arguments (seed included) of calibration, GRPO and eval
     targets: list[float] = field(default_factory=lambda: [0.75, 0.80, 0.86, 0.92])
     distill_target: float = 0.80
+    distill_schedule: str | None = None  # e.g. "fixed:1024": DistillSparse on that schedule instead of the planned one
+    fixed_budgets: list[int] = field(default_factory=list)  # also run flat `fixed:<tokens>` schedules (below tau)
+    plans_from: str | None = None  # a sweep directory whose schedule_<target>.json are reused (no calibration)
     budgets: list[int] = field(default_factory=list)  # calibration grid (tokens)
     page_size: int = 16
     dense_layers: list[int] = field(default_factory=lambda: [0])  # 1 of 4 layers (the paper: 2 of 28-40)
@@ -133,6 +136,28 @@ def measure_speed(cfg: SweepConfig, engine, schedules: dict[str, str]) -> dict:
     return info
 
 
+def fixed_schedules(cfg: SweepConfig) -> dict[str, str]:
+    """{label: schedule} of the flat-budget runs (`fixed-256`: every sparse layer reads 256 tokens)."""
+    return {f"fixed-{budget}": f"fixed:{budget}" for budget in cfg.fixed_budgets}
+
+
+def reused_plans(cfg: SweepConfig) -> dict[str, str]:
+    """The schedules an earlier sweep planned for `cfg.targets` (its calibration.json is copied beside them)."""
+    import shutil
+
+    from sparrow_sgl.errors import ConfigError
+
+    src, out = Path(cfg.plans_from), Path(cfg.out)
+    paths = {f"{tau:.2f}": src / f"schedule_{tau:.2f}.json" for tau in cfg.targets}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise ConfigError(f"plans_from={cfg.plans_from}: no planned schedule {', '.join(missing)}")
+    for name in ("calibration.json", "calibration.png", "plans.txt", *(p.name for p in paths.values())):
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+    return {label: str(out / p.name) for label, p in paths.items()}
+
+
 def run_specs(cfg: SweepConfig, schedules: dict[str, str]) -> dict[str, dict]:
     """One spec per configuration: the TrainConfig fields and the evaluation settings."""
     base = dict(model=cfg.model, device=cfg.device, seed=cfg.seed, steps=cfg.steps, task="chain",
@@ -144,7 +169,12 @@ def run_specs(cfg: SweepConfig, schedules: dict[str, str]) -> dict[str, dict]:
     configs = {"dense": {"schedule": "dense"}}
     for label, path in schedules.items():
         configs[f"tau-{label}"] = {"schedule": path}
-    if cfg.distill.get("enabled", True):
+    for label, schedule in fixed_schedules(cfg).items():
+        configs[label] = {"schedule": schedule}
+    if cfg.distill.get("enabled", True) and cfg.distill_schedule:
+        label = cfg.distill_schedule.replace(":", "-")
+        configs[f"{label}+distill"] = {"schedule": cfg.distill_schedule, "distill": cfg.distill}
+    elif cfg.distill.get("enabled", True):
         configs[f"tau-{cfg.distill_target:.2f}+distill"] = {"schedule": schedules[f"{cfg.distill_target:.2f}"],
                                                           "distill": cfg.distill}
     specs = {}
@@ -245,10 +275,10 @@ def sweep(cfg: SweepConfig, progress: bool = True, command: str = "") -> dict:
     times = {}
     start = time.perf_counter()
     engine = engine_for(cfg)
-    schedules = calibrate_and_plan(cfg, engine, progress)
+    schedules = reused_plans(cfg) if cfg.plans_from else calibrate_and_plan(cfg, engine, progress)
     times["calibrate_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    measure_speed(cfg, engine, schedules)
+    measure_speed(cfg, engine, {**schedules, **fixed_schedules(cfg)})
     times["speed_s"] = time.perf_counter() - start
     del engine
     _free(cfg.device)

@@ -36,6 +36,14 @@ def test_toy_pretrain_sweep_report(tmp_path):
     rows = json.loads((results / "table.json").read_text())
     assert {r["config"] for r in rows} == names
     assert (results / "sweep.png").is_file() and "collapsed" in (results / "table.md").read_text()
+    # a second sweep reusing these plans, with a flat-budget run below tau and DistillSparse on it
+    again = tmp_path / "again"
+    assert main(["testbed", "sweep", "--profile", "toy", "--model", str(model), "--out", str(again),
+                 "--set", f"plans_from={sweep}", "--set", "targets=[0.80]", "--set", "fixed_budgets=[12]",
+                 "--set", "distill_schedule=fixed:12", "--no-progress"]) == 0
+    rows = json.loads((again / "report" / "table.json").read_text())
+    assert {r["config"] for r in rows} == {"dense", "tau-0.80", "fixed-12", "fixed-12+distill"}
+    assert (again / "calibration.json").is_file() and (again / "schedule_0.80.json").is_file()
 
 
 def test_collapse_rule():

@@ -3,7 +3,8 @@
 # sweep (calibrate, plan, speed, concurrent GRPO runs, report), everything under OUT_DIR, inside CALL_SECONDS.
 # usage: bash scripts/testbed/device_call.sh OUT_DIR PRETRAIN_MINUTES SWEEP_STEPS CALL_SECONDS [MODEL_DIR]
 # env: PRETRAIN_PROFILE (default h200; h200-lengths continues from the demo checkpoint), TASK (a name of
-#      testbed.SWEEP_TASKS, or auto: the longest task the pretrained model solves, read from its pretrain.json)
+#      testbed.SWEEP_TASKS, or auto: the longest task the pretrained model solves, read from its pretrain.json),
+#      SWEEP_SET (space-separated KEY=VALUE overrides of the sweep, each passed as --set)
 set -u
 out=$1; minutes=$2; steps=$3; budget=$4; model=${5:-}
 start=$(date +%s)
@@ -20,9 +21,11 @@ if [ -z "$model" ]; then
 fi
 task=${TASK:-}
 [ "$task" = auto ] && task="auto=$model/pretrain.json"
+sets=()
+for kv in ${SWEEP_SET:-}; do sets+=(--set "$kv"); done
 deadline=$(( start + budget - 45 ))
 echo "sweep: $(( deadline - $(date +%s) )) s left for calibration, speed and the runs"
 timeout $(( deadline - $(date +%s) + 35 )) python3 -m sparrow_sgl.cli testbed sweep --model "$model" \
-  --out "$out/sweep" ${task:+--task "$task"} --steps "$steps" --set deadline=$deadline --results "$out/report" --no-progress 2>&1 \
+  --out "$out/sweep" ${task:+--task "$task"} --steps "$steps" "${sets[@]}" --set deadline=$deadline --results "$out/report" --no-progress 2>&1 \
   | grep -v "it/s]" | tee "$out/sweep.log"
 echo "call done in $(( $(date +%s) - start )) s"
