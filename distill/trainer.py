@@ -58,20 +58,23 @@ class DistillTrainer:
         num_tokens = max(float(batch.response_mask.sum()), 1.0)
         self.lora.model.train()
         sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "log_ratio_abs": 0.0}
+        rollout_gap = 0.0  # first pass, before this call's φ steps: the trainer's sparse forward vs the rollout
         grad_norms = []
         with self.lora.frozen_base():
-            for _ in range(cfg.epochs):
+            for epoch in range(cfg.epochs):
                 self.optimizer.zero_grad(set_to_none=True)
                 for rows in torch.arange(len(batch)).split(tcfg.micro_batch_size):
                     out = self._micro_step(batch.select(rows).to(self.device), old_dense_logprobs[rows], schedule,
                                            num_tokens)
                     for key in sums:
                         sums[key] += out[key] / cfg.epochs
+                    rollout_gap += out["rollout_gap"] if epoch == 0 else 0.0
                 grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.lora.parameters(), _max_norm(tcfg))))
                 self.optimizer.step()
         self.lora.model.eval()
         self.push()
         metrics = {f"distill/{k}": v for k, v in sums.items()}
+        metrics["distill/rollout_gap"] = rollout_gap
         metrics["distill/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["distill/seconds"] = time.perf_counter() - start
         return metrics
@@ -93,9 +96,10 @@ class DistillTrainer:
         res.loss.backward()
         mask = mb.response_mask
         gap = ((logprobs.detach() - dense_lp).abs() * mask).sum() / num_tokens
+        rollout_gap = ((logprobs.detach() - mb.rollout_logprobs).abs() * mask).sum() / num_tokens
         return {
             "loss": float(res.loss.detach()), "pg_loss": float(res.pg_loss), "kl": float(res.kl),
-            "clip_frac": float(res.clip_frac), "log_ratio_abs": float(gap),
+            "clip_frac": float(res.clip_frac), "log_ratio_abs": float(gap), "rollout_gap": float(rollout_gap),
         }
 
     def push(self) -> Path:

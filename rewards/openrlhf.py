@@ -16,13 +16,14 @@ Labels (see `rewards.labels`): a JSON string `{"kind": "math", "answer": "..."}`
 Returns `{"rewards": FloatTensor[N], "scores": FloatTensor[N], "extra_logs": {name: FloatTensor[N]}}`: rewards
 drive the advantages, scores (same values here, in [0, 1]) drive dynamic filtering. Every extra log is a numeric
 per-sample tensor (OpenRLHF reduces each with `value.flatten()[0].item()`): `correct`, `is_code`, `timeout`,
-`response_chars`, `reward_error`.
+`response_chars`, `reward_error` and its reason class `reward_error_label` / `reward_error_score` /
+`reward_error_input` (OpenRLHF logs them as `train/reward_error*`: the fraction of samples per reason).
 
-It never raises: a sample whose label is bad (unknown kind, missing answer, a test set that cannot fail), whose
-scorer crashed, or that has no label (queries, prompts, labels of different lengths) scores 0 with
-`reward_error` = 1.0. The reason cannot travel
-in `extra_logs` (numbers only), so it goes to the Python logger `rewards.openrlhf` as a WARNING, at most one line per
-`SPARROW_REWARD_LOG_EVERY_S` seconds (default 10; the line counts the failures it stands for), in the engine
+It never raises: a sample whose label is bad (`label`: unknown kind, missing answer, a test set that cannot fail),
+whose scoring failed (`score`: the scorer crashed or reported an error), or that has no usable input (`input`:
+queries, prompts, labels of different lengths or types) scores 0 with `reward_error` = 1.0. The reason's text cannot
+travel in `extra_logs` (numbers only), so it goes to the Python logger `rewards.openrlhf` as a WARNING, at most one
+line per `SPARROW_REWARD_LOG_EVERY_S` seconds (default 10; the line counts the failures it stands for), in the engine
 process's log. OpenRLHF itself would only log an exception at INFO and then fail the step with a misleading error.
 
 Scoring runs in parallel: math pairs share one killable process pool (`SPARROW_REWARD_WORKERS` processes, started
@@ -47,13 +48,14 @@ from typing import Any
 if __package__ in (None, ""):  # loaded by file path (OpenRLHF's importlib spec_from_file_location)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rewards.labels import score_labeled  # noqa: E402
+from rewards.labels import parse_label, score_labeled  # noqa: E402
 from rewards.math import MathScorer  # noqa: E402
 
 log = logging.getLogger("rewards.openrlhf")
 _TRAILING_SPECIAL = re.compile(r"(?:\s*(?:<\|[A-Za-z0-9_]+\|>|</s>|<pad>|<eos>))+\s*$")
 _ASSISTANT_TURN = "<|im_start|>assistant"
 _OVERLAP_PROBE = 32  # characters of the query's head looked up in the prompt (left-truncated prompts)
+REASONS = ("label", "score", "input")  # why a sample scored 0 with reward_error: its `reward_error_<reason>` log
 _scorer: MathScorer | None = None
 _executor: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
@@ -136,11 +138,11 @@ _warn = _RateLimitedWarning(_log_every_s())
 class _Outcome:
     """One sample's result (a plain class: a dataclass fails in a module loaded by path, not in sys.modules)."""
 
-    __slots__ = ("score", "is_code", "timeout", "response_chars", "error")
+    __slots__ = ("score", "is_code", "timeout", "response_chars", "error", "reason")
 
-    def __init__(self, error: str | None = None):
+    def __init__(self, error: str | None = None, reason: str = "input"):
         self.score, self.is_code, self.timeout, self.response_chars = 0.0, False, False, 0
-        self.error = error
+        self.error, self.reason = error, reason  # reason: one of REASONS, meaningful when error is set
 
 
 def _error_of(scored: Any) -> str | None:
@@ -158,6 +160,9 @@ def _score_one(query: Any, prompt: Any, label: Any) -> _Outcome:
         prompt = "" if prompt is None else prompt  # then the response is found after the last assistant turn
         if not isinstance(query, str) or not isinstance(prompt, str):
             raise TypeError(f"query and prompt must be str, got {type(query).__name__}, {type(prompt).__name__}")
+        out.reason = "label"
+        parse_label(label)
+        out.reason = "score"
         response = response_of(query, prompt)
         out.response_chars = len(response)
         scorer, _ = _shared()
@@ -214,5 +219,6 @@ def reward_func(queries: Sequence[str], prompts: Sequence[str], labels: Sequence
         "timeout": per_sample([o.timeout for o in outcomes]),
         "response_chars": per_sample([o.response_chars for o in outcomes]),
         "reward_error": per_sample([o.error is not None for o in outcomes]),
+        **{f"reward_error_{r}": per_sample([o.error is not None and o.reason == r for o in outcomes]) for r in REASONS},
     }
     return {"rewards": values, "scores": values.clone(), "extra_logs": extra_logs}

@@ -63,10 +63,16 @@ def _greedy(model_dir, prompt, adapter=None):
 def test_distill_step_and_replan_in_openrlhf_metrics(run):
     tmp, _ = run
     scalars = tensorboard_scalars(tmp / "tb")
-    for key in ("loss", "pg_loss", "kl", "grad_norm", "seconds", "budget_max", "replan_action", "replan_tail_min"):
+    for key in ("loss", "pg_loss", "kl", "grad_norm", "seconds", "budget_max", "replan_action", "replan_tail_min",
+                "rollout_gap", "log_ratio_abs"):
         assert f"train/sparrow/distill_{key}" in scalars, sorted(scalars)
     assert "train/policy_loss" in scalars and "train/sparrow/tail_bin_0" in scalars
     assert scalars["train/sparrow/distill_kl"][0] > 0  # fixed:48 on 60-80-token sequences: sparse != dense
+    # the trainer's sparse teacher-forced forward reproduces the engine's sparse rollout (bf16 trainer, fp32 engine):
+    # a misaligned token, position or schedule would be off by nats
+    # (and far better than the dense policy does: log_ratio_abs is sparse vs dense; measured 0.0014 vs 0.016 nats)
+    gap = scalars["train/sparrow/distill_rollout_gap"][0]
+    assert gap < 0.05 and gap < 0.5 * scalars["train/sparrow/distill_log_ratio_abs"][0]
     assert scalars["train/sparrow/distill_budget_max"][0] == 48
     replans = read_jsonl(tmp / "out" / "sparrow" / "distill" / "replan.jsonl")
     assert [e["action"] for e in replans] == ["hold"]  # 48 tokens is the floor: no cheaper schedule exists
@@ -100,6 +106,8 @@ def test_reward_error_scores_zero_with_reason_and_the_step_goes_on(run):
     tmp, done = run
     scalars = tensorboard_scalars(tmp / "tb")
     assert scalars["train/reward_error"][0] == pytest.approx(0.5)  # 2 of 4 samples carry the broken label
+    assert scalars["train/reward_error_label"][0] == pytest.approx(0.5)  # the reason's class, in the metrics
+    assert scalars["train/reward_error_score"][0] == 0.0 and scalars["train/reward"][0] == 0.0
     assert "train/policy_loss" in scalars and len(_canaries(tmp)) == 1  # trained and synced
     assert "kind must be one of" in done.stdout + done.stderr  # the reason, from the engine's process log
 
@@ -120,3 +128,27 @@ def test_resume_restores_the_adapter_and_the_engines_get_it_back(run, tiny_model
     assert max(abs(a - b) for a, b in zip(after["logprobs"], before["logprobs"])) < 1e-4
     sync = [e for e in read_jsonl(tmp / "out" / "sparrow" / "trainer.jsonl") if e["event"] == "weight_sync"]
     assert sync[-1]["canary_reference"] == "policy+distill_lora" and sync[-1]["canary_max_abs_diff"] < 0.05
+
+
+def test_experience_batch_aligns_openrlhf_actions_with_tokens():
+    """OpenRLHF's action column j is token j + 1; the distill batch keeps each value in its token's column."""
+    import torch
+    from openrlhf.trainer.ppo_utils.experience import Experience
+
+    from sparrow_sgl.openrlhf.distill_hook import experience_batch, heldout_prompts
+
+    def item(prompt, response):
+        seq = torch.tensor(prompt + response)
+        action = torch.tensor([0] * (len(prompt) - 1) + [1] * len(response))
+        value = action * torch.arange(1, len(seq), dtype=torch.float32)  # the token index it belongs to
+        return Experience(sequences=seq, attention_mask=torch.ones_like(seq), action_mask=action,
+                          action_log_probs=-value, rollout_log_probs=-2 * value, advantages=value / 10)
+
+    batch, dense = experience_batch([item([5, 6, 7], [8, 9, 10]), item([5, 6], [11])], pad_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 10], [5, 6, 11, 0, 0, 0]]
+    assert batch.prompt_lens.tolist() == [3, 2] and batch.response_lens.tolist() == [3, 1]
+    assert batch.response_mask.tolist()[0] == [False, False, False, True, True, True]
+    assert dense.tolist() == [[0, 0, 0, -3, -4, -5], [0, 0, -2, 0, 0, 0]]
+    assert batch.rollout_logprobs[0, 3:].tolist() == [-6, -8, -10]
+    assert batch.advantages[1, 2].item() == pytest.approx(0.2)
+    assert heldout_prompts([item([5, 6, 7], [8]), item([5, 6, 7], [9]), item([4], [1])], 5) == [[5, 6, 7], [4]]

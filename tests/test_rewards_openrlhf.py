@@ -79,6 +79,9 @@ def test_bad_labels_score_zero_with_reward_error(caplog, monkeypatch):
         out = reward_func(queries, [PROMPT] * len(labels), labels)
     assert out["rewards"].tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
     assert out["extra_logs"]["reward_error"].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
+    assert out["extra_logs"]["reward_error_label"].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]  # the reason, as numbers
+    assert out["extra_logs"]["reward_error_score"].tolist() == [0.0] * 5
+    assert out["extra_logs"]["reward_error_input"].tolist() == [0.0] * 5
     for value in out["extra_logs"].values():  # OpenRLHF reduces each with value.flatten()[0].item()
         assert isinstance(value.flatten()[0].item(), float)
     messages = [r.getMessage() for r in caplog.records if r.name == "rewards.openrlhf"]
@@ -91,6 +94,7 @@ def test_bad_labels_score_zero_with_reward_error(caplog, monkeypatch):
 def test_mismatched_lengths_and_crashing_scorers_do_not_raise(monkeypatch):
     out = reward_func(["a", "b"], ["a"], ["1", "2"])
     assert out["rewards"].tolist() == [0.0, 0.0] and out["extra_logs"]["reward_error"].tolist() == [1.0, 1.0]
+    assert out["extra_logs"]["reward_error_input"].tolist() == [1.0, 1.0]
     import rewards.openrlhf as mod
 
     def boom(*args, **kwargs):
@@ -99,6 +103,7 @@ def test_mismatched_lengths_and_crashing_scorers_do_not_raise(monkeypatch):
     monkeypatch.setattr(mod, "score_labeled", boom)
     out = reward_func([PROMPT + "\\boxed{3}"], [PROMPT], ["3"])
     assert out["rewards"].tolist() == [0.0] and out["extra_logs"]["reward_error"].tolist() == [1.0]
+    assert out["extra_logs"]["reward_error_score"].tolist() == [1.0]
 
 
 def test_response_of_a_left_truncated_prompt():
