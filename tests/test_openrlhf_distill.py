@@ -1,6 +1,7 @@
 """DistillSparse inside OpenRLHF's own `train()` (CPU, embedded engine), and a reward function that fails.
 
-One GRPO step with `--sparrow.distill.enabled` on a sparse schedule (fixed:48: decode past 48 KV tokens is sparse),
+One GRPO step with `--sparrow.distill.enabled` on a sparse schedule (fixed:64: decode past 64 KV tokens is sparse;
+the re-planner then finds fixed:48 holding tau on this model and switches the engines to it),
 rewards from the project's `rewards/openrlhf.py` with one prompt's label broken (its scorer raises), a checkpoint
 saved; then one `--ckpt.load_enable` restart on that checkpoint (its data loader is exhausted: OpenRLHF only
 re-syncs the engines). ~4 min on 2 cores for both runs.
@@ -27,10 +28,11 @@ def _args(model, tmp, *extra):
     prompts.write_text(json.dumps({"input": "Question: what is 0 + 0? The answer is", "label": "0"}) + "\n"
                        + json.dumps({"input": "Write a poem about the number 1.", "label": BAD_LABEL}) + "\n")
     return grpo_args(
-        model, tmp, "--sparrow.engine", "embedded", "--sparrow.schedule", "fixed:48", "--sparrow.topk", "4",
+        model, tmp, "--sparrow.engine", "embedded", "--sparrow.schedule", "fixed:64", "--sparrow.topk", "4",
         "--sparrow.distill.enabled", "--sparrow.distill.lr", "1e-2", "--sparrow.distill.replan_every", "1",
         "--sparrow.distill.heldout_prompts", "2", "--sparrow.distill.replan_samples", "1",
-        "--rollout.max_new_tokens", "64", "--data.max_len", "128",
+        "--sparrow.tau", "0.5",  # fixed:48 measured 0.889 here: far from the threshold, the switch is not a coin toss
+        "--rollout.max_new_tokens", "96", "--data.max_len", "160",
         "--reward.remote_url", str(ROOT / "rewards" / "openrlhf.py"), "--data.prompt_dataset", str(prompts),
         "--ckpt.save_steps", "1", "--ckpt.path", str(tmp / "ckpt"), *extra,
     )
@@ -67,16 +69,19 @@ def test_distill_step_and_replan_in_openrlhf_metrics(run):
                 "rollout_gap", "log_ratio_abs"):
         assert f"train/sparrow/distill_{key}" in scalars, sorted(scalars)
     assert "train/policy_loss" in scalars and "train/sparrow/tail_bin_0" in scalars
-    assert scalars["train/sparrow/distill_kl"][0] > 0  # fixed:48 on 60-80-token sequences: sparse != dense
+    assert scalars["train/sparrow/distill_kl"][0] > 0  # fixed:64 on ~105-token sequences: sparse != dense
     # the trainer's sparse teacher-forced forward reproduces the engine's sparse rollout (bf16 trainer, fp32 engine):
     # a misaligned token, position or schedule would be off by nats
     # (and far better than the dense policy does: log_ratio_abs is sparse vs dense; measured 0.0014 vs 0.016 nats)
     gap = scalars["train/sparrow/distill_rollout_gap"][0]
     assert gap < 0.05 and gap < 0.5 * scalars["train/sparrow/distill_log_ratio_abs"][0]
-    assert scalars["train/sparrow/distill_budget_max"][0] == 48
     replans = read_jsonl(tmp / "out" / "sparrow" / "distill" / "replan.jsonl")
-    assert [e["action"] for e in replans] == ["hold"]  # 48 tokens is the floor: no cheaper schedule exists
-    assert scalars["train/sparrow/distill_replan_action"][0] == 0
+    assert [(e["action"], e["new_budgets"]) for e in replans] == [("switch", [48])]  # 64 * 0.75 = 48 holds tau
+    assert scalars["train/sparrow/distill_replan_action"][0] == 1
+    assert scalars["train/sparrow/distill_budget_max"][0] == 48
+    calls = read_jsonl(tmp / "out" / "sparrow" / "engine_0.jsonl")
+    switched = [i for i, e in enumerate(calls) if e["call"] == "set_schedule" and "48 tok" in e["schedule"]]
+    assert switched and switched[0] < [e["call"] for e in calls].index("update_weights")  # before the next rollout
 
 
 def test_adapter_changes_and_engines_serve_theta_plus_adapter(run, tiny_model_factory):
@@ -123,6 +128,9 @@ def test_resume_restores_the_adapter_and_the_engines_get_it_back(run, tiny_model
     calls = [e["call"] for e in read_jsonl(tmp / "out" / "sparrow" / "engine_0.jsonl")]
     assert "generate_responses" not in calls  # the loader was exhausted: only OpenRLHF's resume sync ran
     assert calls.index("set_adapter") < calls.index("update_weights")
+    log = read_jsonl(tmp / "out" / "sparrow" / "engine_0.jsonl")
+    assert "64 tok" in log[0]["schedule"]  # the flag's schedule at start, then the re-planner's, restored
+    assert any(e["call"] == "set_schedule" and "48 tok" in e["schedule"] for e in log)
     after = _canaries(tmp)[-1]
     assert after["token_ids"] == before["token_ids"]
     assert max(abs(a - b) for a, b in zip(after["logprobs"], before["logprobs"])) < 1e-4
