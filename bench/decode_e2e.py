@@ -39,16 +39,60 @@ from sparrow_sgl.jsonio import write_json_atomic
 PAGE = 16
 GIB = 2**30
 DEFAULT_CONTEXTS = "1k," + ",".join(f"{k}k" for k in range(2, 33, 2))
-SPARSE_VARIANTS = {  # name -> (dense-layer backend, sparse-layer backend, bf16 centroid copy, one-launch selection)
+# name -> (dense-layer backend, sparse-layer backend, bf16 centroid copy, one-launch selection). The sparse step's
+# dense layers run the engine's default (Triton): on an H200 FlashInfer read their KV at ~0.6 of the bytes floor,
+# Triton at ~0.96 (issue 19); `+fidense` keeps the phase-2..4 choice (FlashInfer for them) as a what-if.
+SPARSE_VARIANTS = {
     "sparse-fi": ("flashinfer", "flashinfer", False, False),
-    "sparse-triton": ("flashinfer", "triton", False, False),
+    "sparse-triton": ("triton", "triton", False, False),
     "sparse-fi-bf16c": ("flashinfer", "flashinfer", True, False),
-    "sparse-triton-bf16c": ("flashinfer", "triton", True, False),
-    "sparse-triton-bf16c+1launch": ("flashinfer", "triton", True, True),  # fused score + top-k: what-if
+    "sparse-triton-bf16c": ("triton", "triton", True, False),
+    "sparse-triton-bf16c+fidense": ("flashinfer", "triton", True, False),  # phase-4 benchmark default: what-if
+    "sparse-triton-bf16c+1launch": ("triton", "triton", True, True),  # fused score + top-k: what-if
 }
 DENSE_VARIANTS = {"dense-fi": "flashinfer", "dense-triton": "triton"}
 UNFUSED = "+unfused"  # suffix of the variants re-timed with the unfused elementwise ops (SPARROW_FUSED_OPS=0)
-BASELINE = "+1launch"  # suffix of what-if variants timed beside the shipped ones (never the cost model's input)
+WHAT_IF = ("+1launch", "+fidense")  # suffixes of what-if variants timed beside the shipped ones (never the best)
+PRESET_SEP = "@"  # "sparse-triton@0.80": the variant under the model's 0.80 preset (no suffix: the first preset)
+
+
+def is_what_if(variant: str) -> bool:
+    return any(s in variant for s in WHAT_IF)
+
+
+def base_variant(variant: str) -> str:
+    """The variant's backend configuration name (preset and unfused suffixes removed)."""
+    return variant.split(PRESET_SEP)[0].removesuffix(UNFUSED)
+
+
+def parse_env_variants(text: str) -> dict[str, dict[str, str]]:
+    """'+w8=SPARROW_DECODE_WAVES=8,+x=A=1;B=2' -> {'+w8': {'SPARROW_DECODE_WAVES': '8'}, '+x': {'A': '1', 'B': '2'}}."""
+    out = {}
+    for item in (i for i in text.split(",") if i.strip()):
+        suffix, _, settings = item.strip().partition("=")
+        out[suffix] = dict(kv.split("=", 1) for kv in settings.split(";") if kv)
+    return out
+
+
+def with_suffix(variant: str, suffix: str) -> str:
+    """'sparse-triton@0.80' + '+w8' -> 'sparse-triton+w8@0.80' (the preset tag stays last)."""
+    head, sep, tail = variant.partition(PRESET_SEP)
+    return head + suffix + sep + tail
+
+
+@contextmanager
+def env_set(settings: dict[str, str]):
+    """Environment variables set while the graphs of a variant are captured (read by the kernels' launchers)."""
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextmanager
@@ -175,13 +219,14 @@ def measure(runner, tokens, positions, block_tables, schedule, sparsity, reps: i
     for _ in range(wall_reps):
         runner.decode(tokens, positions, block_tables, schedule, sparsity, table_key="bench")
         torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - start) / wall_reps * 1e3
+    wall_ms = round((time.perf_counter() - start) / wall_reps * 1e3, 4) if wall_reps else None
     return {"step_ms": round(timing["median_us"] / 1e3, 4), "step_p20_ms": round(timing["p20_us"] / 1e3, 4),
-            "step_p80_ms": round(timing["p80_us"] / 1e3, 4), "wall_ms": round(wall_ms, 4),
+            "step_p80_ms": round(timing["p80_us"] / 1e3, 4), "wall_ms": wall_ms,
             "graph": step.graph is not None}
 
 
-def run_model(name: str, args, bw: float, info: dict) -> list[dict]:
+def run_model(name: str, args, bw: float, info: dict) -> tuple[list[dict], list[dict]]:
+    """(decode_e2e rows, decode_profile rows) of one model."""
     from sparrow_sgl.attention.kernels import dispatch
     from sparrow_sgl.config import Schedule
     from sparrow_sgl.costmodel import bytes_limit_speedup
@@ -190,7 +235,8 @@ def run_model(name: str, args, bw: float, info: dict) -> list[dict]:
     from sparrow_sgl.schedule import load_preset
 
     shape = get_model_shape(name)
-    preset = load_preset(f"{name}-0.86")
+    presets = [load_preset(f"{name}-{tau}") for tau in args.presets.split(",") if tau]
+    preset = presets[0]
     dense = Schedule.dense(page_size=PAGE, bin_tokens=preset.bin_tokens, dense_layers=list(preset.dense_layers))
     sparsity = dataclasses.replace(preset.sparsity(), kv_layout="HND")
     contexts = [c for c in parse_ints(args.contexts) if c <= args.max_context]
@@ -215,15 +261,17 @@ def run_model(name: str, args, bw: float, info: dict) -> list[dict]:
         r.centroids = pool.centroids if bf16c else None
         return r
 
-    variants = {v: (dense, runner(be, be)) for v, be in DENSE_VARIANTS.items() if fi or be == "triton"}
-    variants |= {v: (preset, runner(*cfg)) for v, cfg in SPARSE_VARIANTS.items() if fi or "fi" not in v}
-    if args.variants:
-        keep = set(args.variants.split(","))
-        variants = {v: sr for v, sr in variants.items() if v in keep}
+    keep = set(args.variants.split(",")) if args.variants else None
+    wanted = lambda v: keep is None or v in keep
+    variants = {v: (dense, runner(be, be)) for v, be in DENSE_VARIANTS.items() if (fi or be == "triton") and wanted(v)}
+    for p in presets:
+        suffix = "" if p is preset else PRESET_SEP + p.name.rsplit("-", 1)[-1]
+        variants |= {v + suffix: (p, runner(*cfg)) for v, cfg in SPARSE_VARIANTS.items()
+                     if (fi or "fi" not in v) and wanted(v)}
     base = {"kind": "decode_step", "model": name, "gpu": info.get("gpu"), "batch": batch, "torch": info["torch"],
             "date": info["date"], "copy_bw_gbs": bw, "page_size": PAGE, "dtype": "bfloat16"}
     point = dict(name=name, base=base, batch=batch, tokens=tokens, block_tables=block_tables, sparsity=sparsity,
-                 preset=preset, contexts=contexts, args=args, bw=bw)
+                 contexts=contexts, args=args, bw=bw)
     rows = measure_group(variants, **point)
     chosen = [v for v in args.unfused.split(",") if v in variants]
     if chosen:  # fresh runners, so their graphs are captured with the unfused ops
@@ -232,18 +280,74 @@ def run_model(name: str, args, bw: float, info: dict) -> list[dict]:
         with unfused_ops():
             rows += measure_group(unfused, **point)
         del unfused
-    del variants
-    limit = bytes_limit_speedup(name, preset, [args.max_context], batch)
+    env_of: dict[str, dict[str, str]] = {}  # kernel-setting variants: fresh runners captured under their env
+    for suffix, settings in parse_env_variants(args.env_variants).items():
+        backends = {v: (be, be) for v, be in DENSE_VARIANTS.items()} | dict(SPARSE_VARIANTS)
+        group = {with_suffix(v, suffix): (variants[v][0], runner(*backends[base_variant(v)]))
+                 for v in args.env_base.split(",") if v in variants}
+        with env_set(settings):
+            rows += measure_group(group, **point)
+        env_of |= {v: settings for v in group}
+        variants |= group
+    limits = {p.name: bytes_limit_speedup(name, p, [args.max_context], batch) for p in presets}
     for family in ("", UNFUSED):
         family_rows = [r for r in rows if r["variant"].endswith(UNFUSED) == bool(family)]
-        if family_rows:
-            rows += summarize(name, family_rows, preset, dense, batch, args.max_context, limit, base,
-                              what_if=bool(family))
-    return rows
+        for p in presets:
+            sub = [r for r in family_rows if r["variant"].startswith("dense") or r["schedule"] == p.name]
+            if any(r["variant"].startswith("sparse") for r in sub):
+                rows += summarize(name, sub, p, dense, batch, args.max_context, limits[p.name], base,
+                                  what_if=bool(family))
+    if args.drain:
+        from bench.decode_drain import drain_batches, drain_summary
+
+        best = {r["variant"] for r in rows if r["kind"] == "decode_step"}
+        chosen_runners = {v: sr for v, sr in variants.items() if v in best}
+        for b in drain_batches(batch, args.drain_batches):
+            sub_point = point | {"batch": b, "tokens": tokens[:b], "block_tables": block_tables[:b],
+                                 "base": base | {"batch": b}}
+            for v, sr in chosen_runners.items():
+                with env_set(env_of.get(v, {})):
+                    rows += measure_group({v: sr}, **sub_point, wall_reps=0)
+        rows += drain_summary(name, rows, presets, dense, batch, args, base)
+    profile_rows = profile_model(variants, point, shape, args, env_of) if args.profile else []
+    del variants
+    return rows, profile_rows
 
 
-def measure_group(variants, *, name, base, batch, tokens, block_tables, sparsity, preset, contexts, args, bw):
+def profile_model(variants, point, shape, args, env_of: dict) -> list[dict]:
+    """Kernel time by class of each variant's graph at the profile contexts (after all timing is done)."""
+    from bench.decode_profile import floors_ms, profile_kernels, step_bytes, summarize_kernels
+
+    out = []
+    keep = set(args.profile_variants.split(",")) if args.profile_variants else None
+    for context in [c for c in parse_ints(args.profile_contexts) if c <= args.max_context]:
+        positions = [context - 1] * point["batch"]
+        for vname, (schedule, runner) in variants.items():
+            if PRESET_SEP in vname or keep is not None and base_variant(vname).split("+")[0] not in keep:
+                continue  # the first preset only; a kept variant with any suffix
+            with env_set(env_of.get(vname, {})):
+                m = measure(runner, point["tokens"], positions, point["block_tables"], schedule, point["sparsity"],
+                            args.reps, 0)
+            step = runner.last_step
+            kernels = profile_kernels(step.graph.replay if step.graph is not None else step.forward,
+                                      args.profile_steps)
+            budget = schedule.budget_at(context)
+            nbytes = step_bytes(shape, point["batch"], context, budget, len(schedule.dense_layers),
+                                2 if runner.centroids is not None else 4)
+            summary = summarize_kernels(kernels, args.profile_steps, floors_ms(nbytes, point["bw"]))
+            out.append({"model": point["name"], "batch": point["batch"], "variant": vname, "context": context,
+                        "budget": budget, "schedule": schedule.name, "dense_backend": runner.dense_backend,
+                        "sparse_backend": runner.sparse_backend if budget is not None else None,
+                        "step_ms": m["step_ms"]} | summary)
+            print(json.dumps({k: out[-1][k] for k in ("model", "variant", "context", "step_ms", "kernel_ms")}),
+                  flush=True)
+    return out
+
+
+def measure_group(variants, *, name, base, batch, tokens, block_tables, sparsity, contexts, args, bw,
+                  wall_reps: int | None = None):
     """Time every variant at every context (graphs captured at the first context, replayed after)."""
+    wall_reps = args.wall_reps if wall_reps is None else wall_reps
     try:
         from tqdm.auto import tqdm
     except ImportError:  # progress is also printed line by line
@@ -253,13 +357,13 @@ def measure_group(variants, *, name, base, batch, tokens, block_tables, sparsity
     for context in contexts:
         positions = [context - 1] * batch
         for vname, (schedule, runner) in variants.items():
-            m = measure(runner, tokens, positions, block_tables, schedule, sparsity, args.reps, args.wall_reps)
+            m = measure(runner, tokens, positions, block_tables, schedule, sparsity, args.reps, wall_reps)
             bf16c = runner.centroids is not None
             nbytes = bytes_terms(name, batch, context, schedule, 2 if bf16c else 4)
             row = base | {"context": context, "budget": schedule.budget_at(context), "variant": vname,
                           "fused_ops": not vname.endswith(UNFUSED),
                           "schedule": schedule.name, "dense_backend": runner.dense_backend,
-                          "sparse_backend": runner.sparse_backend if schedule is preset else None,
+                          "sparse_backend": None if schedule.is_dense else runner.sparse_backend,
                           "centroids": "bf16" if bf16c else "float32-sum"} | m
             row |= {"tokens_per_s": round(batch / (m["step_ms"] / 1e3), 1), "bytes_gb": round(nbytes / 1e9, 4),
                     "floor_ms": round(nbytes / (bw * 1e9) * 1e3, 4)}
@@ -287,7 +391,7 @@ def summarize(name, rows, preset, dense, batch, max_context, limit, base, what_i
     dense_names = [v for v in totals if v.startswith("dense")]
     sparse_names = [v for v in totals if v.startswith("sparse")]
     best_dense = min(dense_names, key=totals.get)
-    best_sparse = min((v for v in sparse_names if BASELINE not in v), key=totals.get)
+    best_sparse = min((v for v in sparse_names if not is_what_if(v)), key=totals.get)
     dense_at = {r["context"]: r for r in by_variant[best_dense]}
     for r in rows:
         if what_if or r["variant"] not in (best_dense, best_sparse):
@@ -308,7 +412,7 @@ def summarize(name, rows, preset, dense, batch, max_context, limit, base, what_i
             "bytes_limit_speedup": round(limit, 3), "ratio_to_bytes_limit": round(speedup / limit, 3),
             "dense_tokens_per_s": round(batch * max_context / totals[best_dense], 1),
             "sparse_tokens_per_s": round(batch * max_context / totals[v], 1), "best": v == best_sparse,
-            "what_if": what_if or BASELINE in v,
+            "what_if": what_if or is_what_if(v),
             "note": "step times interpolated linearly between sampled contexts; every request at the same length",
         })
     return summary
@@ -317,32 +421,34 @@ def summarize(name, rows, preset, dense, batch, max_context, limit, base, what_i
 def append_rows(path: Path, rows: list[dict], supersede: bool = False) -> None:
     """Extend the flat JSON list at `path` (what `costmodel.load_decode_rows` reads).
 
-    supersede: earlier `decode_step` rows of the models in `rows` become `decode_step_superseded` (kept, but no
-    longer averaged into the measured cost model, which should time the engine as it ships now)."""
+    supersede: earlier `decode_step` rows of the same model and GPU as `rows` become `decode_step_superseded`
+    (kept, but no longer averaged into the measured cost model, which should time the engine as it ships now);
+    rows of other GPUs stay the cost model's input for their GPU."""
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(path.read_text()) if path.is_file() else []
-    fresh = {r.get("model") for r in rows if r.get("kind") == "decode_step"} if supersede else set()
+    fresh = {(r.get("model"), r.get("gpu")) for r in rows if r.get("kind") == "decode_step"} if supersede else set()
     for r in existing:
-        if r.get("kind") == "decode_step" and r.get("model") in fresh:
+        if r.get("kind") == "decode_step" and (r.get("model"), r.get("gpu")) in fresh:
             r["kind"] = "decode_step_superseded"
     write_json_atomic(path, existing + rows)
 
 
 def print_table(rows: list[dict]) -> None:
     print("\nrollout 1 -> max_context tokens, every request growing together; ms = CUDA-graph step (median)")
-    print(f"{'model':11} {'batch':>5} {'variant':20} {'speedup':>8} {'bytes-limit':>11} {'ratio':>6} "
+    print(f"{'model':11} {'batch':>5} {'variant':26} {'speedup':>8} {'bytes-limit':>11} {'ratio':>6} "
           f"{'dense tok/s':>11} {'sparse tok/s':>12}")
     for r in rows:
         if r["kind"] == "decode_rollout":
-            print(f"{r['model']:11} {r['batch']:>5} {r['variant']:20} {r['rollout_speedup']:>7}x "
+            print(f"{r['model']:11} {r['batch']:>5} {r['variant']:26} {r['rollout_speedup']:>7}x "
                   f"{r['bytes_limit_speedup']:>10}x {r['ratio_to_bytes_limit']:>6} {r['dense_tokens_per_s']:>11} "
                   f"{r['sparse_tokens_per_s']:>12}" + ("  <- best" if r["best"] else ""))
-    print(f"\n{'model':11} {'ctx':>6} {'variant':20} {'budget':>6} {'step ms':>8} {'wall ms':>8} {'x floor':>7} "
-          f"{'speedup':>7} {'limit':>6}")
+    print(f"\n{'model':11} {'batch':>5} {'ctx':>6} {'variant':26} {'budget':>6} {'step ms':>8} {'wall ms':>8} "
+          f"{'x floor':>7} {'speedup':>7} {'limit':>6}")
     for r in rows:
-        if r["kind"] != "decode_rollout" and r["context"] in (2048, 8192, 16384, 24576, 32768):
-            print(f"{r['model']:11} {r['context']:>6} {r['variant']:20} {str(r['budget']):>6} {r['step_ms']:>8} "
-                  f"{r['wall_ms']:>8} {r['over_floor']:>7} {r.get('speedup', '-'):>7} "
+        if r["kind"].startswith("decode_step") and r["context"] in (2048, 8192, 16384, 24576, 32768):
+            print(f"{r['model']:11} {r['batch']:>5} {r['context']:>6} {r['variant']:26} {str(r['budget']):>6} "
+                  f"{r['step_ms']:>8} "
+                  f"{str(r['wall_ms']):>8} {r['over_floor']:>7} {r.get('speedup', '-'):>7} "
                   f"{r.get('bytes_limit_speedup', '-'):>6}")
 
 
@@ -359,7 +465,23 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--unfused", default="dense-triton,sparse-triton-bf16c",
                    help="variants re-timed with the unfused elementwise ops (SPARROW_FUSED_OPS=0), '' for none")
     p.add_argument("--variants", default="", help="comma list of variants to time ('' = all that can run)")
+    p.add_argument("--env-variants", default="",
+                   help="kernel settings timed as variants: '+NAME=ENV=VALUE[;ENV=VALUE],...' (e.g. "
+                        "'+w8=SPARROW_DECODE_WAVES=8'), each over the --env-base variants, graphs captured under it")
+    p.add_argument("--env-base", default="dense-triton,sparse-triton-bf16c,sparse-triton-bf16c@0.80")
+    p.add_argument("--presets", default="0.86", help="tau of the qwen3-*-<tau> presets timed, first = the main one")
     p.add_argument("--results-dir", default=None, help="where decode_e2e.json is extended (default bench/results)")
+    p.add_argument("--profile", action="store_true",
+                   help="also time each variant's kernels by class (torch.profiler) -> decode_profile.json")
+    p.add_argument("--profile-contexts", default="2k,16k,32k")
+    p.add_argument("--profile-variants", default="dense-triton,sparse-triton-bf16c,sparse-triton",
+                   help="variants profiled, each with its suffixed forms (+fidense, ...); first preset only")
+    p.add_argument("--profile-steps", type=int, default=5, help="graph replays under the profiler")
+    p.add_argument("--drain", action="store_true",
+                   help="also time the best variants at smaller batches and integrate a drained rollout")
+    p.add_argument("--drain-batches", type=int, default=4, help="batches timed: the full one halved this many times")
+    p.add_argument("--drain-requests", type=int, default=0, help="requests of the drained rollout (0 = 4 x batch)")
+    p.add_argument("--drain-lengths", default="1k,32k", help="response lengths uniform in [min, max] tokens")
     return p
 
 
@@ -370,11 +492,13 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     bw = copy_bandwidth_gbs()
     print(f"{info.get('gpu')}: copy bandwidth {bw} GB/s (read + write)", flush=True)
     out = results_dir(args.results_dir) / "decode_e2e.json"
-    rows = []
+    profile_path = out.parent / "decode_profile.json"
+    earlier_profiles = json.loads(profile_path.read_text()) if args.profile and profile_path.is_file() else []
+    rows, profile_rows = [], []
     with torch.inference_mode():
         for name in [m for m in args.models.split(",") if m]:
             try:
-                model_rows = run_model(name, args, bw, info)
+                model_rows, model_profile = run_model(name, args, bw, info)
             except torch.cuda.OutOfMemoryError as e:
                 print(f"{name}: out of GPU memory ({e}); lower --batch or raise --margin-gib", flush=True)
                 torch.cuda.empty_cache()
@@ -384,7 +508,20 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                 torch.cuda.empty_cache()
             append_rows(out, model_rows, supersede=True)  # per model, so a cut-short run keeps what it measured
             rows += model_rows
+            if args.profile:  # this run's record, rewritten per model
+                from bench.decode_profile import profile_record
+
+                profile_rows += model_profile
+                write_json_atomic(profile_path, earlier_profiles + [profile_record(info, bw, profile_rows)])
     print_table(rows)
+    if args.profile:
+        from bench.decode_profile import print_profile
+
+        print_profile(profile_rows)
+    if args.drain:
+        from bench.decode_drain import print_drain
+
+        print_drain(rows)
     return rows
 
 

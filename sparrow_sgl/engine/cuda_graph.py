@@ -210,6 +210,7 @@ class DecodeStep:
     def attend(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One layer's decode attention (called by `PagedAttention.forward` while this step is the context)."""
         from sparrow_sgl.attention.kernels.triton_decode import triton_attend_pages
+        from sparrow_sgl.attention.kernels.triton_score_heads import use_all_heads
         from sparrow_sgl.attention.kernels.triton_select import select_pages_into
         from sparrow_sgl.attention.kernels.triton_summaries import append_kv_decode
 
@@ -228,6 +229,7 @@ class DecodeStep:
             key_sum=centroid if use_centroid else summaries.key_sum, count=None if use_centroid else summaries.count,
             key_min=summaries.key_min, key_max=summaries.key_max, scores=self.scores, counters=self.counters,
             csr=self.fi_sparse.csr if self.fi_sparse is not None else None, one_launch=self.runner.one_launch_select,
+            all_heads=use_all_heads(),
         )
         if self.fi_sparse is not None:
             return self.fi_sparse.run(q, layer.k_cache, layer.v_cache)

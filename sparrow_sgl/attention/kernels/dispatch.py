@@ -1,8 +1,11 @@
-"""Pick the decode implementation for CUDA tensors: FlashInfer > Triton > the torch reference.
+"""Pick the decode implementation for CUDA tensors: Triton > FlashInfer > the torch reference.
 
-`SPARROW_ATTN_BACKEND=flashinfer|triton|torch` forces a choice (an unusable forced backend raises). FlashInfer
-serves dense decode in either layout and sparse decode on contiguous HND caches in fp16/bf16; Triton serves the
-rest (any layout, fp32 too). Page selection runs in Triton whenever Triton is importable.
+`SPARROW_ATTN_BACKEND=flashinfer|triton|torch` forces a choice (an unusable forced backend raises). Triton serves any
+layout and dtype with a power-of-two head_dim; FlashInfer serves dense decode in either layout and sparse decode on
+contiguous HND caches in fp16/bf16, and is the default only where Triton cannot serve: on an H200 the Triton decode
+read the KV at ~0.96 of the bytes floor where FlashInfer's read the same KV at ~0.6 (issue 19; on an H100 it was
+within a few percent, bench/results/NOTES.md), and it needs no per-call host planning. Page selection runs in
+Triton whenever Triton is importable.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def pick_backend(q: torch.Tensor, k_cache: torch.Tensor, cfg: SparsityConfig, sp
         raise ValueError(f"{ENV_VAR}=triton cannot serve this call (needs triton and a power-of-two head_dim)")
     if forced:
         return forced
-    return "flashinfer" if fi_ok else "triton" if tr_ok else "torch"
+    return "triton" if tr_ok else "flashinfer" if fi_ok else "torch"
 
 
 def gpu_select_pages(q, summaries, block_table, seq_lens, budget, cfg) -> Selection:

@@ -12,6 +12,7 @@ Works on either cache layout through strides.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -107,10 +108,23 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def plan_splits(rows: int, max_entries: int, block_p: int, num_sms: int) -> tuple[int, int]:
-    """(splits, pages per split): enough programs to fill the GPU twice over, each with >= block_p pages."""
+WAVES_ENV = "SPARROW_DECODE_WAVES"  # programs per SM the split plan aims for (default 2)
+BLOCK_ENV = "SPARROW_DECODE_BLOCK_PAGES"  # pages per loop iteration of a program (default 64 tokens' worth)
+
+
+def decode_tiling(page_size: int) -> tuple[int, int]:
+    """(programs per SM to aim for, pages per iteration), read when a launch is built (or captured)."""
+    waves = int(os.environ.get(WAVES_ENV, "").strip() or 2)
+    block_p = int(os.environ.get(BLOCK_ENV, "").strip() or max(1, 64 // page_size))
+    if waves < 1 or block_p < 1 or block_p & (block_p - 1):
+        raise ValueError(f"{WAVES_ENV}={waves} must be >= 1 and {BLOCK_ENV}={block_p} a power of two")
+    return waves, block_p
+
+
+def plan_splits(rows: int, max_entries: int, block_p: int, num_sms: int, waves: int = 2) -> tuple[int, int]:
+    """(splits, pages per split): enough programs to fill the GPU `waves` times over, each with >= block_p pages."""
     chunks = max(triton.cdiv(max_entries, block_p), 1)
-    splits = min(max(triton.cdiv(2 * num_sms, rows), 1), chunks)
+    splits = min(max(triton.cdiv(waves * num_sms, rows), 1), chunks)
     pages_per_split = triton.cdiv(chunks, splits) * block_p
     return triton.cdiv(max(max_entries, 1), pages_per_split), pages_per_split
 
@@ -143,8 +157,8 @@ def triton_attend_pages(
             or counts.shape[1] not in (1, pages.shape[1])):
         raise ValueError(f"pages [batch, heads, K] and counts [batch, heads] disagree: {pages.shape}, {counts.shape}")
     group = q_heads // kv_heads
-    block_p = max(1, 64 // cfg.page_size)
-    splits, _ = plan_splits(batch * kv_heads, pages.shape[2], block_p, _num_sms(q.device))
+    waves, block_p = decode_tiling(cfg.page_size)
+    splits, _ = plan_splits(batch * kv_heads, pages.shape[2], block_p, _num_sms(q.device), waves)
     if out is None:
         out = torch.empty_like(q)
     if out.shape != q.shape or out.stride(2) != 1:

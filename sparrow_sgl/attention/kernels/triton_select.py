@@ -306,6 +306,7 @@ def select_pages_into(
     one_launch: bool = True,
     topk: bool = True,
     topk_chunk: int = TOPK_CHUNK,
+    all_heads: bool = False,
 ) -> torch.Tensor:
     """Write the selected logical pages of every (request, KV head) into `pages_out` [batch, kv_heads, K] int32.
 
@@ -320,6 +321,8 @@ def select_pages_into(
     pages_per_prog / block_p / num_warps: the scoring tile (`score_tiling`); one_launch=False: the two-launch
     baseline; topk=False: scoring only (two-launch path; benchmarks time the parts apart); topk_chunk: pages per
     chunk of the one-launch top-k (a power of two; tests use small ones to exercise the multi-chunk loop).
+    all_heads: the two-launch path scores the centroid scorer's pages with one program per (request, page chunk)
+    over every KV head (`triton_score_heads`) instead of one per (request, KV head, page chunk).
     Returns the scores buffer [batch, kv_heads, max_pages] (entries past a request's pages are unwritten).
     """
     batch, q_heads, head_dim = q.shape
@@ -375,13 +378,19 @@ def select_pages_into(
             num_warps=warps,
         )
         return scores
-    _score_pages_kernel[grid](
-        q, q.stride(0), q.stride(1), *summaries,
-        block_table, block_table.stride(0),
-        seq_lens,
-        scores, scores.stride(0), scores.stride(1),
-        **shape, num_warps=warps,
-    )
+    if all_heads and not quest and not kv_heads & (kv_heads - 1):
+        from sparrow_sgl.attention.kernels.triton_score_heads import score_pages_all_heads
+
+        score_pages_all_heads(q, block_table, seq_lens, summaries[0], count, scores, page_size=cfg.page_size,
+                              sink_pages=cfg.sink_pages, local_pages=cfg.local_pages)
+    else:
+        _score_pages_kernel[grid](
+            q, q.stride(0), q.stride(1), *summaries,
+            block_table, block_table.stride(0),
+            seq_lens,
+            scores, scores.stride(0), scores.stride(1),
+            **shape, num_warps=warps,
+        )
     if not topk:
         return scores
     block_n = max(triton.next_power_of_2(max_pages), 16)

@@ -1,0 +1,73 @@
+"""Issue 19's kernel options against the torch reference: the all-heads scoring launch (SPARROW_SCORE_HEADS=1) and
+the decode split / tile settings (SPARROW_DECODE_WAVES, SPARROW_DECODE_BLOCK_PAGES). GPU (`-m gpu`); the scoring test
+also on the CPU Triton interpreter with SPARROW_TRITON_INTERPRET=1 (as tests/test_kernels_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_kernels_gpu import (
+    _kernel_test,
+    assert_same_up_to_ties,
+    make_problem,
+    reference_scores,
+    rel_err,
+)
+
+from sparrow_sgl.attention import PageSummaries, select_pages
+from sparrow_sgl.attention.decode import attend_pages
+from sparrow_sgl.attention.select import Selection
+from sparrow_sgl.config import SparsityConfig
+
+
+@_kernel_test
+@pytest.mark.parametrize("kv_heads,head_dim,bf16", [(2, 32, False), (8, 128, False), (8, 128, True)])
+def test_all_heads_scoring_selects_like_the_per_head_launch(device, kv_heads, head_dim, bf16):
+    from sparrow_sgl.attention.kernels.triton_select import select_pages_into
+
+    cfg = SparsityConfig(kv_layout="HND")
+    seq = (1, 17, 300, 1000, 64, 2100)
+    q, k, _, block_table, seq_lens = make_problem("HND", seq=seq, q_heads=4 * kv_heads, kv_heads=kv_heads,
+                                                  head_dim=head_dim, device=device)
+    summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
+    key_sum, count = summaries.key_sum, summaries.count
+    if bf16:
+        key_sum, count = summaries.centroid().to(torch.bfloat16), None
+    limit = torch.tensor([1, 2, 7, 33, 100, 40], dtype=torch.int32, device=device)
+    out = {}
+    for all_heads in (False, True):
+        pages = torch.full((len(seq), kv_heads, 64), -5, dtype=torch.int32, device=device)
+        scores = torch.full((len(seq), kv_heads, block_table.shape[1]), float("nan"), device=device)
+        select_pages_into(q, block_table, seq_lens, limit, cfg, pages, key_sum=key_sum, count=count, scores=scores,
+                          one_launch=False, all_heads=all_heads)
+        out[all_heads] = pages, scores
+    n_pages = (seq_lens.long() + 15) // 16
+    written = (torch.arange(block_table.shape[1], device=device)[None, None, :] < n_pages[:, None, None]).expand(
+        -1, kv_heads, -1)
+    per_head, heads = out[False][1], out[True][1]
+    assert not heads[written].isnan().any(), "a page's score left unwritten"
+    torch.testing.assert_close(heads[written], per_head[written], rtol=1e-5, atol=1e-5)
+    ref = select_pages(q, summaries, block_table, seq_lens, (limit * 16).tolist(), cfg)
+    got = Selection(pages=out[True][0][..., : ref.pages.shape[2]].long(), valid=ref.valid, n_pages=ref.n_pages)
+    ref_scores = reference_scores(q, summaries, block_table, seq_lens, cfg)
+    assert_same_up_to_ties(got, ref, ref_scores, rtol=1e-2 if bf16 else 1e-4)
+    if not bf16:
+        assert torch.equal(out[True][0], out[False][0])
+
+
+@pytest.mark.gpu  # the decode kernel's runtime-bounded loop does not run in the interpreter (nor does the old test)
+@pytest.mark.parametrize("waves,block_pages", [(8, 4), (2, 8), (8, 8)])
+def test_decode_split_and_tile_settings_match_reference(waves, block_pages, monkeypatch):
+    from sparrow_sgl.attention.kernels.triton_decode import BLOCK_ENV, WAVES_ENV, triton_attend_pages
+
+    monkeypatch.setenv(WAVES_ENV, str(waves))
+    monkeypatch.setenv(BLOCK_ENV, str(block_pages))
+    cfg = SparsityConfig(kv_layout="HND")
+    q, k, v, block_table, seq_lens = make_problem("HND", seq=(100, 300, 17, 1000, 64), device="cuda")
+    summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
+    for budget in ([48, 96, None, 32, 512], None, 48):
+        selection = select_pages(q, summaries if budget else None, block_table, seq_lens, budget, cfg)
+        ref = attend_pages(q.float(), k.float(), v.float(), block_table, seq_lens, selection, cfg)
+        counts = selection.valid.sum(-1).to(torch.int32)
+        out = triton_attend_pages(q, k, v, block_table, seq_lens, selection.pages.int(), counts, cfg)
+        assert rel_err(out, ref) < 1e-4
