@@ -14,6 +14,10 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sparrow_sgl.rl.config import TrainConfig
 
 
 @dataclass(slots=True)
@@ -43,7 +47,7 @@ class DemoProfile:
     micro_batch_size: int = 8
     tokenizer_vocab: int = 512
     pretrained: bool = False  # start from the committed checkpoint (DEMO_MODEL) instead of build + warm-up
-    extra: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)  # further TrainConfig fields of the GRPO stage (e.g. temperature)
 
 
 PROFILES = {
@@ -111,19 +115,21 @@ PROFILES = {
 }
 PROFILES["pretrained"] = DemoProfile(  # the CPU default: GRPO from the testbed's pretrained checkpoint
     spec={},
-    # ~60-150-token prompts with more variables than its last pretraining stage saw (5-8): greedy exact 0.47
-    task=dict(num_vars=[8, 12], hops=2, filler=[0, 10]),
-    warmup_task=dict(num_vars=[8, 12], hops=2, filler=[0, 10]),
+    # 4-hop chains over 5-8 variables (~45-65-token prompts): its last pretraining stage saw 1-2 hops, so it mostly
+    # stops one hop early (greedy exact ~0.2-0.3); GRPO teaches it to follow the chain to the end. With 8-12
+    # variables (names it barely saw) 80 steps did not move the reward (bench/results/testbed/README.md).
+    task=dict(num_vars=[5, 8], hops=4, filler=[0, 4]),
+    warmup_task=dict(num_vars=[5, 8], hops=4, filler=[0, 4]),
     warmup_steps=0,
     warmup_batch=0,
     page_size=4,
     bin_tokens=32,
     budgets=[12, 16, 24, 32, 48, 64],
-    grpo_steps=20,
+    grpo_steps=60,
     prompts_per_step=4,
     group_size=8,
-    max_new_tokens=10,
-    eval_prompts=32,
+    max_new_tokens=14,
+    eval_prompts=128,
     eval_samples=4,
     lr=2e-4,
     min_count=10,
@@ -187,7 +193,7 @@ class Demo:
         self.warmup_task = ChainTask(**profile.warmup_task, seed=args.seed + 2)
         self.times: dict[str, float] = {}
         self.threads: dict[int, int] = {}  # torch intra-op threads chosen -> stages that ran with them
-        self.summary: dict = {"profile": asdict(profile), "device": args.device, "tau": args.tau}
+        self.summary: dict = {"profile": asdict(profile), "device": args.device, "tau": args.tau, "seed": args.seed}
 
     def stage(self, name: str):
         demo = self
@@ -363,35 +369,62 @@ class Demo:
         return plan.schedule, plan
 
     def evaluate(self, engine, schedule) -> dict:
+        """Held-out prompts (the same before and after GRPO): mean reward of temperature-1 samples (what GRPO
+        optimises) and greedy exact accuracy, each with its standard error over prompts."""
         from sparrow_sgl.engine import SamplingParams
 
         p = self.p
         samples = [self.task.sample(EVAL_OFFSET + i) for i in range(p.eval_prompts)]
         prompts = self.prompts(engine, EVAL_OFFSET, p.eval_prompts)
-        params = SamplingParams(
+        sampled = SamplingParams(
             temperature=1.0, max_new_tokens=p.max_new_tokens, n=p.eval_samples, seed=self.args.seed + 99
         )
-        rollouts = engine.generate(prompts, params, schedule, progress=False)
-        rewards = [self.task.score(r.text or "", samples[r.prompt_index]) for r in rollouts]
-        exact = [1.0 if r == 1.0 else 0.0 for r in rewards]
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=p.max_new_tokens, n=1)
+        rollouts = engine.generate(prompts, sampled, schedule, progress=False)
+        rewards = self.prompt_means(rollouts, samples)
+        solved = self.prompt_means(rollouts, samples, exact=True)
+        exact = self.prompt_means(engine.generate(prompts, greedy, schedule, progress=False), samples, exact=True)
         out = {
-            "reward_mean": sum(rewards) / len(rewards),
-            "solved_frac": sum(exact) / len(exact),
-            "samples": len(rewards),
+            "reward_mean": _mean(rewards),
+            "reward_se": _se(rewards),
+            "solved_frac": _mean(solved),
+            "greedy_exact": _mean(exact),
+            "greedy_exact_se": _se(exact),
+            "prompts": p.eval_prompts,
+            "samples": p.eval_prompts * p.eval_samples,
             "schedule": schedule.describe(),
         }
         self.console.print(
-            f"reward {out['reward_mean']:.3f} (fully solved {out['solved_frac']:.3f}) over "
-            f"{len(rewards)} samples, schedule {schedule.describe()}"
+            f"{p.eval_prompts} held-out prompts: sampled reward {out['reward_mean']:.3f} ± {out['reward_se']:.3f} "
+            f"(fraction of the chain right, {p.eval_samples} samples/prompt at temperature 1; fully solved "
+            f"{out['solved_frac']:.3f}); greedy exact accuracy {out['greedy_exact']:.3f} ± "
+            f"{out['greedy_exact_se']:.3f} (± = standard error over prompts), schedule {schedule.describe()}"
         )
         return out
 
+    def prompt_means(self, rollouts, samples, exact: bool = False) -> list[float]:
+        """Per-prompt mean reward (or exact-answer rate) of `rollouts`."""
+        per: dict[int, list[float]] = {}
+        for r in rollouts:
+            score = self.task.score(r.text or "", samples[r.prompt_index])
+            per.setdefault(r.prompt_index, []).append(float(score == 1.0) if exact else score)
+        return [_mean(v) for _, v in sorted(per.items())]
+
     def grpo(self, engine, model_dir: Path, schedule):
-        from sparrow_sgl.rl.config import TrainConfig
         from sparrow_sgl.rl.trainer import Trainer
 
+        cfg = self.train_config(model_dir)
+        cfg.save(self.out / "grpo" / "config.json")
+        trainer = Trainer(cfg, engine=engine)
+        records = trainer.train()
+        return trainer, records
+
+    def train_config(self, model_dir: Path) -> TrainConfig:
+        """The GRPO stage's TrainConfig: the profile's batch, lr and task, then its `train` overrides."""
+        from sparrow_sgl.rl.config import TrainConfig
+
         p = self.p
-        cfg = TrainConfig(
+        base = dict(
             model=str(model_dir),
             out_dir=str(self.out / "grpo"),
             device=self.args.device,
@@ -412,10 +445,7 @@ class Demo:
             hardware=p.hardware,
             progress=self.progress,
         )
-        cfg.save(self.out / "grpo" / "config.json")
-        trainer = Trainer(cfg, engine=engine)
-        records = trainer.train()
-        return trainer, records
+        return TrainConfig.from_dict({**base, **p.train}, where="demo profile")
 
     # -- summary ------------------------------------------------------------------------------------------------
     def report(self, table, plan, trainer, records, before: dict, after: dict) -> None:
@@ -471,12 +501,17 @@ class Demo:
         speed = Table(title="summary")
         speed.add_column("quantity")
         speed.add_column("value")
-        speed.add_row("reward before GRPO (eval, sparse schedule)", f"{before['reward_mean']:.3f}")
-        speed.add_row("reward after GRPO (eval, sparse schedule)", f"{after['reward_mean']:.3f}")
         speed.add_row(
-            "GRPO train reward first -> last step",
-            f"{records[0]['rollout/reward_mean']:.3f} -> {last['rollout/reward_mean']:.3f}" if records else "-",
+            "reward before GRPO -> after (eval)",
+            f"{before['reward_mean']:.3f} ± {before['reward_se']:.3f} -> {after['reward_mean']:.3f} ± "
+            f"{after['reward_se']:.3f}",
         )
+        speed.add_row(
+            "greedy exact before GRPO -> after (eval)",
+            f"{before['greedy_exact']:.3f} ± {before['greedy_exact_se']:.3f} -> {after['greedy_exact']:.3f} ± "
+            f"{after['greedy_exact_se']:.3f}",
+        )
+        speed.add_row("GRPO train reward, mean of the first -> last 10 steps", _train_trend(records))
         speed.add_row(
             f"predicted rollout speedup ({self.p.hardware} cost model)",
             _fmt(last.get("sparse/speedup_predicted"), "{:.2f}x"),
@@ -496,6 +531,11 @@ class Demo:
         speed.add_row("TailGuard budget changes", str(guard_events) if trainer.guard is not None else "off")
         speed.add_row("stage times", ", ".join(f"{k} {v:.1f} s" for k, v in self.times.items()))
         self.console.print(speed)
+        self.console.print(
+            f"eval: the same {before['prompts']} held-out prompts before and after GRPO; reward = fraction of the "
+            f"chain restated correctly (0-1, mean of {self.p.eval_samples} temperature-1 samples per prompt); greedy "
+            "exact = fraction of prompts whose greedy answer is the whole chain; ± = standard error over prompts"
+        )
         self.summary.update(
             reward_before=before,
             reward_after=after,
@@ -511,10 +551,18 @@ class Demo:
                 "schedule": "schedule.json",
                 "metrics": "grpo/metrics.jsonl",
                 "plots": "grpo/plots/",
+                "reward_plot": "grpo_reward.png",
             },
         )
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=1, default=str) + "\n")
-        self.console.print(f"wrote {self.out}/summary.json, calibration.png, grpo/plots/*.png")
+        from sparrow_sgl.demo_plot import DemoRun, plot_demo_reward
+
+        p = self.p
+        title = (f"sparrow demo ({self.args.device}, seed {self.args.seed}): GRPO reward per step "
+                 f"({p.prompts_per_step} prompts x {p.group_size} samples, lr {p.lr:g})")
+        plot_demo_reward([DemoRun(f"seed {self.args.seed}", records, before, after)], self.out / "grpo_reward.png",
+                         title)
+        self.console.print(f"wrote {self.out}/summary.json, grpo_reward.png, calibration.png, grpo/plots/*.png")
 
 
 def bin_verdict(decision, live_tail: float | None, tau: float, events, final_budget=...) -> tuple[str, str]:
@@ -562,6 +610,27 @@ def _live_tails(records: list[dict]) -> dict[int, float]:
                 i = int(k.rsplit("_", 1)[1])
                 out[i] = min(out.get(i, 1.0), v)
     return out
+
+
+def _train_trend(records: list[dict], window: int = 10) -> str:
+    """`0.812 -> 0.990` (means of the first and last `window` steps' rollout rewards), '-' without records."""
+    if not records:
+        return "-"
+    rewards = [r["rollout/reward_mean"] for r in records]
+    w = min(window, len(rewards))
+    return f"{_mean(rewards[:w]):.3f} -> {_mean(rewards[-w:]):.3f} ({w}-step means)"
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _se(xs: list[float]) -> float:
+    """Standard error of the mean (0 for fewer than 2 values)."""
+    if len(xs) < 2:
+        return 0.0
+    m = _mean(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
 
 
 def _fmt(x, pattern: str = "{:.4f}") -> str:

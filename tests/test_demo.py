@@ -36,6 +36,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert any(r > 0 for r in rewards)
     assert all(r["sparse/kv_budget_mean"] < r["sparse/kv_context_mean"] for r in records)  # rollouts were sparse
     assert "sparse/noise_floor/tail_p5/min" in records[0]
+    assert 0.0 <= records[0]["rollout/solved_frac"] <= 1.0
+    for key in ("reward_se", "greedy_exact", "greedy_exact_se", "prompts"):
+        assert key in summary["reward_before"] and key in summary["reward_after"], key
+    assert (out / "grpo_reward.png").is_file()
+    assert "greedy exact before GRPO" in printed
 
 
 def test_demo_refuses_cuda_without_a_gpu(tmp_path, capsys):
@@ -82,3 +87,60 @@ def test_plots_read_well_with_one_populated_bin(tmp_path):
                for s in (1, 2, 3)]
     paths = plot_run(records, tmp_path / "plots", tau=0.86, bin_tokens=2048)
     assert [p.name for p in paths] == ["reward.png", "tails.png", "timing.png"]
+
+
+def _demo(tmp_path, **profile_changes):
+    import argparse
+    import copy
+
+    from sparrow_sgl.demo import PROFILES, Demo
+
+    profile = copy.deepcopy(PROFILES["pretrained"])
+    for k, v in profile_changes.items():
+        setattr(profile, k, v)
+    args = argparse.Namespace(out=str(tmp_path), no_progress=True, seed=3, device="cpu", tailguard=True, tau=0.86)
+    return Demo(profile, args, console=None)
+
+
+def test_demo_profile_train_overrides_reach_the_trainer(tmp_path):
+    import pytest
+
+    from sparrow_sgl.config import ConfigError
+
+    cfg = _demo(tmp_path, train={"temperature": 0.7, "clip_high": 0.3}).train_config(tmp_path / "model")
+    assert cfg.temperature == 0.7 and cfg.clip_high == 0.3
+    assert cfg.lr == 2e-4 and cfg.task_args["hops"] == 4 and cfg.task_args["seed"] == 4
+    with pytest.raises(ConfigError, match="unknown key"):
+        _demo(tmp_path, train={"no_such_key": 1}).train_config(tmp_path / "model")
+
+
+def test_pretrained_profile_answers_fit_in_max_new_tokens():
+    from transformers import AutoTokenizer
+
+    from sparrow_sgl.demo import DEMO_MODEL, PROFILES
+    from sparrow_sgl.rl.tasks import ChainTask
+
+    p = PROFILES["pretrained"]
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    task = ChainTask(**p.task, seed=1)
+    longest = max(len(tokenizer.encode(task.sample(i).reference, add_special_tokens=False)) for i in range(50))
+    assert longest + 1 <= p.max_new_tokens  # + end of turn
+    assert "<unk>" not in tokenizer.tokenize(task.sample(0).prompt)
+
+
+def test_reward_plot_and_standard_error(tmp_path):
+    from sparrow_sgl.demo import _se
+    from sparrow_sgl.demo_plot import DemoRun, load_run, plot_demo_reward
+
+    assert _se([0.0, 1.0]) == 0.5 and _se([1.0]) == 0.0
+    records = [{"step": i + 1, "rollout/reward_mean": 0.5 + i / 40, "rollout/solved_frac": i / 20} for i in range(20)]
+    before = {"reward_mean": 0.5, "reward_se": 0.02, "greedy_exact": 0.2, "greedy_exact_se": 0.04, "prompts": 64}
+    after = {**before, "reward_mean": 0.9, "greedy_exact": 0.8}
+    runs = [DemoRun("seed 0", records, before, after), DemoRun("seed 1", records[:10], before, after)]
+    assert plot_demo_reward(runs, tmp_path / "r.png").stat().st_size > 0
+    (tmp_path / "run" / "grpo").mkdir(parents=True)
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"seed": 2, "reward_before": before,
+                                                               "reward_after": after}))
+    (tmp_path / "run" / "grpo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = load_run(tmp_path / "run")
+    assert run.label == "seed 2" and len(run.records) == 20 and run.after["greedy_exact"] == 0.8

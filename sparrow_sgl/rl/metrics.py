@@ -51,6 +51,7 @@ def rollout_metrics(batch, rollouts, tokens_per_s: float) -> dict:
     return {
         "rollout/reward_mean": float(batch.rewards.mean()),
         "rollout/reward_std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
+        "rollout/solved_frac": float((batch.rewards >= 1.0).float().mean()),  # full-reward rollouts
         "rollout/response_length_mean": float(lens.mean()),
         "rollout/response_length_max": float(lens.max()),
         "rollout/prompt_length_mean": float(batch.prompt_lens.float().mean()),
