@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-DEMO_TASK = dict(num_vars=[8, 12], hops=2, filler=[20, 80], seed=1)  # the CPU demo's task (`sparrow demo`)
+DEMO_TASK = dict(num_vars=[8, 12], hops=2, filler=[20, 80], seed=1)  # the first pretraining stages' "demo" eval
 SWEEP_TASK = dict(num_vars=[12, 24], hops=2, filler=[100, 400], seed=1)  # prompts of ~1.3K-10K tokens
 
 # Candidate sweep tasks, longest first, each with the sweep settings its lengths need (bins, budget grid, pages;
