@@ -9,18 +9,20 @@ by value from the driver, so patches of their own methods do not reach the actor
   every engine serves θ + φ (`set_adapter`); the weight sync that follows sends θ alone (the trainer's policy never
   holds φ) and the engines merge φ on top again. Every `--sparrow.distill.replan_every` steps the re-planner
   (`distill.replan`) measures a cheaper schedule on engine 0 and, when it holds, the engines switch to it. Metrics
-  (`sparrow/distill_*`) join OpenRLHF's status, logged as `train/sparrow/distill_*` next to `sparrow/tail_bin_*`.
+  (`sparrow/distill_*`: the `distill/` trainer's loss, kl, rollout_gap, ...; `budget_max` in tokens; on a re-plan
+  step `replan_action` 1 switch / 0 hold / -1 revert, `replan_tail_min`, `speedup_predicted`) join OpenRLHF's
+  status, logged as `train/sparrow/distill_*` next to `sparrow/tail_bin_*`; events go to `distill/replan.jsonl`.
 - `DeepspeedStrategy.save_ckpt` / `load_ckpt` (deepspeed.py:685,766): φ, its optimizer, the re-planner and the step
   count go into the actor checkpoint's tag dir (`sparrow_distill.pt`); with `--ckpt.load_enable` they come back and
   φ goes to the engines before OpenRLHF's resume sync (ppo_trainer.py:515).
-Data-parallel ranks keep one φ: rank 0's initial φ is broadcast, gradients are averaged before each φ step, rank 0
-alone talks to the engines and re-plans (its decision is broadcast).
+Data-parallel ranks keep one φ: rank 0's initial φ is broadcast, gradients are averaged before each φ step (after
+each rank clipped its own), rank 0 alone talks to the engines and re-plans (its decision is broadcast). That path
+has not run yet (the tests have one rank; no multi-GPU machine was lent).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,6 @@ from sparrow_sgl.openrlhf.engine_group import EngineGroup
 STATE_FILE = "sparrow_distill.pt"
 PREFIX = "sparrow/distill_"
 REPLAN_ACTIONS = {"hold": 0.0, "switch": 1.0, "revert": -1.0, "guard": 2.0}
-log = logging.getLogger(__name__)
 
 _hook: DistillHook | None = None
 _resume_dir: Path | None = None  # the actor checkpoint dir `load_ckpt` restored (this process)
@@ -122,9 +123,8 @@ class DistillHook:
         event = self.distill.last_replan if self.rank == 0 else None
         if event is None or event.step != self.step:
             return {}
-        log.info(event.summary())
         logs = {PREFIX + "replan_action": REPLAN_ACTIONS.get(event.action, -2.0)}
-        measured = [t for t in event.tails.values() if t is not None]
+        measured = [t for t in event.tails.values() if t is not None]  # lowest bin tail of any schedule it measured
         if measured:
             logs[PREFIX + "replan_tail_min"] = min(measured)
         if event.speedup_new is not None:
