@@ -15,6 +15,11 @@ sparse variant of the engine as shipped; earlier `decode_step` rows of the same 
 
     python -m bench.decode_e2e                                  # 1.7B, 4B, 8B, contexts 1K..32K
     python -m bench.decode_e2e --models qwen3-1.7b --contexts 2k,16k,32k --reps 5
+    python -m bench.decode_e2e --profile --drain --presets 0.86,0.80   # + kernel classes, drained rollouts
+
+`--profile` adds the kernel time of each step by class (`bench/decode_profile.py`, -> decode_profile.json),
+`--drain` the drained rollout of lengths uniform in 1K-32K next to the growing-together one (`bench/decode_drain.py`),
+`--env-variants` re-times variants with kernel settings (environment variables read when graphs are captured).
 """
 
 from __future__ import annotations
@@ -421,14 +426,15 @@ def summarize(name, rows, preset, dense, batch, max_context, limit, base, what_i
 def append_rows(path: Path, rows: list[dict], supersede: bool = False) -> None:
     """Extend the flat JSON list at `path` (what `costmodel.load_decode_rows` reads).
 
-    supersede: earlier `decode_step` rows of the same model and GPU as `rows` become `decode_step_superseded`
-    (kept, but no longer averaged into the measured cost model, which should time the engine as it ships now);
-    rows of other GPUs stay the cost model's input for their GPU."""
+    supersede: earlier `decode_step` rows of the same model, GPU and batch as `rows` become
+    `decode_step_superseded` (kept, but no longer averaged into the measured cost model, which should time the
+    engine as it ships now); rows of other GPUs or batches stay the cost model's input."""
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(path.read_text()) if path.is_file() else []
-    fresh = {(r.get("model"), r.get("gpu")) for r in rows if r.get("kind") == "decode_step"} if supersede else set()
+    key = lambda r: (r.get("model"), r.get("gpu"), r.get("batch"))
+    fresh = {key(r) for r in rows if r.get("kind") == "decode_step"} if supersede else set()
     for r in existing:
-        if r.get("kind") == "decode_step" and (r.get("model"), r.get("gpu")) in fresh:
+        if r.get("kind") == "decode_step" and key(r) in fresh:
             r["kind"] = "decode_step_superseded"
     write_json_atomic(path, existing + rows)
 

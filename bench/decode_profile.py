@@ -20,7 +20,7 @@ CLASSES = ("dense_attention", "sparse_attention", "page_scoring", "topk", "gemm"
            "kv_append", "other")
 _RULES = (  # (class, lower-case name fragments); first match wins. "attention" is split by `classify`.
     ("kv_append", ("_append_kv_decode_kernel", "_append_decode_kernel")),
-    ("page_scoring", ("_score_pages_kernel", "_select_pages_kernel")),  # the one-launch kernel also does top-k
+    ("page_scoring", ("_score_pages_kernel", "_select_pages_kernel", "_score_heads_kernel")),  # one-launch: + top-k
     ("topk", ("_topk_pages_kernel", "topk", "radix", "sort")),
     ("fused_elementwise", ("_add_rms_norm_kernel", "_qk_norm_rope_kernel", "_silu_mul_kernel")),
     ("attention", ("_sparse_decode_kernel", "_merge_splits_kernel", "batchdecode", "mergestate", "flashinfer")),

@@ -79,8 +79,10 @@ def host_budget_pages(table: np.ndarray, bin_tokens: int, seq_lens: np.ndarray) 
 
 
 def default_backend(dtype: torch.dtype, head_dim: int) -> str:
-    """Triton unless SPARROW_ATTN_BACKEND=flashinfer: inside the graph both ran within a few percent of each other on
-    an H100, and Triton needs no per-step host planning (bench/results/NOTES.md, end-to-end decode)."""
+    """Triton unless SPARROW_ATTN_BACKEND=flashinfer, for dense and sparse layers alike: inside the graph both ran
+    within a few percent on an H100, while on an H200 FlashInfer read the 2 dense layers' KV of a sparse step at
+    ~0.6 of the bytes floor and Triton at ~0.96 (4B/8B: the sparse step 4-8% slower with FlashInfer there), and
+    Triton needs no per-step host planning (bench/results/NOTES.md, end-to-end decode and phase 5)."""
     forced = os.environ.get(dispatch.ENV_VAR, "").strip().lower()
     fi_ok = dispatch.installed("flashinfer") and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128, 256)
     if forced == "flashinfer" and not fi_ok:

@@ -1,11 +1,11 @@
-"""Paged block-sparse decode attention in Triton: the fallback when FlashInfer is absent (or the layout is NHD).
+"""Paged block-sparse decode attention in Triton: the default decode kernel (dense layers included).
 
 Split-KV (flash-decoding): grid (batch * kv_heads, splits). A program takes one (request, KV head), all query heads
-of its GQA group at once (a [group, D] x [D, tokens] product on the tensor cores), and a contiguous slice of the
+of its GQA group at once (a [group, D] x [D, tokens] product on the tensor cores), and every SPLITS-th chunk of the
 row's selected pages (each row's own count is split evenly, so one fixed grid suits a CUDA graph); it keeps
 an online softmax and writes its partial output and log-sum-exp. A second kernel merges the splits; when the
-(request, KV head) rows alone fill the GPU there is one split and the kernel writes the output directly (one
-launch, no partials).
+(request, KV head) rows alone give every SM `SPARROW_DECODE_WAVES` programs (default 8) there is one split and the
+kernel writes the output directly (one launch, no partials).
 Works on either cache layout through strides.
 """
 
@@ -108,20 +108,24 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-WAVES_ENV = "SPARROW_DECODE_WAVES"  # programs per SM the split plan aims for (default 2)
+WAVES_ENV = "SPARROW_DECODE_WAVES"  # programs per SM the split plan aims for
 BLOCK_ENV = "SPARROW_DECODE_BLOCK_PAGES"  # pages per loop iteration of a program (default 64 tokens' worth)
+# 8 (was 2): on an H200 the padded decode batches (32-64 requests x 8 KV heads) left 1-3 long programs per SM and
+# the last ones ran alone; 8 per SM measured 2-5% faster dense and sparse steps at 8K-32K (NOTES.md, phase 5).
+DEFAULT_WAVES = 8
 
 
 def decode_tiling(page_size: int) -> tuple[int, int]:
     """(programs per SM to aim for, pages per iteration), read when a launch is built (or captured)."""
-    waves = int(os.environ.get(WAVES_ENV, "").strip() or 2)
+    waves = int(os.environ.get(WAVES_ENV, "").strip() or DEFAULT_WAVES)
     block_p = int(os.environ.get(BLOCK_ENV, "").strip() or max(1, 64 // page_size))
     if waves < 1 or block_p < 1 or block_p & (block_p - 1):
         raise ValueError(f"{WAVES_ENV}={waves} must be >= 1 and {BLOCK_ENV}={block_p} a power of two")
     return waves, block_p
 
 
-def plan_splits(rows: int, max_entries: int, block_p: int, num_sms: int, waves: int = 2) -> tuple[int, int]:
+def plan_splits(rows: int, max_entries: int, block_p: int, num_sms: int, waves: int = DEFAULT_WAVES
+                ) -> tuple[int, int]:
     """(splits, pages per split): enough programs to fill the GPU `waves` times over, each with >= block_p pages."""
     chunks = max(triton.cdiv(max_entries, block_p), 1)
     splits = min(max(triton.cdiv(waves * num_sms, rows), 1), chunks)
