@@ -70,8 +70,8 @@ def test_distill_step_and_replan_in_openrlhf_metrics(run):
         assert f"train/sparrow/distill_{key}" in scalars, sorted(scalars)
     assert "train/policy_loss" in scalars and "train/sparrow/tail_bin_0" in scalars
     assert scalars["train/sparrow/distill_kl"][0] > 0  # fixed:64 on ~105-token sequences: sparse != dense
-    # the trainer's sparse teacher-forced forward reproduces the engine's sparse rollout (bf16 trainer, fp32 engine):
-    # a misaligned token, position or schedule would be off by nats
+    # the trainer's sparse teacher-forced forward reproduces the engine's sparse rollout (bf16 trainer, fp32 engine;
+    # θ did not move: every reward is 0, so no advantage): a misaligned token, position or schedule would be far off
     # (and far better than the dense policy does: log_ratio_abs is sparse vs dense; measured 0.0014 vs 0.016 nats)
     gap = scalars["train/sparrow/distill_rollout_gap"][0]
     assert gap < 0.05 and gap < 0.5 * scalars["train/sparrow/distill_log_ratio_abs"][0]
