@@ -7,7 +7,8 @@ stages (scripts/testbed/README.md has the exact commands and the collapse rule):
             steps) as concurrent processes, then report
   report    figure + table (+ JSON) from a sweep directory
   run       one GRPO run of a sweep (what `sweep` launches per configuration)
-Profiles: `h200` (the real thing, one GPU) and `toy` (seconds on CPU: the tests).
+Profiles: `h200` (the real thing, one GPU), `cpu-4hop` (the CPU demo's learning setting as a sweep, minutes on 2
+cores) and `toy` (seconds on CPU: the tests).
 """
 
 from __future__ import annotations
@@ -113,6 +114,33 @@ SWEEP_PROFILES: dict[str, dict] = {
         jobs=6,
         minutes=7.0,
         hardware="h200",
+    ),
+    # the CPU demo's setting (GRPO that learns in ~60 steps: 4-hop chains the checkpoint stops a hop early on) as a
+    # sweep on 2 CPU cores: ~45-80-token contexts, 4-token pages, plus a flat 3-page budget far below tau
+    "cpu-4hop": dict(
+        device="cpu",
+        task=dict(num_vars=[5, 8], hops=4, filler=[0, 4], seed=1),
+        budgets=[12, 16, 24, 32, 48, 64],
+        page_size=4,
+        bin_tokens=32,
+        min_count=10,
+        calib_prompts=32,
+        calib_samples=4,
+        max_new_tokens=14,
+        speed_prompts=8,
+        speed_samples=4,
+        speed_new_tokens=14,
+        steps=60,
+        prompts_per_step=4,
+        group_size=8,
+        lr=2e-4,
+        micro_batch_size=16,
+        kv_gb=0.05,
+        hardware="cpu",
+        eval_prompts=128,
+        eval_every=20,
+        jobs=2,
+        fixed_budgets=[12],
     ),
     "toy": dict(
         device="cpu",
