@@ -143,7 +143,7 @@ def test_experience_batch_aligns_openrlhf_actions_with_tokens():
     import torch
     from openrlhf.trainer.ppo_utils.experience import Experience
 
-    from sparrow_sgl.openrlhf.distill_hook import experience_batch, heldout_prompts
+    from sparrow_sgl.openrlhf.distill_hook import experience_batch, heldout_prompts, live_tails
 
     def item(prompt, response):
         seq = torch.tensor(prompt + response)
@@ -160,3 +160,10 @@ def test_experience_batch_aligns_openrlhf_actions_with_tokens():
     assert batch.rollout_logprobs[0, 3:].tolist() == [-6, -8, -10]
     assert batch.advantages[1, 2].item() == pytest.approx(0.2)
     assert heldout_prompts([item([5, 6, 7], [8]), item([5, 6, 7], [9]), item([4], [1])], 5) == [[5, 6, 7], [4]]
+    tailed = item([5], [6])  # tails.py's batch statistics, as every sample's info carries them
+    tailed.info = {"sparrow/tail_bin_1": torch.tensor(0.7), "sparrow/tail_tokens_1": torch.tensor(30.0),
+                   "sparrow/tail_min": torch.tensor(0.7), "reward": torch.tensor(1.0)}
+    (stat,) = live_tails([tailed], bin_tokens=2048).items()
+    assert stat[0] == 1 and (stat[1].start, stat[1].end, stat[1].count) == (2048, 4096, 30)
+    assert stat[1].tail == pytest.approx(0.7)
+    assert live_tails([item([5], [6])], 2048) is None

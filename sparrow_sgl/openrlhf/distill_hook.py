@@ -8,10 +8,12 @@ by value from the driver, so patches of their own methods do not reach the actor
   log-probs (PPO) and the dense log-probs OpenRLHF already computed (`action_log_probs`, k3 KL). φ is saved and
   every engine serves θ + φ (`set_adapter`); the weight sync that follows sends θ alone (the trainer's policy never
   holds φ) and the engines merge φ on top again. Every `--sparrow.distill.replan_every` steps the re-planner
-  (`distill.replan`) measures a cheaper schedule on engine 0 and, when it holds, the engines switch to it. Metrics
+  (`distill.replan`) measures a cheaper schedule on engine 0 and, when it holds, the engines switch to it; after a
+  switch its TailGuard watches the live tails (tails.py, `--sparrow.topk`) and raises failing bins. Metrics
   (`sparrow/distill_*`: the `distill/` trainer's loss, kl, rollout_gap, ...; `budget_max` in tokens; on a re-plan
-  step `replan_action` 1 switch / 0 hold / -1 revert, `replan_tail_min`, `speedup_predicted`) join OpenRLHF's
-  status, logged as `train/sparrow/distill_*` next to `sparrow/tail_bin_*`; events go to `distill/replan.jsonl`.
+  step `replan_action` 1 switch / 0 hold / -1 revert / 2 guard raise, `replan_tail_min`, `speedup_predicted`) join
+  OpenRLHF's status, logged as `train/sparrow/distill_*` next to `sparrow/tail_bin_*`; events go to
+  `distill/replan.jsonl`.
 - `DeepspeedStrategy.save_ckpt` / `load_ckpt` (deepspeed.py:685,766): φ, its optimizer, the re-planner and the step
   count go into the actor checkpoint's tag dir (`sparrow_distill.pt`); with `--ckpt.load_enable` they come back and
   φ goes to the engines before OpenRLHF's resume sync (ppo_trainer.py:515).
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from sparrow_sgl.mismatch import BinStat
 from sparrow_sgl.openrlhf.engine_group import EngineGroup
 
 STATE_FILE = "sparrow_distill.pt"
@@ -81,6 +84,7 @@ class DistillHook:
         args = trainer.strategy.args
         sparrow = from_hierarchical(args)[0]
         self.cfg, self.owner, self.heldout, self.step = sparrow.distill, trainer, heldout, 0
+        self.bin_tokens = sparrow.bin_tokens  # the live tails' bin width (tails.py)
         self.rank, world = _rank_world()
         self.engines = EngineGroup(args.vllm.num_engines, sparrow.sync_timeout, sparrow.bin_tokens, self.rank == 0)
         out_dir = sparrow.out_dir if self.rank == 0 else str(Path(sparrow.out_dir) / f"rank{self.rank}")
@@ -105,15 +109,16 @@ class DistillHook:
             batch, dense = experience_batch(items, self.pad_id)
             metrics = self.distill.step(batch, dense, self.step, schedule=self.distill.schedule)
             logs.update({PREFIX + k.removeprefix("distill/"): float(v) for k, v in metrics.items()})
-        logs.update(self._replan())
+        same_bins = self.bin_tokens == self.distill.schedule.bin_tokens  # else the guard could not compare them
+        logs.update(self._replan(live_tails(items, self.bin_tokens) if same_bins else None))
         logs[PREFIX + "budget_max"] = float(max((b or 0) for b in self.distill.schedule.budgets))
         return logs
 
-    def _replan(self) -> dict:
+    def _replan(self, live: dict | None) -> dict:
         if not self.cfg.replan_every:
             return {}
         old = self.distill.schedule
-        new = self.distill.maybe_replan(self.step, old) if self.rank == 0 else None
+        new = self.distill.maybe_replan(self.step, old, live_tails=live) if self.rank == 0 else None
         new = _from_rank0(None if new is None else new.to_dict())
         if new is None:
             self.distill.schedule = old
@@ -176,6 +181,19 @@ def experience_batch(items: list, pad_id: int = 0):
         rewards=torch.zeros(n), prompt_lens=prompt_lens, response_lens=response_lens,
     )
     return batch, per_token["dense"] * response
+
+
+def live_tails(items: list, bin_tokens: int) -> dict[int, BinStat] | None:
+    """This step's per-bin tails as tails.py measured them (`--sparrow.topk`, bins of `--sparrow.bin_tokens`), read
+    back from the experiences' info: what the re-planner's TailGuard watches after a switch. None without tails."""
+    info = items[0].info if items else {}
+    out = {}
+    for key, tail in info.items():
+        i = key.removeprefix("sparrow/tail_bin_")
+        if i != key and f"sparrow/tail_tokens_{i}" in info:
+            count = int(float(info[f"sparrow/tail_tokens_{i}"]))
+            out[int(i)] = BinStat(int(i) * bin_tokens, (int(i) + 1) * bin_tokens, count, float(tail), None)
+    return out or None
 
 
 def heldout_prompts(items: list, count: int) -> list[list[int]]:

@@ -10,7 +10,8 @@ Path of the data (OpenRLHF 0.11.2):
   `sparrow_forward` (`_dispatch_forward`), which returns `(action_log_probs, alpha per token)` from one forward;
   `_flatten_results` unwraps that again;
 - the batch's per-bin q-quantile of alpha (`sparrow_sgl.mismatch.tail_by_bin`, the embedded trainer's statistic)
-  goes into every sample's `info` as `sparrow/tail_bin_<i>`, `sparrow/tail_min`, ... (logged as `train/...`);
+  goes into every sample's `info` as `sparrow/tail_bin_<i>` (with its token count `sparrow/tail_tokens_<i>`),
+  `sparrow/tail_min`, ... (logged as `train/...`; DistillSparse's re-planner reads them back, distill_hook.py);
 - with `--sparrow.guard`, the same wrapper feeds those tails to a TailGuard (guard.py), which sends a changed
   schedule to every engine before the next rollout.
 """
@@ -59,6 +60,7 @@ def tail_logs(alphas: list[torch.Tensor], positions: list[torch.Tensor], bin_tok
     alpha, pos = torch.cat(alphas) if alphas else torch.empty(0), torch.cat(positions) if positions else torch.empty(0)
     stats = tail_by_bin(alpha, pos, bin_tokens=bin_tokens, q=quantile)
     logs = {f"sparrow/tail_bin_{i}": s.tail for i, s in enumerate(stats) if s.tail is not None}
+    logs.update({f"sparrow/tail_tokens_{i}": float(s.count) for i, s in enumerate(stats) if s.tail is not None})
     lowest = min_tail(stats)
     if lowest is not None:
         logs["sparrow/tail_min"] = lowest
