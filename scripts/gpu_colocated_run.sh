@@ -9,7 +9,8 @@
 # DRY_RUN=1 (run): checks the kit and prints each mode's command and resolved configuration (--sparrow.dry_run);
 # no Ray, no GPU; works on a CPU with PYTHON=.venv-sglang/bin/python.
 # env: OUT, WORK (/tmp/gpu_colocated), PYTHON (python3), SITE (/tmp/site), KIT_DIRS (".whl_a .whl_b"), MODEL_DIR,
-#      MODES ("dense sparse"), SPARSE_SCHEDULE (fixed:1024), STEPS (4), RUN_TIMEOUT (s per mode, 220)
+#      MODES ("dense sparse"), SPARSE_SCHEDULE (fixed:1024), STEPS (4), PROMPTS (8 a step), SAMPLES (8 a prompt),
+#      TASK (long), EXTRA_ARGS (appended flags), RUN_TIMEOUT (s per mode, 220), RAY_PORT (6379)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
@@ -25,8 +26,11 @@ MODES=${MODES:-dense sparse}
 SPARSE_SCHEDULE=${SPARSE_SCHEDULE:-fixed:1024}
 STEPS=${STEPS:-4}
 RUN_TIMEOUT=${RUN_TIMEOUT:-220}
-PROMPTS=8    # per step
-SAMPLES=8    # per prompt
+PROMPTS=${PROMPTS:-8}    # per step
+SAMPLES=${SAMPLES:-8}    # per prompt
+TASK=${TASK:-long}       # a testbed.SWEEP_TASKS name
+RAY_PORT=${RAY_PORT:-6379}
+read -r -a EXTRA <<< "${EXTRA_ARGS:-}"  # more entry-point flags (a later flag wins in OpenRLHF's parser)
 mkdir -p "$OUT"
 
 probe() {
@@ -80,13 +84,14 @@ mode_args() {  # MODE SCHEDULE DIR
     --algo.advantage.estimator group_norm --algo.kl.init_coef 0 --actor.eps_clip_low_high 0.2 0.28
     --algo.advantage.is_correction_level token --algo.advantage.is_correction_mode clip
     --algo.advantage.is_correction_threshold 2.0
-    --rollout.batch_size "$PROMPTS" --rollout.n_samples_per_prompt "$SAMPLES" --rollout.micro_batch_size 8
+    --rollout.batch_size "$PROMPTS" --rollout.n_samples_per_prompt "$SAMPLES"
+    --rollout.micro_batch_size $(( PROMPTS * SAMPLES < 8 ? PROMPTS * SAMPLES : 8 ))
     --train.batch_size $((PROMPTS * SAMPLES)) --train.micro_batch_size 4 --train.num_episodes 1
     --rollout.temperature 1.0 --rollout.top_p 1.0
     --ds.zero_stage 2 --ds.param_dtype bf16 --ds.attn_implementation sdpa
     --actor.adam.lr 1e-4 --actor.lr_scheduler constant
     --ckpt.output_dir "$dir/ckpt" --ckpt.path "$dir/ckpt/checkpoints" --logger.tensorboard_dir "$dir/tb"
-    --sparrow.engine embedded --sparrow.schedule "$schedule" --sparrow.topk 20 --sparrow.out_dir "$dir/sparrow"
+    --sparrow.engine embedded --sparrow.schedule "$schedule" --sparrow.topk 20 --sparrow.out_dir "$dir/sparrow" "${EXTRA[@]}"
   )
 }
 
@@ -103,11 +108,11 @@ run_mode() {  # MODE SCHEDULE
     return
   fi
   ray_cli stop --force > /dev/null 2>&1 || true  # a head left by a mode killed at its timeout
-  ray_cli start --head --num-gpus 1 --num-cpus "$(nproc)" --include-dashboard=false --disable-usage-stats \
+  ray_cli start --head --port "$RAY_PORT" --num-gpus 1 --num-cpus "$(nproc)" --include-dashboard=false --disable-usage-stats \
     > "$dir/ray_start.log" 2>&1 || { cat "$dir/ray_start.log"; return 1; }
   start=$(date +%s)
   set +e
-  RAY_ADDRESS=127.0.0.1:6379 timeout -k 20 "$RUN_TIMEOUT" "$PYTHON" -m sparrow_sgl.openrlhf.train_ppo_ray "${args[@]}" \
+  RAY_ADDRESS=127.0.0.1:$RAY_PORT timeout -k 20 "$RUN_TIMEOUT" "$PYTHON" -m sparrow_sgl.openrlhf.train_ppo_ray "${args[@]}" \
     > "$dir/run.log" 2>&1
   rc=$?
   set -e
@@ -141,8 +146,8 @@ export PYTHONPATH="$REPO/scripts/gpu_site:$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=0 RAY_USAGE_STATS_ENABLED=0 \
   TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled \
   DS_BUILD_OPS=0 TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-[ "${DRY_RUN:-0}" = 1 ] || export DS_ACCELERATOR=cuda
-"$PYTHON" scripts/gpu_colocated_task.py "$MODEL_DIR" "$WORK/prompts.jsonl" $((PROMPTS * STEPS))
+if [ "${DRY_RUN:-0}" != 1 ] && command -v nvidia-smi > /dev/null; then export DS_ACCELERATOR=cuda; fi
+"$PYTHON" scripts/gpu_colocated_task.py "$MODEL_DIR" "$WORK/prompts.jsonl" $((PROMPTS * STEPS)) "$TASK"
 if [ "${DRY_RUN:-0}" != 1 ]; then
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     "$PYTHON" -c 'import importlib.metadata as m; print(*(d + " " + m.version(d) for d in ("torch", "transformers", "deepspeed", "ray", "openrlhf")))'
@@ -150,7 +155,7 @@ if [ "${DRY_RUN:-0}" != 1 ]; then
   cat "$WORK/gpu.txt"
   trap 'ray_cli stop --force > /dev/null 2>&1 || true; finish' EXIT
 fi
-echo "{\"model\": \"$MODEL_DIR\", \"task\": \"testbed long chain (SWEEP_TASKS['long'], ~1.3-10K-token prompts)\", \"steps\": $STEPS, \"prompts_per_step\": $PROMPTS, \"samples_per_prompt\": $SAMPLES, \"max_new_tokens\": 32, \"schedules\": {\"dense\": \"dense\", \"sparse\": \"$SPARSE_SCHEDULE\"}, \"run_timeout_s\": $RUN_TIMEOUT}" > "$WORK/settings.json"
+echo "{\"model\": \"$MODEL_DIR\", \"task\": \"testbed chain lookup, SWEEP_TASKS['$TASK']\", \"steps\": $STEPS, \"prompts_per_step\": $PROMPTS, \"samples_per_prompt\": $SAMPLES, \"max_new_tokens\": 32, \"schedules\": {\"dense\": \"dense\", \"sparse\": \"$SPARSE_SCHEDULE\"}, \"run_timeout_s\": $RUN_TIMEOUT}" > "$WORK/settings.json"
 for mode in $MODES; do
   case $mode in
     dense) run_mode dense dense ;;

@@ -85,6 +85,7 @@ def step_rows(scalars: dict) -> list[dict]:
             "rollout_tokens_per_s": tokens / gen if tokens and gen else None,
             "reward_mean": _get(scalars, "rollout/reward_mean", s),
             "kv_tokens_mean": _get(scalars, "sparrow_kv_tokens_mean", s),
+            "vllm_kl": _get(scalars, "vllm_kl", s),
             "tails": {k.removeprefix("sparrow/"): v[s] for k, v in sorted(scalars.items())
                       if k.startswith("sparrow/") and s in v},
         })
@@ -113,6 +114,15 @@ def ipc_syncs(engine_log: Path) -> list[dict]:
     return [{"tensors": len(c), "first_to_last_s": round(c[-1] - c[0], 4)} for c in syncs]
 
 
+def trainer_syncs(trainer_log: Path) -> list[dict]:
+    """sparrow-sgl's own weight syncs (the process-group path; the colocated CUDA-IPC path is OpenRLHF's)."""
+    if not trainer_log.exists():
+        return []
+    events = [json.loads(line) for line in trainer_log.read_text().splitlines() if line.strip()]
+    return [{k: e.get(k) for k in ("tensors", "seconds", "canary_max_abs_diff")} for e in events
+            if e.get("event") == "weight_sync"]
+
+
 def summarize_mode(mode_dir: Path) -> dict:
     scalars = tb_scalars(mode_dir / "tb") or log_scalars(mode_dir / "run.log")
     rows = step_rows(scalars)
@@ -128,6 +138,7 @@ def summarize_mode(mode_dir: Path) -> dict:
             "rollout_tokens_per_s", "reward_mean", "kv_tokens_mean")},
         "per_step": rows,
         "engine_ipc_syncs": ipc_syncs(mode_dir / "sparrow" / "engine_0.jsonl"),
+        "trainer_group_syncs": trainer_syncs(mode_dir / "sparrow" / "trainer.jsonl"),
         "scalars_seen": sorted(scalars),
     }
 
