@@ -35,6 +35,8 @@ class SweepConfig:
     distill_schedule: str | None = None  # e.g. "fixed:1024": DistillSparse on that schedule instead of the planned one
     fixed_budgets: list[int] = field(default_factory=list)  # also run flat `fixed:<tokens>` schedules (below tau)
     plans_from: str | None = None  # a sweep directory whose schedule_<target>.json are reused (no calibration)
+    guard_targets: list[float] = field(default_factory=list)  # also run these planned targets with the TailGuard on
+    only: list[str] = field(default_factory=list)  # run only these configurations (names as in the report; [] = all)
     budgets: list[int] = field(default_factory=list)  # calibration grid (tokens)
     page_size: int = 16
     dense_layers: list[int] = field(default_factory=lambda: [0])  # 1 of 4 layers (the paper: 2 of 28-40)
@@ -171,14 +173,23 @@ def run_specs(cfg: SweepConfig, schedules: dict[str, str]) -> dict[str, dict]:
         configs[f"tau-{label}"] = {"schedule": path}
     for label, schedule in fixed_schedules(cfg).items():
         configs[label] = {"schedule": schedule}
+    for tau in cfg.guard_targets:
+        configs[f"tau-{tau:.2f}+guard"] = {"schedule": schedules[f"{tau:.2f}"], "tailguard": True, "tau": tau}
     if cfg.distill.get("enabled", True) and cfg.distill_schedule:
         label = cfg.distill_schedule.replace(":", "-")
         configs[f"{label}+distill"] = {"schedule": cfg.distill_schedule, "distill": cfg.distill}
     elif cfg.distill.get("enabled", True):
         configs[f"tau-{cfg.distill_target:.2f}+distill"] = {"schedule": schedules[f"{cfg.distill_target:.2f}"],
                                                           "distill": cfg.distill}
+    unknown = sorted(set(cfg.only) - set(configs))
+    if unknown:
+        from sparrow_sgl.errors import ConfigError
+
+        raise ConfigError(f"only={unknown}: no such configuration (known: {', '.join(configs)})")
     specs = {}
     for name, extra in configs.items():
+        if cfg.only and name not in cfg.only:
+            continue
         train = {**base, **extra, "out_dir": str(Path(cfg.out) / "runs" / name)}
         specs[name] = {"name": name, "train": train, "eval_prompts": cfg.eval_prompts, "eval_every": cfg.eval_every,
                        "minutes": cfg.minutes, "deadline": cfg.deadline}
@@ -277,13 +288,14 @@ def sweep(cfg: SweepConfig, progress: bool = True, command: str = "") -> dict:
     engine = engine_for(cfg)
     schedules = reused_plans(cfg) if cfg.plans_from else calibrate_and_plan(cfg, engine, progress)
     times["calibrate_s"] = time.perf_counter() - start
+    specs = run_specs(cfg, schedules)  # a bad `only` fails here, before any run
     start = time.perf_counter()
     measure_speed(cfg, engine, {**schedules, **fixed_schedules(cfg)})
     times["speed_s"] = time.perf_counter() - start
     del engine
     _free(cfg.device)
     start = time.perf_counter()
-    codes = launch(run_specs(cfg, schedules), out / "runs", cfg.jobs)
+    codes = launch(specs, out / "runs", cfg.jobs)
     times["runs_s"] = time.perf_counter() - start
     result = {"exit_codes": codes, "times": times}
     (out / "sweep_result.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -44,6 +44,16 @@ def test_toy_pretrain_sweep_report(tmp_path):
     rows = json.loads((again / "report" / "table.json").read_text())
     assert {r["config"] for r in rows} == {"dense", "tau-0.80", "fixed-12", "fixed-12+distill"}
     assert (again / "calibration.json").is_file() and (again / "schedule_0.80.json").is_file()
+    guard = tmp_path / "guard"  # only the TailGuard run of a reused plan
+    assert main(["testbed", "sweep", "--profile", "toy", "--model", str(model), "--out", str(guard),
+                 "--set", f"plans_from={sweep}", "--set", "targets=[0.80]", "--set", "guard_targets=[0.80]",
+                 "--set", "only=[tau-0.80+guard]", "--no-progress"]) == 0
+    spec = json.loads((guard / "runs" / "spec_tau-0.80+guard.json").read_text())
+    assert spec["train"]["tailguard"] and spec["train"]["tau"] == 0.8
+    assert [p.name for p in (guard / "runs").glob("spec_*.json")] == ["spec_tau-0.80+guard.json"]
+    assert main(["testbed", "sweep", "--profile", "toy", "--model", str(model), "--out", str(tmp_path / "bad"),
+                 "--set", f"plans_from={sweep}", "--set", "only=[tau-0.5]", "--no-progress"]) != 0
+    assert not (tmp_path / "bad" / "runs").exists()
 
 
 def test_collapse_rule():
