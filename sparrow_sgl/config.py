@@ -211,6 +211,9 @@ class EngineConfig:
         schedules given by name ("dense", "fixed:N"); a `Schedule` object or JSON file brings its own.
     kv_gb: GiB of KV cache (pages + page summaries). None = `gpu_memory_fraction` of free GPU memory on CUDA,
         `DEFAULT_CPU_KV_GB` on CPU. num_kv_pages overrides both with an exact page count (tests, benchmarks).
+    gpu_memory_utilization: vLLM's meaning (OpenRLHF's --vllm.gpu_memory_utilization): this engine may hold this
+        fraction of the GPU's *total* memory; the KV pool gets it minus what the engine holds already (weights).
+        Used on CUDA in place of `gpu_memory_fraction` when set (kv_gb / num_kv_pages still win).
     max_num_seqs: sequences decoded together. max_model_len: prompt + response limit (None = the model's
         max_position_embeddings). max_prefill_tokens: prompt tokens per prefill step (one longer prompt runs alone).
     seed: base seed for sampling when `SamplingParams.seed` is None.
@@ -225,6 +228,7 @@ class EngineConfig:
     scorer: str = "centroid"
     kv_gb: float | None = None
     gpu_memory_fraction: float = 0.8
+    gpu_memory_utilization: float | None = None
     max_num_seqs: int = 256
     max_model_len: int | None = None
     seed: int = 0
@@ -246,6 +250,8 @@ class EngineConfig:
             raise ConfigError(f"kv_gb must be > 0 GiB, got {self.kv_gb!r}")
         if not (0.0 < self.gpu_memory_fraction <= 1.0):
             raise ConfigError(f"gpu_memory_fraction must lie in (0, 1], got {self.gpu_memory_fraction!r}")
+        if self.gpu_memory_utilization is not None and not (0.0 < self.gpu_memory_utilization <= 1.0):
+            raise ConfigError(f"gpu_memory_utilization must lie in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -85,6 +85,7 @@ class Engine:
         self.eos_token_ids = eos_token_ids(config.model, self.hf_config, self.tokenizer)
         self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
         self.kv_cache = self._allocate_kv_cache()
+        self.pool_pages = self.kv_cache.num_pages  # what a wake-up re-allocates (planned once, at start)
         self.block_manager = BlockManager(self.kv_cache.num_pages, config.page_size)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self.sampler = Sampler()
@@ -93,13 +94,13 @@ class Engine:
         self._unseeded_calls = 0
 
     # -- setup ----------------------------------------------------------------------------------------------------
-    def _allocate_kv_cache(self) -> KVCache:
+    def _allocate_kv_cache(self, num_pages: int | None = None) -> KVCache:
         cfg, hf = self.config, self.hf_config
         head_dim = self.model.model.layers[0].self_attn.head_dim
         shape = (hf.num_hidden_layers, hf.num_key_value_heads, cfg.page_size, head_dim)
         minmax = cfg.scorer == "quest"  # centroid engines keep no min/max summaries: more pages fit
         page_bytes = bytes_per_page(*shape, self.dtype, minmax=minmax)
-        num_pages = plan_num_pages(cfg, page_bytes)
+        num_pages = num_pages or plan_num_pages(cfg, page_bytes)
         cache = KVCache(
             hf.num_hidden_layers, num_pages, hf.num_key_value_heads, cfg.page_size, head_dim, self.dtype, self.device,
             minmax=minmax,
@@ -111,6 +112,36 @@ class Engine:
             file=sys.stderr,
         )
         return cache
+
+    # -- sleep / wake-up (OpenRLHF's colocated mode: the trainer uses the memory between rollouts) -----------------
+    @property
+    def kv_released(self) -> bool:
+        return self.kv_cache.num_pages == 0
+
+    def release_kv_cache(self) -> None:
+        """Free the KV pool and the decode CUDA graphs (their memory pool; they captured the pool's addresses).
+        The weights stay. Only between calls: a request holding pages is an error."""
+        if self.kv_released:
+            return
+        if self.block_manager.num_used:
+            raise RuntimeError(f"cannot release the KV cache while requests hold {self.block_manager.num_used} pages")
+        self.runner.rebind(None)
+        self.kv_cache.release(self.model.attention_layers)
+        self.block_manager = BlockManager(0, self.config.page_size)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def resume_kv_cache(self, num_pages: int | None = None) -> None:
+        """A fresh, empty pool (the old KV content is gone) of the size planned at start, or `num_pages`."""
+        if not self.kv_released:
+            return
+        self.kv_cache = self._allocate_kv_cache(num_pages or self.pool_pages)
+        self.block_manager = BlockManager(self.kv_cache.num_pages, self.config.page_size)
+        self.runner.rebind(self.kv_cache)
+
+    def _require_kv(self, what: str) -> None:
+        if self.kv_released:
+            raise RuntimeError(f"{what}: the KV cache is released (asleep); resume_kv_cache() first")
 
     @property
     def num_layers(self) -> int:
@@ -133,6 +164,7 @@ class Engine:
         progress: bool = True,
     ) -> list[Rollout]:
         """len(prompts) * n rollouts in prompt-major order (all samples of prompt 0, then prompt 1, ...)."""
+        self._require_kv("generate")
         params = params or SamplingParams()
         schedule = self.resolve_schedule(schedule)
         prompt_ids = self._encode(prompts)
@@ -169,6 +201,7 @@ class Engine:
         the response tokens fed one by one through the sparse decode step, so the page selection (and the log-probs)
         are exactly those of a sparse rollout of the same tokens. Log-probs use logits / temperature (no top-k/p).
         """
+        self._require_kv("score")
         if len(prompt_ids) != len(response_ids):
             raise ConfigError(f"score got {len(prompt_ids)} prompts but {len(response_ids)} responses")
         request = ScoreRequest(temperature=temperature, topk=topk, return_full=return_full)

@@ -21,15 +21,32 @@ def bytes_per_page(
     return num_layers * (kv + summaries)
 
 
+def utilization_budget(total_bytes: int, held_bytes: int, utilization: float) -> float:
+    """vLLM's `gpu_memory_utilization`: the engine may hold `utilization` of the device's total memory; the KV pool
+    gets that minus what the engine already holds (its weights)."""
+    budget = utilization * total_bytes - held_bytes
+    if budget <= 0:
+        raise ConfigError(
+            f"gpu_memory_utilization {utilization} of {total_bytes / GIB:.1f} GiB leaves no KV cache: the engine "
+            f"already holds {held_bytes / GIB:.2f} GiB (weights); raise --vllm.gpu_memory_utilization"
+        )
+    return budget
+
+
 def plan_num_pages(cfg: EngineConfig, page_bytes: int) -> int:
-    """Pages in the pool: `num_kv_pages`, else `kv_gb` GiB, else a fraction of free GPU memory / a CPU default."""
+    """Pages in the pool: `num_kv_pages`, else `kv_gb` GiB, else (CUDA) `gpu_memory_utilization` of total memory
+    or `gpu_memory_fraction` of free memory, else a CPU default."""
     if cfg.num_kv_pages is not None:
         return cfg.num_kv_pages
     if cfg.kv_gb is not None:
         budget = cfg.kv_gb * GIB
     elif cfg.device.startswith("cuda"):
-        free, _total = torch.cuda.mem_get_info(torch.device(cfg.device))
-        budget = free * cfg.gpu_memory_fraction
+        device = torch.device(cfg.device)
+        free, total = torch.cuda.mem_get_info(device)
+        if cfg.gpu_memory_utilization is not None:
+            budget = utilization_budget(total, torch.cuda.memory_reserved(device), cfg.gpu_memory_utilization)
+        else:
+            budget = free * cfg.gpu_memory_fraction
     else:
         budget = EngineConfig.DEFAULT_CPU_KV_GB * GIB
     pages = int(budget // page_bytes)
@@ -63,6 +80,19 @@ class KVCache:
     @property
     def num_tokens(self) -> int:
         return self.num_pages * self.page_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the pool's tensors hold (K, V and summaries); 0 once released."""
+        summary_tensors = (getattr(s, name) for s in self.summaries for name in _SUMMARY_FIELDS)
+        return self.k.nbytes + self.v.nbytes + sum(t.nbytes for t in summary_tensors if t is not None)
+
+    def release(self, attention_layers) -> None:
+        """Drop the pool's storage (sleep): the layers lose their slices, the tensors become empty."""
+        self.k, self.v = self.k.new_empty(0), self.v.new_empty(0)
+        for attn in attention_layers:
+            attn.k_cache, attn.v_cache, attn.summaries = self.k, self.v, None
+        self.summaries, self.num_pages = [], 0
 
     def check_schedule(self, schedule: Schedule) -> None:
         """A sparse quest schedule needs the min/max summaries, which a centroid engine does not keep."""

@@ -26,6 +26,12 @@ class ModelRunner:
         self._table: torch.Tensor | None = None
         self._gpu: GraphDecodeRunner | bool | None = None  # built on first use; False where it does not apply
 
+    def rebind(self, kv_cache: KVCache | None) -> None:
+        """A new KV pool (None: released): drop the cached block table and the GPU decoder, whose CUDA graphs
+        captured the old pool's addresses (it is rebuilt on first use)."""
+        self.kv_cache, self._gpu = kv_cache, None
+        self._table_key, self._table = (), None
+
     def gpu_decoder(self) -> GraphDecodeRunner | None:
         if self._gpu is None:
             self._gpu = make_gpu_decoder(self.model, self.device) or False

@@ -1,7 +1,9 @@
 """The embedded engine (`sparrow_sgl.engine.Engine`) behind an OpenRLHF rollout actor: no SGLang needed.
 
 Everything runs in the actor's process: generation in a worker thread (one batch at a time, see batcher.py), the
-weights-update group joined by this process, weights applied in place between batches.
+weights-update group joined by this process, weights applied in place between batches. Sleep (tag "kv_cache")
+frees the KV pool and the decode CUDA graphs; the weights stay on the device under either tag (the engine's
+fused weights are views a move would break), so tag "weights" frees nothing.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from sparrow_sgl.config import EngineConfig, Schedule
+from sparrow_sgl.config import ConfigError, EngineConfig, Schedule
 from sparrow_sgl.engine import Engine
 from sparrow_sgl.engine import SamplingParams as EngineParams
 from sparrow_sgl.rollout import Rollout
 
 CANARY_PROMPT = list(range(10, 42))
+MEMORY_TAGS = ("weights", "kv_cache")  # vLLM's and SGLang's sleep / wake-up tags
 
 
 @dataclass
@@ -47,11 +50,13 @@ class EmbeddedBackend:
     name = "embedded"
 
     def __init__(self, model: str, seed: int, max_model_len: int | None, device: str | None = None,
-                 dtype: str = "auto", page_size: int = 16) -> None:
+                 dtype: str = "auto", page_size: int = 16, gpu_memory_utilization: float | None = None,
+                 num_kv_pages: int | None = None) -> None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.engine = Engine(
             EngineConfig(model=model, device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                         page_size=page_size)
+                         page_size=page_size, gpu_memory_utilization=gpu_memory_utilization,
+                         num_kv_pages=num_kv_pages)
         )
         self.tokenizer = self.engine.tokenizer
         self.device = torch.device(device)
@@ -67,23 +72,44 @@ class EmbeddedBackend:
     def apply_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
         self.engine.update_weights(named)
 
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in self.engine.model.hf_parameters().items()}
+
     def canary(self, num_tokens: int) -> Canary:
+        """Greedy canary; while the KV pool sleeps (colocated syncs wake the weights only) it runs in a scratch
+        pool of the few pages it needs, released again afterwards."""
         params = EngineParams(temperature=0.0, max_new_tokens=num_tokens, ignore_eos=True)
-        r = self.engine.generate([CANARY_PROMPT], params, "dense", progress=False)[0]
+        scratch = self.engine.kv_released
+        if scratch:
+            page = self.engine.config.page_size
+            self.engine.resume_kv_cache(num_pages=-(-(len(CANARY_PROMPT) + num_tokens) // page))
+        try:
+            r = self.engine.generate([CANARY_PROMPT], params, "dense", progress=False)[0]
+        finally:
+            if scratch:
+                self.engine.release_kv_cache()
         return Canary(list(CANARY_PROMPT), list(r.token_ids), [float(x) for x in r.logprobs])
 
     def set_adapter(self, path: str | None) -> None:
         self.engine.set_adapter(path)
 
-    # The embedded engine keeps no prefix cache across calls and holds its memory for the run.
     def flush_cache(self) -> None:
-        pass
+        pass  # the embedded engine keeps no prefix cache across calls
 
     def release_memory(self, tags: list[str]) -> None:
-        pass
+        if "kv_cache" in _check_tags(tags):
+            self.engine.release_kv_cache()
 
     def resume_memory(self, tags: list[str]) -> None:
-        pass
+        if "kv_cache" in _check_tags(tags):
+            self.engine.resume_kv_cache()
 
     def close(self) -> None:
         pass
+
+
+def _check_tags(tags: list[str]) -> list[str]:
+    unknown = [t for t in tags if t not in MEMORY_TAGS]
+    if unknown:
+        raise ConfigError(f"sleep / wake_up tags must be among {MEMORY_TAGS}, got {unknown}")
+    return list(tags)

@@ -78,6 +78,7 @@ def create_engines(num_engines, tensor_parallel_size, pretrain, seed, full_deter
                 remote_rm_url=remote_rm_url,
                 enable_sleep=vllm_enable_sleep,
                 schedule=schedule,
+                gpu_memory_utilization=gpu_memory_utilization,  # the embedded engine's KV pool (like vLLM's)
             )
         )
     if vllm_enable_sleep:

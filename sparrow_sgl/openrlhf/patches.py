@@ -4,7 +4,8 @@
 only in the driver does not reach the actors):
 - the `vllm` / `flash_attn` import shims (shims.py);
 - trainer-side weight sync: `ActorPPOTrainer._init_vllm_sync_group` / `broadcast_to_vllm` (ppo_actor.py:113,409)
-  go over a torch process group SGLang can join (trainer_sync.py) instead of vLLM's PyNccl group;
+  go over a torch process group SGLang can join (trainer_sync.py) instead of vLLM's PyNccl group; the colocated
+  CUDA-IPC path stays OpenRLHF's, followed by the same greedy canary check and sync record;
 - tails: rollout top-k through the experience pipeline into the actor's forward, TailGuard between steps (tails.py);
 - DistillSparse: the φ step after each policy update, its state in the actor checkpoints (distill_hook.py);
 - DeepSpeed on CPU: torch's AdamW instead of a JIT-built fused/CPU Adam (`torch_adam`), no JIT-built shm comm op;

@@ -62,11 +62,12 @@ def request_output(rollout, want_logprobs: bool) -> RequestOutput:
 
 
 def make_backend(model: str, sparrow: SparrowFlags, sgl: SGLangFlags, index: int, seed: int,
-                 max_model_len: int | None, out_dir: str):
+                 max_model_len: int | None, out_dir: str, gpu_memory_utilization: float | None = None):
     if sparrow.engine == "embedded":
         from sparrow_sgl.openrlhf.embedded_backend import EmbeddedBackend
 
-        return EmbeddedBackend(model, seed=seed, max_model_len=max_model_len)
+        return EmbeddedBackend(model, seed=seed, max_model_len=max_model_len,
+                               gpu_memory_utilization=gpu_memory_utilization)
     from sparrow_sgl.openrlhf.sglang_backend import SGLangBackend
 
     return SGLangBackend(model, sparrow, sgl, index=index, seed=seed, max_model_len=max_model_len, out_dir=out_dir)
@@ -76,7 +77,8 @@ def make_backend(model: str, sparrow: SparrowFlags, sgl: SGLangFlags, index: int
 class SparrowRolloutActor:
     def __init__(self, *, index: int, model: str, sparrow: dict, sglang: dict, seed: int,
                  max_model_len: int | None, out_dir: str, agent_func_path: str | None = None,
-                 remote_rm_url=None, enable_sleep: bool = False, schedule: dict | None = None) -> None:
+                 remote_rm_url=None, enable_sleep: bool = False, schedule: dict | None = None,
+                 gpu_memory_utilization: float | None = None) -> None:
         from sparrow_sgl.openrlhf.flags import from_dicts
         from sparrow_sgl.openrlhf.patches import apply_worker
 
@@ -86,11 +88,13 @@ class SparrowRolloutActor:
         self.events = Path(out_dir) / f"engine_{index}.jsonl"
         self.events.parent.mkdir(parents=True, exist_ok=True)
         self.executor = _executor(agent_func_path, remote_rm_url)
-        self.backend = make_backend(model, self.sparrow, self.sgl, index, seed, max_model_len, out_dir)
+        self.backend = make_backend(model, self.sparrow, self.sgl, index, seed, max_model_len, out_dir,
+                                    gpu_memory_utilization)
         self.schedule = self.backend.resolve_schedule(schedule or self.sparrow.schedule)  # a dict: resumed guard
         self.batcher = Batcher(self._run_batch)
         self.asleep: set[str] = set()
         self.group = None
+        self.ipc = None  # the CUDA-IPC sync's staging (ipc_sync.py), made on first use
         self._log("init", engine=self.backend.name, schedule=self.schedule.describe(), pid=os.getpid())
 
     # -- generation ---------------------------------------------------------------------------------------------
@@ -134,15 +138,20 @@ class SparrowRolloutActor:
 
     # -- memory ---------------------------------------------------------------------------------------------------
     async def sleep(self, level=1):
+        """Between rollouts only (OpenRLHF sleeps its engines after generating): a running request is an error."""
         self._log("sleep", level=level)
         async with self.batcher.lock:
+            if self.batcher.num_unfinished:
+                raise RuntimeError(f"engine {self.index}: sleep() with {self.batcher.num_unfinished} requests "
+                                   "unfinished; OpenRLHF sleeps engines only between rollouts")
             await asyncio.to_thread(self.backend.release_memory, ["weights", "kv_cache"])
         self.asleep = {"weights", "kv_cache"}
 
     async def wake_up(self, tags=None):
         tags = list(tags) if tags is not None else ["weights", "kv_cache"]
         self._log("wake_up", tags=tags)
-        await asyncio.to_thread(self.backend.resume_memory, tags)
+        async with self.batcher.lock:
+            await asyncio.to_thread(self.backend.resume_memory, tags)
         self.asleep -= set(tags)
 
     async def reset_prefix_cache(self):
@@ -199,23 +208,34 @@ class SparrowRolloutActor:
         await self.update_weights([spec], "", flush_cache=bool(empty_cache))
 
     async def update_weight_cuda_ipc(self, name, dtype, shape, ipc_handles, empty_cache=False):
-        """Colocated GPU path (ppo_actor.py:439-466): rebuild the trainer's tensor from its CUDA IPC handle."""
-        from openrlhf.trainer.ray.utils import get_physical_gpu_id
+        """Colocated GPU path (ppo_actor.py:439-466): copy the trainer's tensor out of its CUDA IPC handle and wait
+        for the copy; the sync's last call (`empty_cache`) applies them all (ipc_sync.py)."""
+        from sparrow_sgl.openrlhf.ipc_sync import open_ipc_tensor
 
-        func, args = ipc_handles[get_physical_gpu_id()]
-        args = list(args)
-        args[6] = torch.cuda.current_device()  # the rebuilt tensor lives on this process's device
-        tensor = func(*args)
+        tensor = open_ipc_tensor(ipc_handles)
+        applied = await self.receive_ipc_tensor(name, tensor, last=bool(empty_cache))
+        self._log("update_weight_cuda_ipc", name=name, applied=applied)
+
+    async def receive_ipc_tensor(self, name: str, tensor: torch.Tensor, last: bool) -> bool:
+        """One tensor of a CUDA-IPC sync, already opened (the seam a CPU test drives: CUDA IPC itself needs CUDA)."""
+        from sparrow_sgl.openrlhf.ipc_sync import IpcReceiver
+
+        if self.ipc is None:
+            if not hasattr(self.backend, "weight_shapes"):
+                raise NotImplementedError(f"the CUDA-IPC weight sync needs --sparrow.engine embedded (this engine is "
+                                          f"{self.backend.name}): set --vllm.sync_backend gloo or leave colocation")
+            self.ipc = IpcReceiver(self.backend.apply_weights, self.backend.weight_shapes(), self.backend.device)
         async with self.batcher.lock:
-            await asyncio.to_thread(self.backend.apply_weights, [(name, tensor)])
-            if empty_cache:
+            applied = await asyncio.to_thread(self.ipc.receive, name, tensor, last)
+            if applied:
                 await asyncio.to_thread(self.backend.flush_cache)
-        self._log("update_weight_cuda_ipc", name=name)
+        return applied
 
     async def _canary(self) -> dict | None:
-        """Greedy canary, or None when off or while part of the engine sleeps (colocated runs sync weights-only:
-        the KV cache comes back only before the next rollout)."""
-        if not self.sparrow.canary_tokens or self.asleep:
+        """Greedy canary, or None when off, while the weights sleep, or while the KV cache sleeps on an engine that
+        needs it (colocated runs sync weights-only; the embedded engine then runs it in a scratch pool)."""
+        kv_ok = "kv_cache" not in self.asleep or self.backend.name == "embedded"
+        if not self.sparrow.canary_tokens or "weights" in self.asleep or not kv_ok:
             return None
         canary = await asyncio.to_thread(self.backend.canary, self.sparrow.canary_tokens)
         return canary.to_dict()

@@ -4,11 +4,15 @@
 PyNccl one; `broadcast_to_vllm`: one `update_weights` call per engine with every tensor's name/dtype/shape, the
 tensors broadcast in that order, each engine's greedy canary compared with the trainer's own log-probs of the same
 tokens (with DistillSparse: θ + φ, which the engines serve; θ alone is sent). Any step past `--sparrow.sync_timeout`
-raises `SyncError`. The colocated CUDA-IPC path stays OpenRLHF's.
+raises `SyncError`. The colocated CUDA-IPC path stays OpenRLHF's own broadcast (ppo_actor.py:439-490, engine side
+in ipc_sync.py); once it returns, rank 0 runs the same canary check and writes the same sync record. The hook is on
+the plain `ActorPPOTrainer` (the @ray.remote `PolicyModelActor.broadcast_to_vllm`, :646, calls it), patched in
+every worker by patches.apply_worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -71,7 +75,15 @@ def broadcast_to_engines(self) -> None:
 
     distill = distill_hook.current(self)  # on a resumed run: created here, φ pushed to the engines before θ
     if self.use_cuda_ipc:
-        return self._openrlhf_broadcast_to_vllm()
+        start = time.perf_counter()
+        self._openrlhf_broadcast_to_vllm()
+        model = self.actor.model.module
+        zero3 = self.strategy.args.ds.zero_stage == 3
+        with _gathered(list(model.parameters()), zero3):  # every rank gathers (ZeRO-3); rank 0 checks
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                served = distill.served_model() if distill is not None else None
+                check_after_ipc(model, self.vllm_engines, _sparrow(self), start, served)
+        return None
     import deepspeed
     from openrlhf.utils.distributed_util import torch_dist_barrier_and_cuda_sync
 
@@ -91,6 +103,14 @@ def broadcast_to_engines(self) -> None:
     torch_dist_barrier_and_cuda_sync()
 
 
+def _gathered(params: list, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, enabled=True)
+
+
 def push(model: torch.nn.Module, engines: list, group, sparrow, flush: bool = True,
          served: torch.nn.Module | None = None) -> list[dict | None]:
     """Rank 0: send the policy to every engine; check each engine's canary against `served` (what the engines
@@ -101,7 +121,24 @@ def push(model: torch.nn.Module, engines: list, group, sparrow, flush: bool = Tr
     refs = [e.update_weights.remote(specs, GROUP_NAME, flush) for e in engines]
     broadcast_watching(group, [t for _, t in named], refs, sparrow.sync_timeout, "weight sync")
     canaries = wait(refs, sparrow.sync_timeout, "weight sync")
-    record = {"tensors": len(named), "seconds": round(time.perf_counter() - start, 3), "canary_max_abs_diff": None,
+    check_canaries(model, canaries, sparrow, len(named), start, served, "process_group")
+    return canaries
+
+
+def check_after_ipc(model: torch.nn.Module, engines: list, sparrow, start: float,
+                    served: torch.nn.Module | None = None) -> list[dict | None]:
+    """Rank 0, after OpenRLHF's CUDA-IPC broadcast returned: every engine's canary against the trainer's."""
+    canaries = wait([e.canary.remote() for e in engines], sparrow.sync_timeout, "canary after the CUDA-IPC sync")
+    tensors = sum(1 for _ in model.parameters())
+    check_canaries(model, canaries, sparrow, tensors, start, served, "cuda_ipc")
+    return canaries
+
+
+def check_canaries(model: torch.nn.Module, canaries: list, sparrow, tensors: int, start: float,
+                   served: torch.nn.Module | None, path: str) -> None:
+    """Write the sync record; raise SyncError when an engine's canary differs from `served` (or the policy)."""
+    record = {"path": path, "tensors": tensors, "seconds": round(time.perf_counter() - start, 3),
+              "canary_max_abs_diff": None,
               "canary_reference": "policy+distill_lora" if served is not None else "policy"}
     diffs = [canary_diff(served if served is not None else model, c) for c in canaries if c is not None]
     if diffs:
@@ -109,10 +146,10 @@ def push(model: torch.nn.Module, engines: list, group, sparrow, flush: bool = Tr
     _log_event(sparrow, "weight_sync", **record)
     if diffs and max(diffs) > sparrow.canary_atol:
         raise SyncError(
-            f"after the weight sync an engine's greedy canary log-probs differ from the trainer's by {max(diffs):.4f} "
-            f"(> --sparrow.canary_atol {sparrow.canary_atol}): the engine does not serve the trained weights"
+            f"after the {path} weight sync an engine's greedy canary log-probs differ from the trainer's by "
+            f"{max(diffs):.4f} (> --sparrow.canary_atol {sparrow.canary_atol}): the engine does not serve the "
+            "trained weights"
         )
-    return canaries
 
 
 @torch.no_grad()
@@ -141,4 +178,4 @@ def _log_event(sparrow, kind: str, **data) -> None:
         f.write(json.dumps({"t": time.time(), "event": kind, **data}) + "\n")
 
 
-__all__ = ["SyncError", "patch", "push", "canary_diff"]
+__all__ = ["SyncError", "patch", "push", "canary_diff", "check_after_ipc"]

@@ -1,0 +1,74 @@
+"""Engine side of OpenRLHF's colocated CUDA-IPC weight sync (ppo_actor.py:439-466), fail-closed like weight_sync.py.
+
+OpenRLHF sends one `update_weight_cuda_ipc` call per parameter, each naming a clone the trainer frees once the call
+returns, and marks the last parameter of a sync with `empty_cache=True` (`count == num_params`, ppo_actor.py:455).
+So each call copies its tensor out of the trainer's memory and waits for that copy on the device before it
+returns (what vLLM's worker does with `torch.cuda.synchronize()`); the copies are staged, checked against the
+engine's parameter names and shapes, and applied together only at the last call. A failed call drops the staged
+tensors: the engine keeps its previous weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from sparrow_sgl.openrlhf.weight_sync import SyncError
+
+
+def open_ipc_tensor(ipc_handles: dict) -> torch.Tensor:
+    """The trainer's tensor rebuilt from the handle of this process's GPU (vllm_worker_wrap.py:50-60)."""
+    from openrlhf.trainer.ray.utils import get_physical_gpu_id
+
+    func, args = ipc_handles[get_physical_gpu_id()]
+    args = list(args)
+    args[6] = torch.cuda.current_device()  # the rebuilt tensor lives on this process's device
+    return func(*args)
+
+
+def wait_for_copy(tensor: torch.Tensor) -> None:
+    """Block until the device finished the copy into `tensor` (so the source memory may be reused)."""
+    if tensor.is_cuda:
+        torch.cuda.current_stream(tensor.device).synchronize()
+
+
+class IpcReceiver:
+    """Stages the tensors of one CUDA-IPC sync; `apply(named)` receives all of them at the sync's last call."""
+
+    def __init__(self, apply: Callable[[list[tuple[str, torch.Tensor]]], None],
+                 shapes: dict[str, tuple[int, ...]] | None, device: torch.device | None = None) -> None:
+        """shapes: the engine's parameter shapes (None: unchecked); device: where copies are staged (None: the
+        source tensor's device)."""
+        self.apply, self.shapes, self.device = apply, shapes, device
+        self.staged: dict[str, torch.Tensor] = {}
+
+    def receive(self, name: str, tensor: torch.Tensor, last: bool) -> bool:
+        """Stage a copy of `tensor`; at the `last` call apply the whole sync. True when weights were applied."""
+        try:
+            self._check(name, tuple(tensor.shape))
+            copy = tensor.to(self.device or tensor.device, copy=True)
+            wait_for_copy(copy)
+            self.staged[name] = copy
+            if not last:
+                return False
+            staged, self.staged = list(self.staged.items()), {}
+            self.apply(staged)
+            return True
+        except BaseException:
+            self.staged = {}
+            raise
+
+    def _check(self, name: str, shape: tuple[int, ...]) -> None:
+        if name in self.staged:
+            raise SyncError(f"CUDA-IPC sync: {name} arrived twice before the sync's last tensor (the previous sync "
+                            "did not finish); its staged tensors are dropped, the engine keeps its old weights")
+        if self.shapes is None:
+            return
+        expected = self.shapes.get(name)
+        if expected is None:
+            raise SyncError(f"CUDA-IPC sync: the engine has no parameter {name!r} (a PEFT LoRA policy? OpenRLHF's "
+                            "IPC path sends PEFT names as they are); nothing of this sync is applied")
+        if shape != expected:
+            raise SyncError(f"CUDA-IPC sync: {name} has shape {shape}, the engine's is {expected}; nothing of this "
+                            "sync is applied")
