@@ -6,6 +6,7 @@ stages (scripts/testbed/README.md has the exact commands and the collapse rule):
             speed alone, run GRPO for dense + each target + the 0.80 schedule with DistillSparse (same seeds and
             steps) as concurrent processes, then report
   report    figure + table (+ JSON) from a sweep directory
+  seeds     one table + figure over several seeds' sweep directories
   run       one GRPO run of a sweep (what `sweep` launches per configuration)
 Profiles: `h200` (the real thing, one GPU), `cpu-4hop` (the CPU demo's learning setting as a sweep, minutes on 2
 cores) and `toy` (seconds on CPU: the tests).
@@ -193,6 +194,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rep = sub.add_parser("report", help="figure + table from a sweep directory")
     rep.add_argument("--sweep", required=True)
     rep.add_argument("--out", default="bench/results/testbed")
+    seeds = sub.add_parser("seeds", help="table + figure over several seeds' sweep directories")
+    seeds.add_argument("--sweep", action="append", required=True, help="a sweep directory (once per seed)")
+    seeds.add_argument("--out", required=True)
     one = sub.add_parser("run", help="one GRPO run of a sweep (launched by `sweep`)")
     one.add_argument("--spec", required=True)
 
@@ -275,6 +279,11 @@ def run(args: argparse.Namespace) -> int:
         from sparrow_sgl.testbed_report import report
 
         report(args.sweep, args.out)
+        return 0
+    if args.stage == "seeds":
+        from sparrow_sgl.testbed_seeds import seeds_report
+
+        seeds_report(args.sweep, args.out)
         return 0
     if args.stage == "run":
         import json

@@ -36,6 +36,8 @@ def test_toy_pretrain_sweep_report(tmp_path):
     rows = json.loads((results / "table.json").read_text())
     assert {r["config"] for r in rows} == names
     assert (results / "sweep.png").is_file() and "collapsed" in (results / "table.md").read_text()
+    assert main(["testbed", "seeds", "--sweep", str(sweep), "--sweep", str(sweep), "--out", str(results)]) == 0
+    assert "| dense |" in (results / "seeds.md").read_text() and (results / "seeds.png").is_file()
     # a second sweep reusing these plans, with a flat-budget run below tau and DistillSparse on it
     again = tmp_path / "again"
     assert main(["testbed", "sweep", "--profile", "toy", "--model", str(model), "--out", str(again),
