@@ -20,13 +20,10 @@ TOKEN = re.compile(r"x\d+|\d+")
 
 
 def score(response: str, chain: list[str]) -> float:
-    said = TOKEN.findall(response)
-    correct = 0
-    for got, want in zip(said, chain):
-        if got != want:
-            break
-        correct += 1
-    return correct / len(chain)
+    """The testbed's partial credit (`ChainTask.score`): the share of the chain restated in order."""
+    from sparrow_sgl.rl.tasks import ChainTask, TaskSample
+
+    return ChainTask().score(response, TaskSample(prompt="", answer=chain[-1], meta={"chain": chain}))
 
 
 def response_of(query: str) -> str:
