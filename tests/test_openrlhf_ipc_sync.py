@@ -40,7 +40,7 @@ def _policy(model_dir, seed: int):
 
 
 def _receiver(backend: EmbeddedBackend) -> IpcReceiver:
-    return IpcReceiver(backend.apply_weights, backend.weight_shapes(), backend.device)
+    return IpcReceiver(backend.apply_weights, backend.weight_shapes(), backend.device, backend.optional_weights())
 
 
 def test_ipc_tensors_are_copied_and_applied_only_at_the_last_call(model_dir):
@@ -57,7 +57,7 @@ def test_ipc_tensors_are_copied_and_applied_only_at_the_last_call(model_dir):
     assert canary_diff(policy, backend.canary(6).to_dict()) < 1e-4  # the copies, not the reused memory, arrived
 
 
-@pytest.mark.parametrize("bad", ["shape", "name", "repeat"])
+@pytest.mark.parametrize("bad", ["shape", "name", "repeat", "incomplete"])
 def test_a_failed_ipc_sync_leaves_the_old_weights(model_dir, bad):
     backend = EmbeddedBackend(str(model_dir), seed=0, max_model_len=128)
     before = backend.canary(6)
@@ -70,9 +70,9 @@ def test_a_failed_ipc_sync_leaves_the_old_weights(model_dir, bad):
         tensor = tensor[..., :-1]
     elif bad == "name":
         name = "base_model.model." + name
-    else:
+    elif bad == "repeat":
         name, tensor = named[0]
-    with pytest.raises(SyncError, match="CUDA-IPC sync"):
+    with pytest.raises(SyncError, match="CUDA-IPC sync"):  # "incomplete": the last call after 4 of the tensors
         ipc.receive(name, tensor, last=True)
     assert ipc.staged == {} and backend.canary(6).logprobs == before.logprobs
 
@@ -99,9 +99,10 @@ def _trainer(policy, sent, actor, sections) -> SimpleNamespace:
     args = SimpleNamespace(sparrow=SimpleNamespace(**sparrow), sglang=SimpleNamespace(**sections["sglang"]),
                            ds=SimpleNamespace(zero_stage=2), vllm=SimpleNamespace(enable_prefix_caching=False))
 
-    def openrlhf_ipc_broadcast():  # ppo_actor.py:439-466 up to the opened tensor: one call per parameter
+    def openrlhf_ipc_broadcast():  # ppo_actor.py:439-466 up to the opened tensor: one call per parameter, in turn
         named = list(sent.named_parameters())
-        ray.get([actor.receive_ipc_tensor.remote(n, p.data, i == len(named) - 1) for i, (n, p) in enumerate(named)])
+        for i, (n, p) in enumerate(named):
+            ray.get(actor.receive_ipc_tensor.remote(n, p.data, i == len(named) - 1))
 
     return SimpleNamespace(use_cuda_ipc=True, strategy=SimpleNamespace(args=args), vllm_engines=[actor],
                            actor=SimpleNamespace(model=SimpleNamespace(module=policy)),

@@ -75,6 +75,10 @@ class EmbeddedBackend:
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(t.shape) for name, t in self.engine.model.hf_parameters().items()}
 
+    def optional_weights(self) -> set[str]:
+        """Names a full sync may leave out: a tied lm_head is the embedding, which HF models send once."""
+        return {"lm_head.weight"} if self.engine.model.tie_word_embeddings else set()
+
     def canary(self, num_tokens: int) -> Canary:
         """Greedy canary; while the KV pool sleeps (colocated syncs wake the weights only) it runs in a scratch
         pool of the few pages it needs, released again afterwards."""

@@ -4,8 +4,8 @@ OpenRLHF sends one `update_weight_cuda_ipc` call per parameter, each naming a cl
 returns, and marks the last parameter of a sync with `empty_cache=True` (`count == num_params`, ppo_actor.py:455).
 So each call copies its tensor out of the trainer's memory and waits for that copy on the device before it
 returns (what vLLM's worker does with `torch.cuda.synchronize()`); the copies are staged, checked against the
-engine's parameter names and shapes, and applied together only at the last call. A failed call drops the staged
-tensors: the engine keeps its previous weights.
+engine's parameter names and shapes, and applied together only at the last call, if every parameter arrived. A
+failed call drops the staged tensors: the engine keeps its previous weights.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ class IpcReceiver:
     """Stages the tensors of one CUDA-IPC sync; `apply(named)` receives all of them at the sync's last call."""
 
     def __init__(self, apply: Callable[[list[tuple[str, torch.Tensor]]], None],
-                 shapes: dict[str, tuple[int, ...]] | None, device: torch.device | None = None) -> None:
+                 shapes: dict[str, tuple[int, ...]] | None, device: torch.device | None = None,
+                 optional: set[str] = frozenset()) -> None:
         """shapes: the engine's parameter shapes (None: unchecked); device: where copies are staged (None: the
-        source tensor's device)."""
-        self.apply, self.shapes, self.device = apply, shapes, device
+        source tensor's device); optional: names a full sync may leave out (a tied lm_head)."""
+        self.apply, self.shapes, self.device, self.optional = apply, shapes, device, set(optional)
         self.staged: dict[str, torch.Tensor] = {}
 
     def receive(self, name: str, tensor: torch.Tensor, last: bool) -> bool:
@@ -52,12 +53,19 @@ class IpcReceiver:
             self.staged[name] = copy
             if not last:
                 return False
+            self._check_complete()
             staged, self.staged = list(self.staged.items()), {}
             self.apply(staged)
             return True
         except BaseException:
             self.staged = {}
             raise
+
+    def _check_complete(self) -> None:
+        missing = sorted(set(self.shapes or ()) - set(self.staged) - self.optional)
+        if missing:
+            raise SyncError(f"CUDA-IPC sync: its last tensor arrived but {len(missing)} parameter(s) did not, e.g. "
+                            f"{missing[:3]}; nothing of this sync is applied")
 
     def _check(self, name: str, shape: tuple[int, ...]) -> None:
         if name in self.staged:

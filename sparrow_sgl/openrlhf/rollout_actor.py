@@ -224,7 +224,8 @@ class SparrowRolloutActor:
             if not hasattr(self.backend, "weight_shapes"):
                 raise NotImplementedError(f"the CUDA-IPC weight sync needs --sparrow.engine embedded (this engine is "
                                           f"{self.backend.name}): set --vllm.sync_backend gloo or leave colocation")
-            self.ipc = IpcReceiver(self.backend.apply_weights, self.backend.weight_shapes(), self.backend.device)
+            self.ipc = IpcReceiver(self.backend.apply_weights, self.backend.weight_shapes(), self.backend.device,
+                                   self.backend.optional_weights())
         async with self.batcher.lock:
             applied = await asyncio.to_thread(self.ipc.receive, name, tensor, last)
             if applied:
