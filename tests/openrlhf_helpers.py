@@ -75,3 +75,16 @@ def tensorboard_scalars(tb_dir: Path) -> dict[str, list[float]]:
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
     return out
+
+
+def perturbed_policy(model_dir, seed: int):
+    """The tiny model with every weight moved by 0.05 x N(0, 1): a trainer policy that differs from the engine's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model

@@ -9,10 +9,11 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 pytest.importorskip("openrlhf")
 ray = pytest.importorskip("ray")
+
+from openrlhf_helpers import perturbed_policy  # noqa: E402
 
 from sparrow_sgl.openrlhf.embedded_backend import EmbeddedBackend  # noqa: E402
 from sparrow_sgl.openrlhf.flags import SGLangFlags, SparrowFlags, to_dict  # noqa: E402
@@ -28,17 +29,6 @@ def model_dir(tiny_model_factory):
     return tiny_model_factory(hidden_size=128, intermediate_size=256, seed=3)
 
 
-def _policy(model_dir, seed: int):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return model
-
-
 def _receiver(backend: EmbeddedBackend) -> IpcReceiver:
     return IpcReceiver(backend.apply_weights, backend.weight_shapes(), backend.device, backend.optional_weights())
 
@@ -46,7 +36,7 @@ def _receiver(backend: EmbeddedBackend) -> IpcReceiver:
 def test_ipc_tensors_are_copied_and_applied_only_at_the_last_call(model_dir):
     backend = EmbeddedBackend(str(model_dir), seed=0, max_model_len=128)
     before = backend.canary(6)
-    policy = _policy(model_dir, seed=1)
+    policy = perturbed_policy(model_dir, seed=1)
     named = [(n, p.data.clone()) for n, p in policy.named_parameters()]
     ipc = _receiver(backend)
     for i, (name, tensor) in enumerate(named):
@@ -61,7 +51,7 @@ def test_ipc_tensors_are_copied_and_applied_only_at_the_last_call(model_dir):
 def test_a_failed_ipc_sync_leaves_the_old_weights(model_dir, bad):
     backend = EmbeddedBackend(str(model_dir), seed=0, max_model_len=128)
     before = backend.canary(6)
-    named = [(n, p.data) for n, p in _policy(model_dir, seed=2).named_parameters()]
+    named = [(n, p.data) for n, p in perturbed_policy(model_dir, seed=2).named_parameters()]
     ipc = _receiver(backend)
     for name, tensor in named[:3]:
         ipc.receive(name, tensor, last=False)
@@ -118,7 +108,7 @@ def test_canary_runs_after_the_ipc_broadcast(engine, model_dir):
     actor, sparrow, sections, out = engine
     ray.get(actor.sleep.remote())
     ray.get(actor.wake_up.remote(["weights"]))  # OpenRLHF's colocated sync: the KV cache still sleeps
-    policy = _policy(model_dir, seed=4)
+    policy = perturbed_policy(model_dir, seed=4)
     broadcast_to_engines(_trainer(policy, policy, actor, sections))
     record = _records(out)[-1]
     assert record["path"] == "cuda_ipc" and record["canary_max_abs_diff"] < 1e-4
@@ -127,7 +117,7 @@ def test_canary_runs_after_the_ipc_broadcast(engine, model_dir):
 
 def test_ipc_canary_mismatch_raises(engine, model_dir):
     actor, sparrow, sections, out = engine
-    trained, stale = _policy(model_dir, seed=5), _policy(model_dir, seed=6)
+    trained, stale = perturbed_policy(model_dir, seed=5), perturbed_policy(model_dir, seed=6)
     with pytest.raises(SyncError, match="after the cuda_ipc weight sync .* does not serve the trained weights"):
         broadcast_to_engines(_trainer(trained, stale, actor, sections))  # the engine got other weights
     assert _records(out)[-1]["canary_max_abs_diff"] > 0.05

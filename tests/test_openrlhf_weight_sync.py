@@ -13,6 +13,8 @@ import torch
 pytest.importorskip("openrlhf")
 ray = pytest.importorskip("ray")
 
+from openrlhf_helpers import perturbed_policy  # noqa: E402
+
 from sparrow_sgl.openrlhf.flags import SGLangFlags, SparrowFlags, to_dict  # noqa: E402
 from sparrow_sgl.openrlhf.trainer_sync import canary_diff, push  # noqa: E402
 from sparrow_sgl.openrlhf.weight_sync import GROUP_NAME, SyncError, hf_named_tensors, init_group  # noqa: E402
@@ -57,21 +59,10 @@ def engine(cluster, model_dir, tmp_path_factory):
     return actor, group, sparrow
 
 
-def _policy(model_dir, seed: int):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return model
-
-
 def test_push_reaches_the_engine_and_the_canary_matches(engine, model_dir):
     actor, group, sparrow = engine
     before = ray.get(actor.canary.remote())
-    policy = _policy(model_dir, seed=1)
+    policy = perturbed_policy(model_dir, seed=1)
     canaries = push(policy, [actor], group, sparrow)
     assert canaries[0]["logprobs"] != before["logprobs"]
     assert canary_diff(policy, canaries[0]) < 1e-4  # float32 on both sides: equal up to kernel order
@@ -81,7 +72,8 @@ def test_lora_policy_is_sent_merged(engine, model_dir):
     from peft import LoraConfig, get_peft_model
 
     actor, group, sparrow = engine
-    policy = get_peft_model(_policy(model_dir, seed=2), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    policy = get_peft_model(perturbed_policy(model_dir, seed=2), lora)
     with torch.no_grad():
         for name, p in policy.named_parameters():
             if "lora_B" in name:
@@ -90,7 +82,7 @@ def test_lora_policy_is_sent_merged(engine, model_dir):
     assert all("lora_" not in n and "base_layer" not in n and not n.startswith("base_model") for n in names)
     canary = push(policy, [actor], group, sparrow)[0]
     assert canary_diff(policy, canary) < 1e-4  # the engine serves W + scale * B @ A, what the PEFT policy computes
-    plain = _policy(model_dir, seed=2)
+    plain = perturbed_policy(model_dir, seed=2)
     assert canary_diff(plain, canary) > 1e-3  # and the adapter mattered
 
 
@@ -126,5 +118,5 @@ def test_engine_that_never_receives_fails_within_timeout(cluster, model_dir):
     ray.get(joined, timeout=TIMEOUT)
     start = time.monotonic()
     with pytest.raises(SyncError, match="weight sync"):
-        push(_policy(model_dir, seed=3), [silent], group, SparrowFlags(engine="embedded", sync_timeout=3.0))
+        push(perturbed_policy(model_dir, seed=3), [silent], group, SparrowFlags(engine="embedded", sync_timeout=3.0))
     assert time.monotonic() - start < 3.0 * 4 + 10
