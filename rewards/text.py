@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-_THINK_CLOSED = re.compile(r"<think>.*?</think>", re.DOTALL)
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _PY_TAGS = {"python", "py", "python3", "py3"}
 
@@ -15,12 +14,26 @@ def strip_thinking(text: str) -> str:
     A `</think>` without an opening tag (chat templates often put `<think>` in the prompt) drops everything before
     it; an unclosed leading `<think>` (generation cut inside the thoughts) leaves nothing to grade.
     """
-    text = _THINK_CLOSED.sub("", text)
+    text = _drop_closed_thinking(text)
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
     if text.lstrip().startswith("<think>"):
         return ""
     return text
+
+
+def _drop_closed_thinking(text: str) -> str:
+    """Remove each `<think>` ... first following `</think>` span, in linear time (a lazy regex rescans the rest of the
+    text for every unclosed `<think>`: quadratic on a degenerate generation that repeats the tag)."""
+    kept, pos = [], 0
+    while (start := text.find("<think>", pos)) >= 0:
+        end = text.find("</think>", start + len("<think>"))
+        if end < 0:
+            break
+        kept.append(text[pos:start])
+        pos = end + len("</think>")
+    kept.append(text[pos:])
+    return "".join(kept)
 
 
 def extract_code(response: str) -> str:
