@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import cache
 from importlib import resources
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from sparrow_sgl.config import ConfigError, Schedule
 
-__all__ = ["Schedule", "preset_names", "load_preset", "resolve_schedule"]
+__all__ = ["Schedule", "preset_names", "load_preset", "resolve_schedule", "with_bin_width"]
 
 
 @cache
@@ -64,3 +65,11 @@ def resolve_schedule(spec: str | Schedule | None, page_size: int = 16) -> Schedu
         f"unknown schedule {spec!r}: use 'dense', 'fixed:N', a schedule JSON file, "
         f"or one of {', '.join(preset_names())}"
     )
+
+
+def with_bin_width(schedule: Schedule, bin_tokens: int) -> Schedule:
+    """A one-budget schedule takes the run's bin width (its budget is the same in every bin, but the TailGuard and
+    the live tails compare per bin); any other schedule is returned as it is."""
+    if len(schedule.budgets) == 1 and schedule.bin_tokens != bin_tokens:
+        return dataclasses.replace(schedule, bin_tokens=bin_tokens)
+    return schedule

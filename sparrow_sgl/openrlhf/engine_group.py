@@ -10,10 +10,8 @@ most `--sparrow.sync_timeout` seconds (weight_sync.wait).
 
 from __future__ import annotations
 
-import dataclasses
-
 from sparrow_sgl.config import Schedule
-from sparrow_sgl.schedule import resolve_schedule
+from sparrow_sgl.schedule import resolve_schedule, with_bin_width
 
 
 class EngineGroup:
@@ -39,10 +37,7 @@ class EngineGroup:
             return spec
         if isinstance(spec, dict):
             return Schedule.from_dict(spec)
-        schedule = resolve_schedule(spec, page_size=16)
-        if len(schedule.budgets) == 1 and schedule.bin_tokens != self.bin_tokens:
-            schedule = dataclasses.replace(schedule, bin_tokens=self.bin_tokens)
-        return schedule
+        return with_bin_width(resolve_schedule(spec, page_size=16), self.bin_tokens)
 
     def set_adapter(self, path: str | None) -> None:
         if self.active:

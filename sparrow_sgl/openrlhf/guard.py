@@ -10,14 +10,13 @@ from: the guard is a feedback loop, so it resumes from its newest measurement ra
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
 
 from sparrow_sgl.config import Schedule
 from sparrow_sgl.mismatch import BinStat
-from sparrow_sgl.schedule import resolve_schedule
+from sparrow_sgl.schedule import resolve_schedule, with_bin_width
 from sparrow_sgl.tailguard import TailGuard
 
 STATE_FILE = "guard_state.json"
@@ -26,10 +25,7 @@ log = logging.getLogger(__name__)
 
 def initial_schedule(sparrow) -> Schedule:
     """`--sparrow.schedule`, with a one-budget schedule taking the run's bin width (the guard compares per bin)."""
-    schedule = resolve_schedule(sparrow.schedule)
-    if len(schedule.budgets) == 1 and schedule.bin_tokens != sparrow.bin_tokens:
-        schedule = dataclasses.replace(schedule, bin_tokens=sparrow.bin_tokens)
-    return schedule
+    return with_bin_width(resolve_schedule(sparrow.schedule), sparrow.bin_tokens)
 
 
 def load_state(out_dir: str | None) -> dict | None:

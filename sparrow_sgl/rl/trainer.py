@@ -26,7 +26,7 @@ from sparrow_sgl.rl.loss import group_advantages, importance_weights, ppo_clip_l
 from sparrow_sgl.rl.metrics import MetricsLog, mismatch_metrics, plot_run, predicted_speedup, rollout_metrics
 from sparrow_sgl.rl.recompute import OldPolicy, recompute_old, token_logprobs
 from sparrow_sgl.rl.tasks import Task, build_task, encode_prompt
-from sparrow_sgl.schedule import resolve_schedule
+from sparrow_sgl.schedule import resolve_schedule, with_bin_width
 
 
 def seed_everything(seed: int) -> None:
@@ -164,11 +164,8 @@ class Trainer:
     def _adopt_bins(self, schedule: Schedule) -> Schedule:
         """A one-budget schedule takes the run's bin width (it changes nothing for the budget, but the TailGuard
         compares live tails per bin with it); a multi-bin schedule must already use it."""
-        if schedule.bin_tokens == self.cfg.bin_tokens:
-            return schedule
-        if len(schedule.budgets) == 1:
-            return dataclasses.replace(schedule, bin_tokens=self.cfg.bin_tokens)
-        if self.cfg.tailguard:
+        schedule = with_bin_width(schedule, self.cfg.bin_tokens)
+        if schedule.bin_tokens != self.cfg.bin_tokens and self.cfg.tailguard:
             raise ConfigError(
                 f"schedule {schedule.name!r} has {schedule.bin_tokens}-token bins but bin_tokens is "
                 f"{self.cfg.bin_tokens}: the TailGuard needs both equal"
