@@ -29,7 +29,8 @@ def _tails(*values):
 
 def test_guard_raises_saves_and_resumes(tmp_path, monkeypatch):
     pushed = []
-    monkeypatch.setattr(guard, "push_schedule", lambda n, spec: pushed.append((n, spec["budgets"])) or ["ok"] * n)
+    monkeypatch.setattr(guard, "push_schedule",
+                        lambda n, spec, timeout_s: pushed.append((n, spec["budgets"])) or ["ok"] * n)
 
     first = _maker(tmp_path, load_enable=False)
     logs = guard.guard_step(first, _tails(0.95, 0.70))  # bin 1 below tau: raised one grid step

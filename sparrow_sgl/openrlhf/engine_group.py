@@ -14,6 +14,15 @@ from sparrow_sgl.config import Schedule
 from sparrow_sgl.schedule import resolve_schedule, with_bin_width
 
 
+def call_all(num_engines: int, method: str, *args, timeout_s: float) -> list:
+    """`method(*args)` on every engine (found by name), each answer awaited at most `timeout_s` (SyncError)."""
+    from sparrow_sgl.openrlhf.factory import engine_handles
+    from sparrow_sgl.openrlhf.weight_sync import wait
+
+    refs = [getattr(h, method).remote(*args) for h in engine_handles(num_engines)]
+    return wait(refs, timeout_s, f"engine {method}")
+
+
 class EngineGroup:
     def __init__(self, num_engines: int, timeout_s: float, bin_tokens: int, active: bool = True) -> None:
         self.num_engines, self.timeout_s, self.bin_tokens = num_engines, timeout_s, bin_tokens
@@ -27,9 +36,7 @@ class EngineGroup:
         return engine_handles(self.num_engines)
 
     def _all(self, method: str, *args) -> list:
-        from sparrow_sgl.openrlhf.weight_sync import wait
-
-        return wait([getattr(h, method).remote(*args) for h in self._handles()], self.timeout_s, f"engine {method}")
+        return call_all(self.num_engines, method, *args, timeout_s=self.timeout_s)
 
     def resolve_schedule(self, spec: str | dict | Schedule) -> Schedule:
         """A schedule as the engines resolve it (page size 16; a one-budget schedule takes the run's bin width)."""

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from sparrow_sgl.config import Schedule
+from sparrow_sgl.jsonio import write_json_atomic
 from sparrow_sgl.mismatch import BinStat
 from sparrow_sgl.schedule import resolve_schedule, with_bin_width
 from sparrow_sgl.tailguard import TailGuard
@@ -34,13 +35,9 @@ def load_state(out_dir: str | None) -> dict | None:
 
 
 def save_state(out_dir: str | None, step: int, guard: TailGuard) -> None:
-    if not out_dir:
-        return
-    path = Path(out_dir) / STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"step": step, "guard": guard.state_dict(), "schedule": guard.schedule.to_dict()}))
-    tmp.replace(path)
+    if out_dir:
+        write_json_atomic(Path(out_dir) / STATE_FILE,
+                          {"step": step, "guard": guard.state_dict(), "schedule": guard.schedule.to_dict()})
 
 
 def resumed_schedule(sparrow, load_enable: bool) -> dict | None:
@@ -49,12 +46,10 @@ def resumed_schedule(sparrow, load_enable: bool) -> dict | None:
     return state["schedule"] if state else None
 
 
-def push_schedule(num_engines: int, spec: dict) -> list[str]:
-    import ray
+def push_schedule(num_engines: int, spec: dict, timeout_s: float) -> list[str]:
+    from sparrow_sgl.openrlhf.engine_group import call_all
 
-    from sparrow_sgl.openrlhf.factory import engine_handles
-
-    return ray.get([e.set_schedule.remote(spec) for e in engine_handles(num_engines)])
+    return call_all(num_engines, "set_schedule", spec, timeout_s=timeout_s)
 
 
 def guard_step(maker, stats: list[BinStat]) -> dict:
@@ -73,7 +68,7 @@ def guard_step(maker, stats: list[BinStat]) -> dict:
     before = list(guard.budgets)
     events = guard.update(step, stats)
     if guard.budgets != before:
-        described = push_schedule(args.vllm.num_engines, guard.schedule.to_dict())
+        described = push_schedule(args.vllm.num_engines, guard.schedule.to_dict(), sparrow.sync_timeout)
         log.info("TailGuard step %d: %s -> engines now %s", step, [e.to_dict() for e in events], described[0])
     save_state(sparrow.out_dir, step, guard)
     return {"sparrow/guard_events": float(len(events)),
