@@ -12,7 +12,6 @@ every worker by patches.apply_worker.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import time
@@ -71,44 +70,34 @@ def init_sync_group(self, backend: str) -> None:
 
 
 def broadcast_to_engines(self) -> None:
+    import deepspeed
+
     from sparrow_sgl.openrlhf import distill_hook
 
     distill = distill_hook.current(self)  # on a resumed run: created here, φ pushed to the engines before θ
+    sparrow, args = _sparrow(self), self.strategy.args
+    model = self.actor.model.module
+    served = distill.served_model() if distill is not None else None
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    # every rank gathers (ZeRO-3), rank 0 talks to the engines
+    gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=args.ds.zero_stage == 3)
     if self.use_cuda_ipc:
         start = time.perf_counter()
         self._openrlhf_broadcast_to_vllm()
-        model = self.actor.model.module
-        zero3 = self.strategy.args.ds.zero_stage == 3
-        with _gathered(list(model.parameters()), zero3):  # every rank gathers (ZeRO-3); rank 0 checks
-            if not dist.is_initialized() or dist.get_rank() == 0:
-                served = distill.served_model() if distill is not None else None
-                check_after_ipc(model, self.vllm_engines, _sparrow(self), start, served)
+        with gathered:
+            if rank0:
+                check_after_ipc(model, self.vllm_engines, sparrow, start, served)
         return None
-    import deepspeed
     from openrlhf.utils.distributed_util import torch_dist_barrier_and_cuda_sync
 
-    sparrow = _sparrow(self)
-    args = self.strategy.args
-    model = self.actor.model.module
-    params = list(model.parameters())
-    rank0 = dist.get_rank() == 0
     resets = []
     if rank0 and args.vllm.enable_prefix_caching:  # OpenRLHF's order: cache resets go out first (ppo_actor.py:410)
         resets = [e.reset_prefix_cache.remote() for e in self.vllm_engines]
-    with deepspeed.zero.GatheredParameters(params, enabled=args.ds.zero_stage == 3):
+    with gathered:
         if rank0:
-            served = distill.served_model() if distill is not None else None
             push(model, self.vllm_engines, self._model_update_group, sparrow, flush=True, served=served)
     wait(resets, sparrow.sync_timeout, "prefix-cache reset")
     torch_dist_barrier_and_cuda_sync()
-
-
-def _gathered(params: list, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, enabled=True)
 
 
 def push(model: torch.nn.Module, engines: list, group, sparrow, flush: bool = True,
