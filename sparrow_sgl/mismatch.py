@@ -39,6 +39,15 @@ def acceptance_rate_topk(
     return torch.minimum(p_a, p_b_at_a).sum(-1).clamp(0.0, 1.0)
 
 
+def acceptance_rate_vs_dense_topk(
+    dense_logprobs: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor
+) -> torch.Tensor:
+    """`acceptance_rate_topk` of a rollout's top-k lists against the dense distribution's own top-k (k = the
+    rollout's): dense_logprobs [..., V] full-vocabulary log-probs, topk_* [..., k]."""
+    d_lp, d_ids = dense_logprobs.topk(topk_ids.shape[-1], dim=-1)
+    return acceptance_rate_topk(d_ids, d_lp, topk_ids, topk_logprobs)
+
+
 @dataclass
 class BinStat:
     start: int  # first position of the bin (inclusive)

@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from sparrow_sgl.mismatch import BinStat, acceptance_rate_topk, min_tail, tail_by_bin
+from sparrow_sgl.mismatch import BinStat, acceptance_rate_vs_dense_topk, min_tail, tail_by_bin
 
 TOPK_KEY = "sparrow_topk"
 log = logging.getLogger(__name__)
@@ -35,8 +35,7 @@ def token_alpha(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: tor
     trainer computes it (`rl/recompute.py` `_alpha`). logits [T, V]: the rows that predict the T tokens, already
     divided by the temperature."""
     dense = torch.log_softmax(logits.float(), dim=-1)
-    d_lp, d_ids = dense.topk(topk_ids.shape[-1], dim=-1)
-    return acceptance_rate_topk(d_ids, d_lp, topk_ids.to(dense.device), topk_logprobs.to(dense.device))
+    return acceptance_rate_vs_dense_topk(dense, topk_ids.to(dense.device), topk_logprobs.to(dense.device))
 
 
 def experience_alpha(logits: torch.Tensor, action_mask: torch.Tensor, topk: list) -> list[tuple]:

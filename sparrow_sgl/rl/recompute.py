@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparrow_sgl.mismatch import acceptance_rate, acceptance_rate_topk
+from sparrow_sgl.mismatch import acceptance_rate, acceptance_rate_vs_dense_topk
 from sparrow_sgl.rl.batch import RolloutBatch
 
 
@@ -106,10 +106,8 @@ def _alpha(log_dist, mb: RolloutBatch, rollout_dists, row0: int, topk: bool) -> 
             continue
         dense = log_dist[i, p : p + t]
         if topk:
-            k = mb.rollout_topk_ids.shape[-1]
-            d_lp, d_ids = dense.topk(k, dim=-1)
-            out[i, p : p + t] = acceptance_rate_topk(
-                d_ids, d_lp, mb.rollout_topk_ids[i, p : p + t], mb.rollout_topk_logprobs[i, p : p + t]
+            out[i, p : p + t] = acceptance_rate_vs_dense_topk(
+                dense, mb.rollout_topk_ids[i, p : p + t], mb.rollout_topk_logprobs[i, p : p + t]
             )
         else:
             sparse = rollout_dists[row0 + i].to(dense.device)
