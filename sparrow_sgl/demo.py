@@ -616,9 +616,11 @@ def _train_trend(records: list[dict], window: int = 10) -> str:
     """`0.812 -> 0.990` (means of the first and last `window` steps' rollout rewards), '-' without records."""
     if not records:
         return "-"
+    from sparrow_sgl.rl.metrics import window_mean
+
     rewards = [r["rollout/reward_mean"] for r in records]
     w = min(window, len(rewards))
-    return f"{_mean(rewards[:w]):.3f} -> {_mean(rewards[-w:]):.3f} ({w}-step means)"
+    return f"{window_mean(rewards, w, end=False):.3f} -> {window_mean(rewards, w):.3f} ({w}-step means)"
 
 
 def _mean(xs: list[float]) -> float:

@@ -40,6 +40,8 @@ def load_run(run_dir: str | Path) -> DemoRun:
 def plot_demo_reward(runs: list[DemoRun], path: str | Path, title: str = "") -> Path:
     import matplotlib
 
+    from sparrow_sgl.rl.metrics import moving_mean
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -85,10 +87,6 @@ def _eval_bars(ax, runs: list[DemoRun]) -> None:
     n = runs[0].before.get("prompts", "?") if runs else "?"
     ax.set_title(f"held-out eval, {n} prompts (± s.e.)")
     ax.legend(fontsize=7, loc="upper center", ncol=3)
-
-
-def moving_mean(xs: list[float], window: int) -> list[float]:
-    return [sum(xs[max(0, i + 1 - window) : i + 1]) / len(xs[max(0, i + 1 - window) : i + 1]) for i in range(len(xs))]
 
 
 def main(argv: list[str] | None = None) -> int:

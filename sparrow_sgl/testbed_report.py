@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from sparrow_sgl.rl.metrics import read_jsonl
+from sparrow_sgl.rl.metrics import moving_mean, read_jsonl, window_mean
 
 ACC_DROP = 0.10
 REWARD_CRASH = 0.5
@@ -40,18 +40,10 @@ def load_runs(sweep_dir: Path) -> dict[str, dict]:
     return runs
 
 
-def window_mean(values: list[float], end: bool = True, size: int = WINDOW) -> float | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    part = values[-size:] if end else values[:size]
-    return sum(part) / len(part)
-
-
 def best_window(values: list[float], size: int = WINDOW) -> float | None:
     values = [v for v in values if v is not None]
     if len(values) < size:
-        return window_mean(values)
+        return window_mean(values, WINDOW)
     return max(sum(values[i : i + size]) / size for i in range(len(values) - size + 1))
 
 
@@ -84,8 +76,9 @@ def row_for(name: str, run: dict, dense: dict | None, speed: dict, steps: int, e
     tails = [r.get("sparse/tail_p5/min") for r in m]
     tails = [t for t in tails if t is not None]
     acc0, acc, dense_acc = acc_at(run, 0), acc_at(run, eval_step), acc_at(dense, eval_step)
-    final = window_mean(rewards)
-    dense_final = window_mean([r.get("rollout/reward_mean") for r in dense["metrics"][:steps]]) if dense else None
+    final = window_mean(rewards, WINDOW)
+    dense_rewards = [r.get("rollout/reward_mean") for r in dense["metrics"][:steps]] if dense else []
+    dense_final = window_mean(dense_rewards, WINDOW)
     label = name.split("+")[0].removeprefix("tau-")
     speed_row = speed.get("rows", {}).get("dense" if name == "dense" else label, {})
     reasons = []
@@ -111,7 +104,7 @@ def row_for(name: str, run: dict, dense: dict | None, speed: dict, steps: int, e
         "rollout_speedup": speed_row.get("speedup"),
         "rollout_tokens_per_s_alone": speed_row.get("tokens_per_s"),
         "rollout_tokens_per_s_in_sweep": window_mean([r.get("rollout/tokens_per_s") for r in m], size=len(m) or 1),
-        "reward_first": window_mean(rewards, end=False),
+        "reward_first": window_mean(rewards, WINDOW, end=False),
         "reward_final": final,
         "reward_vs_dense": final / dense_final if final is not None and dense_final else None,
         "greedy_acc_start": acc0,
@@ -170,7 +163,7 @@ def plot(sweep_dir: Path, path: Path) -> Path:
     for name in sorted(runs, key=lambda n: (n != "dense", target_of(n) or 0.0, "+" in n)):
         m, ev = runs[name]["metrics"], runs[name]["evals"]
         steps = [r["step"] for r in m]
-        rewards = _smooth([r.get("rollout/reward_mean") for r in m])
+        rewards = moving_mean([r.get("rollout/reward_mean") for r in m], 5)
         style = {"linestyle": "--"} if "+" in name else {}
         axes[0].plot(steps, rewards, label=name, **style)
         tail = [r.get("sparse/tail_p5/min") for r in m]
@@ -190,14 +183,6 @@ def plot(sweep_dir: Path, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _smooth(values: list, k: int = 5) -> list[float]:
-    out = []
-    for i in range(len(values)):
-        part = [v for v in values[max(0, i - k + 1) : i + 1] if v is not None]
-        out.append(sum(part) / len(part) if part else float("nan"))
-    return out
 
 
 def report(sweep_dir: str | Path, out: str | Path) -> list[dict]:

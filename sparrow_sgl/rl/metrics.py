@@ -145,6 +145,24 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def window_mean(values: list[float | None], size: int, end: bool = True) -> float | None:
+    """Mean of the last (end) or first `size` values that are not None; None when there are none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    part = values[-size:] if end else values[:size]
+    return sum(part) / len(part)
+
+
+def moving_mean(values: list[float | None], window: int) -> list[float]:
+    """Trailing mean over `window` steps at every step (None skipped; NaN where a window holds no value)."""
+    out = []
+    for i in range(len(values)):
+        part = [v for v in values[max(0, i - window + 1) : i + 1] if v is not None]
+        out.append(sum(part) / len(part) if part else float("nan"))
+    return out
+
+
 def _plain(v):
     if isinstance(v, torch.Tensor):
         v = v.item()
