@@ -52,7 +52,9 @@ class Scored:
 
 
 def parse_label(label: Any) -> Label:
-    """A `Label` from a JSON string, a dict, or a bare math answer (see module docstring)."""
+    """A `Label` from a JSON string, a dict, or a bare math answer (see module docstring); a `Label` as it is."""
+    if isinstance(label, Label):
+        return label
     if isinstance(label, str):
         try:
             data = json.loads(label)

@@ -161,12 +161,12 @@ def _score_one(query: Any, prompt: Any, label: Any) -> _Outcome:
         if not isinstance(query, str) or not isinstance(prompt, str):
             raise TypeError(f"query and prompt must be str, got {type(query).__name__}, {type(prompt).__name__}")
         out.reason = "label"
-        parse_label(label)
+        parsed = parse_label(label)  # parsed once: a code label's tests are parsed and validated here
         out.reason = "score"
         response = response_of(query, prompt)
         out.response_chars = len(response)
         scorer, _ = _shared()
-        scored = score_labeled([response], [label], workers=1, math_timeout_s=scorer.timeout_s,
+        scored = score_labeled([response], [parsed], workers=1, math_timeout_s=scorer.timeout_s,
                                code_timeout_s=float(os.environ.get("SPARROW_CODE_TIMEOUT_S", 10)),
                                math_scorer=scorer)[0]
         out.is_code, out.timeout = scored.kind == "code", bool(scored.timeout)

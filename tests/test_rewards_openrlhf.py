@@ -21,6 +21,7 @@ def test_parse_label_formats():
     assert parse_label(json.dumps({"kind": "math", "answer": "\\frac12"})).answer == "\\frac12"
     lab = parse_label({"kind": "code", "tests": "assert f(1) == 2", "entry_point": "f"})
     assert (lab.kind, lab.entry_point) == ("code", "f")
+    assert parse_label(lab) is lab  # a parsed label is not parsed again (reward_func parses each label once)
     for bad, msg in [({"kind": "poetry"}, "kind must be one of"), ({"kind": "code"}, "needs 'tests'"),
                      ({"kind": "math"}, "needs an 'answer'"), (None, "label must be")]:
         with pytest.raises(ValueError, match=msg):
