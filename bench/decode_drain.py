@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.decode_e2e import interp_extrapolate
+from bench.decode_e2e import UNFUSED, interp_extrapolate
 from sparrow_sgl.costmodel import AnalyticCost, CostModel
-
-UNFUSED = "+unfused"
 
 
 def drain_batches(batch: int, count: int) -> list[int]:

@@ -100,20 +100,11 @@ def env_set(settings: dict[str, str]):
                 os.environ[k] = v
 
 
-@contextmanager
 def unfused_ops():
     """The engine's elementwise ops as plain torch (the phase-2 engine) while graphs are captured in this block."""
     from sparrow_sgl.engine.fused import FUSED_ENV
 
-    saved = os.environ.get(FUSED_ENV)
-    os.environ[FUSED_ENV] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(FUSED_ENV, None)
-        else:
-            os.environ[FUSED_ENV] = saved
+    return env_set({FUSED_ENV: "0"})
 
 
 def hf_like_config(shape, max_context: int) -> SimpleNamespace:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from bench.common import capture_graph, copy_bandwidth_gbs, device_info, parse_ints, require_cuda, time_us
+from bench.common import copy_bandwidth_gbs, device_info, graph_time_us, parse_ints, require_cuda
 
 
 def layer_shapes(shape) -> dict[str, tuple[int, int]]:
@@ -47,8 +47,9 @@ def time_linears(weights: list[torch.Tensor], m: int, setting: str) -> float:
     """Median ms of F.linear(x, w) over `weights` in sequence, one CUDA graph."""
     inputs = {w.shape[1]: torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16) for w in weights}
     with blas_setting(setting):
-        graph = capture_graph(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights])
-        return time_us(graph.replay, reps=10, warmup=2, flush=False)["median_us"] / 1e3
+        timing = graph_time_us(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], reps=10, warmup=2,
+                               flush=False)
+    return timing["median_us"] / 1e3
 
 
 def run(args) -> list[dict]:
