@@ -115,11 +115,12 @@ def ipc_syncs(engine_log: Path) -> list[dict]:
 
 
 def trainer_syncs(trainer_log: Path) -> list[dict]:
-    """sparrow-sgl's own weight syncs (the process-group path; the colocated CUDA-IPC path is OpenRLHF's)."""
+    """sparrow-sgl's weight-sync records (`path`: process_group, or cuda_ipc — OpenRLHF's broadcast, then the
+    canary check trainer_sync.py runs after it)."""
     if not trainer_log.exists():
         return []
     events = [json.loads(line) for line in trainer_log.read_text().splitlines() if line.strip()]
-    return [{k: e.get(k) for k in ("tensors", "seconds", "canary_max_abs_diff")} for e in events
+    return [{k: e.get(k) for k in ("path", "tensors", "seconds", "canary_max_abs_diff")} for e in events
             if e.get("event") == "weight_sync"]
 
 
@@ -138,7 +139,7 @@ def summarize_mode(mode_dir: Path) -> dict:
             "rollout_tokens_per_s", "reward_mean", "kv_tokens_mean")},
         "per_step": rows,
         "engine_ipc_syncs": ipc_syncs(mode_dir / "sparrow" / "engine_0.jsonl"),
-        "trainer_group_syncs": trainer_syncs(mode_dir / "sparrow" / "trainer.jsonl"),
+        "trainer_syncs": trainer_syncs(mode_dir / "sparrow" / "trainer.jsonl"),
         "scalars_seen": sorted(scalars),
     }
 
