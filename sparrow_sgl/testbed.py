@@ -215,18 +215,17 @@ def build_config(cls, profile: dict, args: argparse.Namespace, **fixed):
 
 def sweep_task_settings(choice: str | None) -> dict:
     """`--task` -> SweepConfig fields (task + its bins/budgets/pages); {} keeps the profile's."""
-    import json
-
     from sparrow_sgl.errors import ConfigError
+    from sparrow_sgl.jsonio import read_json
 
     if not choice:
         return {}
     if choice.startswith("auto="):
         path = choice[len("auto="):]
-        try:
-            final_eval = json.loads(open(path).read())["final_eval"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError(f"--task {choice}: cannot read final_eval from {path} ({exc})") from exc
+        record = read_json(path, f"--task {choice}: the pretraining record")
+        final_eval = record.get("final_eval") if isinstance(record, dict) else None
+        if not isinstance(final_eval, dict):
+            raise ConfigError(f"--task {choice}: {path} has no final_eval (not a `sparrow testbed pretrain` record)")
         choice = pick_sweep_task(final_eval)
         print(f"sweep task: {choice} (greedy exact accuracy " +
               ", ".join(f"{k[4:]} {v:.3f}" for k, v in final_eval.items() if k.startswith("acc/")) +
@@ -286,11 +285,10 @@ def run(args: argparse.Namespace) -> int:
         seeds_report(args.sweep, args.out)
         return 0
     if args.stage == "run":
-        import json
-
+        from sparrow_sgl.jsonio import read_json
         from sparrow_sgl.testbed_sweep import run_one
 
-        run_one(json.loads(open(args.spec).read()))
+        run_one(read_json(args.spec, "testbed run spec"))
         return 0
     return 2
 

@@ -107,6 +107,9 @@ def test_sweep_task_pick_rule(tmp_path):
         assert min(settings.get("budgets", [48])) >= 3 * settings.get("page_size", 16)
     with pytest.raises(ConfigError, match="not one of"):
         sweep_task_settings("huge")
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="pretraining record not found"):
         sweep_task_settings(f"auto={tmp_path}/none.json")
+    (tmp_path / "other.json").write_text(json.dumps({"steps": 3}))
+    with pytest.raises(ConfigError, match="has no final_eval"):
+        sweep_task_settings(f"auto={tmp_path}/other.json")
     assert set(PRETRAIN_PROFILES["h200-lengths"]["eval_tasks"]) == set(SWEEP_TASKS)
