@@ -22,6 +22,8 @@ Same contract as `sparrow_sgl.attention.select.select_pages` (selection identica
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +32,9 @@ from sparrow_sgl.attention.pages import PageSummaries
 from sparrow_sgl.attention.select import Selection, budget_pages_tensor
 from sparrow_sgl.config import SparsityConfig
 
+TOPK_BITS_ENV = "SPARROW_TOPK_BITS"
+DEFAULT_TOPK_BITS = 4
+SCORE_TILE_ENV = "SPARROW_SCORE_TILE"  # "pages_per_prog,block_p,warps" overrides the scoring tile (benchmarks)
 MAX_PAGES_PER_ROW = 32768  # the two-launch top-k holds a whole row in one program
 TOPK_CHUNK = 2048  # pages per chunk of the one-launch top-k (rows up to 32K tokens at page 16 stay in registers)
 
@@ -232,8 +237,9 @@ def _topk_pages_kernel(
     pages_ptr, stride_pb, stride_ph, k_cols,
     csr_ptr, row_start_ptr, last_len_ptr,
     KV_HEADS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_CSR: tl.constexpr,
+    BITS: tl.constexpr,
 ):
-    """Two-launch baseline, launch 2: a 32-step bitwise search for the k-th largest key over the whole width."""
+    """Two-launch baseline, launch 2: a search for the k-th largest key over the whole width, BITS bits per step."""
     row = tl.program_id(0)
     b = row // KV_HEADS
     h = row % KV_HEADS
@@ -245,11 +251,14 @@ def _topk_pages_kernel(
     score = tl.load(scores_ptr + b * stride_sb + h * stride_sh + idx, mask=exists, other=0.0)
     key = tl.where(exists, _order_key(score), 0)
     # Largest threshold t with count(key >= t) >= k, built from the top bit down: t is the k-th largest key.
+    # BITS > 1 counts the 2^BITS - 1 candidates of a step in one 2-D reduction: 32 / BITS block-wide reductions
+    # (each a shared-memory round trip and a barrier) instead of 32.
     thresh = tl.zeros([], tl.uint32)
-    for bit in tl.static_range(31, -1, -1):
-        cand = thresh | (tl.full([], 1, tl.uint32) << bit)
-        n_ge = tl.sum((key >= cand).to(tl.int32), 0)
-        thresh = tl.where(n_ge >= k, cand, thresh)
+    digits = tl.arange(0, 1 << BITS).to(tl.uint32)
+    for step in tl.static_range(32 // BITS):
+        cand = thresh | (digits << (32 - BITS * (step + 1)))  # [2^BITS]; digit 0 is thresh itself (count >= k)
+        n_ge = tl.sum((key[:, None] >= cand[None, :]).to(tl.int32), 0)
+        thresh = tl.max(tl.where(n_ge >= k, cand, thresh), 0)
     greater = exists & (key > thresh)
     ties = exists & (key == thresh)
     tie_rank = tl.cumsum(ties.to(tl.int32), 0) - 1
@@ -268,6 +277,17 @@ def _topk_pages_kernel(
         tl.store(last_len_ptr + row, last_len)
 
 
+def topk_bits(block_n: int) -> int:
+    """Bits per search step of the two-launch top-k: `SPARROW_TOPK_BITS` (1, 2, 4 or 8; default 4), capped so the
+    [block_n, 2^bits] comparison block stays <= 64K elements (registers: 2048 pages x 16 candidates, 16 warps)."""
+    bits = int(os.environ.get(TOPK_BITS_ENV, "").strip() or DEFAULT_TOPK_BITS)
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"{TOPK_BITS_ENV}={bits}: choose 1, 2, 4 or 8")
+    while bits > 1 and block_n << bits > 65536:
+        bits //= 2
+    return bits
+
+
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
@@ -278,6 +298,9 @@ def score_tiling(rows: int, max_pages: int, device: torch.device, pages_per_prog
 
     Default (H100 sweep, bench/results/NOTES.md phase 4): 128..256 pages per program in tiles of 128 pages, 4 warps:
     large tiles keep more summary bytes in flight per program, which the latency-bound small batches need most."""
+    forced = os.environ.get(SCORE_TILE_ENV, "").strip()
+    if forced and pages_per_prog is None:
+        pages_per_prog, block_p, num_warps = (int(v) for v in forced.split(","))
     if pages_per_prog is None:
         pages_per_prog = min(max(triton.next_power_of_2(rows * max_pages // (4 * _num_sms(device))), 128), 256)
     pages_per_prog = min(pages_per_prog, max(triton.next_power_of_2(max_pages), 16))
@@ -401,7 +424,7 @@ def select_pages_into(
         pages_out, pages_out.stride(0), pages_out.stride(1), pages_out.shape[2],
         indices, row_start, last_len,
         KV_HEADS=kv_heads, PAGE=cfg.page_size, BLOCK_N=block_n, WRITE_CSR=csr is not None,
-        num_warps=min(16, max(4, block_n // 512)),
+        BITS=topk_bits(block_n), num_warps=min(16, max(4, block_n // 512)),
     )
     return scores
 
