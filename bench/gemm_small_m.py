@@ -1,11 +1,20 @@
-"""The decode step's GEMMs at small M (the padded batch) against their weight-bytes floor, per cuBLAS setting.
+"""The decode step's GEMMs at small M (the padded batch) against their weight-bytes floor: cuBLAS settings vs the
+small-M Triton GEMM (`sparrow_sgl/attention/kernels/triton_linear.py`).
 
 Each model's linear layers (qkv, o, gate_up, down over all layers, then the LM head) are run in sequence on distinct
 weights, as in a decode step (so no weight is L2-resident), captured in one CUDA graph and timed by replay, under
-torch's cuBLAS settings: the default, `allow_bf16_reduced_precision_reduction=False` (no reduced-precision split-K)
-and cuBLASLt preferred. Prints JSON rows: ms, weight GB, achieved GB/s and floor / time.
+each setting: torch's cuBLAS settings (the default, `allow_bf16_reduced_precision_reduction=False` = no
+reduced-precision split-K, cuBLASLt preferred), `triton` (every GEMM on its fastest Triton config), `triton-pdl`
+(the same launched with programmatic dependent launch, configs timed with it) and `auto` (per shape the faster of
+cuBLAS and Triton, what `engine.linear.Linear` picks). `down+silu` is down_proj with the MLP's SiLU x up: cuBLAS
+settings run `fused.silu_mul` then the GEMM, the Triton ones fuse it into the GEMM's load; `all+silu` is the
+engine's layer order (qkv, o, gate_up, down+silu per layer, then the LM head).
 
-    python -m bench.gemm_small_m --models qwen3-4b --m 32,64
+Before the stack timings, one `tune` row per shape: cuBLAS and the best Triton config each timed alone from a cold
+L2 (`engine.linear.time_choices`, the engine's auto choice). Then `stack` rows: ms, weight GB, achieved GB/s and
+floor / time. Prints JSON rows.
+
+    python -m bench.gemm_small_m --models qwen3-4b --m 32,64 --settings default,triton,triton-pdl,auto
 """
 
 from __future__ import annotations
@@ -13,11 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 from contextlib import contextmanager
+from dataclasses import astuple
 
 import torch
 import torch.nn.functional as F
 
 from bench.common import copy_bandwidth_gbs, device_info, graph_time_us, parse_ints, require_cuda
+
+BLAS_SETTINGS = ("default", "no-reduced-precision", "cublaslt", "cublas")
+TRITON_SETTINGS = ("triton", "triton-pdl", "auto")
+Item = tuple[torch.Tensor, bool]  # a weight [N, K], and whether its input is gate_up (SiLU x up fused in)
 
 
 def layer_shapes(shape) -> dict[str, tuple[int, int]]:
@@ -43,38 +57,110 @@ def blas_setting(name: str):
         torch.backends.cuda.preferred_blas_library(saved[1])
 
 
-def time_linears(weights: list[torch.Tensor], m: int, setting: str) -> float:
-    """Median ms of F.linear(x, w) over `weights` in sequence, one CUDA graph."""
-    inputs = {w.shape[1]: torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16) for w in weights}
+def shape_key(w: torch.Tensor, silu: bool, pdl: bool) -> tuple:
+    return (*w.shape, silu, pdl)
+
+
+def tune(items: list[Item], m: int, pdl: bool, plan: dict) -> None:
+    """plan[shape_key] = time_choices (cuBLAS: None, Triton: Config -> us) for each new shape among items."""
+    from sparrow_sgl.engine.linear import time_choices
+
+    for w, silu in items:
+        key = shape_key(w, silu, pdl)
+        if key not in plan:
+            x = torch.randn(m, w.shape[1] * (2 if silu else 1), device="cuda", dtype=w.dtype)
+            plan[key] = time_choices(x, w, silu=silu, pdl=pdl)
+
+
+def best(timings: dict, triton_only: bool):
+    """The fastest choice: a Triton Config, or None (cuBLAS; also when no Triton config launched)."""
+    pool = {k: t for k, t in timings.items() if k is not None} if triton_only else timings
+    return min(pool, key=pool.get) if pool else None
+
+
+def stack_fn(items: list[Item], m: int, setting: str, plan: dict):
+    """The captured callable: every GEMM of `items` in order under `setting`."""
+    from sparrow_sgl.attention.kernels.triton_linear import linear
+    from sparrow_sgl.engine.fused import silu_mul
+
+    inputs = {(w.shape[1], silu): torch.randn(m, w.shape[1] * (2 if silu else 1), device="cuda", dtype=w.dtype)
+              for w, silu in items}
+    pdl = setting == "triton-pdl"
+    configs = [None if setting in BLAS_SETTINGS else best(plan[shape_key(w, silu, pdl)], setting != "auto")
+               for w, silu in items]
+
+    def run() -> None:
+        for (w, silu), config in zip(items, configs):
+            x = inputs[w.shape[1], silu]
+            if config is None:
+                F.linear(silu_mul(x) if silu else x, w)
+            else:
+                linear(x, w, None, config, silu_input=silu, pdl=pdl)
+
+    return run
+
+
+def time_stack(items: list[Item], m: int, setting: str, plan: dict) -> float:
+    """Median ms of one CUDA-graph replay of the stack."""
+    fn = stack_fn(items, m, setting, plan)
     with blas_setting(setting):
-        timing = graph_time_us(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], reps=10, warmup=2,
-                               flush=False)
-    return timing["median_us"] / 1e3
+        return graph_time_us(fn, reps=10, warmup=2, flush=False)["median_us"] / 1e3
+
+
+def model_groups(shape) -> dict[str, list[Item]]:
+    per_layer = {k: [torch.randn(*s, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(shape.num_layers)]
+                 for k, s in layer_shapes(shape).items()}
+    per_layer["lm_head"] = [torch.randn(shape.vocab_size, shape.hidden_size, device="cuda",
+                                        dtype=torch.bfloat16) * 0.02]
+    groups = {k: [(w, False) for w in ws] for k, ws in per_layer.items()}
+    groups["down+silu"] = [(w, True) for w in per_layer["down"]]
+    groups["all"] = [item for k in ("qkv", "o", "gate_up", "down", "lm_head") for item in groups[k]]
+    layers = zip(groups["qkv"], groups["o"], groups["gate_up"], groups["down+silu"])
+    groups["all+silu"] = [item for layer in layers for item in layer] + groups["lm_head"]
+    return groups
+
+
+def tune_rows(name: str, m: int, groups: dict, plan: dict, pdl: bool) -> list[dict]:
+    rows = []
+    for group in ("qkv", "o", "gate_up", "down", "down+silu", "lm_head"):
+        w, silu = groups[group][0]
+        timings = plan[shape_key(w, silu, pdl)]
+        config = best(timings, triton_only=True)
+        triton_us = timings.get(config) if config is not None else None
+        rows.append({"kind": "tune", "model": name, "m": m, "gemm": group, "pdl": pdl, "n": w.shape[0],
+                     "k": w.shape[1], "cublas_us": round(timings[None], 2),
+                     "triton_us": None if triton_us is None else round(triton_us, 2),
+                     "cublas_over_triton": None if triton_us is None else round(timings[None] / triton_us, 3),
+                     "config_n_k_split_warps_stages": None if config is None else list(astuple(config)),
+                     "configs_timed": sum(k is not None for k in timings)})
+    return rows
 
 
 def run(args) -> list[dict]:
     from sparrow_sgl.hardware import get_model_shape
 
     info, bw = device_info(), copy_bandwidth_gbs()
+    settings = args.settings.split(",")
     rows = []
     for name in args.models.split(","):
-        shape = get_model_shape(name)
-        per_layer = {k: [torch.randn(*s, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(shape.num_layers)]
-                     for k, s in layer_shapes(shape).items()}
-        per_layer["lm_head"] = [torch.randn(shape.vocab_size, shape.hidden_size, device="cuda",
-                                            dtype=torch.bfloat16) * 0.02]
-        groups = per_layer | {"all": [w for ws in per_layer.values() for w in ws]}
+        groups = model_groups(get_model_shape(name))
         for m in parse_ints(args.m):
-            for setting in args.settings.split(","):
-                for group, ws in groups.items():
-                    ms = time_linears(ws, m, setting)
-                    gb = sum(w.numel() * 2 for w in ws) / 1e9
-                    rows.append({"model": name, "m": m, "setting": setting, "gemm": group, "ms": round(ms, 4),
-                                 "weight_gb": round(gb, 4), "gbs": round(gb / ms * 1e3, 1),
+            plan: dict = {}
+            for pdl in sorted({s == "triton-pdl" for s in settings if s in TRITON_SETTINGS}):
+                tune(groups["all"] + groups["down+silu"], m, pdl, plan)
+                rows += tune_rows(name, m, groups, plan, pdl)
+                for row in rows[-6:]:
+                    print(json.dumps(row), flush=True)
+            for setting in settings:
+                for group, items in groups.items():
+                    ms = time_stack(items, m, setting, plan)
+                    gb = sum(w.numel() * w.element_size() for w, _ in items) / 1e9
+                    rows.append({"kind": "stack", "model": name, "m": m, "setting": setting, "gemm": group,
+                                 "ms": round(ms, 4), "weight_gb": round(gb, 4), "gbs": round(gb / ms * 1e3, 1),
                                  "floor_over_time": round(gb / bw * 1e3 / ms, 3), "gpu": info.get("gpu"),
-                                 "date": info["date"], "copy_bw_gbs": bw})
+                                 "date": info["date"], "copy_bw_gbs": bw, "triton": info.get("triton")})
                     print(json.dumps(rows[-1]), flush=True)
-        del per_layer, groups
+        del groups
         torch.cuda.empty_cache()
     return rows
 
@@ -83,9 +169,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="qwen3-1.7b,qwen3-4b,qwen3-8b")
     p.add_argument("--m", default="32,64", help="rows of the activations (the graph's padded batch)")
-    p.add_argument("--settings", default="default,no-reduced-precision,cublaslt,cublas")
+    p.add_argument("--settings", default="default,triton,triton-pdl,auto",
+                   help=f"comma list of {BLAS_SETTINGS + TRITON_SETTINGS}")
+    args = p.parse_args(argv)
+    unknown = set(args.settings.split(",")) - set(BLAS_SETTINGS + TRITON_SETTINGS)
+    if unknown:
+        p.error(f"unknown settings {sorted(unknown)}")
     require_cuda()
-    return run(p.parse_args(argv))
+    return run(args)
 
 
 if __name__ == "__main__":
