@@ -22,6 +22,8 @@ PYTHON=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
 KIT_DIRS=${KIT_DIRS:-.whl_a .whl_b}
 MODEL_DIR=${MODEL_DIR:-$REPO/bench/results/testbed/sweep2/model}
+RANDOM_SHAPE=${RANDOM_SHAPE:-}  # e.g. qwen3-0.6b: random weights of that shape, MODEL_DIR's tokenizer (gpu_random_model.py)
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-32}
 MODES=${MODES:-dense sparse}
 SPARSE_SCHEDULE=${SPARSE_SCHEDULE:-fixed:1024}
 STEPS=${STEPS:-4}
@@ -78,7 +80,7 @@ mode_args() {  # MODE SCHEDULE DIR
   args=(
     --actor.model_name_or_path "$MODEL_DIR" --data.prompt_dataset "$WORK/prompts.jsonl"
     --data.input_key prompt --data.label_key label --data.max_samples $((PROMPTS * STEPS))
-    --data.max_len 12288 --rollout.max_new_tokens 32 --reward.remote_url "$REPO/scripts/gpu_colocated_task.py"
+    --data.max_len 12288 --rollout.max_new_tokens "$MAX_NEW_TOKENS" --reward.remote_url "$REPO/scripts/gpu_colocated_task.py"
     --train.colocate_all --vllm.enable_sleep --vllm.num_engines 1 --vllm.tensor_parallel_size 1
     --vllm.sync_backend nccl --actor.num_nodes 1 --actor.num_gpus_per_node 1
     --algo.advantage.estimator group_norm --algo.kl.init_coef 0 --actor.eps_clip_low_high 0.2 0.28
@@ -132,7 +134,7 @@ finish() {
   for mode in $MODES; do
     [ -f "$WORK/$mode/run.log" ] && tail -c 12000000 "$WORK/$mode/run.log" > "$OUT/$mode.log"
   done
-  tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude=ckpt --exclude=kit . 2>/dev/null || true
+  tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude=ckpt --exclude=kit --exclude="model_*" . 2>/dev/null || true
 }
 
 if [ "$what" = probe ]; then
@@ -147,6 +149,10 @@ export PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=0 RAY_USAGE_STATS_ENABLED=0 \
   TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled \
   DS_BUILD_OPS=0 TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if [ "${DRY_RUN:-0}" != 1 ] && command -v nvidia-smi > /dev/null; then export DS_ACCELERATOR=cuda; fi
+if [ -n "$RANDOM_SHAPE" ]; then
+  "$PYTHON" scripts/gpu_random_model.py "$MODEL_DIR" "$WORK/model_$RANDOM_SHAPE" --shape "$RANDOM_SHAPE"
+  MODEL_DIR=$WORK/model_$RANDOM_SHAPE
+fi
 "$PYTHON" scripts/gpu_colocated_task.py "$MODEL_DIR" "$WORK/prompts.jsonl" $((PROMPTS * STEPS)) "$TASK"
 if [ "${DRY_RUN:-0}" != 1 ]; then
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -155,7 +161,7 @@ if [ "${DRY_RUN:-0}" != 1 ]; then
   cat "$WORK/gpu.txt"
   trap 'ray_cli stop --force > /dev/null 2>&1 || true; finish' EXIT
 fi
-echo "{\"model\": \"$MODEL_DIR\", \"task\": \"testbed chain lookup, SWEEP_TASKS['$TASK']\", \"steps\": $STEPS, \"prompts_per_step\": $PROMPTS, \"samples_per_prompt\": $SAMPLES, \"max_new_tokens\": 32, \"schedules\": {\"dense\": \"dense\", \"sparse\": \"$SPARSE_SCHEDULE\"}, \"run_timeout_s\": $RUN_TIMEOUT}" > "$WORK/settings.json"
+echo "{\"model\": \"$MODEL_DIR\", \"task\": \"testbed chain lookup, SWEEP_TASKS['$TASK']\", \"steps\": $STEPS, \"prompts_per_step\": $PROMPTS, \"samples_per_prompt\": $SAMPLES, \"max_new_tokens\": $MAX_NEW_TOKENS, \"random_shape\": \"$RANDOM_SHAPE\", \"extra_args\": \"${EXTRA_ARGS:-}\", \"schedules\": {\"dense\": \"dense\", \"sparse\": \"$SPARSE_SCHEDULE\"}, \"run_timeout_s\": $RUN_TIMEOUT}" > "$WORK/settings.json"
 for mode in $MODES; do
   case $mode in
     dense) run_mode dense dense ;;
