@@ -28,6 +28,7 @@ def test_kernel_names_map_to_their_classes():
     assert kernel_class("void flashinfer::BatchDecodeWithPagedKVCacheKernel<...>") == "attention"
     assert kernel_class("_select_pages_kernel") == "page_scoring"
     assert kernel_class("_append_decode_kernel") == "kv_append"
+    assert kernel_class("_qkv_append_decode_kernel") == "kv_append"  # q/k norm + rotary fused into the append
     assert kernel_class("void at::native::vectorized_elementwise_kernel<4, ...>") == "other"
     assert kernel_class("Memcpy DtoD (Device -> Device)") == "other"
 

@@ -2,7 +2,8 @@
 
 Prefill attends densely and causally over each sequence's whole cached KV (a cached prefix included); decode calls
 the block-sparse `sparse_decode` with each request's budget. The layer holds its slice of the KV pool (bound by the
-model runner); everything step-specific comes from the `Context`.
+model runner); everything step-specific comes from the `Context`. The model calls `forward_qkv` with its qkv
+projection: q/k norm + rotary, then `forward`, except in the CUDA decode step, which fuses them with the KV append.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparrow_sgl.attention import PageSummaries, sparse_decode
+from sparrow_sgl.engine import fused
 from sparrow_sgl.engine.context import Context, get_context
 
 
@@ -25,6 +27,16 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
         self.summaries: PageSummaries | None = None
+
+    def forward_qkv(self, qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                    cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The layer on the qkv projection [T, (q_heads + 2 kv_heads) * head_dim]: per-head q/k RMSNorm and rotary,
+        then `forward`. The CUDA decode step does the norm, rotary and KV append in one kernel instead."""
+        context = get_context()
+        if context.gpu is not None:
+            return context.gpu.attend_qkv(self, qkv, q_weight, k_weight, eps, cos, sin)
+        q, k, v = fused.qk_norm_rope(qkv, q_weight, k_weight, eps, cos, sin, self.num_heads, self.num_kv_heads)
+        return self.forward(q, k, v)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, q_heads, head_dim], k/v [T, kv_heads, head_dim] for the step's new tokens -> [T, q_heads, head_dim]."""

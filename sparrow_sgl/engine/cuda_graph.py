@@ -4,7 +4,9 @@ A step reads only static device buffers: the host copies the tokens and position
 batch changes, the block tables. Inside the captured forward the device derives sequence lengths, KV slots and each
 request's page budget from a device table of the schedule's per-bin budgets, so budgets are data: one graph serves
 every schedule with the same page-list width. Each attention layer then runs, all in the same graph:
-  1. `append_kv_decode`: the new token's K/V into the paged cache and its page summary, one Triton launch;
+  1. `qkv_append_decode` on the qkv projection: q/k RMSNorm + rotary, the new token's K/V into the paged cache and
+     its page summary, one Triton launch (`SPARROW_FUSED_APPEND=0`: `qk_norm_rope` then `append_kv_decode`, the
+     same bits in two launches);
   2. dense layers (and dense schedules): the Triton decode over every page, or FlashInfer's paged decode;
   3. sparse layers: Triton page selection, a scoring launch then a top-k launch (writing FlashInfer's per-KV-head
      page lists when FlashInfer attends), then block-sparse decode over the selected pages.
@@ -27,12 +29,14 @@ import torch
 
 from sparrow_sgl.attention.kernels import dispatch
 from sparrow_sgl.config import Schedule, SparsityConfig
+from sparrow_sgl.engine import fused
 from sparrow_sgl.engine.context import Context, reset_context, set_context
 
 MODE_ENV = "SPARROW_GPU_DECODE"
 MODES = ("graph", "eager", "off")
 CENTROID_ENV = "SPARROW_BF16_CENTROIDS"
 SELECT_ENV = "SPARROW_SELECT_LAUNCHES"
+APPEND_ENV = "SPARROW_FUSED_APPEND"
 PADDED_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MAX_BINS = 256  # budget bins a graph's device table holds (the last bin repeats past a schedule's end)
 MIN_WIDTH = 16  # smallest block-table width (pages) of a captured step
@@ -50,6 +54,12 @@ def select_launches() -> int:
     if value not in ("1", "2"):
         raise ValueError(f"{SELECT_ENV}={value!r}: choose 1 (fused score + top-k) or 2 (two launches)")
     return int(value)
+
+
+def fused_append() -> bool:
+    """q/k norm + rotary fused with the KV append (one launch per layer) unless SPARROW_FUSED_APPEND=0; read while
+    a step is captured, like fused.py's switch."""
+    return os.environ.get(APPEND_ENV, "1").strip() != "0"
 
 
 def padded_batch(n: int) -> int:
@@ -120,6 +130,7 @@ class DecodeStep:
         self.cols = torch.arange(width, device=dev)
         self.logits = torch.zeros(bs, runner.vocab_size, dtype=torch.float32, device=dev)
         self.attended = torch.zeros(bs, dtype=torch.float32, device=dev)
+        self.append_tickets = torch.zeros(bs, dtype=torch.int32, device=dev)  # qkv_append_decode leaves them zero
         self.dense_pages = self.cols.to(torch.int32)[None, None, :].expand(bs, 1, width)
         if key.sparse:
             self.pages = torch.zeros(bs, runner.kv_heads, key.k_cols, dtype=torch.int32, device=dev)
@@ -209,17 +220,41 @@ class DecodeStep:
         target = torch.where(self.cols[None, :] < n_pages[:, None], target, dump)
         indices.scatter_(0, target.flatten(), self.block_table.flatten())
 
+    def attend_qkv(self, layer, qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                   cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One layer's decode attention on its qkv projection (called by `PagedAttention.forward_qkv`): q/k norm +
+        rotary, KV append and summaries in one launch, then `attend`'s attention. Where `qk_norm_rope` would not
+        run its Triton kernel (or SPARROW_FUSED_APPEND=0) the two ops run apart, as before."""
+        if not (fused_append() and fused.use_fused_qk(qkv, q_weight)):
+            q, k, v = fused.qk_norm_rope(qkv, q_weight, k_weight, eps, cos, sin, layer.num_heads, layer.num_kv_heads)
+            return self.attend(layer, q, k, v)
+        from sparrow_sgl.attention.kernels.triton_qkv_append import qkv_append_decode
+
+        centroid = self._centroid(layer)
+        q = qkv_append_decode(qkv, q_weight, k_weight, eps, cos, sin, layer.num_heads, layer.k_cache, layer.v_cache,
+                              layer.summaries, self.slot_pages, self.slot_offsets, minmax=self.cfg.scorer == "quest",
+                              centroid=centroid, tickets=self.append_tickets)
+        return self._attend_cached(layer, q, centroid)
+
     def attend(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One layer's decode attention (called by `PagedAttention.forward` while this step is the context)."""
+        from sparrow_sgl.attention.kernels.triton_summaries import append_kv_decode
+
+        centroid = self._centroid(layer)
+        append_kv_decode(layer.k_cache, layer.v_cache, layer.summaries, self.slot_pages, self.slot_offsets, k, v,
+                         minmax=self.cfg.scorer == "quest", centroid=centroid)
+        return self._attend_cached(layer, q, centroid)
+
+    def _centroid(self, layer) -> torch.Tensor | None:
+        return self.runner.centroids[layer.layer_idx] if self.runner.centroids else None
+
+    def _attend_cached(self, layer, q: torch.Tensor, centroid: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q over the layer's cache, the step's token already appended: dense or select + sparse."""
         from sparrow_sgl.attention.kernels.triton_decode import triton_attend_pages
         from sparrow_sgl.attention.kernels.triton_score_heads import use_all_heads
         from sparrow_sgl.attention.kernels.triton_select import select_pages_into
-        from sparrow_sgl.attention.kernels.triton_summaries import append_kv_decode
 
         cfg, summaries = self.cfg, layer.summaries
-        centroid = self.runner.centroids[layer.layer_idx] if self.runner.centroids else None
-        append_kv_decode(layer.k_cache, layer.v_cache, summaries, self.slot_pages, self.slot_offsets, k, v,
-                         minmax=cfg.scorer == "quest", centroid=centroid)
         if not self.key.sparse or cfg.is_dense_layer(layer.layer_idx):
             if self.fi_dense is not None:
                 return self.fi_dense.run(q, layer.k_cache, layer.v_cache)

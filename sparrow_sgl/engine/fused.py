@@ -54,6 +54,12 @@ def add_rms_norm(
     return rms_norm_ref(s, weight, eps), s
 
 
+def use_fused_qk(qkv: torch.Tensor, q_weight: torch.Tensor) -> bool:
+    """Whether `qk_norm_rope` runs the Triton kernel (what the decode step's fused KV append must match)."""
+    head_dim = q_weight.shape[0]
+    return use_fused(qkv) and head_dim >= 4 and not head_dim & (head_dim - 1) and q_weight.dtype == qkv.dtype
+
+
 def qk_norm_rope(
     qkv: torch.Tensor,
     q_weight: torch.Tensor,
@@ -66,7 +72,7 @@ def qk_norm_rope(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv [T, (heads + 2 kv_heads) * D] -> q, k (per-head RMSNorm * weight, then rotary) and v, each [T, h, D]."""
     head_dim = q_weight.shape[0]
-    if use_fused(qkv) and head_dim >= 4 and not head_dim & (head_dim - 1) and q_weight.dtype == qkv.dtype:
+    if use_fused_qk(qkv, q_weight):
         from sparrow_sgl.attention.kernels.triton_fused import qk_norm_rope as fused
 
         return fused(qkv, q_weight, k_weight, eps, cos, sin, heads, kv_heads)

@@ -68,9 +68,9 @@ class Qwen3Attention(nn.Module):
         self.attn = PagedAttention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = fused.qk_norm_rope(self.qkv_proj(x), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos,
-                                     sin, self.num_heads, self.num_kv_heads)
-        return self.o_proj(self.attn(q, k, v).flatten(1))
+        """q/k norm + rotary happen in the attention layer, so the CUDA decode step can fuse them with the KV append."""
+        out = self.attn.forward_qkv(self.qkv_proj(x), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin)
+        return self.o_proj(out.flatten(1))
 
 
 class Qwen3MLP(nn.Module):

@@ -72,8 +72,9 @@ def add_rms_norm(
 
 
 @triton.jit
-def _norm_rope_head(src, w_ptr, cos_ptr, sin_ptr, dst, eps, head_dim, HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr):
-    """One head vector: RMSNorm * weight, then rotary (x * cos + rotate_half(x) * sin), rounding like torch.
+def _norm_rope(src, w_ptr, cos_ptr, sin_ptr, eps, head_dim, HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr):
+    """One head vector: RMSNorm * weight, then rotary (x * cos + rotate_half(x) * sin), rounding like torch; the
+    result is float32 holding a DTYPE value. Shared with `triton_qkv_append.py`, which must round identically.
 
     The norm is computed exactly as in `_add_rms_norm_kernel` (whole-vector sum, division by a runtime length);
     rotate_half's partner of lane d is lane (d + D/2) mod D, normalised the same way, negated in the first half."""
@@ -88,7 +89,13 @@ def _norm_rope_head(src, w_ptr, cos_ptr, sin_ptr, dst, eps, head_dim, HEAD_DIM: 
     cos = tl.load(cos_ptr + d).to(tl.float32)
     sin = tl.load(sin_ptr + d).to(tl.float32)
     y = _round(n * cos, DTYPE) + _round(rotated * sin, DTYPE)
-    tl.store(dst + d, _round(y, DTYPE).to(DTYPE))
+    return _round(y, DTYPE)
+
+
+@triton.jit
+def _norm_rope_head(src, w_ptr, cos_ptr, sin_ptr, dst, eps, head_dim, HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr):
+    y = _norm_rope(src, w_ptr, cos_ptr, sin_ptr, eps, head_dim, HEAD_DIM, DTYPE)
+    tl.store(dst + tl.arange(0, HEAD_DIM), y.to(DTYPE))
 
 
 @triton.jit
@@ -111,6 +118,22 @@ def _qk_norm_rope_kernel(
         _norm_rope_head(src, kw_ptr, cos_row, sin_row, dst, eps, head_dim, HEAD_DIM, dtype)
 
 
+def check_qkv(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor, heads: int, kv_heads: int) -> None:
+    """The contract of a qkv GEMM output, its norm weights and rotary rows (shared with `triton_qkv_append.py`)."""
+    head_dim, tokens = q_weight.shape[0], qkv.shape[0]
+    if qkv.dim() != 2 or qkv.shape[1] != (heads + 2 * kv_heads) * head_dim or qkv.stride(1) != 1:
+        raise ValueError(f"qkv must be [T, {(heads + 2 * kv_heads) * head_dim}] with contiguous rows, "
+                         f"got {tuple(qkv.shape)}")
+    if head_dim & (head_dim - 1) or head_dim < 4:
+        raise ValueError(f"head_dim must be a power of two >= 4 for the Triton kernel, got {head_dim}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.shape != (tokens, head_dim) or t.stride(1) != 1 or t.dtype != qkv.dtype:
+            raise ValueError(f"{name} must be [{tokens}, {head_dim}] {qkv.dtype}, got {t.dtype} {tuple(t.shape)}")
+    if k_weight.shape != (head_dim,) or q_weight.dtype != qkv.dtype or k_weight.dtype != qkv.dtype:
+        raise ValueError(f"q/k norm weights must be [{head_dim}] in {qkv.dtype}")
+
+
 def qk_norm_rope(
     qkv: torch.Tensor,
     q_weight: torch.Tensor,
@@ -123,18 +146,8 @@ def qk_norm_rope(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split qkv [T, (heads + 2 kv_heads) * D] -> q [T, heads, D], k [T, kv_heads, D] (normed, rotated, contiguous)
     and v [T, kv_heads, D] (a view); cos/sin [T, D] in qkv's dtype."""
-    head_dim = q_weight.shape[0]
-    tokens = qkv.shape[0]
-    if qkv.dim() != 2 or qkv.shape[1] != (heads + 2 * kv_heads) * head_dim or qkv.stride(1) != 1:
-        raise ValueError(f"qkv must be [T, {(heads + 2 * kv_heads) * head_dim}] with contiguous rows, "
-                         f"got {tuple(qkv.shape)}")
-    if head_dim & (head_dim - 1) or head_dim < 4:
-        raise ValueError(f"head_dim must be a power of two >= 4 for the Triton kernel, got {head_dim}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        if t.shape != (tokens, head_dim) or t.stride(1) != 1 or t.dtype != qkv.dtype:
-            raise ValueError(f"{name} must be [{tokens}, {head_dim}] {qkv.dtype}, got {t.dtype} {tuple(t.shape)}")
-    if k_weight.shape != (head_dim,) or q_weight.dtype != qkv.dtype or k_weight.dtype != qkv.dtype:
-        raise ValueError(f"q/k norm weights must be [{head_dim}] in {qkv.dtype}")
+    head_dim, tokens = q_weight.shape[0], qkv.shape[0]
+    check_qkv(qkv, q_weight, k_weight, cos, sin, heads, kv_heads)
     q = torch.empty(tokens, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(tokens, kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)

@@ -125,6 +125,21 @@ def _append_kv_decode_kernel(
         tl.store(dst, centroid.to(centroid_ptr.dtype.element_ty), mask=mask)
 
 
+def check_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, summaries: PageSummaries, pages: torch.Tensor,
+                       offsets: torch.Tensor, n: int, minmax: bool, centroid: torch.Tensor | None) -> None:
+    """Contract of a decode KV append of n rows into an HND cache and its summaries (shared with
+    `triton_qkv_append.py`)."""
+    kv_heads, head_dim = summaries.key_sum.shape[1:]
+    if k_cache.dim() != 4 or k_cache.shape[1] != kv_heads or k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache must be HND [pages, {kv_heads}, page, {head_dim}], got {tuple(k_cache.shape)}")
+    if v_cache.stride() != k_cache.stride() or k_cache.stride(3) != 1:
+        raise ValueError("k_cache and v_cache must share strides with a contiguous head_dim")
+    _check_pages_and_summaries(summaries, pages, offsets, n, head_dim, minmax)
+    shape = summaries.key_sum.shape
+    if centroid is not None and (centroid.shape != shape or centroid.stride(2) != 1):
+        raise ValueError(f"centroid must be {tuple(shape)} with a contiguous last dim")
+
+
 def append_kv_decode(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -146,18 +161,12 @@ def append_kv_decode(
     """
     n = keys.shape[0]
     kv_heads, head_dim = summaries.key_sum.shape[1:]
-    if k_cache.dim() != 4 or k_cache.shape[1] != kv_heads or k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache must be HND [pages, {kv_heads}, page, {head_dim}], got {tuple(k_cache.shape)}")
-    if v_cache.stride() != k_cache.stride() or k_cache.stride(3) != 1:
-        raise ValueError("k_cache and v_cache must share strides with a contiguous head_dim")
     for name, t in (("keys", keys), ("values", values)):
         if t.dim() != 3 or t.shape != (n, kv_heads, head_dim) or t.stride(2) != 1:
             raise ValueError(f"{name} must be [{n}, {kv_heads}, {head_dim}] (last dim contiguous), "
                              f"got {tuple(t.shape)}")
-    _check_pages_and_summaries(summaries, pages, offsets, n, head_dim, minmax)
+    check_cache_append(k_cache, v_cache, summaries, pages, offsets, n, minmax, centroid)
     s = summaries
-    if centroid is not None and (centroid.shape != s.key_sum.shape or centroid.stride(2) != 1):
-        raise ValueError(f"centroid must be {tuple(s.key_sum.shape)} with a contiguous last dim")
     if n == 0:
         return
     cent = centroid if centroid is not None else s.key_sum
