@@ -4,7 +4,9 @@
 # defaults in the same process. Everything the call writes lands in $OUT.
 #   call1: decode_e2e with the kernel profile and the drained rollout, the small-M GEMM sweep, GPU tests
 #   call2: decode_e2e with the kernel-setting variants (decode splits / tile, all-heads scoring), their GPU tests
-# usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2
+#   call3: decode_e2e, session 5's defaults vs session 4's (+old) and each switch alone; scoring/decode tiles
+#   call4: decode_e2e with the shipped defaults, --profile and --drain (the results committed)
+# usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4
 set -o pipefail
 call=${1:-call2}
 models=qwen3-1.7b,qwen3-4b,qwen3-8b
@@ -25,6 +27,34 @@ if [ "$call" = call1 ]; then
   timeout 45 python3 -m bench.gemm_small_m --m 32,64 --settings default,no-reduced-precision,cublaslt 2>&1 \
     | tee "$out/gemm.jsonl"
   tests="tests/test_decode_profile.py tests/test_graph_decode_gpu.py tests/test_kernels_gpu.py"
+elif [ "$call" = call3 ]; then
+  # session 5: the new defaults (Triton small-M linear chosen per shape, fused q/k norm + rotary + KV append,
+  # 4-bit top-k search) against the session-4 defaults (+old) and each switch alone, one process; results to /tmp
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_qkv_append_gpu.py \
+    tests/test_graph_decode_gpu.py tests/test_decode_profile.py 2>&1 | tail -15 | tee "$out/tests.log"
+  old="+old=SPARROW_LINEAR=cublas;SPARROW_FUSED_APPEND=0;SPARROW_TOPK_BITS=1"
+  settings="$old,+cublas=SPARROW_LINEAR=cublas,+app0=SPARROW_FUSED_APPEND=0,+bits1=SPARROW_TOPK_BITS=1"
+  timeout 250 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton-bf16c --env-variants "$settings" \
+    --env-base dense-triton,sparse-triton-bf16c,sparse-triton-bf16c@0.80 --unfused '' --wall-reps 0 \
+    --results-dir /tmp/ab 2>&1 | grep -v "it/s]" | tee "$out/ab.log"
+  cp /tmp/ab/decode_e2e.json "$out/decode_e2e_ab.json"
+  # kernel tiles of the sparse step alone (scoring tile, decode splits) on the new defaults
+  tiles="+t128=SPARROW_SCORE_TILE=128,128,4,+t256w8=SPARROW_SCORE_TILE=256,256,8"
+  tiles="$tiles,+t512=SPARROW_SCORE_TILE=512,128,8,+t256b64=SPARROW_SCORE_TILE=256,64,4"
+  tiles="$tiles,+w4=SPARROW_DECODE_WAVES=4,+w16=SPARROW_DECODE_WAVES=16"
+  timeout 170 python3 -m bench.decode_e2e --models $models --contexts $contexts \
+    --variants dense-triton,sparse-triton-bf16c --env-variants "$tiles" --env-base sparse-triton-bf16c \
+    --unfused '' --wall-reps 0 --results-dir /tmp/tiles 2>&1 | grep -v "it/s]" | tee "$out/tiles.log"
+  cp /tmp/tiles/decode_e2e.json "$out/decode_e2e_tiles.json"
+  tests=""
+elif [ "$call" = call4 ]; then
+  # session 5, the shipped defaults: the table, the kernel profile and the drained rollout -> bench/results
+  timeout 300 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton-bf16c,sparse-triton --unfused '' --wall-reps 1 --profile --drain \
+    --profile-variants dense-triton,sparse-triton-bf16c 2>&1 | grep -v "it/s]" | tee "$out/e2e.log"
+  cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
+  tests=""
 else
   settings="+w8=SPARROW_DECODE_WAVES=8,+heads=SPARROW_SCORE_HEADS=1"
   settings="$settings,+all=SPARROW_DECODE_WAVES=8;SPARROW_DECODE_BLOCK_PAGES=8;SPARROW_SCORE_HEADS=1"
@@ -36,4 +66,5 @@ else
   cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
   tests="tests/test_decode_tiling.py tests/test_decode_profile.py"
 fi
-timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider $tests 2>&1 | tail -25 | tee "$out/tests.log"
+[ -z "$tests" ] || timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider $tests 2>&1 | tail -25 \
+  | tee -a "$out/tests.log"
