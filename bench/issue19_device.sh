@@ -40,8 +40,8 @@ elif [ "$call" = call3 ]; then
     --results-dir /tmp/ab 2>&1 | grep -v "it/s]" | tee "$out/ab.log"
   cp /tmp/ab/decode_e2e.json "$out/decode_e2e_ab.json"
   # kernel tiles of the sparse step alone (scoring tile, decode splits) on the new defaults
-  tiles="+t128=SPARROW_SCORE_TILE=128,128,4,+t256w8=SPARROW_SCORE_TILE=256,256,8"
-  tiles="$tiles,+t512=SPARROW_SCORE_TILE=512,128,8,+t256b64=SPARROW_SCORE_TILE=256,64,4"
+  tiles="+t128=SPARROW_SCORE_TILE=128x128x4,+t256w8=SPARROW_SCORE_TILE=256x256x8"
+  tiles="$tiles,+t512=SPARROW_SCORE_TILE=512x128x8,+t256b64=SPARROW_SCORE_TILE=256x64x4"
   tiles="$tiles,+w4=SPARROW_DECODE_WAVES=4,+w16=SPARROW_DECODE_WAVES=16"
   timeout 170 python3 -m bench.decode_e2e --models $models --contexts $contexts \
     --variants dense-triton,sparse-triton-bf16c --env-variants "$tiles" --env-base sparse-triton-bf16c \
@@ -50,9 +50,15 @@ elif [ "$call" = call3 ]; then
   tests=""
 elif [ "$call" = call4 ]; then
   # session 5, the shipped defaults: the table, the kernel profile and the drained rollout -> bench/results
-  timeout 300 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+  # +old: session 4's defaults in the same process (cuBLAS, two launches for q/k norm and KV append, scoring
+  # programs of 256 pages where the old rule gave 256, i.e. from 8K on; 128 below, as before)
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_qkv_append_gpu.py tests/test_kernels_gpu.py \
+    -k "engine or selection or topk" 2>&1 | tail -5 | tee "$out/tests.log"
+  timeout 330 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
     --variants dense-triton,sparse-triton-bf16c,sparse-triton --unfused '' --wall-reps 1 --profile --drain \
-    --profile-variants dense-triton,sparse-triton-bf16c 2>&1 | grep -v "it/s]" | tee "$out/e2e.log"
+    --env-variants "+old=SPARROW_LINEAR=cublas;SPARROW_FUSED_APPEND=0;SPARROW_SCORE_TILE=256x128x4" \
+    --profile-variants dense-triton,sparse-triton-bf16c --profile-contexts 2k,32k 2>&1 | grep -v "it/s]" \
+    | tee "$out/e2e.log"
   cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
   tests=""
 else

@@ -187,7 +187,7 @@ def test_engine_decodes_the_same_with_and_without_the_fused_append(tiny_model_fa
         state = [kv.k, kv.v] + [getattr(s, f) for s in kv.summaries for f in SUMMARY_FIELDS]
         centroids = engine.runner.gpu_decoder().centroids or []
         runs[flag] = rollouts, [t.clone() for t in state + centroids if t is not None]
-        assert bool(calls) == (flag == "1")
+        assert bool(calls) == (flag == "1" and case != "f32")  # float32 keeps the two launches
         del engine
     (fused_rollouts, fused_state), (split_rollouts, split_state) = runs["1"], runs["0"]
     for got, want in zip(fused_rollouts, split_rollouts):

@@ -33,8 +33,11 @@ from sparrow_sgl.attention.select import Selection, budget_pages_tensor
 from sparrow_sgl.config import SparsityConfig
 
 TOPK_BITS_ENV = "SPARROW_TOPK_BITS"
-DEFAULT_TOPK_BITS = 4
-SCORE_TILE_ENV = "SPARROW_SCORE_TILE"  # "pages_per_prog,block_p,warps" overrides the scoring tile (benchmarks)
+# 1: on an H200 the 4-bit search ([pages, 16] comparisons per step) made the top-k launch so much slower that
+# sparse rollouts lost 8-20% (bench/results/NOTES.md, session 5); 2/4/8 stay selectable for other GPUs
+DEFAULT_TOPK_BITS = 1
+SCORE_TILE_ENV = "SPARROW_SCORE_TILE"  # "PAGESxBLOCKxWARPS" overrides the scoring tile (benchmarks)
+DEFAULT_PAGES_PER_PROG = 128
 MAX_PAGES_PER_ROW = 32768  # the two-launch top-k holds a whole row in one program
 TOPK_CHUNK = 2048  # pages per chunk of the one-launch top-k (rows up to 32K tokens at page 16 stay in registers)
 
@@ -252,13 +255,19 @@ def _topk_pages_kernel(
     key = tl.where(exists, _order_key(score), 0)
     # Largest threshold t with count(key >= t) >= k, built from the top bit down: t is the k-th largest key.
     # BITS > 1 counts the 2^BITS - 1 candidates of a step in one 2-D reduction: 32 / BITS block-wide reductions
-    # (each a shared-memory round trip and a barrier) instead of 32.
+    # instead of 32, but each over 2^BITS x the elements (measured slower on an H200: DEFAULT_TOPK_BITS).
     thresh = tl.zeros([], tl.uint32)
-    digits = tl.arange(0, 1 << BITS).to(tl.uint32)
-    for step in tl.static_range(32 // BITS):
-        cand = thresh | (digits << (32 - BITS * (step + 1)))  # [2^BITS]; digit 0 is thresh itself (count >= k)
-        n_ge = tl.sum((key[:, None] >= cand[None, :]).to(tl.int32), 0)
-        thresh = tl.max(tl.where(n_ge >= k, cand, thresh), 0)
+    if BITS == 1:
+        for bit in tl.static_range(31, -1, -1):
+            cand = thresh | (tl.full([], 1, tl.uint32) << bit)
+            n_ge = tl.sum((key >= cand).to(tl.int32), 0)
+            thresh = tl.where(n_ge >= k, cand, thresh)
+    else:
+        digits = tl.arange(0, 1 << BITS).to(tl.uint32)
+        for step in tl.static_range(32 // BITS):
+            cand = thresh | (digits << (32 - BITS * (step + 1)))  # [2^BITS]; digit 0 is thresh (count >= k)
+            n_ge = tl.sum((key[:, None] >= cand[None, :]).to(tl.int32), 0)
+            thresh = tl.max(tl.where(n_ge >= k, cand, thresh), 0)
     greater = exists & (key > thresh)
     ties = exists & (key == thresh)
     tie_rank = tl.cumsum(ties.to(tl.int32), 0) - 1
@@ -278,7 +287,7 @@ def _topk_pages_kernel(
 
 
 def topk_bits(block_n: int) -> int:
-    """Bits per search step of the two-launch top-k: `SPARROW_TOPK_BITS` (1, 2, 4 or 8; default 4), capped so the
+    """Bits per search step of the two-launch top-k: `SPARROW_TOPK_BITS` (1, 2, 4 or 8; default 1), capped so the
     [block_n, 2^bits] comparison block stays <= 64K elements (registers: 2048 pages x 16 candidates, 16 warps)."""
     bits = int(os.environ.get(TOPK_BITS_ENV, "").strip() or DEFAULT_TOPK_BITS)
     if bits not in (1, 2, 4, 8):
@@ -288,21 +297,19 @@ def topk_bits(block_n: int) -> int:
     return bits
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 def score_tiling(rows: int, max_pages: int, device: torch.device, pages_per_prog: int | None = None,
                  block_p: int | None = None, num_warps: int | None = None) -> tuple[int, int, int]:
     """(pages per program, pages per tile, warps) of the scoring grid; None picks the default.
 
-    Default (H100 sweep, bench/results/NOTES.md phase 4): 128..256 pages per program in tiles of 128 pages, 4 warps:
-    large tiles keep more summary bytes in flight per program, which the latency-bound small batches need most."""
+    Default: 128 pages per program, one tile of 128 pages, 4 warps. The H100 sweep (bench/results/NOTES.md phase 4)
+    chose 128..256 pages per program (256 for large grids); on an H200 (session 5) 128 everywhere made sparse
+    rollouts 2% faster for 1.7B, 4B and 8B alike (more programs in flight; the 256-page programs' second tile
+    waited on the first)."""
     forced = os.environ.get(SCORE_TILE_ENV, "").strip()
     if forced and pages_per_prog is None:
-        pages_per_prog, block_p, num_warps = (int(v) for v in forced.split(","))
+        pages_per_prog, block_p, num_warps = (int(v) for v in forced.replace("x", ",").split(","))
     if pages_per_prog is None:
-        pages_per_prog = min(max(triton.next_power_of_2(rows * max_pages // (4 * _num_sms(device))), 128), 256)
+        pages_per_prog = DEFAULT_PAGES_PER_PROG
     pages_per_prog = min(pages_per_prog, max(triton.next_power_of_2(max_pages), 16))
     block_p = min(block_p or 128, pages_per_prog)
     return pages_per_prog, block_p, num_warps or 4
