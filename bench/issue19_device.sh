@@ -51,7 +51,7 @@ elif [ "$call" = call3 ]; then
 elif [ "$call" = call4 ]; then
   # session 5, the shipped defaults: the table, the kernel profile and the drained rollout -> bench/results
   # +old: session 4's defaults in the same process (cuBLAS, two launches for q/k norm and KV append, scoring
-  # programs of 256 pages where the old rule gave 256, i.e. from 8K on; 128 below, as before)
+  # programs of 256 pages from 4K on, where the old rule gave 256 from 4-8K on; 128 below, as before)
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_qkv_append_gpu.py tests/test_kernels_gpu.py \
     -k "engine or selection or topk" 2>&1 | tail -5 | tee "$out/tests.log"
   timeout 330 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
