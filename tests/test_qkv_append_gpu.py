@@ -187,7 +187,7 @@ def test_engine_decodes_the_same_with_and_without_the_fused_append(tiny_model_fa
         state = [kv.k, kv.v] + [getattr(s, f) for s in kv.summaries for f in SUMMARY_FIELDS]
         centroids = engine.runner.gpu_decoder().centroids or []
         runs[flag] = rollouts, [t.clone() for t in state + centroids if t is not None]
-        assert bool(calls) == (flag == "1" and case != "f32")  # float32 keeps the two launches
+        assert bool(calls) == (flag == "1")
         del engine
     (fused_rollouts, fused_state), (split_rollouts, split_state) = runs["1"], runs["0"]
     for got, want in zip(fused_rollouts, split_rollouts):
@@ -195,4 +195,11 @@ def test_engine_decodes_the_same_with_and_without_the_fused_append(tiny_model_fa
         assert got.logprobs == want.logprobs
         assert got.meta["kv_tokens_mean"] == want.meta["kv_tokens_mean"]
     assert len(fused_state) == len(split_state)
-    assert all(torch.equal(a, b) for a, b in zip(fused_state, split_state))
+    if case == "f32":  # float32 projections are cuBLAS GEMMs, whose algorithm (summation order) may differ
+        # between two engines in one process: the H200 run showed last-bit differences in the cache there, with
+        # identical tokens and log-probs (the kernel alone is bit-identical in float32: the kernel tests above)
+        diffs = [float((a.float() - b.float()).abs().nan_to_num().max()) for a, b in zip(fused_state, split_state)]
+        assert all(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+                   for a, b in zip(fused_state, split_state)), f"max |diff| per state tensor: {diffs}"
+    else:  # 16-bit: the engine's GEMMs are the same kernels in both engines (one cached choice per shape)
+        assert all(torch.equal(a, b) for a, b in zip(fused_state, split_state))

@@ -224,10 +224,8 @@ class DecodeStep:
                    cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """One layer's decode attention on its qkv projection (called by `PagedAttention.forward_qkv`): q/k norm +
         rotary, KV append and summaries in one launch, then `attend`'s attention. Where `qk_norm_rope` would not
-        run its Triton kernel (or SPARROW_FUSED_APPEND=0) the two ops run apart, as before; so does float32, where
-        the H200 run showed last-bit differences in the cache against the two launches (FMA contraction differs
-        between one kernel and two; bf16/fp16 rounding hides it: bit-identical there)."""
-        if not (fused_append() and fused.use_fused_qk(qkv, q_weight) and qkv.dtype != torch.float32):
+        run its Triton kernel (or SPARROW_FUSED_APPEND=0) the two ops run apart, as before."""
+        if not (fused_append() and fused.use_fused_qk(qkv, q_weight)):
             q, k, v = fused.qk_norm_rope(qkv, q_weight, k_weight, eps, cos, sin, layer.num_heads, layer.num_kv_heads)
             return self.attend(layer, q, k, v)
         from sparrow_sgl.attention.kernels.triton_qkv_append import qkv_append_decode
