@@ -8,27 +8,14 @@ fused ops generates the same greedy tokens as the unfused engine and transformer
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 from engine_helpers import hf_model, make_engine, random_prompts
+from triton_helpers import DEVICES, HAS_TRITON
 
 from sparrow_sgl.config import ConfigError, Schedule
 from sparrow_sgl.engine import SamplingParams, fused
 from sparrow_sgl.engine.kv_cache import bytes_per_page
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("SPARROW_TRITON_INTERPRET") == "1" and HAS_TRITON and not torch.cuda.is_available()
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-DEVICES = [
-    pytest.param("cuda", marks=pytest.mark.gpu),
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="set SPARROW_TRITON_INTERPRET=1")),
-]
-
 
 # ---------------------------------------------------------------- CPU: the centroid-only cache
 

@@ -7,12 +7,12 @@ run the engine on CUDA in three modes: graph replay, the same step eagerly, and 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import numpy as np
 import pytest
 import torch
 from engine_helpers import random_prompts
+from triton_helpers import HAS_TRITON, INTERPRET
 
 from sparrow_sgl.config import EngineConfig, Schedule
 from sparrow_sgl.engine import Engine, SamplingParams
@@ -27,11 +27,7 @@ from sparrow_sgl.engine.cuda_graph import (
 )
 from sparrow_sgl.schedule import load_preset
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
-INTERPRET = os.environ.get("SPARROW_TRITON_INTERPRET") == "1" and HAS_TRITON and not torch.cuda.is_available()
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 
 # ---------------------------------------------------------------- CPU: host-side math

@@ -10,10 +10,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 
 import pytest
 import torch
+from triton_helpers import HAS_TRITON, interpret_only, needs_triton
 
 from sparrow_sgl.attention import PageSummaries, score_pages, select_pages
 from sparrow_sgl.attention.decode import attend_pages, sparse_decode
@@ -28,14 +28,8 @@ from sparrow_sgl.attention.kernels.flashinfer_decode import (
 from sparrow_sgl.attention.select import Selection
 from sparrow_sgl.config import SparsityConfig
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
-INTERPRET = os.environ.get("SPARROW_TRITON_INTERPRET") == "1" and HAS_TRITON and not torch.cuda.is_available()
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported (inside the tests)
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 needs_flashinfer = pytest.mark.skipif(not HAS_FLASHINFER, reason="needs flashinfer")
-interpret_only = pytest.mark.skipif(not INTERPRET, reason="set SPARROW_TRITON_INTERPRET=1 (CPU, triton installed)")
 
 
 def make_problem(layout="HND", seq=(100, 300, 17, 64), q_heads=8, kv_heads=2, head_dim=128, dtype=torch.float32,

@@ -8,27 +8,16 @@ and off.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 from engine_helpers import random_prompts
+from triton_helpers import DEVICES, HAS_TRITON
 
 from sparrow_sgl.attention import PageSummaries
 from sparrow_sgl.config import EngineConfig, Schedule
 from sparrow_sgl.engine import Engine, SamplingParams
 from sparrow_sgl.engine.cuda_graph import APPEND_ENV, fused_append
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("SPARROW_TRITON_INTERPRET") == "1" and HAS_TRITON and not torch.cuda.is_available()
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-DEVICES = [
-    pytest.param("cuda", marks=pytest.mark.gpu),
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="set SPARROW_TRITON_INTERPRET=1")),
-]
 SUMMARY_FIELDS = ("key_sum", "count", "key_min", "key_max")
 # (kv heads, GQA group, head_dim, scorer [+ the runner's bf16 centroid copy]): every group, head_dim and summary
 # mode, one KV head (a ticket of one) and the 1.7B (8 x 2) and 4B/8B (8 x 4) head layouts; few, for compile time

@@ -9,28 +9,15 @@ sm_90+), and the engine's greedy decode with SPARROW_LINEAR=triton matches cuBLA
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from engine_helpers import make_engine, random_prompts
+from triton_helpers import DEVICES, needs_triton
 
 from sparrow_sgl.engine import SamplingParams, fused
 from sparrow_sgl.engine import linear as linear_mod
 from sparrow_sgl.engine.linear import Linear
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("SPARROW_TRITON_INTERPRET") == "1" and HAS_TRITON and not torch.cuda.is_available()
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-DEVICES = [
-    pytest.param("cuda", marks=pytest.mark.gpu),
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="set SPARROW_TRITON_INTERPRET=1")),
-]
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 
 
 def _sm90() -> bool:
