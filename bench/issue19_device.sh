@@ -6,7 +6,8 @@
 #   call2: decode_e2e with the kernel-setting variants (decode splits / tile, all-heads scoring), their GPU tests
 #   call3: decode_e2e, session 5's defaults vs session 4's (+old) and each switch alone; scoring/decode tiles
 #   call4: decode_e2e with the shipped defaults, --profile and --drain (the results committed)
-# usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4
+#   call5: (next session) A/B of top-k warps, one-launch selection and a wider scoring tile
+# usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
 models=qwen3-1.7b,qwen3-4b,qwen3-8b
@@ -60,6 +61,18 @@ elif [ "$call" = call4 ]; then
     --profile-variants dense-triton,sparse-triton-bf16c --profile-contexts 2k,32k 2>&1 | grep -v "it/s]" \
     | tee "$out/e2e.log"
   cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
+  tests=""
+elif [ "$call" = call5 ]; then
+  # prepared in session 5, not yet run: top-k in 1 / 2 warps, one-launch selection, the 256x256x8 scoring tile
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py -k selection 2>&1 \
+    | tail -5 | tee "$out/tests.log"
+  settings="+tw1=SPARROW_TOPK_WARPS=1,+tw2=SPARROW_TOPK_WARPS=2,+sel1=SPARROW_SELECT_LAUNCHES=1"
+  settings="$settings,+t256w8=SPARROW_SCORE_TILE=256x256x8"
+  timeout 300 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton-bf16c --env-variants "$settings" \
+    --env-base sparse-triton-bf16c,sparse-triton-bf16c@0.80 --unfused '' --wall-reps 0 --results-dir /tmp/ab5 \
+    2>&1 | grep -v "it/s]" | tee "$out/ab.log"
+  cp /tmp/ab5/decode_e2e.json "$out/decode_e2e_ab.json"
   tests=""
 else
   settings="+w8=SPARROW_DECODE_WAVES=8,+heads=SPARROW_SCORE_HEADS=1"

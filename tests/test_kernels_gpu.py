@@ -253,11 +253,13 @@ def _select_both(q, summaries, block_table, seq_lens, limit, cfg, k_cols, device
 @_kernel_test
 @pytest.mark.parametrize("scorer", ["centroid", "quest"])
 @pytest.mark.parametrize("chunk", [16, 2048])
-@pytest.mark.parametrize("bits", ["1", "4", "8"])
-def test_one_launch_selection_equals_two_launches_and_reference(device, scorer, chunk, bits, monkeypatch):
+@pytest.mark.parametrize("bits,warps", [("1", ""), ("1", "1"), ("4", ""), ("8", "2")])
+def test_one_launch_selection_equals_two_launches_and_reference(device, scorer, chunk, bits, warps, monkeypatch):
     """Mixed lengths (1 page, partial pages, several top-k chunks), budgets below and above the pages, ties; the
-    two-launch top-k searching 1, 4 or 8 bits per step (SPARROW_TOPK_BITS) finds the same threshold."""
+    two-launch top-k searching 1, 4 or 8 bits per step (SPARROW_TOPK_BITS), in 1, 2 or the default number of warps
+    (SPARROW_TOPK_WARPS), finds the same threshold."""
     monkeypatch.setenv("SPARROW_TOPK_BITS", bits)
+    monkeypatch.setenv("SPARROW_TOPK_WARPS", warps)
     cfg = SparsityConfig(kv_layout="HND", scorer=scorer)
     seq = (1, 16, 17, 300, 1000, 64, 777)
     q, k, _, block_table, seq_lens = make_problem("HND", seq=seq, q_heads=4, kv_heads=2, head_dim=32, device=device)

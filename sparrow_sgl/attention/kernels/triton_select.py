@@ -33,6 +33,7 @@ from sparrow_sgl.attention.select import Selection, budget_pages_tensor
 from sparrow_sgl.config import SparsityConfig
 
 TOPK_BITS_ENV = "SPARROW_TOPK_BITS"
+TOPK_WARPS_ENV = "SPARROW_TOPK_WARPS"
 # 1: on an H200 the 4-bit search ([pages, 16] comparisons per step) made the top-k launch so much slower that
 # sparse rollouts lost 8-20% (bench/results/NOTES.md, session 5); 2/4/8 stay selectable for other GPUs
 DEFAULT_TOPK_BITS = 1
@@ -297,6 +298,17 @@ def topk_bits(block_n: int) -> int:
     return bits
 
 
+def topk_warps(block_n: int) -> int:
+    """Warps of a top-k program: `SPARROW_TOPK_WARPS` (1-16, a power of two), default 4 per 2048 pages (4..16).
+    Fewer warps make each of the search's 32 reductions cheaper (1 warp: shuffles only, no shared memory or
+    barrier) at the cost of more elements per thread; not yet measured on a GPU (an A/B for the next device call)."""
+    forced = os.environ.get(TOPK_WARPS_ENV, "").strip()
+    warps = int(forced) if forced else min(16, max(4, block_n // 512))
+    if warps < 1 or warps > 16 or warps & (warps - 1):
+        raise ValueError(f"{TOPK_WARPS_ENV}={warps}: choose 1, 2, 4, 8 or 16")
+    return warps
+
+
 def score_tiling(rows: int, max_pages: int, device: torch.device, pages_per_prog: int | None = None,
                  block_p: int | None = None, num_warps: int | None = None) -> tuple[int, int, int]:
     """(pages per program, pages per tile, warps) of the scoring grid; None picks the default.
@@ -431,7 +443,7 @@ def select_pages_into(
         pages_out, pages_out.stride(0), pages_out.stride(1), pages_out.shape[2],
         indices, row_start, last_len,
         KV_HEADS=kv_heads, PAGE=cfg.page_size, BLOCK_N=block_n, WRITE_CSR=csr is not None,
-        BITS=topk_bits(block_n), num_warps=min(16, max(4, block_n // 512)),
+        BITS=topk_bits(block_n), num_warps=topk_warps(block_n),
     )
     return scores
 
