@@ -15,6 +15,7 @@ L2 (`engine.linear.time_choices`, the engine's auto choice). Then `stack` rows: 
 floor / time. Prints JSON rows.
 
     python -m bench.gemm_small_m --models qwen3-4b --m 32,64 --settings default,triton,triton-pdl,auto
+    python -m bench.gemm_small_m --write-choices bench/results/gemm_small_m.json   # CPU: the engine's table
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import argparse
 import json
 from contextlib import contextmanager
 from dataclasses import astuple
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from bench.common import copy_bandwidth_gbs, device_info, graph_time_us, parse_ints, require_cuda
 
+CHOICES_PATH = Path(__file__).resolve().parents[1] / "sparrow_sgl" / "data" / "linear_choices.json"
 BLAS_SETTINGS = ("default", "no-reduced-precision", "cublaslt", "cublas")
 TRITON_SETTINGS = ("triton", "triton-pdl", "auto")
 Item = tuple[torch.Tensor, bool]  # a weight [N, K], and whether its input is gate_up (SiLU x up fused in)
@@ -120,14 +123,14 @@ def model_groups(shape) -> dict[str, list[Item]]:
     return groups
 
 
-def tune_rows(name: str, m: int, groups: dict, plan: dict, pdl: bool) -> list[dict]:
+def tune_rows(name: str, m: int, groups: dict, plan: dict, pdl: bool, gpu: str | None = None) -> list[dict]:
     rows = []
     for group in ("qkv", "o", "gate_up", "down", "down+silu", "lm_head"):
         w, silu = groups[group][0]
         timings = plan[shape_key(w, silu, pdl)]
         config = best(timings, triton_only=True)
         triton_us = timings.get(config) if config is not None else None
-        rows.append({"kind": "tune", "model": name, "m": m, "gemm": group, "pdl": pdl, "n": w.shape[0],
+        rows.append({"kind": "tune", "gpu": gpu, "model": name, "m": m, "gemm": group, "pdl": pdl, "n": w.shape[0],
                      "k": w.shape[1], "cublas_us": round(timings[None], 2),
                      "triton_us": None if triton_us is None else round(triton_us, 2),
                      "cublas_over_triton": None if triton_us is None else round(timings[None] / triton_us, 3),
@@ -148,7 +151,7 @@ def run(args) -> list[dict]:
             plan: dict = {}
             for pdl in sorted({s == "triton-pdl" for s in settings if s in TRITON_SETTINGS}):
                 tune(groups["all"] + groups["down+silu"], m, pdl, plan)
-                rows += tune_rows(name, m, groups, plan, pdl)
+                rows += tune_rows(name, m, groups, plan, pdl, info.get("gpu"))
                 for row in rows[-6:]:
                     print(json.dumps(row), flush=True)
             for setting in settings:
@@ -165,13 +168,30 @@ def run(args) -> list[dict]:
     return rows
 
 
+def write_choices(rows_path: str, out: Path = CHOICES_PATH) -> list[dict]:
+    """The engine's shipped table from the tune rows in `rows_path` (a later row of the same key wins)."""
+    from sparrow_sgl.engine.linear_table import table_from_tune_rows
+    from sparrow_sgl.jsonio import read_json, write_json_atomic
+
+    rows = read_json(rows_path, "gemm_small_m rows")
+    table = table_from_tune_rows(rows)
+    write_json_atomic(out, table)
+    print(f"{out}: " + ", ".join(f"{gpu} {len(keys)} shapes" for gpu, keys in table.items()))
+    return [r for r in rows if r.get("kind") == "tune"]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="qwen3-1.7b,qwen3-4b,qwen3-8b")
     p.add_argument("--m", default="32,64", help="rows of the activations (the graph's padded batch)")
     p.add_argument("--settings", default="default,triton,triton-pdl,auto",
                    help=f"comma list of {BLAS_SETTINGS + TRITON_SETTINGS}")
+    p.add_argument("--write-choices", metavar="ROWS_JSON", default=None,
+                   help="no GPU: build sparrow_sgl/data/linear_choices.json (the engine's shipped per-GPU choices) "
+                        "from the tune rows of this file (e.g. bench/results/gemm_small_m.json)")
     args = p.parse_args(argv)
+    if args.write_choices:
+        return write_choices(args.write_choices)
     unknown = set(args.settings.split(",")) - set(BLAS_SETTINGS + TRITON_SETTINGS)
     if unknown:
         p.error(f"unknown settings {sorted(unknown)}")

@@ -9,13 +9,15 @@ sm_90+), and the engine's greedy decode with SPARROW_LINEAR=triton matches cuBLA
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from engine_helpers import make_engine, random_prompts
 from triton_helpers import DEVICES, needs_triton
 
-from sparrow_sgl.engine import SamplingParams, fused
+from sparrow_sgl.engine import SamplingParams, fused, linear_table
 from sparrow_sgl.engine import linear as linear_mod
 from sparrow_sgl.engine.linear import Linear
 
@@ -72,6 +74,47 @@ def test_auto_choice_is_cached_and_never_timed_inside_capture(monkeypatch):
         monkeypatch.setattr(linear_mod, "_capturing", lambda x: True)
         assert torch.equal(layer(x[:2]), F.linear(x[:2], layer.weight))  # bucket 2, capturing: cuBLAS, untimed
     assert len(calls) == 1 and len(linear_mod.chosen()) == 1
+
+
+def test_shipped_table_round_trip_and_env(tmp_path, monkeypatch):
+    """Tune rows -> table -> lookup; SPARROW_LINEAR_TABLE=0 ignores the table, =PATH reads another one."""
+    rows = [{"kind": "tune", "gpu": "Fake GPU", "m": 25, "gemm": "o", "pdl": False, "n": 64, "k": 128,
+             "cublas_us": 10.0, "triton_us": 9.0, "config_n_k_split_warps_stages": [64, 128, 2, 4, 3]},
+            {"kind": "tune", "gpu": "Fake GPU", "m": 32, "gemm": "down+silu", "pdl": False, "n": 64, "k": 128,
+             "cublas_us": 10.0, "triton_us": 11.0, "config_n_k_split_warps_stages": [64, 64, 1, 4, 4]},
+            {"kind": "stack", "gpu": "Fake GPU", "m": 32}]
+    table = linear_table.table_from_tune_rows(rows)
+    key = linear_table.table_key(32, 64, 128, torch.bfloat16, False, False, False)
+    assert key == "32,64,128,bfloat16,0,0,0"
+    assert linear_table.lookup(table, "Fake GPU", key) == (True, (64, 128, 2, 4, 3))
+    silu_key = linear_table.table_key(32, 64, 128, torch.bfloat16, False, True, False)
+    assert linear_table.lookup(table, "Fake GPU", silu_key) == (True, None)  # cuBLAS was faster
+    assert linear_table.lookup(table, "Other GPU", key) == (False, None)
+    shipped = linear_table.load_table()
+    assert len(shipped["NVIDIA H200"]) == 72  # Qwen3 1.7B/4B/8B x M 32/64 x 6 GEMMs x PDL off/on
+    assert all(c == "cublas" or (len(c) == 5 and min(c) > 0) for c in shipped["NVIDIA H200"].values())
+    monkeypatch.setenv(linear_table.TABLE_ENV, "0")
+    assert linear_table.load_table() == {}
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv(linear_table.TABLE_ENV, str(path))
+    assert linear_table.load_table() == table
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    assert linear_mod.shipped_choice((torch.device("cuda", 0), 32, 64, 128, torch.bfloat16, False, True,
+                                      False)) == (True, None)
+    assert linear_mod.shipped_choice((torch.device("cpu"), 32, 64, 128, torch.bfloat16, False, True,
+                                      False)) == (False, None)
+
+
+def test_a_shipped_choice_is_taken_without_timing(monkeypatch):
+    monkeypatch.setattr(linear_mod, "time_choices", lambda *a, **k: pytest.fail("timed a shipped shape"))
+    monkeypatch.setattr(linear_mod, "shipped_choice", lambda key: (True, None))  # cuBLAS, as measured
+    monkeypatch.setattr(Linear, "_triton_applies", lambda self, x, silu: True)
+    layer = Linear(16, 8, bias=False)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight))
+    assert list(linear_mod.chosen().values()) == [None]
 
 
 def test_bad_mode_is_a_clear_error(monkeypatch):
@@ -155,6 +198,18 @@ def test_auto_times_once_per_shape_and_matches_cublas(monkeypatch):
     assert len(calls) == 1 and len(linear_mod.chosen()) == 1
     assert torch.equal(first, second)
     _check(first, _reference(x, layer.weight, None, False))
+
+
+@pytest.mark.gpu
+def test_the_shipped_table_serves_this_gpu_without_timing(monkeypatch):
+    """On a GPU the table names (the H200), qwen3-4b's o_proj at 32 rows runs the measured choice, untimed."""
+    if torch.cuda.get_device_name() not in linear_table.load_table():
+        pytest.skip(f"no shipped choices for {torch.cuda.get_device_name()}")
+    monkeypatch.setattr(linear_mod, "time_choices", lambda *a, **k: pytest.fail("timed a shipped shape"))
+    layer = Linear(4096, 2560, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    x = torch.randn(32, 4096, device="cuda", dtype=torch.bfloat16)
+    _check(layer(x), _reference(x, layer.weight, None, False))
+    assert len(linear_mod.chosen()) == 1
 
 
 @pytest.mark.gpu

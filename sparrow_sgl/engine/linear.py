@@ -7,9 +7,10 @@ CPU, float32, M > 64 and anything needing gradients run `F.linear` exactly as `n
 keeps what was chosen while it was captured). `auto` times cuBLAS against the Triton candidates once per (device,
 M rounded up to a power of two, N, K, dtype, bias, fused SiLU, PDL) on the first call outside CUDA-graph capture,
 with a cold L2 before every run (the weights are 20-250 MB, an H200's L2 50 MB), and caches the winner; a call
-inside capture uses the cached choice, cuBLAS when there is none. The engine's graph capture runs an eager
-warm-up forward first, so every decode GEMM is timed there. `SPARROW_LINEAR_PDL=1` launches the Triton GEMMs with
-programmatic dependent launch (opt-in; sm_90+).
+inside capture uses the cached choice, cuBLAS when there is none. On a GPU with measured choices for the shape
+(`linear_table.py`, shipped for the H200 and the Qwen3 1.7B/4B/8B shapes) those are taken without timing. The
+engine's graph capture runs an eager warm-up forward first, so every decode GEMM is timed there.
+`SPARROW_LINEAR_PDL=1` launches the Triton GEMMs with programmatic dependent launch (opt-in; sm_90+).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparrow_sgl.engine import fused
+from sparrow_sgl.engine.linear_table import load_table, lookup, table_key
 
 LINEAR_ENV = "SPARROW_LINEAR"
 PDL_ENV = "SPARROW_LINEAR_PDL"
@@ -82,6 +84,10 @@ class Linear(nn.Linear):
         pdl = use_pdl(x.device)
         key = (x.device, 1 << (m - 1).bit_length(), n, k, x.dtype, self.bias is not None, silu, pdl)
         if key not in _CHOICES:
+            found, shipped = shipped_choice(key)
+            if found:
+                _CHOICES[key] = shipped
+                return shipped
             if _capturing(x):
                 return None
             try:
@@ -101,6 +107,20 @@ class Linear(nn.Linear):
             and (b is None or b.dtype == x.dtype) and x.stride(1) == 1 and w.stride(1) == 1
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
         )
+
+
+def shipped_choice(key: tuple) -> tuple[bool, object]:
+    """(found, Config or None) for a choice key from the measured table of this GPU (`linear_table.py`)."""
+    device, m_bucket, n, k, dtype, bias, silu, pdl = key
+    if device.type != "cuda":
+        return False, None
+    found, choice = lookup(load_table(), torch.cuda.get_device_name(device), table_key(m_bucket, n, k, dtype, bias,
+                                                                                        silu, pdl))
+    if not found or choice is None:
+        return found, None
+    from sparrow_sgl.attention.kernels.triton_linear import Config
+
+    return True, Config(*choice)
 
 
 def _capturing(x: torch.Tensor) -> bool:
