@@ -83,11 +83,10 @@ class Linear(nn.Linear):
             return default_config(m, n, k, x.device)
         pdl = use_pdl(x.device)
         key = (x.device, 1 << (m - 1).bit_length(), n, k, x.dtype, self.bias is not None, silu, pdl)
-        if key not in _CHOICES:
-            found, shipped = shipped_choice(key)
-            if found:
-                _CHOICES[key] = shipped
-                return shipped
+        if key in _CHOICES:
+            return _CHOICES[key]
+        found, choice = shipped_choice(key)
+        if not found:
             if _capturing(x):
                 return None
             try:
@@ -95,8 +94,9 @@ class Linear(nn.Linear):
             except Exception as e:  # noqa: BLE001 - e.g. no memory for the L2 flush: this shape stays on cuBLAS
                 print(f"sparrow linear: timing {key} failed ({e}); using cuBLAS", file=sys.stderr)
                 timings = {None: 0.0}
-            _CHOICES[key] = min(timings, key=timings.get)
-        return _CHOICES[key]
+            choice = min(timings, key=timings.get)
+        _CHOICES[key] = choice
+        return choice
 
     def _triton_applies(self, x: torch.Tensor, silu: bool) -> bool:
         w, b = self.weight, self.bias
