@@ -250,6 +250,21 @@ def _select_both(q, summaries, block_table, seq_lens, limit, cfg, k_cols, device
     return out, indptr
 
 
+@needs_triton
+@pytest.mark.parametrize("env,value", [("SPARROW_SCORE_TILE", "128x128"), ("SPARROW_SCORE_TILE", "128,abc,4"),
+                                       ("SPARROW_SCORE_TILE", "96x128x4"), ("SPARROW_TOPK_BITS", "3"),
+                                       ("SPARROW_TOPK_BITS", "four"), ("SPARROW_TOPK_WARPS", "32"),
+                                       ("SPARROW_TOPK_WARPS", "0")])
+def test_bad_selection_settings_are_clear_errors(monkeypatch, env, value):
+    from sparrow_sgl.attention.kernels import triton_select
+
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValueError, match=env):
+        triton_select.score_tiling(8, 256, torch.device("cpu"))
+        triton_select.topk_bits(256)
+        triton_select.topk_warps(256)
+
+
 @_kernel_test
 @pytest.mark.parametrize("scorer", ["centroid", "quest"])
 @pytest.mark.parametrize("chunk", [16, 2048])

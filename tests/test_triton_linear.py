@@ -20,6 +20,7 @@ from triton_helpers import DEVICES, needs_triton
 from sparrow_sgl.engine import SamplingParams, fused, linear_table
 from sparrow_sgl.engine import linear as linear_mod
 from sparrow_sgl.engine.linear import Linear
+from sparrow_sgl.errors import ConfigError
 
 
 def _sm90() -> bool:
@@ -99,6 +100,12 @@ def test_shipped_table_round_trip_and_env(tmp_path, monkeypatch):
     path.write_text(json.dumps(table))
     monkeypatch.setenv(linear_table.TABLE_ENV, str(path))
     assert linear_table.load_table() == table
+    for bad in (tmp_path / "missing.json", tmp_path / "list.json"):
+        (tmp_path / "list.json").write_text("[1, 2]")
+        monkeypatch.setenv(linear_table.TABLE_ENV, str(bad))
+        with pytest.raises(ConfigError, match=linear_table.TABLE_ENV):
+            linear_table.load_table()
+    monkeypatch.setenv(linear_table.TABLE_ENV, str(path))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     assert linear_mod.shipped_choice((torch.device("cuda", 0), 32, 64, 128, torch.bfloat16, False, True,
                                       False)) == (True, None)

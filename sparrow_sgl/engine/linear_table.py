@@ -16,9 +16,11 @@ import json
 import os
 from functools import cache
 from importlib import resources
-from pathlib import Path
 
 import torch
+
+from sparrow_sgl.errors import ConfigError
+from sparrow_sgl.jsonio import read_json
 
 TABLE_ENV = "SPARROW_LINEAR_TABLE"
 CUBLAS = "cublas"
@@ -32,7 +34,10 @@ def table_key(m_bucket: int, n: int, k: int, dtype: torch.dtype, bias: bool, sil
 def _read(source: str) -> dict:
     if source == "shipped":
         return json.loads(resources.files("sparrow_sgl.data").joinpath("linear_choices.json").read_text())
-    return json.loads(Path(source).read_text())
+    table = read_json(source, f"{TABLE_ENV} table")
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise ConfigError(f"{TABLE_ENV} table {source}: expected {{gpu name: {{shape key: choice}}}}")
+    return table
 
 
 def load_table() -> dict:

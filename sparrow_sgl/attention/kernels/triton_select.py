@@ -287,10 +287,22 @@ def _topk_pages_kernel(
         tl.store(last_len_ptr + row, last_len)
 
 
+def _env_ints(name: str, count: int, form: str) -> list[int] | None:
+    """`count` positive powers of two from environment variable `name` ('x'-separated), None when unset."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != count or not all(p.strip().isdigit() and int(p) > 0 and not int(p) & (int(p) - 1)
+                                      for p in parts):
+        raise ValueError(f"{name}={text!r}: expected {form} (powers of two)")
+    return [int(p) for p in parts]
+
+
 def topk_bits(block_n: int) -> int:
     """Bits per search step of the two-launch top-k: `SPARROW_TOPK_BITS` (1, 2, 4 or 8; default 1), capped so the
     [block_n, 2^bits] comparison block stays <= 64K elements (registers: 2048 pages x 16 candidates, 16 warps)."""
-    bits = int(os.environ.get(TOPK_BITS_ENV, "").strip() or DEFAULT_TOPK_BITS)
+    bits = (_env_ints(TOPK_BITS_ENV, 1, "1, 2, 4 or 8") or [DEFAULT_TOPK_BITS])[0]
     if bits not in (1, 2, 4, 8):
         raise ValueError(f"{TOPK_BITS_ENV}={bits}: choose 1, 2, 4 or 8")
     while bits > 1 and block_n << bits > 65536:
@@ -302,9 +314,8 @@ def topk_warps(block_n: int) -> int:
     """Warps of a top-k program: `SPARROW_TOPK_WARPS` (1-16, a power of two), default 4 per 2048 pages (4..16).
     Fewer warps make each of the search's 32 reductions cheaper (1 warp: shuffles only, no shared memory or
     barrier) at the cost of more elements per thread; not yet measured on a GPU (an A/B for the next device call)."""
-    forced = os.environ.get(TOPK_WARPS_ENV, "").strip()
-    warps = int(forced) if forced else min(16, max(4, block_n // 512))
-    if warps < 1 or warps > 16 or warps & (warps - 1):
+    warps = (_env_ints(TOPK_WARPS_ENV, 1, "1, 2, 4, 8 or 16") or [min(16, max(4, block_n // 512))])[0]
+    if warps > 16:
         raise ValueError(f"{TOPK_WARPS_ENV}={warps}: choose 1, 2, 4, 8 or 16")
     return warps
 
@@ -317,9 +328,9 @@ def score_tiling(rows: int, max_pages: int, device: torch.device, pages_per_prog
     chose 128..256 pages per program (256 for large grids); on an H200 (session 5) 128 everywhere made sparse
     rollouts 2% faster for 1.7B, 4B and 8B alike (more programs in flight; the 256-page programs' second tile
     waited on the first)."""
-    forced = os.environ.get(SCORE_TILE_ENV, "").strip()
+    forced = _env_ints(SCORE_TILE_ENV, 3, "PAGESxBLOCKxWARPS, e.g. 128x128x4")
     if forced and pages_per_prog is None:
-        pages_per_prog, block_p, num_warps = (int(v) for v in forced.replace("x", ",").split(","))
+        pages_per_prog, block_p, num_warps = forced
     if pages_per_prog is None:
         pages_per_prog = DEFAULT_PAGES_PER_PROG
     pages_per_prog = min(pages_per_prog, max(triton.next_power_of_2(max_pages), 16))
