@@ -142,11 +142,11 @@ def test_calibrate_cli_through_sglang_writes_a_topk_table(engine, model_dir, tmp
     out = tmp_path / "cal.json"
     argv = ["calibrate", "--model", str(model_dir), "--prompts", str(prompts), "--engine", "sglang"]
     argv += ["--sglang-url", engine.client.url, "--budgets", "48,96", "--samples", "2", "--max-new-tokens", "100"]
-    argv += ["--ignore-eos", "--bin-tokens", "64", "--noise-floor", "--topk", "10", "-o", str(out)]
+    argv += ["--ignore-eos", "--bin-tokens", "64", "--noise-floor", "--topk", "20", "-o", str(out)]
     assert main(argv) == 0
     assert "top-k mode" in capsys.readouterr().out
     table = CalibrationTable.load(out)
-    assert table.mode == "topk" and table.settings["engine"] == "sglang" and table.settings["topk"] == 10
+    assert table.mode == "topk" and table.settings["engine"] == "sglang" and table.settings["topk"] == 20
     assert table.budget_values() == [48, 96] and table.has(None)
     for key in ("48", "96", "dense"):
         stats = table.budgets[key]
@@ -154,10 +154,12 @@ def test_calibrate_cli_through_sglang_writes_a_topk_table(engine, model_dir, tmp
         eps = 1e-6  # top-k sums of float32 probabilities can pass 1 by an ulp
         # a 5th percentile may exceed the mean (a few very low rates pull the mean down), so only the range is fixed
         assert all(-eps <= s.tail <= 1.0 + eps and -eps <= s.mean <= 1.0 + eps for s in stats if s.count), (key, stats)
-    # dense SGLang rollout vs dense SGLang scoring: the top-10 cut (measured 0.92-0.97 here) and float noise only.
+    # dense SGLang rollout vs dense SGLang scoring: the top-20 cut and float noise only, so the tail is the 5th
+    # percentile of the top-20 mass along unseeded samples (SGLang ignores the seed): 0.93-0.99 over 16 embedded seeds
+    # (top-10: 0.84-0.99, once 0.842 in CI, too close to a fixed bound). A misaligned scoring falls far below.
     # (Sparse-vs-dense differences of this tiny model are below the top-k cut; tests/test_sglang_server.py checks
     # that the sparse log-probs are the embedded engine's.)
-    assert min(s.tail for s in table.stats(None) if s.count) > 0.85
+    assert min(s.tail for s in table.stats(None) if s.count) > 0.8
     assert out.with_suffix(".png").is_file()
 
 
