@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -15,6 +17,20 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_gemm_choice_cache(tmp_path_factory):
+    """GPU tests time GEMM choices: keep them out of the user's cache (engine/linear_table.py), subprocesses too."""
+    from sparrow_sgl.engine.linear_table import CACHE_ENV
+
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("gemm-cache") / "linear_choices.json")
+    yield
+    if previous is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = previous
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,6 +10,8 @@ sm_90+), and the engine's greedy decode with SPARROW_LINEAR=triton matches cuBLA
 from __future__ import annotations
 
 import json
+import multiprocessing
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,8 +30,9 @@ def _sm90() -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_choices(monkeypatch):
+def _fresh_choices(monkeypatch, tmp_path):
     monkeypatch.setattr(linear_mod, "_CHOICES", {})
+    monkeypatch.setenv(linear_table.CACHE_ENV, str(tmp_path / "gemm-cache" / "choices.json"))
     monkeypatch.delenv(linear_mod.LINEAR_ENV, raising=False)
     monkeypatch.delenv(linear_mod.PDL_ENV, raising=False)
 
@@ -122,6 +125,100 @@ def test_a_shipped_choice_is_taken_without_timing(monkeypatch):
     with torch.no_grad():
         assert torch.equal(layer(x), F.linear(x, layer.weight))
     assert list(linear_mod.chosen().values()) == [None]
+
+
+FAKE_KEY = (torch.device("cuda", 0), 32, 64, 128, torch.bfloat16, False, False, False)
+
+
+def _fake_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+
+
+def test_a_timed_choice_is_remembered_a_failed_timing_is_not(monkeypatch):
+    remembered = []
+    monkeypatch.setattr(linear_mod, "time_choices", lambda *a, **k: {None: 1.0})
+    monkeypatch.setattr(linear_mod, "remember_choice", lambda key, choice: remembered.append((key, choice)))
+    monkeypatch.setattr(Linear, "_triton_applies", lambda self, x, silu: True)
+    with torch.no_grad():
+        Linear(16, 8, bias=False)(torch.randn(5, 16))
+        assert remembered == [((torch.device("cpu"), 8, 8, 16, torch.float32, False, False, False), None)]
+        monkeypatch.setattr(linear_mod, "time_choices", lambda *a, **k: 1 / 0)
+        Linear(16, 4, bias=False)(torch.randn(5, 16))  # reported, cuBLAS for this process only
+    assert len(remembered) == 1 and len(linear_mod.chosen()) == 2
+
+
+def test_a_remembered_choice_is_found_by_the_next_engine(monkeypatch):
+    """A cached cuBLAS choice is found again; SPARROW_LINEAR_CACHE=0 turns the cache off."""
+    _fake_gpu(monkeypatch)
+    monkeypatch.setenv(linear_table.TABLE_ENV, "0")
+    assert linear_mod.shipped_choice(FAKE_KEY) == (False, None)
+    linear_mod.remember_choice(FAKE_KEY, None)
+    table_key = linear_table.table_key(*FAKE_KEY[1:])
+    assert json.loads(linear_table.cache_path().read_text()) == {"Fake GPU": {table_key: "cublas"}}
+    assert linear_mod.shipped_choice(FAKE_KEY) == (True, None)
+    monkeypatch.setenv(linear_table.CACHE_ENV, "0")
+    assert linear_table.cache_path() is None and linear_mod.shipped_choice(FAKE_KEY) == (False, None)
+
+
+@needs_triton
+def test_a_remembered_triton_config_comes_back_as_a_config(monkeypatch, tmp_path):
+    from sparrow_sgl.attention.kernels.triton_linear import Config
+
+    _fake_gpu(monkeypatch)
+    monkeypatch.setenv(linear_table.TABLE_ENV, "0")
+    linear_mod.remember_choice(FAKE_KEY, Config(64, 128, 2, 4, 3))
+    assert linear_mod.shipped_choice(FAKE_KEY) == (True, Config(64, 128, 2, 4, 3))
+    table = tmp_path / "table.json"  # a table entry for the shape wins over the cache
+    table.write_text(json.dumps({"Fake GPU": {linear_table.table_key(*FAKE_KEY[1:]): "cublas"}}))
+    monkeypatch.setenv(linear_table.TABLE_ENV, str(table))
+    assert linear_mod.shipped_choice(FAKE_KEY) == (True, None)
+
+
+def test_the_default_cache_lives_in_the_user_cache_and_names_the_versions(monkeypatch, tmp_path):
+    monkeypatch.delenv(linear_table.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = linear_table.cache_path()
+    assert path.parent == tmp_path / "sparrow_sgl" and f"torch{torch.__version__}" in path.name
+
+
+def test_a_broken_cache_is_ignored_and_rewritten_and_an_unwritable_one_skipped(tmp_path, capsys):
+    path = tmp_path / "choices.json"
+    for broken in ("{not json", "[1, 2]", json.dumps({"Fake GPU": {"k": [1, 2]}})):
+        path.write_text(broken)
+        assert linear_table.read_cache(path) == {}
+        assert "ignoring the GEMM choice cache" in capsys.readouterr().err
+    linear_table.remember(path, "Fake GPU", "k", (64, 128, 2, 4, 3))
+    assert linear_table.read_cache(path) == {"Fake GPU": {"k": [64, 128, 2, 4, 3]}}
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    linear_table.remember(blocked / "sub" / "choices.json", "Fake GPU", "k", None)  # reported, not raised
+    assert "cannot write the GEMM choice cache" in capsys.readouterr().err
+
+
+def _remember_many(path: str, worker: int) -> None:
+    for i in range(15):
+        linear_table.remember(Path(path), "Fake GPU", f"{worker},{i}", None if i % 2 else (64, 64, 1, 4, 3))
+
+
+def test_processes_writing_the_cache_at_once_lose_no_entry(tmp_path):
+    """A run's rollout actors time their shapes at the same moment: every entry survives, the file stays valid."""
+    path = tmp_path / "choices.json"
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_remember_many, args=(str(path), w)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    assert len(linear_table.read_cache(path)["Fake GPU"]) == 4 * 15
+
+
+def test_a_malformed_choice_in_a_table_names_it(tmp_path, monkeypatch):
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"Fake GPU": {"32,64,128,bfloat16,0,0,0": [64, 0, 2, 4, 3]}}))
+    monkeypatch.setenv(linear_table.TABLE_ENV, str(path))
+    with pytest.raises(ConfigError, match="32,64,128,bfloat16,0,0,0"):
+        linear_table.load_table()
 
 
 def test_bad_mode_is_a_clear_error(monkeypatch):

@@ -8,13 +8,15 @@ keeps what was chosen while it was captured). `auto` times cuBLAS against the Tr
 M rounded up to a power of two, N, K, dtype, bias, fused SiLU, PDL) on the first call outside CUDA-graph capture,
 with a cold L2 before every run (the weights are 20-250 MB, an H200's L2 50 MB), and caches the winner; a call
 inside capture uses the cached choice, cuBLAS when there is none. On a GPU with measured choices for the shape
-(`linear_table.py`, shipped for the H200 and the Qwen3 1.7B/4B/8B shapes) those are taken without timing. The
+(`linear_table.py`, shipped for the H200 and the Qwen3 1.7B/4B/8B shapes) those are taken without timing; other
+shapes are timed once per machine and kept in a cache file that later engines read (`SPARROW_LINEAR_CACHE`). The
 engine's graph capture runs an eager warm-up forward first, so every decode GEMM is timed there.
 `SPARROW_LINEAR_PDL=1` launches the Triton GEMMs with programmatic dependent launch (opt-in; sm_90+).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparrow_sgl.engine import fused
-from sparrow_sgl.engine.linear_table import load_table, lookup, table_key
+from sparrow_sgl.engine.linear_table import cache_path, load_table, lookup, read_cache, remember, table_key
 
 LINEAR_ENV = "SPARROW_LINEAR"
 PDL_ENV = "SPARROW_LINEAR_PDL"
@@ -91,10 +93,11 @@ class Linear(nn.Linear):
                 return None
             try:
                 timings = time_choices(x, self.weight, self.bias, silu=silu, pdl=pdl)
+                choice = min(timings, key=timings.get)
+                remember_choice(key, choice)
             except Exception as e:  # noqa: BLE001 - e.g. no memory for the L2 flush: this shape stays on cuBLAS
                 print(f"sparrow linear: timing {key} failed ({e}); using cuBLAS", file=sys.stderr)
-                timings = {None: 0.0}
-            choice = min(timings, key=timings.get)
+                choice = None
         _CHOICES[key] = choice
         return choice
 
@@ -110,17 +113,28 @@ class Linear(nn.Linear):
 
 
 def shipped_choice(key: tuple) -> tuple[bool, object]:
-    """(found, Config or None) for a choice key from the measured table of this GPU (`linear_table.py`)."""
-    device, m_bucket, n, k, dtype, bias, silu, pdl = key
+    """(found, Config or None) for a choice key from the measured table of this GPU, else from this machine's
+    cache of earlier timings (`linear_table.py`)."""
+    device, *shape = key
     if device.type != "cuda":
         return False, None
-    found, choice = lookup(load_table(), torch.cuda.get_device_name(device), table_key(m_bucket, n, k, dtype, bias,
-                                                                                        silu, pdl))
+    gpu, shape_key = torch.cuda.get_device_name(device), table_key(*shape)
+    found, choice = lookup(load_table(), gpu, shape_key)
+    if not found:
+        found, choice = lookup(read_cache(cache_path()), gpu, shape_key)
     if not found or choice is None:
         return found, None
     from sparrow_sgl.attention.kernels.triton_linear import Config
 
     return True, Config(*choice)
+
+
+def remember_choice(key: tuple, choice) -> None:
+    """Keep a timed choice (Config or None) in this machine's cache for later engines."""
+    device, *shape = key
+    if device.type == "cuda":
+        as_tuple = None if choice is None else dataclasses.astuple(choice)
+        remember(cache_path(), torch.cuda.get_device_name(device), table_key(*shape), as_tuple)
 
 
 def _capturing(x: torch.Tensor) -> bool:
