@@ -15,7 +15,7 @@ from test_kernels_gpu import (
 )
 
 from sparrow_sgl.attention import PageSummaries, select_pages
-from sparrow_sgl.attention.decode import attend_pages
+from sparrow_sgl.attention.attend import attend_pages
 from sparrow_sgl.attention.select import Selection
 from sparrow_sgl.config import SparsityConfig
 

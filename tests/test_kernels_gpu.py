@@ -16,7 +16,8 @@ import torch
 from triton_helpers import HAS_TRITON, interpret_only, needs_triton
 
 from sparrow_sgl.attention import PageSummaries, score_pages, select_pages
-from sparrow_sgl.attention.decode import attend_pages, sparse_decode
+from sparrow_sgl.attention.attend import attend_pages
+from sparrow_sgl.attention.decode import sparse_decode
 from sparrow_sgl.attention.kernels import dispatch
 from sparrow_sgl.attention.kernels.flashinfer_decode import (
     dense_csr,

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from sparrow_sgl.attention.attend import attend_pages
 from sparrow_sgl.attention.pages import PageSummaries
 from sparrow_sgl.attention.select import Selection, budget_pages_tensor, select_pages
 from sparrow_sgl.config import SparsityConfig
@@ -111,8 +112,6 @@ def _attend(q, k_cache, v_cache, block_table, seq_lens, selection, cfg, scale, d
         pages = selection.pages.to(torch.int32)
         return triton_attend_pages(q.to(k_cache.dtype), k_cache, v_cache, block_table, seq_lens, pages, counts, cfg,
                                    scale).to(q.dtype)
-    from sparrow_sgl.attention.decode import attend_pages
-
     return attend_pages(q, k_cache, v_cache, block_table, seq_lens, selection, cfg, scale)
 
 
