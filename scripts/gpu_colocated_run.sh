@@ -6,11 +6,15 @@
 #          point, colocated on the one GPU (DeepSpeed ZeRO-2 + the embedded-engine rollout actor, CUDA-IPC weight
 #          update), STEPS GRPO steps of the testbed's long chain task; writes $OUT/openrlhf_gpu.json, the logs and
 #          runs.tar.gz (at most 8 files come back from $OUT)
+# LAYOUT=split (a machine of GPUS >= 2 GPUs): the actor group (DeepSpeed ZeRO-2) on one GPU and one rollout actor on
+#          each other GPU, the weights broadcast over NCCL through sparrow-sgl's process group (trainer_sync.py);
+#          no sleep/wake-up. LAYOUT=colocated (default): everything on GPU 0, CUDA-IPC weight update.
 # DRY_RUN=1 (run): checks the kit and prints each mode's command and resolved configuration (--sparrow.dry_run);
 # no Ray, no GPU; works on a CPU with PYTHON=.venv-sglang/bin/python.
 # env: OUT, WORK (/tmp/gpu_colocated), PYTHON (python3), SITE (/tmp/site), KIT_DIRS (".whl_a .whl_b"), MODEL_DIR,
 #      MODES ("dense sparse"), SPARSE_SCHEDULE (fixed:1024), STEPS (4), PROMPTS (8 a step), SAMPLES (8 a prompt),
-#      TASK (long), EXTRA_ARGS (appended flags), RUN_TIMEOUT (s per mode, 220), RAY_PORT (6379)
+#      TASK (long), EXTRA_ARGS (appended flags), RUN_TIMEOUT (s per mode, 220), RAY_PORT (6379),
+#      LAYOUT (colocated | split), GPUS (split: the GPUs to use; default all nvidia-smi lists, 2 in a dry run)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
@@ -32,6 +36,7 @@ PROMPTS=${PROMPTS:-8}    # per step
 SAMPLES=${SAMPLES:-8}    # per prompt
 TASK=${TASK:-long}       # a testbed.SWEEP_TASKS name
 RAY_PORT=${RAY_PORT:-6379}
+LAYOUT=${LAYOUT:-colocated}
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"  # more entry-point flags (a later flag wins in OpenRLHF's parser)
 mkdir -p "$OUT"
 
@@ -81,7 +86,7 @@ mode_args() {  # MODE SCHEDULE DIR
     --actor.model_name_or_path "$MODEL_DIR" --data.prompt_dataset "$WORK/prompts.jsonl"
     --data.input_key prompt --data.label_key label --data.max_samples $((PROMPTS * STEPS))
     --data.max_len 12288 --rollout.max_new_tokens "$MAX_NEW_TOKENS" --reward.remote_url "$REPO/scripts/gpu_colocated_task.py"
-    --train.colocate_all --vllm.enable_sleep --vllm.num_engines 1 --vllm.tensor_parallel_size 1
+    "${LAYOUT_ARGS[@]}" --vllm.tensor_parallel_size 1
     --vllm.sync_backend nccl --actor.num_nodes 1 --actor.num_gpus_per_node 1
     --algo.advantage.estimator group_norm --algo.kl.init_coef 0 --actor.eps_clip_low_high 0.2 0.28
     --algo.advantage.is_correction_level token --algo.advantage.is_correction_mode clip
@@ -110,7 +115,7 @@ run_mode() {  # MODE SCHEDULE
     return
   fi
   ray_cli stop --force > /dev/null 2>&1 || true  # a head left by a mode killed at its timeout
-  ray_cli start --head --port "$RAY_PORT" --num-gpus 1 --num-cpus "$(nproc)" --include-dashboard=false --disable-usage-stats \
+  ray_cli start --head --port "$RAY_PORT" --num-gpus "$GPUS" --num-cpus "$(nproc)" --include-dashboard=false --disable-usage-stats \
     > "$dir/ray_start.log" 2>&1 || { cat "$dir/ray_start.log"; return 1; }
   start=$(date +%s)
   set +e
@@ -137,6 +142,25 @@ finish() {
   tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude=ckpt --exclude=kit --exclude="model_*" . 2>/dev/null || true
 }
 
+layout() {  # sets GPUS and LAYOUT_ARGS
+  case $LAYOUT in
+    colocated)
+      GPUS=1
+      LAYOUT_ARGS=(--train.colocate_all --vllm.enable_sleep --vllm.num_engines 1) ;;
+    split)
+      if [ -z "${GPUS:-}" ]; then
+        if [ "${DRY_RUN:-0}" = 1 ]; then GPUS=2; else GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
+      fi
+      if [ "$GPUS" -lt 2 ]; then
+        echo "LAYOUT=split needs 2 or more GPUs (one trains, the others roll out); this machine has $GPUS" >&2
+        exit 2
+      fi
+      LAYOUT_ARGS=(--vllm.num_engines $((GPUS - 1))) ;;
+    *) echo "LAYOUT=$LAYOUT: choose colocated or split" >&2; exit 2 ;;
+  esac
+}
+
+layout
 if [ "$what" = probe ]; then
   probe 2>&1 | tee "$OUT/probe.txt"
   exit 0
@@ -161,7 +185,7 @@ if [ "${DRY_RUN:-0}" != 1 ]; then
   cat "$WORK/gpu.txt"
   trap 'ray_cli stop --force > /dev/null 2>&1 || true; finish' EXIT
 fi
-echo "{\"model\": \"$MODEL_DIR\", \"task\": \"testbed chain lookup, SWEEP_TASKS['$TASK']\", \"steps\": $STEPS, \"prompts_per_step\": $PROMPTS, \"samples_per_prompt\": $SAMPLES, \"max_new_tokens\": $MAX_NEW_TOKENS, \"random_shape\": \"$RANDOM_SHAPE\", \"extra_args\": \"${EXTRA_ARGS:-}\", \"schedules\": {\"dense\": \"dense\", \"sparse\": \"$SPARSE_SCHEDULE\"}, \"run_timeout_s\": $RUN_TIMEOUT}" > "$WORK/settings.json"
+echo "{\"model\": \"$MODEL_DIR\", \"task\": \"testbed chain lookup, SWEEP_TASKS['$TASK']\", \"steps\": $STEPS, \"prompts_per_step\": $PROMPTS, \"samples_per_prompt\": $SAMPLES, \"max_new_tokens\": $MAX_NEW_TOKENS, \"random_shape\": \"$RANDOM_SHAPE\", \"extra_args\": \"${EXTRA_ARGS:-}\", \"schedules\": {\"dense\": \"dense\", \"sparse\": \"$SPARSE_SCHEDULE\"}, \"run_timeout_s\": $RUN_TIMEOUT, \"layout\": \"$LAYOUT\", \"gpus\": $GPUS}" > "$WORK/settings.json"
 for mode in $MODES; do
   case $mode in
     dense) run_mode dense dense ;;

@@ -175,23 +175,50 @@ def test_image_packages_plus_kit_cover_every_import(tmp_path):
     assert done.returncode == 1 and "No module named 'pylatexenc'" in done.stdout
 
 
+def _dry_run(tmp_path, **env) -> subprocess.CompletedProcess:
+    tmp_path.mkdir(exist_ok=True)
+    _fake_kit(tmp_path)
+    assert _bash("kit_split src a b 1000", tmp_path).returncode == 0
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           "WORK": str(tmp_path / "work"), "KIT_DIRS": f"{tmp_path / 'a'} {tmp_path / 'b'}", **env}
+    return subprocess.run(["bash", str(SCRIPTS / "gpu_colocated_run.sh"), "run"], env=env, capture_output=True,
+                          text=True, timeout=500)
+
+
+def _resolved(tmp_path, mode: str) -> dict:
+    text = (tmp_path / "work" / mode / "dry_run.json").read_text()
+    return json.loads(text[text.index("{\n"):])
+
+
 @pytest.mark.openrlhf
 @pytest.mark.timeout(600)
 def test_dry_run_checks_the_kit_and_resolves_both_modes(tmp_path):
     pytest.importorskip("openrlhf")
-    _fake_kit(tmp_path)
-    assert _bash("kit_split src a b 1000", tmp_path).returncode == 0
-    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
-           "WORK": str(tmp_path / "work"), "KIT_DIRS": f"{tmp_path / 'a'} {tmp_path / 'b'}"}
-    done = subprocess.run(["bash", str(SCRIPTS / "gpu_colocated_run.sh"), "run"], env=env, capture_output=True,
-                          text=True, timeout=500)
+    done = _dry_run(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kit: 3 wheels joined and checked against kit.sha256" in done.stdout
     for mode, schedule in (("dense", "dense"), ("sparse", "fixed:1024")):
-        text = (tmp_path / "work" / mode / "dry_run.json").read_text()
-        config = json.loads(text[text.index("{\n"):])
+        config = _resolved(tmp_path, mode)
         assert config["train"]["colocate_all"] and config["vllm"]["enable_sleep"]
         assert config["vllm"]["sync_backend"] == "nccl" and config["ds"]["attn_implementation"] == "sdpa"
         assert config["sparrow"]["engine"] == "embedded" and config["sparrow"]["schedule"] == schedule
         assert config["sparrow"]["topk"] == 20
     assert len((tmp_path / "work" / "prompts.jsonl").read_text().splitlines()) == 32
+
+
+@pytest.mark.openrlhf
+@pytest.mark.timeout(600)
+def test_split_layout_trains_on_one_gpu_and_rolls_out_on_the_others(tmp_path):
+    """Issue 20's several-GPU run, prepared: LAYOUT=split GPUS=4 resolves to 3 rollout engines, no colocation or
+    sleep, the NCCL weight broadcast, a 0.86 preset; fewer than 2 GPUs is refused before anything runs."""
+    pytest.importorskip("openrlhf")
+    done = _dry_run(tmp_path, LAYOUT="split", GPUS="4", MODES="sparse", SPARSE_SCHEDULE="qwen3-1.7b-0.86")
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = _resolved(tmp_path, "sparse")
+    assert not config["train"]["colocate_all"] and not config["vllm"]["enable_sleep"]
+    assert config["vllm"]["num_engines"] == 3 and config["vllm"]["sync_backend"] == "nccl"
+    assert config["sparrow"]["schedule"] == "qwen3-1.7b-0.86"
+    settings = json.loads((tmp_path / "work" / "settings.json").read_text())
+    assert settings["layout"] == "split" and settings["gpus"] == 4
+    refused = _dry_run(tmp_path / "one", LAYOUT="split", GPUS="1")
+    assert refused.returncode == 2 and "needs 2 or more GPUs" in refused.stderr
