@@ -97,7 +97,10 @@ def cache_path() -> Path | None:
         return None
     if setting:
         return Path(setting).expanduser()
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    try:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # no home directory (some containers): no cache, every process times
+        return None
     return root / "sparrow_sgl" / f"linear_choices-torch{torch.__version__}-triton{_triton_version()}.json"
 
 
