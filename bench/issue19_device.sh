@@ -7,7 +7,7 @@
 #   call3: decode_e2e, session 5's defaults vs session 4's (+old) and each switch alone; scoring/decode tiles
 #   call4: decode_e2e with the shipped defaults, --profile and --drain (the results committed)
 #   call5: (next session) A/B of top-k warps, one-launch selection and a wider scoring tile; the shipped
-#          GEMM-choice table's GPU test
+#          GEMM-choice table's and the per-machine GEMM-choice cache's GPU tests
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -66,7 +66,7 @@ elif [ "$call" = call4 ]; then
 elif [ "$call" = call5 ]; then
   # prepared in session 5, not yet run: top-k in 1 / 2 warps, one-launch selection, the 256x256x8 scoring tile
   timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py tests/test_triton_linear.py \
-    -k "selection or shipped" 2>&1 | tail -5 | tee "$out/tests.log"
+    -k "selection or shipped or remembered" 2>&1 | tail -5 | tee "$out/tests.log"
   settings="+tw1=SPARROW_TOPK_WARPS=1,+tw2=SPARROW_TOPK_WARPS=2,+sel1=SPARROW_SELECT_LAUNCHES=1"
   settings="$settings,+t256w8=SPARROW_SCORE_TILE=256x256x8"
   timeout 300 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \

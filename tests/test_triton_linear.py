@@ -305,6 +305,19 @@ def test_auto_times_once_per_shape_and_matches_cublas(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_a_shape_timed_once_is_remembered_for_the_next_process(monkeypatch):
+    """A shape no table holds: timed, written to the machine cache; a fresh process (empty in-memory choices) takes
+    the cached choice without timing and computes the same bits."""
+    layer = Linear(1024, 3000, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    x = torch.randn(32, 1024, device="cuda", dtype=torch.bfloat16)
+    first = layer(x)
+    assert len(linear_table.read_cache(linear_table.cache_path())[torch.cuda.get_device_name()]) == 1
+    monkeypatch.setattr(linear_mod, "_CHOICES", {})
+    monkeypatch.setattr(linear_mod, "time_choices", lambda *a, **k: pytest.fail("timed a remembered shape"))
+    assert torch.equal(layer(x), first)
+
+
+@pytest.mark.gpu
 def test_the_shipped_table_serves_this_gpu_without_timing(monkeypatch):
     """On a GPU the table names (the H200), qwen3-4b's o_proj at 32 rows runs the measured choice, untimed."""
     if torch.cuda.get_device_name() not in linear_table.load_table():
