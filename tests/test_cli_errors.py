@@ -139,3 +139,12 @@ def test_distill_and_train_check_the_schedule_before_loading_models(tiny_model_d
     config.write_text("model: /nowhere\nschedule: qwen3-99b-0.86\n")  # the model dir is checked later
     assert main(["train", "--config", str(config)]) == 2
     assert "unknown schedule" in _error_line(capsys)
+
+
+def test_train_refuses_a_schedule_with_other_pages_before_loading_models(tiny_model_dir, tmp_path, capsys, no_engine):
+    schedule = tmp_path / "s.json"
+    schedule.write_text(json.dumps({"page_size": 4, "bin_tokens": 32, "budgets": [24, None]}))  # the CPU demo's
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nschedule: {schedule}\npage_size: 16\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "uses 4-token pages but the config has page_size 16; set page_size: 4" in _error_line(capsys)

@@ -161,6 +161,11 @@ def test_rollout_batch_rejects_inconsistent_rollouts():
 def test_example_train_config_loads():
     from pathlib import Path
 
+    from sparrow_sgl.demo import PROFILES
+
     path = Path(__file__).resolve().parents[1] / "scripts" / "train_chain.yaml"
     cfg = TrainConfig.load(path, ["model=/some/model"])
-    assert cfg.model == "/some/model" and cfg.tailguard and cfg.task_args["hops"] == 2
+    assert cfg.model == "/some/model" and cfg.tailguard
+    # it trains on what `sparrow demo` (CPU) leaves in runs/demo/: that schedule's pages, bins and task
+    demo = PROFILES["pretrained"]
+    assert (cfg.page_size, cfg.bin_tokens, cfg.task_args) == (demo.page_size, demo.bin_tokens, demo.task)

@@ -86,6 +86,16 @@ def build_sglang_engine(cfg: TrainConfig):
     )
 
 
+def check_schedule_pages(cfg: TrainConfig) -> None:
+    """The schedule resolves and its pages are the engine's (a schedule JSON carries its own page_size)."""
+    schedule = resolve_schedule(cfg.schedule, page_size=cfg.page_size)
+    if schedule.page_size != cfg.page_size:
+        raise ConfigError(
+            f"schedule {cfg.schedule!r} uses {schedule.page_size}-token pages but the config has page_size "
+            f"{cfg.page_size}; set page_size: {schedule.page_size} (or --set page_size={schedule.page_size})"
+        )
+
+
 def small_budget_ladder(schedule: Schedule, above: int = 512) -> list[int]:
     """Budgets doubling from the schedule's smallest (a page multiple) up to `above` tokens (the paper grid's
     smallest), so that a TailGuard raise on a short-context schedule (the CPU demo's 48 tokens) takes a step, not
@@ -119,7 +129,7 @@ class Trainer:
         self.device = torch.device(cfg.device)
         # task and schedule errors surface before the policy, the engine and its KV pool are built
         self.task = task if task is not None else build_task(cfg.task, cfg.task_args, cfg.seed)
-        resolve_schedule(cfg.schedule, page_size=cfg.page_size)
+        check_schedule_pages(cfg)
         self.policy = policy if policy is not None else load_policy(cfg.model, cfg.device, cfg.dtype)
         self.engine = engine if engine is not None else build_engine(cfg)
         self.tokenizer = self.engine.tokenizer
