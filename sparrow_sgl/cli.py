@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except (ConfigError, FileNotFoundError) as e:
-        return _fail(args.command, str(e))
+        return _fail(args.command, _os_message(e))
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: keep the traceback
+            raise
+        return _fail(args.command, _os_message(e))
     except ModuleNotFoundError as e:
         return _fail(args.command, f"needs the Python module {e.name!r}, not installed in {sys.prefix}")
     except KeyboardInterrupt:
@@ -98,6 +102,13 @@ def _missing_extra(command: str) -> str | None:
     if importlib.util.find_spec(module) is not None:
         return None
     return f"needs {module}, which is not installed in this environment ({sys.prefix}): {how}"
+
+
+def _os_message(e: Exception) -> str:
+    """`PATH: Is a directory` for an error about a file, instead of `[Errno 21] Is a directory: 'PATH'`."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
 
 
 def _fail(command: str, message: str) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from pathlib import Path
@@ -11,12 +13,23 @@ from sparrow_sgl.errors import ConfigError
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 1) -> Path:
-    """Write `data` as JSON to a temporary file beside `path`, then rename it over `path`."""
+    """Write `data` as JSON to a temporary file beside `path`, then rename it over `path`. A failure leaves no
+    temporary file and raises the `OSError` with `path` (not the temporary name) as its filename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise NotADirectoryError(errno.ENOTDIR, "is a file, not a directory", e.filename) from e
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=indent) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=indent) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # never made, or its directory cannot be written
+            tmp.unlink()
+        raise OSError(e.errno, e.strerror, str(path)) from e
     return path
 
 

@@ -232,35 +232,60 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.table and not args.preset:
         raise ConfigError("give a calibration table to plan from, or --preset NAME to explain a schedule")
+    lengths = _check_cost_args(args)
     plan = None
     if args.table:
         table = CalibrationTable.load(args.table)
         table.model = table.model_path(args.table)  # a relative entry is found from any working directory
         plan = plan_schedule(table, args.tau, args.margin, args.min_count, args.bins)
-        out = Path(args.out or Path(args.table).with_name(f"schedule-tau{args.tau:g}.json"))
-        plan.schedule.save(out)
-        print(plan.report())
-        print(f"wrote {out}")
         schedule = plan.schedule
     else:
         from sparrow_sgl.schedule import resolve_schedule
 
         schedule = resolve_schedule(args.preset)
+    cost = _cost_model(schedule, args)  # before anything is written: a bad --model / --measured fails the run
+    if plan is not None:
+        out = Path(args.out or Path(args.table).with_name(f"schedule-tau{args.tau:g}.json"))
+        plan.schedule.save(out)
+        print(plan.report())
+        print(f"wrote {out}")
+    else:
         print(schedule.describe())
-    _print_cost(schedule, args, plan)
+    if cost is not None:
+        _print_cost(schedule, cost, lengths, args, plan)
     return 0
 
 
-def _print_cost(schedule: Schedule, args, plan: Plan | None) -> None:
-    from sparrow_sgl.costmodel import AnalyticCost, make_cost_model
+def _check_cost_args(args) -> np.ndarray:
+    """The cost flags are checked before any planning or writing; returns the response lengths."""
+    from sparrow_sgl.hardware import get_hardware
+
+    if args.batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {args.batch}")
+    if args.prompt_len < 0:
+        raise ConfigError(f"--prompt-len must be >= 0, got {args.prompt_len}")
+    get_hardware(args.hardware)
+    return parse_lengths(args.lengths)
+
+
+def _cost_model(schedule: Schedule, args):
+    """The cost model, or None (said on stderr) when the schedule names no usable model and no flag asked for one."""
+    from sparrow_sgl.costmodel import make_cost_model
 
     model = args.model or schedule.model or None
     try:
-        cost = make_cost_model(model, args.hardware, args.measured, args.gpu, args.kernels, args.summary_bytes)
+        return make_cost_model(model, args.hardware, args.measured, args.gpu, args.kernels, args.summary_bytes)
     except ConfigError as e:
+        if args.model or args.measured or args.kernels:
+            raise
         print(f"no speedup prediction: {e}", file=sys.stderr)
-        return
-    lengths = parse_lengths(args.lengths)
+        return None
+
+
+def _print_cost(schedule: Schedule, cost, lengths: np.ndarray, args, plan: Plan | None) -> None:
+    from sparrow_sgl.costmodel import AnalyticCost
+
+    model = args.model or schedule.model or None
     source = f"analytic eFLOPs on {args.hardware}"
     if args.kernels:
         source = f"measured attention kernels + analytic linear layers on {args.hardware}"

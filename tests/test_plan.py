@@ -161,3 +161,39 @@ def test_cli_plans_from_another_directory_with_a_relative_model_entry(tiny_model
     assert "unknown model" not in captured.err and "no speedup prediction" not in captured.err
     assert "predicted rollout speedup vs dense" in captured.out
     assert Schedule.load(run / "schedule-tau0.86.json").model == str((run / "model").resolve())
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--batch", "0"], "--batch must be >= 1, got 0"),
+        (["--prompt-len", "-5"], "--prompt-len must be >= 0, got -5"),
+        (["--hardware", "h999"], "unknown hardware 'h999'"),
+        (["--model", "/nowhere"], "unknown model '/nowhere'"),
+    ],
+)
+def test_cli_bad_cost_flags_fail_before_anything_is_printed_or_written(tmp_path, capsys, flags, expected):
+    table = make_table({512: [0.95, 0.85], 1024: [0.97, 0.90]})
+    path = tmp_path / "calib.json"
+    table.save(path)
+    out = tmp_path / "sched.json"
+    assert main(["plan", str(path), "--out", str(out), "--explain", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert captured.err.startswith(f"sparrow plan: error: {expected}")
+    assert not out.exists()
+
+
+def test_cli_out_that_cannot_be_a_file_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    table = make_table({512: [0.95, 0.85], 1024: [0.97, 0.90]})
+    path = tmp_path / "calib.json"
+    table.save(path)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("keep me\n")
+    for out, expected in [("adir", "adir: is a directory, not a file"),
+                          ("afile/sched.json", "afile: is a file, not a directory")]:
+        assert main(["plan", str(path), "--out", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and expected in err.splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "calib.json"]  # no temporary files
+    assert (tmp_path / "afile").read_text() == "keep me\n" and not any((tmp_path / "adir").iterdir())
