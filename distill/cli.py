@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from distill.config import DistillConfig
     from distill.replan import Replanner, ReplanSettings
     from distill.trainer import DistillTrainer
-    from sparrow_sgl.config import ConfigError, EngineConfig
+    from sparrow_sgl.config import ConfigError, EngineConfig, check_device
     from sparrow_sgl.engine import Engine, SamplingParams
     from sparrow_sgl.engine.engine import schedule_for_engine
     from sparrow_sgl.engine.loader import load_tokenizer
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("need --steps >= 0, --eval-prompts >= 1 and --prompts-per-step >= 1")
     if not Path(args.model).is_dir():
         raise ConfigError(f"model directory not found: {args.model}")
+    check_device(args.device)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     log_path = Path(args.log) if args.log else out / "distill_log.jsonl"

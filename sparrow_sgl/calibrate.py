@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparrow_sgl.config import ConfigError, Schedule
+from sparrow_sgl.config import ConfigError, Schedule, check_device
 from sparrow_sgl.jsonio import read_json, read_jsonl, write_json_atomic
 from sparrow_sgl.mismatch import BinStat
 
@@ -506,6 +506,8 @@ def run(args) -> int:
     budgets = args.budgets or paper_budget_grid()
     if args.engine == "sglang":
         _check_sglang_args(args)
+    else:
+        check_device(args.device)
     out = Path(args.out)
     sparsity = {"page_size": args.page_size, "scorer": args.scorer}
     settings = {

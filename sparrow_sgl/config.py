@@ -198,6 +198,17 @@ def budget_pages(budget_tokens: int | None, seq_len: int, page_size: int) -> int
     return min(n_pages, budget_tokens // page_size)
 
 
+def check_device(device: str) -> None:
+    """A `cuda` device needs a CUDA build of torch and a visible GPU; the commands call this before loading models."""
+    if not str(device).startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA device is available to this torch ({torch.__version__}); "
+                          "use cpu")
+
+
 ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

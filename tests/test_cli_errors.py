@@ -148,3 +148,24 @@ def test_train_refuses_a_schedule_with_other_pages_before_loading_models(tiny_mo
     config.write_text(f"model: {tiny_model_dir}\nschedule: {schedule}\npage_size: 16\n")
     assert main(["train", "--config", str(config)]) == 2
     assert "uses 4-token pages but the config has page_size 16; set page_size: 4" in _error_line(capsys)
+
+
+def test_cuda_device_without_cuda_is_one_line_before_any_model_loads(tiny_model_dir, tmp_path, capsys, no_engine,
+                                                                     monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    prompts = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ndevice: cuda\nout_dir: {tmp_path / 'run'}\n")
+    model = str(tiny_model_dir)
+    for argv in (
+        ["generate", "--model", model, "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"), "--device",
+         "cuda"],
+        ["calibrate", "--model", model, "--prompts", str(prompts), "--budgets", "64", "--out",
+         str(tmp_path / "t.json"), "--device", "cuda:0"],
+        ["distill", "--model", model, "--schedule", "fixed:64", "--out", str(tmp_path / "a"), "--device", "cuda"],
+        ["train", "--config", str(config)],
+    ):
+        assert main(argv) == 2, argv
+        assert "no CUDA device is available to this torch" in _error_line(capsys)

@@ -104,7 +104,7 @@ def output_row(row: dict, rollout) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparrow_sgl.config import EngineConfig
+    from sparrow_sgl.config import EngineConfig, check_device
     from sparrow_sgl.engine import Engine, SamplingParams
     from sparrow_sgl.engine.engine import check_prompt, schedule_for_engine
     from sparrow_sgl.engine.loader import load_tokenizer, read_hf_config
@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
     )
     # every input error surfaces before the model and the KV pool are built
+    check_device(config.device)
     schedule = schedule_for_engine(config, args.schedule)
     hf_config = read_hf_config(args.model)
     tokenizer = load_tokenizer(args.model)

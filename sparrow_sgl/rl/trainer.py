@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparrow_sgl.config import ConfigError, EngineConfig, Schedule
+from sparrow_sgl.config import ConfigError, EngineConfig, Schedule, check_device
 from sparrow_sgl.rl.batch import RolloutBatch
 from sparrow_sgl.rl.checkpoint import TrainState, load_checkpoint, load_component, save_checkpoint
 from sparrow_sgl.rl.config import TrainConfig
@@ -130,6 +130,7 @@ class Trainer:
         # task and schedule errors surface before the policy, the engine and its KV pool are built
         self.task = task if task is not None else build_task(cfg.task, cfg.task_args, cfg.seed)
         check_schedule_pages(cfg)
+        check_device(cfg.device)
         self.policy = policy if policy is not None else load_policy(cfg.model, cfg.device, cfg.dtype)
         self.engine = engine if engine is not None else build_engine(cfg)
         self.tokenizer = self.engine.tokenizer
