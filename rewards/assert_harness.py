@@ -11,9 +11,12 @@ semantics kept, `(a == b).all()` works) and watches `numpy` / `numpy.testing` fo
 statement or function reports pass/fail with the token; once builtins, `math`, `operator`, the pytest shim or the
 guard helpers are found replaced (after the program loads, after each test), the run stops there. `pytest` is a
 small shim (`raises`, `approx`, `mark.parametrize`, `fixture` resolved by parameter name, other marks ignored). The
-program shares the process with the test code, so one that introspects the interpreter (frames, gc) can still find
-the test code or the token; the guards stop the known cheap tricks (always-equal objects, patched comparisons,
-reading the test file, printing the answer, exiting early).
+harness's own names are watched too (`import __main__` or `pytest.raises.__globals__` lead to them).
+The program shares the process with the test code, so from the moment it loads an audit hook (`_sparrow_guard`)
+refuses what would reach the harness's frames (which hold the report channel and its token) or the test code:
+`sys._getframe` (ValueError, so namedtuple, enum and typing fall back), traceback/generator frames, tracing, gc heap
+walks, ctypes, files on /proc, new audit hooks, and changes to the harness's functions. A program that needs these
+(`traceback.format_exc` included) fails. Left open: a Python signal handler receives the current frame.
 """
 
 from __future__ import annotations
@@ -26,16 +29,45 @@ CODE_HARNESS = COMMON + '''
 import builtins, math, operator, re as _re
 
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
-_NUMPY = set()  # exact numpy types, filled only when the harness itself imported numpy before the program ran
+_NUMPY = frozenset()  # exact numpy types, set only when the harness itself imported numpy before the program ran
+_EXCEPTHOOK = sys.__excepthook__  # prints a traceback without asking for frames through the audited attributes
 
 def _sparrow_trust_numpy():
+    global _NUMPY
     try:
         import numpy, numpy.testing
     except ImportError:
         return []
-    _NUMPY.update(t for t in set(numpy.sctypeDict.values()) if isinstance(t, type))
-    _NUMPY.add(numpy.ndarray)
+    _NUMPY = frozenset({*(t for t in set(numpy.sctypeDict.values()) if isinstance(t, type)), numpy.ndarray})
     return [vars(numpy), vars(numpy.testing)]
+
+class _Denied(ValueError, RuntimeError):  # ValueError: stdlib callers of sys._getframe fall back on it;
+    pass                                    # RuntimeError: refuses a new audit hook silently
+
+_DENIED = frozenset(("sys._getframe", "sys._current_frames", "sys._current_exceptions", "sys.settrace",
+                     "sys.setprofile", "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.addaudithook"))
+_FRAME_ATTRS = frozenset(("tb_frame", "gi_frame", "cr_frame", "ag_frame"))
+
+def _sparrow_guard(protected, denied=_DENIED, frame_attrs=_FRAME_ATTRS, Denied=_Denied, id=id, stat=os.stat,
+                   proc_dev=os.stat("/proc").st_dev, frozenset=frozenset, map=map):
+    """Audit hook for the rest of the run. The harness's frames hold the report channel and its token, and the
+    test code passes through compile/exec events, so the program gets no frames, tracing, heap walks, ctypes,
+    /proc files (memory) or audit hooks of its own, and cannot change the harness's functions and classes."""
+    ids = frozenset(map(id, protected))
+
+    def hook(event, args):
+        if event in denied or event.startswith("ctypes.") or (
+                event == "object.__getattr__" and args[1] in frame_attrs) or (
+                event in ("object.__setattr__", "object.__delattr__") and id(args[0]) in ids):
+            raise Denied(f"{event} is not allowed in the sandbox")
+        if event == "open" and not isinstance(args[0], int):
+            try:
+                on_proc = stat(args[0]).st_dev == proc_dev
+            except (OSError, TypeError, ValueError):
+                on_proc = False
+            if on_proc:
+                raise Denied("/proc is not readable in the sandbox")
+    return hook
 
 def _sparrow_data(v, type=type, hasattr=hasattr):
     """v as trusted data, or raise TypeError: plain data, numpy values of the harness's own numpy (kept, so
@@ -161,38 +193,48 @@ def _pytest_shim():
 
 def _sparrow_snapshot(ns, extra):
     watched = [vars(builtins), vars(math), vars(operator), vars(sys.modules["pytest"]), vars(_Approx), vars(_Raises),
-               vars(_Mark), *extra]
+               vars(_Mark), globals(), _OPS, *extra]  # the harness's own names: pytest's functions lead to them
     return [(d, dict(d)) for d in watched] + [(ns, {k: ns[k] for k in ("_sparrow_cmp", "_sparrow_truth")})]
 
-def _sparrow_tampered(snapshot):
+def _sparrow_tampered(snapshot, any=any, set=set):
     return any(d.get(k, None) is not v for d, saved in snapshot for k, v in saved.items()) or any(
         set(d) - set(saved) for d, saved in snapshot[:-1])
 
-def _sparrow_main():
+def _sparrow_protected():
+    """The harness's functions and classes (and their methods): the guard keeps the program from changing them."""
+    found = [v for k, v in globals().items() if k.startswith("_") and isinstance(v, (type, types.FunctionType))]
+    return found + [m for c in found if isinstance(c, type) for m in vars(c).values()
+                    if isinstance(m, (types.FunctionType, staticmethod))]
+
+def _sparrow_main():  # every harness function it calls is bound before the program runs (see the guard)
+    _sparrow_main_bound(_sparrow_run, _sparrow_tampered, _sparrow_call, _sparrow_guard, _sparrow_protected())
+
+def _sparrow_main_bound(run, tampered, call, guard, protected):
     token, plan, report = _sparrow_setup("tests.json")
     sys.modules["pytest"] = _pytest_shim()
     ns = {"__name__": "sparrow_tests", "_sparrow_cmp": _sparrow_cmp, "_sparrow_truth": _sparrow_truth}
     extra = _sparrow_trust_numpy() if plan["numpy"] else []
     snapshot = _sparrow_snapshot(ns, extra)  # before the program runs: what it replaces at import is caught too
+    sys.addaudithook(guard(protected))
     mod = _sparrow_load()
     if mod is None:
         return
     ns.update({k: v for k, v in mod.__dict__.items() if k not in ns}, __builtins__=builtins)
-    if _sparrow_tampered(snapshot):
+    if tampered(snapshot):
         print("the program replaced builtins or comparison helpers", file=sys.stderr)
         return
     tree = __import__("ast").parse(plan["code"], "tests.py")
     tests = set(plan["test_statements"])
     for i, node in enumerate(tree.body):
         code = compile(__import__("ast").Module(body=[node], type_ignores=[]), "tests.py", "exec")
-        ok = _sparrow_run(lambda: exec(code, ns), snapshot)
+        ok = run(lambda: exec(code, ns), snapshot)
         if i in tests:
             report.write(f"{token} {i} {int(ok)}\\n")
             report.flush()
         if ok is None or (not ok and i not in tests):
             return
     for name in plan["test_functions"]:
-        ok = _sparrow_run(lambda: _sparrow_call(ns, name), snapshot)
+        ok = run(lambda: call(ns, name), snapshot)
         report.write(f"{token} {name} {int(bool(ok))}\\n")
         report.flush()
         if ok is None:
@@ -228,15 +270,15 @@ def _sparrow_call(ns, name):
     base = getattr(target, "_sparrow_fn", target)
     target(**_sparrow_fixtures(base, ns, owner, set(getattr(target, "_sparrow_names", ()))))
 
-def _sparrow_run(thunk, snapshot):
+def _sparrow_run(thunk, snapshot, tampered=_sparrow_tampered, excepthook=_EXCEPTHOOK, exc_info=sys.exc_info):
     """True (passed), False (failed) or None (failed, and the harness was tampered with: stop)."""
     try:
         thunk()
         ok = True
     except BaseException:
-        traceback.print_exc()
+        excepthook(*exc_info())
         ok = False
-    return None if _sparrow_tampered(snapshot) else ok
+    return None if tampered(snapshot) else ok
 
 _sparrow_main()
 '''
