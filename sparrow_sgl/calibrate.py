@@ -405,6 +405,8 @@ def load_prompts(source: str | os.PathLike, field_name: str | None = None, limit
     Returns strings or chat message lists, in file order, at most `limit`. Errors name the file and 1-based line.
     """
     path = Path(source)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--num-prompts must be >= 1, got {limit}")
     if path.is_dir():
         from datasets import load_from_disk
 
@@ -508,6 +510,7 @@ def run(args) -> int:
         _check_sglang_args(args)
     else:
         check_device(args.device)
+    _check_args(args)
     out = Path(args.out)
     sparsity = {"page_size": args.page_size, "scorer": args.scorer}
     settings = {
@@ -582,6 +585,23 @@ def _resume_or_new(out: Path, args, settings: dict) -> CalibrationTable:
     if clash:
         raise ConfigError(f"{out} was measured with different {', '.join(clash)}; use --fresh or another --out")
     return old
+
+
+def _check_args(args) -> None:
+    """Settings that would otherwise fail only once the engine is built and measuring."""
+    from sparrow_sgl.engine.sampling_params import MAX_LOGPROBS_TOPK
+    from sparrow_sgl.jsonio import check_output_file
+
+    for name in ("samples", "max_new_tokens", "score_batch"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.quantile <= 1:
+        raise ConfigError(f"--quantile must lie in [0, 1], got {args.quantile}")
+    if args.mode == "topk" and not 1 <= args.topk <= MAX_LOGPROBS_TOPK:
+        raise ConfigError(f"--mode topk needs 1 <= --topk <= {MAX_LOGPROBS_TOPK}, got {args.topk}")
+    for path in (args.out, args.plot):
+        if path:
+            check_output_file(path)
 
 
 def _check_sglang_args(args) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,28 @@ from sparrow_sgl.errors import ConfigError
 def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 1) -> Path:
     """Write `data` as JSON to a temporary file beside `path`, then rename it over `path`. A failure leaves no
     temporary file and raises the `OSError` with `path` (not the temporary name) as its filename."""
+    return _write_atomic(path, json.dumps(data, indent=indent) + "\n")
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
+    """One JSON value a line, written like `write_json_atomic`: an existing file is replaced once all is written."""
+    return _write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, a path that cannot become a file: a directory, or a file where a directory goes."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"output {path} is a directory, not a file")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"output {path}: {parent} is a file, not a directory")
+    return path
+
+
+def _write_atomic(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
@@ -24,7 +47,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 1) -> Pa
         raise NotADirectoryError(errno.ENOTDIR, "is a file, not a directory", e.filename) from e
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=indent) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):  # never made, or its directory cannot be written
@@ -36,8 +59,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 1) -> Pa
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Parse a JSON file; a missing file or invalid JSON raises `ConfigError` naming `what` and the path."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} not found: {path}")
+    _check_readable(path, what)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -47,8 +69,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 def read_jsonl(path: str | os.PathLike, what: str = "JSON-lines file") -> list[tuple[int, Any]]:
     """(1-based line number, value) of every non-blank line; a bad line raises `ConfigError` naming file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} not found: {path}")
+    _check_readable(path, what)
     rows = []
     with path.open() as f:
         for line_no, line in enumerate(f, 1):
@@ -60,3 +81,10 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSON-lines file") -> list[t
                 message = f"{path}:{line_no}: line {line_no} is not valid JSON ({e.msg}, column {e.colno})"
                 raise ConfigError(message) from e
     return rows
+
+
+def _check_readable(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory, not a file")
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")

@@ -169,3 +169,43 @@ def test_cuda_device_without_cuda_is_one_line_before_any_model_loads(tiny_model_
     ):
         assert main(argv) == 2, argv
         assert "no CUDA device is available to this torch" in _error_line(capsys)
+
+
+def test_generate_refuses_outputs_and_prompt_counts_it_cannot_use_before_the_engine(tiny_model_dir, tmp_path,
+                                                                                    capsys, no_engine):
+    prompts = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": "ho"}])
+    (tmp_path / "afile").write_text("keep me\n")
+    base = ["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts)]
+    cases = [
+        (["--out", str(tmp_path)], f"output {tmp_path} is a directory, not a file"),
+        (["--out", str(tmp_path / "afile" / "o.jsonl")], f"{tmp_path / 'afile'} is a file, not a directory"),
+        (["--out", str(tmp_path / "o.jsonl"), "--num-prompts", "0"], "--num-prompts must be >= 1, got 0"),
+        (["--out", str(tmp_path / "o.jsonl"), "--num-prompts", "-1"], "--num-prompts must be >= 1, got -1"),
+    ]
+    for extra, expected in cases:
+        assert main([*base, *extra]) == 2, extra
+        assert expected in _error_line(capsys)
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompts", str(tmp_path), "--out", "o.jsonl"]) == 2
+    assert f"prompts file {tmp_path} is a directory, not a file" in _error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "p.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--samples", "0"], "--samples must be >= 1, got 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--quantile", "2"], "--quantile must lie in [0, 1], got 2.0"),
+        (["--mode", "topk", "--topk", "0"], "--mode topk needs 1 <= --topk <= 20, got 0"),
+        (["--num-prompts", "-1"], "--num-prompts must be >= 1, got -1"),
+        (["--plot", "."], "output . is a directory, not a file"),
+    ],
+)
+def test_calibrate_settings_are_checked_before_the_engine(tiny_model_dir, tmp_path, capsys, no_engine, flags,
+                                                          expected):
+    prompts = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    argv = ["calibrate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--budgets", "64",
+            "--out", str(tmp_path / "t.json"), *flags]
+    assert main(argv) == 2
+    assert expected in _error_line(capsys)
+    assert not (tmp_path / "t.json").exists()

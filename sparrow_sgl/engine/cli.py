@@ -13,10 +13,8 @@ scores the rollouts against the rows' own answers.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +63,8 @@ def read_prompts(
     from sparrow_sgl.config import ConfigError
     from sparrow_sgl.jsonio import read_jsonl
 
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--num-prompts must be >= 1, got {limit}")
     prompts, rows = [], []
     for line_no, row in read_jsonl(path, "prompts file")[:limit]:
         where = f"{path}:{line_no}"
@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from sparrow_sgl.engine import Engine, SamplingParams
     from sparrow_sgl.engine.engine import check_prompt, schedule_for_engine
     from sparrow_sgl.engine.loader import load_tokenizer, read_hf_config
+    from sparrow_sgl.jsonio import check_output_file, write_jsonl_atomic
 
     params = SamplingParams(
         temperature=args.temperature,
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     )
     # every input error surfaces before the model and the KV pool are built
     check_device(config.device)
+    out = check_output_file(args.out)
     schedule = schedule_for_engine(config, args.schedule)
     hf_config = read_hf_config(args.model)
     tokenizer = load_tokenizer(args.model)
@@ -144,11 +146,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     rollouts = engine.generate(prompts, params, schedule=schedule, progress=True)
     seconds = time.perf_counter() - start
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as f:
-        for rollout in rollouts:
-            f.write(json.dumps(output_row(rows[rollout.prompt_index], rollout)) + "\n")
+    write_jsonl_atomic(out, (output_row(rows[r.prompt_index], r) for r in rollouts))
     tokens = sum(len(r.token_ids) for r in rollouts)
     print(
         f"sparrow generate: {len(rollouts)} rollouts, {tokens} tokens in {seconds:.2f} s "
