@@ -209,3 +209,17 @@ def test_calibrate_settings_are_checked_before_the_engine(tiny_model_dir, tmp_pa
     assert main(argv) == 2
     assert expected in _error_line(capsys)
     assert not (tmp_path / "t.json").exists()
+
+
+def test_train_config_that_does_not_parse_is_one_line_with_its_position(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: [unclosed\nsteps: 2\n")
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be parsed: line 2, column 6: expected ',' or ']'" in err
+    config.write_text("model: /nowhere\n")
+    assert main(["train", "--config", str(config), "--set", "lr=[1e-5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot parse the value: line 1, column 6:" in err
+    assert main(["train", "--config", str(tmp_path)]) == 2
+    assert f"train config {tmp_path} is a directory, not a file" in _error_line(capsys)

@@ -155,6 +155,8 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"train config {path} is a directory, not a file")
         if not path.is_file():
             raise ConfigError(f"train config not found: {path}")
         data = _parse_file(path)
@@ -184,7 +186,7 @@ def apply_override(data: dict, item: str) -> None:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from e
+        raise ConfigError(f"override {item!r}: cannot parse the value: {_one_line(e)}") from e
     node[leaf] = value
 
 
@@ -193,6 +195,14 @@ def _as_float(value: str, where: str) -> float:
         return float(value)
     except ValueError:
         raise ConfigError(f"{where} must be a number, got {value!r} (a string)") from None
+
+
+def _one_line(e: Exception) -> str:
+    """A YAML error's position and problem (its own text spans several lines, with a source excerpt)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(e).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def _parse_file(path: Path) -> dict:
@@ -205,7 +215,7 @@ def _parse_file(path: Path) -> dict:
 
             data = yaml.safe_load(text) or {}
     except Exception as e:
-        raise ConfigError(f"train config {path} cannot be parsed: {e}") from e
+        raise ConfigError(f"train config {path} cannot be parsed: {_one_line(e)}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"train config {path} must hold a mapping, got {type(data).__name__}")
     return data
