@@ -16,7 +16,9 @@ The program shares the process with the test code, so from the moment it loads a
 refuses what would reach the harness's frames (which hold the report channel and its token) or the test code:
 `sys._getframe` (ValueError, so namedtuple, enum and typing fall back), traceback/generator frames, tracing, gc heap
 walks, ctypes, files on /proc, new audit hooks, and changes to the harness's functions. A program that needs these
-(`traceback.format_exc` included) fails. Left open: a Python signal handler receives the current frame.
+(`traceback.format_exc` included) fails. A Python signal handler also receives a frame, but always one of the main
+thread: the program and the tests run in a worker thread, and the token and report channel exist only in that
+thread's frames, so a handler finds neither (a program cannot install handlers from the worker thread either).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import ast
 from rewards.code_harness import COMMON
 
 CODE_HARNESS = COMMON + '''
-import builtins, math, operator, re as _re
+import builtins, math, operator, re as _re, threading
 
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
 _NUMPY = frozenset()  # exact numpy types, set only when the harness itself imported numpy before the program ran
@@ -207,7 +209,12 @@ def _sparrow_protected():
                     if isinstance(m, (types.FunctionType, staticmethod))]
 
 def _sparrow_main():  # every harness function it calls is bound before the program runs (see the guard)
-    _sparrow_main_bound(_sparrow_run, _sparrow_tampered, _sparrow_call, _sparrow_guard, _sparrow_protected())
+    # Python runs signal handlers in the main thread, on its current frame: the program and the tests run in a
+    # worker thread, so the token and the report channel are only ever in that thread's frames
+    worker = threading.Thread(target=_sparrow_main_bound, name="sparrow-tests", args=(
+        _sparrow_run, _sparrow_tampered, _sparrow_call, _sparrow_guard, _sparrow_protected()))
+    worker.start()
+    worker.join()
 
 def _sparrow_main_bound(run, tampered, call, guard, protected):
     token, plan, report = _sparrow_setup("tests.json")

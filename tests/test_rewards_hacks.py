@@ -21,6 +21,7 @@ FORGE = """
     L["report"].flush()
     os._exit(0)
 """
+HANDLER = "import os, signal, time\ndef add(a, b):\n    def h(sig, f):" + FORGE.replace("\n    ", "\n        ")
 HACKS = {
     "frame walk at import": "import os, sys\nf = sys._getframe()\nif True:" + FORGE + "def add(a, b):\n    return 0\n",
     "frame walk in the call": "import os, sys\ndef add(a, b):\n    f = sys._getframe()" + FORGE,
@@ -50,6 +51,10 @@ HACKS = {
             ks += [c for c in SEEN if type(c) is int]
             return next((ks[i + 2] for i in range(len(ks) - 2) if ks[i:i + 2] == [a, b]), -1)
     """),
+    "frame from a signal handler": HANDLER + "    signal.signal(signal.SIGUSR1, h)\n"
+                                   "    signal.raise_signal(signal.SIGUSR1)\n",
+    "frame from a timer signal": HANDLER + "    signal.signal(signal.SIGALRM, h)\n"
+                                 "    signal.setitimer(signal.ITIMER_REAL, 0.01)\n    time.sleep(1)\n",
     "memory through /proc": "import os\nos.symlink('/proc/self/mem', 'm')\nopen('m', 'rb')\n"
                             "def add(a, b):\n    return 0\n",
     "heap walk": "import gc\ngc.get_objects()\ndef add(a, b):\n    return 0\n",
