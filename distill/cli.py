@@ -78,14 +78,11 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     log_path = Path(args.log) if args.log else out / "distill_log.jsonl"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text("")
-    # schedule and prompt errors surface before the models and the KV pool are built
+    # schedule, prompt and setting errors surface before the models and the KV pool are built, and before the log
+    # of an earlier run is emptied
     engine_config = EngineConfig(model=args.model, device=args.device, seed=args.seed, kv_gb=args.kv_gb)
     schedule = schedule_for_engine(engine_config, args.schedule)
     train_prompts, eval_prompts = _prompts(args, load_tokenizer(args.model))
-    engine = Engine(engine_config)
-    policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
     train_cfg = TrainConfig(
         model=args.model, out_dir=str(out / "run"), device=args.device, seed=args.seed, schedule=args.schedule,
         temperature=args.temperature, max_new_tokens=args.max_new_tokens, micro_batch_size=args.micro_batch_size,
@@ -93,6 +90,12 @@ def run(args: argparse.Namespace) -> int:
     )
     cfg = DistillConfig(enabled=True, rank=args.rank, alpha=args.alpha, lr=args.lr, kl_mode=args.kl_mode,
                         kl_coef=args.kl_coef, replan_every=0, margin=args.margin)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; the adapter is written to a directory")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("")
+    engine = Engine(engine_config)
+    policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
     trainer = DistillTrainer(cfg, train_cfg, policy, engine, engine.tokenizer)
     replanner = Replanner(engine, eval_prompts, ReplanSettings(
         tau=args.tau, margin=args.margin, bin_tokens=args.bin_tokens, max_new_tokens=args.max_new_tokens,

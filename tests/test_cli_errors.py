@@ -223,3 +223,21 @@ def test_train_config_that_does_not_parse_is_one_line_with_its_position(tmp_path
     assert err.count("\n") == 1 and "cannot parse the value: line 1, column 6:" in err
     assert main(["train", "--config", str(tmp_path)]) == 2
     assert f"train config {tmp_path} is a directory, not a file" in _error_line(capsys)
+
+
+def test_distill_input_errors_keep_an_earlier_runs_log(tiny_model_dir, tmp_path, capsys, no_engine):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    log = out / "distill_log.jsonl"
+    log.write_text('{"event": "step", "step": 1}\n')
+    base = ["distill", "--model", str(tiny_model_dir), "--out", str(out), "--steps", "1", "--eval-prompts", "1"]
+    for extra, expected in [(["--schedule", "qwen3-99b"], "unknown schedule"),
+                            (["--schedule", "fixed:64", "--rank", "0"], "distill.rank must be >= 1")]:
+        assert main([*base, *extra]) == 2
+        assert expected in _error_line(capsys)
+    assert log.read_text() == '{"event": "step", "step": 1}\n'
+    (tmp_path / "afile").write_text("keep me\n")
+    assert main(["distill", "--model", str(tiny_model_dir), "--out", str(tmp_path / "afile"), "--schedule",
+                 "fixed:64"]) == 2
+    assert "is a file; the adapter is written to a directory" in _error_line(capsys)
+    assert (tmp_path / "afile").read_text() == "keep me\n"
