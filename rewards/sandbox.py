@@ -65,10 +65,10 @@ def _under_private_tmp(path: str) -> bool:
                for d in _PRIVATE_TMP)
 
 
-def _usable_by_sandbox(paths: list[str]) -> bool:
-    """Reachable inside the sandbox (not under a dir it hides) by its uid: an unprivileged one when we are root,
-    else us."""
-    if any(_under_private_tmp(p) for p in paths):
+def _usable_by_sandbox(paths: list[str], hides_tmp: bool = True) -> bool:
+    """Reachable inside the sandbox (not under a dir it hides, when it isolates) by its uid: an unprivileged one
+    when we are root, else us."""
+    if hides_tmp and any(_under_private_tmp(p) for p in paths):
         return False
     if os.geteuid() != 0:
         return all(os.access(p, os.R_OK) for p in paths)
@@ -125,6 +125,12 @@ class SandboxConfig:
             raise ValueError(f"SandboxConfig.cpu_s must be > 0 seconds, got {self.cpu_s}")
         if not os.access(self.python, os.X_OK):
             raise ValueError(f"SandboxConfig.python {self.python!r} is not an executable file")
+        if not _usable_by_sandbox([self.python], hides_tmp=self.isolate):  # else every program would fail to start
+            raise ValueError(
+                f"SandboxConfig.python {self.python!r} cannot start inside the sandbox: it lies under a directory "
+                f"the sandbox hides ({', '.join(_PRIVATE_TMP)}) or one its unprivileged uid cannot enter "
+                f"({os.path.realpath(self.python)}); set SPARROW_SANDBOX_PYTHON to an interpreter outside them"
+            )
 
 
 @dataclass(slots=True)

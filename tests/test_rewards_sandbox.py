@@ -249,3 +249,13 @@ def test_bad_config_is_named():
         SandboxConfig(timeout_s=0)
     with pytest.raises(ValueError, match="plain names"):
         run_program("pass", files={"../x": ""})
+
+
+def test_an_interpreter_the_sandbox_cannot_start_is_refused_up_front(tmp_path):
+    """SPARROW_SANDBOX_PYTHON under a dir the sandbox hides (or, as root, one its uid cannot enter) made every
+    program fail to start: each code reward silently 0. Now the config names it."""
+    hidden = tmp_path / "python3"  # tmp_path lies under /tmp, which the sandbox mounts over
+    hidden.symlink_to(SandboxConfig().python)
+    with pytest.raises(ValueError, match="cannot start inside the sandbox"):
+        SandboxConfig(python=str(hidden))
+    assert SandboxConfig(python=str(hidden), isolate=False).python == str(hidden)  # no private /tmp without namespaces
