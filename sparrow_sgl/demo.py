@@ -174,12 +174,25 @@ def run(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         console.print("[red]sparrow demo: --device cuda but no CUDA device is available[/red]")
         return 2
+    _check_args(args)
     if args.steps is not None:
         profile.grpo_steps = args.steps
     if args.margin is not None:
         profile.margin = args.margin
     demo = Demo(profile, args, console)
     return demo.run()
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Settings that would otherwise fail only after the model is built and calibrated."""
+    from sparrow_sgl.config import ConfigError
+
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if not 0 < args.tau < 1:
+        raise ConfigError(f"--tau must lie in (0, 1), got {args.tau}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file; the demo writes a directory")
 
 
 class Demo:

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from sparrow_sgl.cli import main
 from sparrow_sgl.config import Schedule
 from sparrow_sgl.rl.metrics import read_jsonl
@@ -144,3 +146,23 @@ def test_reward_plot_and_standard_error(tmp_path):
     (tmp_path / "run" / "grpo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     run = load_run(tmp_path / "run")
     assert run.label == "seed 2" and len(run.records) == 20 and run.after["greedy_exact"] == 0.8
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--tau", "2"], "--tau must lie in (0, 1), got 2.0"),
+        (["--out", "afile"], "--out afile is a file; the demo writes a directory"),
+    ],
+)
+def test_demo_settings_are_checked_before_the_model_is_built(tmp_path, monkeypatch, capsys, flags, expected):
+    from sparrow_sgl import demo
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("keep me\n")
+    monkeypatch.setattr(demo.Demo, "__init__", lambda *a: pytest.fail("the demo started before its flags were checked"))
+    assert main(["demo", "--quick", "--out", "runs/demo", *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"sparrow demo: error: {expected}" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
