@@ -37,17 +37,30 @@ rows and items are numbered from 1; an item that cannot be scored (tests that ca
 its reason is printed."""
 
 
+def _at_least(low: float, kind: type = int):
+    """An argparse type: a number of `kind` >= low (a negative --limit silently dropped the last rows)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"{text} is below {low}")
+        return value
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = _INPUT_FORMAT
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--file", required=True, type=Path, help="rollouts.jsonl (format below)")
     parser.add_argument("--kind", choices=("math", "code"), default=None,
                         help="scorer for rows without a JSON label (default: math)")
-    parser.add_argument("--workers", type=int, default=None, help="processes / concurrent sandbox runs")
-    parser.add_argument("--timeout", type=float, default=None,
+    parser.add_argument("--workers", type=_at_least(1), default=None, help="processes / concurrent sandbox runs")
+    parser.add_argument("--timeout", type=_at_least(1e-3, float), default=None,
                         help="seconds per math verification (default 5) or per sandboxed run (default 10)")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
-    parser.add_argument("--show", type=int, default=50, help="rows of the per-item table to print (0: none)")
+    parser.add_argument("--limit", type=_at_least(1), default=None, help="score only the first N rows")
+    parser.add_argument("--show", type=_at_least(0), default=50, help="rows of the per-item table to print (0: none)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
 
 

@@ -108,6 +108,19 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "no 'label', 'reference'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", [["--limit", "-1"], ["--limit", "0"], ["--workers", "0"], ["--timeout", "0"],
+                                  ["--show", "-2"], ["--limit", "x"]])
+def test_cli_out_of_range_numbers_are_refused(tmp_path, capsys, flag):
+    """--limit -1 used to score all rows but the last one, silently."""
+    from sparrow_sgl.cli import main
+
+    rollouts = tmp_path / "r.jsonl"
+    rollouts.write_text(json.dumps({"response": "\\boxed{2}", "label": "2"}) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["reward", "--file", str(rollouts), *flag])
+    assert exit_.value.code == 2 and flag[0] in capsys.readouterr().err
+
+
 def test_sparrow_reward_subcommand_is_wired(tmp_path, capsys):
     from sparrow_sgl.cli import main
 
