@@ -79,7 +79,7 @@ def test_chain_task_rejects_bad_args():
         ChainTask(num_vars=2, hops=3)
     with pytest.raises(ConfigError, match="unknown task"):
         build_task("what")
-    with pytest.raises(ConfigError, match="chain task"):
+    with pytest.raises(ConfigError, match=r"chain task: unknown task_args nope \(known: .*num_vars"):
         build_task("chain", {"nope": 1})
 
 
@@ -88,6 +88,8 @@ def test_jsonl_task(tmp_path):
     path.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
     task = build_task(str(path))
     assert task.sample(3).answer == "2"
+    with pytest.raises(ConfigError, match="unknown task_args hops"):
+        build_task(str(path), {"hops": 2})
     with pytest.raises(ConfigError, match="not found"):
         build_task(str(tmp_path / "missing.jsonl"))
 

@@ -9,6 +9,7 @@ KV budget can miss. Length grows with `num_vars`, difficulty with `hops`. Sample
 
 from __future__ import annotations
 
+import inspect
 import random
 import re
 from dataclasses import dataclass, field
@@ -155,13 +156,20 @@ def build_task(spec: str, args: dict | None = None, seed: int = 0) -> Task:
     args = dict(args or {})
     if spec == "chain":
         args.setdefault("seed", seed)
-        try:
-            return ChainTask(**args)
-        except TypeError as e:
-            raise ConfigError(f"chain task: {e}") from e
+        _check_task_args(ChainTask, args, "chain task")
+        return ChainTask(**args)
     if spec.endswith(".jsonl"):
+        _check_task_args(JsonlMathTask, args, f"task {spec}", skip=1)
         return JsonlMathTask(spec, **args)
     raise ConfigError(f"unknown task {spec!r}: use 'chain' or a JSONL file of {{'prompt', 'answer'}} rows")
+
+
+def _check_task_args(task: type, args: dict, what: str, skip: int = 0) -> None:
+    """Unknown task_args keys name themselves and the known ones (not a TypeError about __init__)."""
+    known = list(inspect.signature(task).parameters)[skip:]
+    unknown = sorted(set(args) - set(known))
+    if unknown:
+        raise ConfigError(f"{what}: unknown task_args {', '.join(unknown)} (known: {', '.join(known)})")
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
