@@ -584,8 +584,11 @@ def bin_verdict(decision, live_tail: float | None, tau: float, events, final_bud
     if decision.tail is None and live_tail is None:
         borrowed = ", its budget comes from a measured neighbour" if decision.status == "missing" else ""
         return "no data", f"no response reached this bin{borrowed}"
+    if decision.status == "unsatisfiable" and (live_tail is None or live_tail >= tau):
+        return "yes (dense)", "no calibrated budget reached tau here: planned dense, which holds it"
     if decision.status == "unsatisfiable":
-        return "NO", "no calibrated budget reached tau here: planned dense"
+        return "NO", f"no calibrated budget reached tau here: planned dense, yet the live tail dipped to " \
+                     f"{live_tail:.2f} (the dense noise floor column shows how far numerics alone go)"
     if all(x is None or x >= tau for x in (decision.tail, live_tail)):
         return "yes", "raised to keep budgets growing with position" if decision.status == "raised" else ""
     low = f"live tail dipped to {live_tail:.2f} < tau" if live_tail is not None and live_tail < tau else (

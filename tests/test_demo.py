@@ -72,6 +72,9 @@ def test_summary_verdicts_explain_each_bin():
     assert "raised 16 tok -> 32 tok at step 1, lowered 32 tok -> 16 tok at step 4" in note
     assert note.endswith("after GRPO it decodes with 16 tok")
     assert "TailGuard off" in bin_verdict(dipped, 0.78, 0.86, None)[1]
+    dense = BinDecision(3, 384, 512, None, 0.99, 40, "unsatisfiable")  # no budget held tau: planned dense
+    assert bin_verdict(dense, 0.9998, 0.86, [])[0] == "yes (dense)"  # it was "NO" beside a live tail of 0.9998
+    assert bin_verdict(dense, 0.8, 0.86, [])[0] == "NO"
     assert "not meaningful on CPU" in measured_speedup_text(8.72, "cpu")
     assert measured_speedup_text(2.1, "cuda") == "2.10x"
 
