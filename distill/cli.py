@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from distill.config import KL_MODES
+from distill.config import KL_MODES, DistillConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-samples", type=int, default=4, help="rollouts per held-out prompt")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=DistillConfig().lr,
+                   help=f"AdamW learning rate of the LoRA (default {DistillConfig().lr:g}; 1e-3 overshot on the demo "
+                        "model: lowest tail 0.98 -> 0.65 after 2 steps)")
     p.add_argument("--kl-mode", choices=KL_MODES, default="reverse",
                    help="k3 on sampled tokens, or exact full-vocabulary KL (reverse = KL(sparse‖dense))")
     p.add_argument("--kl-coef", type=float, default=1.0, help="λ (default 1: the only term without rewards)")
@@ -60,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from distill.config import DistillConfig
     from distill.replan import Replanner, ReplanSettings
     from distill.trainer import DistillTrainer
     from sparrow_sgl.config import ConfigError, EngineConfig, check_device
@@ -134,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
     print(_tail_table(before, after, args.tau))
     print(f"lowest bin tail (5th percentile of acceptance rate): {_fmt(low_before)} before -> {_fmt(low_after)} "
           f"after {args.steps} steps (tau {args.tau:g})")
+    warning = fell_warning(low_before, low_after, args.lr)
+    if warning:
+        print(warning)
     if args.replan:
         current = engine.resolve_schedule(args.replan_from) if args.replan_from else schedule
         new, event = replanner.replan(args.steps, current)
@@ -186,6 +190,15 @@ def _prompts(args, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
     if len(ids) <= args.eval_prompts:
         raise ConfigError(f"{args.prompts} has {len(ids)} prompts; need more than --eval-prompts ({args.eval_prompts})")
     return ids[: -args.eval_prompts], ids[-args.eval_prompts :]
+
+
+def fell_warning(before: float | None, after: float | None, lr: float) -> str | None:
+    """A line for a distillation that left the lowest tail lower than it found it (None otherwise)."""
+    if before is None or after is None or after >= before:
+        return None
+    return (f"warning: the lowest tail fell ({before:.4f} -> {after:.4f}): on the held-out prompts this adapter moves "
+            f"the sparse policy away from the dense one; try a lower --lr (now {lr:g}), more --steps, or more "
+            f"--eval-prompts (a 5th percentile of few tokens is noisy)")
 
 
 def _fmt(x: float | None) -> str:

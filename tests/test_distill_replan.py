@@ -111,3 +111,16 @@ def test_cli_distills_and_reports_tails(tiny_model_dir, tmp_path, capsys):
     assert [e["when"] for e in events if e.get("event") == "tail"] == ["before", "after"]
     assert sum(e.get("event") == "step" for e in events) == 2
     assert any("action" in e for e in events)
+
+
+def test_a_tail_that_fell_is_reported_with_what_to_try():
+    import argparse
+
+    from distill.cli import add_arguments, fell_warning
+
+    assert fell_warning(0.98, 0.99, 1e-4) is None and fell_warning(None, 0.5, 1e-4) is None
+    warning = fell_warning(0.9818, 0.6476, 1e-3)
+    assert "0.9818 -> 0.6476" in warning and "--lr (now 0.001)" in warning
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--model", "m", "--schedule", "dense", "--out", "o"]).lr == 1e-4  # was 1e-3
