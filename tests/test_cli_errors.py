@@ -241,3 +241,15 @@ def test_distill_input_errors_keep_an_earlier_runs_log(tiny_model_dir, tmp_path,
                  "fixed:64"]) == 2
     assert "is a file; the adapter is written to a directory" in _error_line(capsys)
     assert (tmp_path / "afile").read_text() == "keep me\n"
+
+
+def test_train_refuses_an_out_dir_under_a_file_before_loading_models(tiny_model_dir, tmp_path, capsys, no_engine,
+                                                                     monkeypatch):
+    from sparrow_sgl.rl import trainer
+
+    monkeypatch.setattr(trainer, "load_policy", lambda *a: pytest.fail("the policy loaded before the check"))
+    (tmp_path / "afile").write_text("")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nout_dir: {tmp_path / 'afile' / 'run'}\nprogress: false\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "afile is a file, not a directory" in _error_line(capsys)

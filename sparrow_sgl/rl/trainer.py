@@ -119,6 +119,15 @@ class Timer(dict):
             self[f"timing/{name}"] = self.get(f"timing/{name}", 0.0) + time.perf_counter() - start
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """The run directory can be created (or is one): refused before any model loads, not after."""
+    for parent in (out_dir, *out_dir.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"out_dir {out_dir}: {parent} is a file, not a directory")
+            return
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, engine=None, policy=None, task: Task | None = None) -> None:
         if not cfg.model and (engine is None or policy is None):
@@ -131,6 +140,7 @@ class Trainer:
         self.task = task if task is not None else build_task(cfg.task, cfg.task_args, cfg.seed)
         check_schedule_pages(cfg)
         check_device(cfg.device)
+        check_out_dir(self.out_dir)
         self.policy = policy if policy is not None else load_policy(cfg.model, cfg.device, cfg.dtype)
         self.engine = engine if engine is not None else build_engine(cfg)
         self.tokenizer = self.engine.tokenizer
