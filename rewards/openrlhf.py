@@ -35,6 +35,7 @@ SPARROW_CODE_TIMEOUT_S (seconds), SPARROW_REWARD_LOG_EVERY_S.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -153,6 +154,20 @@ def _error_of(scored: Any) -> str | None:
     return str(scored.reason) if error is True else None
 
 
+def _check_math_label(label: Any, parsed: Any) -> None:
+    """A math label no response can match raises: an empty one (OpenRLHF passes "" when `--data.label_key` is not
+    set) or a JSON object cut short (read as a literal answer by `parse_label`)."""
+    if parsed.kind != "math":
+        return
+    if not parsed.answer.strip():
+        raise ValueError("the label is empty (is --data.label_key set?)")
+    if isinstance(label, str) and label.lstrip().startswith('{"'):
+        try:
+            json.loads(label)
+        except ValueError as e:
+            raise ValueError(f"the label looks like a JSON object but is not valid JSON: {e}") from None
+
+
 def _score_one(query: Any, prompt: Any, label: Any) -> _Outcome:
     """One sample, never raising: failures become an `_Outcome` with `error` set."""
     out = _Outcome()
@@ -162,6 +177,7 @@ def _score_one(query: Any, prompt: Any, label: Any) -> _Outcome:
             raise TypeError(f"query and prompt must be str, got {type(query).__name__}, {type(prompt).__name__}")
         out.reason = "label"
         parsed = parse_label(label)  # parsed once: a code label's tests are parsed and validated here
+        _check_math_label(label, parsed)
         out.reason = "score"
         response = response_of(query, prompt)
         out.response_chars = len(response)

@@ -92,6 +92,16 @@ def test_bad_labels_score_zero_with_reward_error(caplog, monkeypatch):
     assert "+3 more failures" in caplog.records[-1].getMessage()
 
 
+def test_empty_and_cut_json_labels_are_label_errors():
+    """An empty label (OpenRLHF passes "" without --data.label_key) or a JSON object cut short scored 0 silently,
+    as if the response were wrong, with no reward_error to show that every sample is unscorable."""
+    labels = ["", "  ", json.dumps({"kind": "math", "answer": ""}), '{"kind": "math", "answer": "3"',
+              '{"kind": "code", "tests": [{"input": "1\\n"', "{1, 2}", "3"]
+    out = reward_func([PROMPT + "\\boxed{3}"] * len(labels), [PROMPT] * len(labels), labels)
+    assert out["rewards"].tolist() == [0.0] * 6 + [1.0]
+    assert out["extra_logs"]["reward_error_label"].tolist() == [1.0] * 5 + [0.0, 0.0]  # "{1, 2}": a set answer
+
+
 def test_mismatched_lengths_and_crashing_scorers_do_not_raise(monkeypatch):
     out = reward_func(["a", "b"], ["a"], ["1", "2"])
     assert out["rewards"].tolist() == [0.0, 0.0] and out["extra_logs"]["reward_error"].tolist() == [1.0, 1.0]
