@@ -11,7 +11,7 @@ pytest.importorskip("openrlhf")
 
 from openrlhf_helpers import grpo_args, run_entry  # noqa: E402
 
-from sparrow_sgl.config import ConfigError  # noqa: E402
+from sparrow_sgl.config import ConfigError, Schedule  # noqa: E402
 from sparrow_sgl.openrlhf import flags  # noqa: E402
 
 pytestmark = [pytest.mark.openrlhf, pytest.mark.timeout(300)]
@@ -25,6 +25,12 @@ def _parse(*argv: str) -> argparse.Namespace:
     p.add_argument("--ds.lora.rank", type=int, default=0)
     p.add_argument("--ds.zero_stage", type=int, default=2)
     p.add_argument("--algo.advantage.is_correction_level", default="off")
+    p.add_argument("--actor.model_name_or_path", default=None)
+    p.add_argument("--data.prompt_dataset", default=None)
+    p.add_argument("--eval.dataset", default=None)
+    p.add_argument("--data.input_key", default="input")
+    p.add_argument("--data.label_key", default=None)
+    p.add_argument("--reward.remote_url", default=None)
     flags.add_flags(p)
     return p.parse_args(list(argv))
 
@@ -54,6 +60,7 @@ def test_defaults_and_nested_distill_flags():
         (("--vllm.num_engines", "1", "--sparrow.schedule", "fixed:512", "--sparrow.guard"), "topk >= 1"),
         (("--vllm.num_engines", "1", "--sparrow.schedule", "nope"), "unknown schedule"),
         (("--vllm.num_engines", "1", "--sparrow.topk", "21"), "topk must lie"),
+        (("--vllm.num_engines", "1", "--sparrow.distill.rank", "8"), "distill.rank needs --sparrow.distill.enabled"),
         (("--vllm.num_engines", "1", "--sparrow.schedule", "fixed:512", "--sparrow.distill.enabled",
           "--ds.lora.rank", "8"), "rollout-only LoRA"),
         (("--vllm.num_engines", "1", "--sparrow.schedule", "fixed:512", "--sparrow.distill.enabled"),
@@ -71,6 +78,84 @@ def test_defaults_and_nested_distill_flags():
 def test_conflicts_are_refused(argv, reason):
     with pytest.raises(ConfigError, match=reason.replace("(", r"\(")):
         flags.check(_parse(*argv))
+
+
+@pytest.mark.parametrize(
+    "argv, reason",
+    [
+        (("--sparrow.sync_timeout", "nan"), "sync_timeout must be a finite number of seconds > 0, got nan"),
+        (("--sparrow.sync_timeout", "inf"), "sync_timeout must be a finite"),
+        (("--sparrow.sync_timeout", "0"), "sync_timeout must be a finite"),
+        (("--sparrow.canary_atol", "nan"), "canary_atol must be a finite number >= 0, got nan"),
+        (("--sparrow.canary_atol", "-1"), "canary_atol must be a finite"),
+        (("--sparrow.canary_tokens", "-1"), "canary_tokens >= 0, got 2048, -1"),
+        (("--sglang.device", "tpu"), "--sglang.device must be auto, cpu or cuda, got 'tpu'"),
+        (("--sglang.dtype", "fp8"), "--sglang.dtype must be auto"),
+        (("--sglang.kv_tokens", "-5"), "--sglang.kv_tokens must be >= 1, got -5"),
+        (("--sglang.startup_timeout", "-1"), "--sglang.startup_timeout must be a finite"),
+        (("--sglang.request_timeout", "nan"), "--sglang.request_timeout must be a finite"),
+        (("--sglang.url", ""), "--sglang.url has an empty entry"),
+        (("--sglang.extra_args", "--foo 'bar"), "--sglang.extra_args .*: No closing quotation"),
+    ],
+)
+def test_bad_values_are_refused(argv, reason):
+    """nan/inf timeouts failed only at the first weight sync (timedelta), after the models loaded; a nan canary
+    tolerance let every canary pass and a negative one failed the first sync; bad --sglang.* values failed in
+    every engine actor, after Ray started."""
+    with pytest.raises(ConfigError, match=reason):
+        flags.check(_parse("--vllm.num_engines", "1", *argv))
+
+
+def _inputs(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (tmp_path / "no_config").mkdir()
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1?", "label": "2"}) + "\n")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "reward.py").write_text("import torch\n\ndef reward_func(queries, prompts, labels):\n    pass\n")
+    (tmp_path / "other.py").write_text("def score(queries, prompts, labels):\n    pass\n")
+    (tmp_path / "broken.py").write_text("def reward_func(:\n")
+    (tmp_path / "p32.json").write_text(json.dumps(Schedule.fixed(512, page_size=32).to_dict()))
+    return ["--vllm.num_engines", "1", "--actor.model_name_or_path", str(model), "--data.prompt_dataset", str(data),
+            "--data.input_key", "prompt", "--data.label_key", "label",
+            "--reward.remote_url", str(tmp_path / "reward.py")]
+
+
+@pytest.mark.parametrize(
+    "argv, reason",
+    [
+        (("--actor.model_name_or_path", "{tmp}/nope"), "model_name_or_path {tmp}/nope: model directory not found"),
+        (("--actor.model_name_or_path", "{tmp}/data.jsonl"), "model directory not found"),
+        (("--actor.model_name_or_path", "{tmp}/no_config"), "no config.json"),
+        (("--data.prompt_dataset", "{tmp}/nope.jsonl"), "prompt_dataset {tmp}/nope.jsonl: not found"),
+        (("--data.prompt_dataset", "{tmp}/data.jsonl,/abs/missing_dir"), "/abs/missing_dir: not found"),
+        (("--eval.dataset", "{tmp}/nope.parquet"), "--eval.dataset {tmp}/nope.parquet: not found"),
+        (("--data.label_key", "answer"), "no --data.label_key field 'answer' \\(its fields: prompt, label\\)"),
+        (("--data.input_key", "question"), "no --data.input_key field 'question'"),
+        (("--data.prompt_dataset", "{tmp}/empty.jsonl"), "is empty"),
+        (("--reward.remote_url", "{tmp}/nope.py"), "remote_url {tmp}/nope.py: file not found"),
+        (("--reward.remote_url", "{tmp}/other.py"), "defines no top-level reward_func"),
+        (("--reward.remote_url", "{tmp}/broken.py"), "cannot be read as Python"),
+        (("--sparrow.schedule", "{tmp}/p32.json"), "page_size 32, but the rollout engines use 16-token KV pages"),
+    ],
+)
+def test_missing_or_unfit_inputs_are_refused_before_ray(tmp_path, argv, reason):
+    """Each passed the dry run and failed only after Ray started and the models loaded (a missing model or data
+    file, a dataset without the input/label field: OpenRLHF's KeyError in the trainer actor; a reward file without
+    reward_func: every engine; a schedule with another page size: the engines)."""
+    base = _inputs(tmp_path)
+    flags.check(_parse(*base))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(ConfigError, match=reason.replace("{tmp}", str(tmp_path))):
+        flags.check(_parse(*base, *argv))
+
+
+def test_hub_names_and_remote_reward_urls_are_left_to_openrlhf(tmp_path):
+    base = _inputs(tmp_path)
+    flags.check(_parse(*base, "--actor.model_name_or_path", "Qwen/Qwen3-1.7B", "--data.prompt_dataset",
+                       "org/polaris@data", "--reward.remote_url", "http://rm:5000/score"))
 
 
 def test_entry_point_dry_run_and_refusals(tiny_model_dir, tmp_path):

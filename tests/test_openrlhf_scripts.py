@@ -32,6 +32,9 @@ def test_every_script_parses_and_says_its_gpus_and_speedup():
 @pytest.mark.timeout(600)
 def test_dry_run_of_every_script(tmp_path):
     pytest.importorskip("openrlhf")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # the entry point checks the directory, not the weights
+    (tmp_path / "data.jsonl").write_text(json.dumps({"prompt": "1+1?", "label": "2"}) + "\n")  # the scripts' keys
     env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "OUT": str(tmp_path),
            "MODEL_DIR": str(tmp_path / "model"), "DATA": str(tmp_path / "data.jsonl")}
 
@@ -49,3 +52,6 @@ def test_dry_run_of_every_script(tmp_path):
         assert config["actor"]["eps_clip_low_high"] == [0.2, 0.28]
         preset = re.search(r"--preset (\S+)", script.read_text()).group(1)
         assert config["sparrow"]["schedule"] == preset, script.name
+    missing = subprocess.run(["bash", str(LAUNCHERS[0])], env={**env, "MODEL_DIR": str(tmp_path / "no_model")},
+                             capture_output=True, text=True, timeout=500)
+    assert missing.returncode == 2 and "no_model: model directory not found" in missing.stderr.splitlines()[-1]

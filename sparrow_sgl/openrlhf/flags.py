@@ -8,14 +8,21 @@ through `strategy.args`. Engine counts, tensor parallel size, memory fraction an
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import json
+import math
+import shlex
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from distill.config import DistillConfig
 from sparrow_sgl.config import ConfigError
 from sparrow_sgl.engine.sampling_params import MAX_LOGPROBS_TOPK
 
 ENGINES = ("sglang", "embedded")
+PAGE_SIZE = 16  # KV page size of both engines (SGLang runs with --page-size 16)
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".py")  # what OpenRLHF loads as local files
 
 
 @dataclass(slots=True)
@@ -41,8 +48,13 @@ class SparrowFlags:
             raise ConfigError(f"--sparrow.tau and .quantile must lie in (0, 1), got {self.tau}, {self.quantile}")
         if not 0 <= self.topk <= MAX_LOGPROBS_TOPK:
             raise ConfigError(f"--sparrow.topk must lie in [0, {MAX_LOGPROBS_TOPK}], got {self.topk}")
-        if self.bin_tokens < 1 or self.sync_timeout <= 0 or self.canary_tokens < 0:
-            raise ConfigError("--sparrow.bin_tokens and --sparrow.sync_timeout must be > 0, canary_tokens >= 0")
+        if self.bin_tokens < 1 or self.canary_tokens < 0:
+            raise ConfigError(f"--sparrow.bin_tokens must be >= 1 and --sparrow.canary_tokens >= 0, got "
+                              f"{self.bin_tokens}, {self.canary_tokens}")
+        if not 0.0 < self.sync_timeout < math.inf:  # nan and inf fail only at the first sync, after model loading
+            raise ConfigError(f"--sparrow.sync_timeout must be a finite number of seconds > 0, got {self.sync_timeout}")
+        if not 0.0 <= self.canary_atol < math.inf:  # nan would let every canary pass, a negative one fail
+            raise ConfigError(f"--sparrow.canary_atol must be a finite number >= 0, got {self.canary_atol}")
 
 
 @dataclass(slots=True)
@@ -56,6 +68,23 @@ class SGLangFlags:
     request_timeout: float = 3600.0  # one /generate call
     extra_args: str = ""  # extra SGLang server flags, one string
     log_dir: str | None = None  # server logs (default: <out_dir>/sglang)
+
+    def __post_init__(self) -> None:  # each of these failed only inside the engine actors, after Ray started
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--sglang.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"--sglang.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.kv_tokens is not None and self.kv_tokens < 1:
+            raise ConfigError(f"--sglang.kv_tokens must be >= 1, got {self.kv_tokens}")
+        for name in ("startup_timeout", "request_timeout"):
+            if not 0.0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"--sglang.{name} must be a finite number of seconds > 0, got {getattr(self, name)}")
+        if self.url is not None and not all(u.strip() for u in self.url.split(",")):
+            raise ConfigError(f"--sglang.url has an empty entry: {self.url!r}")
+        try:
+            shlex.split(self.extra_args)
+        except ValueError as e:
+            raise ConfigError(f"--sglang.extra_args {self.extra_args!r}: {e}") from None
 
 
 def _add(parser: argparse.ArgumentParser, prefix: str, f: dataclasses.Field, default) -> None:
@@ -125,6 +154,10 @@ def check(args: argparse.Namespace) -> tuple[SparrowFlags, SGLangFlags]:
     from sparrow_sgl.schedule import resolve_schedule
 
     schedule = resolve_schedule(sparrow.schedule)
+    if schedule.page_size != PAGE_SIZE:
+        raise ConfigError(f"--sparrow.schedule {sparrow.schedule}: page_size {schedule.page_size}, but the rollout "
+                          f"engines use {PAGE_SIZE}-token KV pages")
+    _check_inputs(flat)
     engines = flat.get("vllm.num_engines") or 0
     if engines < 1:
         raise ConfigError("sparrow-sgl serves OpenRLHF's rollout engines: set --vllm.num_engines >= 1")
@@ -140,6 +173,10 @@ def check(args: argparse.Namespace) -> tuple[SparrowFlags, SGLangFlags]:
         raise ConfigError(f"--sglang.url names {len(sgl.url.split(','))} servers for {engines} engines")
     if sparrow.guard and (schedule.is_dense or sparrow.topk < 1):
         raise ConfigError("--sparrow.guard needs a sparse --sparrow.schedule and --sparrow.topk >= 1 (live tails)")
+    set_distill = [f.name for f in fields(DistillConfig)
+                   if getattr(sparrow.distill, f.name) != getattr(DistillConfig(), f.name)]
+    if set_distill and not sparrow.distill.enabled:  # else the run silently trains without DistillSparse
+        raise ConfigError(f"--sparrow.distill.{set_distill[0]} needs --sparrow.distill.enabled")
     if sparrow.distill.enabled:
         if schedule.is_dense:
             raise ConfigError("--sparrow.distill.enabled needs a sparse --sparrow.schedule")
@@ -147,6 +184,85 @@ def check(args: argparse.Namespace) -> tuple[SparrowFlags, SGLangFlags]:
             raise ConfigError("--sparrow.distill.enabled trains a rollout-only LoRA: leave --ds.lora.rank at 0")
         _check_distill(sparrow, flat)
     return sparrow, sgl
+
+
+def _check_inputs(flat: dict) -> None:
+    """The model, prompt data and reward file the run names exist and fit, so a typo fails here and not after Ray
+    started and the models loaded. A name that is not a local path (`org/model`, a Hub dataset) is left to OpenRLHF."""
+    model = flat.get("actor.model_name_or_path")
+    if model and not _remote_name(model):
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"--actor.model_name_or_path {model}: model directory not found")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--actor.model_name_or_path {model}: no config.json, not a Hugging Face model directory")
+    for flag in ("data.prompt_dataset", "eval.dataset"):
+        for entry in (flat.get(flag) or "").split(","):
+            _check_dataset(flag, entry.split("@")[0].strip(), flat.get("data.input_key"), flat.get("data.label_key"))
+    reward = (flat.get("reward.remote_url") or "").split(",")[0].strip()
+    if reward.endswith(".py"):  # OpenRLHF loads its `reward_func` in every engine (agent.py:198-205)
+        _check_reward_file(reward)
+
+
+def _remote_name(name: str) -> bool:
+    """A Hub name (`model`, `org/model`) rather than a local path."""
+    return not Path(name).expanduser().exists() and not name.startswith(("/", ".", "~")) and name.count("/") <= 1
+
+
+def _check_dataset(flag: str, name: str, input_key: str | None, label_key: str | None) -> None:
+    if not name:
+        return
+    path = Path(name).expanduser()
+    if path.suffix.lower() not in DATA_SUFFIXES and _remote_name(name):
+        return
+    if not path.exists():
+        raise ConfigError(f"--{flag} {name}: not found")
+    first = _first_row(path)
+    if first is None:
+        return
+    for key_flag, key in (("--data.input_key", input_key), ("--data.label_key", label_key)):
+        if key is not None and key not in first:
+            raise ConfigError(f"--{flag} {name}: the first row has no {key_flag} field {key!r} "
+                              f"(its fields: {', '.join(map(str, first)) or 'none'})")
+
+
+def _first_row(path: Path) -> dict | None:
+    """The first record of a local JSON-lines or parquet file (None where it cannot be read cheaply)."""
+    if path.suffix.lower() == ".parquet" and path.is_file():
+        import pyarrow.parquet as pq
+
+        return dict.fromkeys(pq.read_schema(path).names)
+    if path.suffix.lower() not in (".json", ".jsonl") or not path.is_file():
+        return None
+    with path.open(encoding="utf-8", errors="replace") as f:
+        line = next((line for line in f if line.strip()), None)
+    if line is None:
+        raise ConfigError(f"prompt dataset {path} is empty")
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None  # a pretty-printed JSON document: the datasets library reads it whole
+    return row if isinstance(row, dict) else None
+
+
+def _check_reward_file(path: str) -> None:
+    try:
+        tree = ast.parse(Path(path).expanduser().read_text(encoding="utf-8"), filename=path)
+    except FileNotFoundError:
+        raise ConfigError(f"--reward.remote_url {path}: file not found") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ConfigError(f"--reward.remote_url {path}: cannot be read as Python: {e}") from None
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update(a.asname or a.name for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    if "reward_func" not in names:
+        raise ConfigError(f"--reward.remote_url {path}: defines no top-level reward_func(queries, prompts, labels)")
 
 
 def _check_distill(sparrow: SparrowFlags, flat: dict) -> None:
