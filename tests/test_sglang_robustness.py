@@ -87,6 +87,27 @@ BAD_REQUESTS = [
     ("schedule-below-min", "/generate", _schedule("fixed:32"), "minimum budget is 48 tokens"),
     ("schedule-bad-json", "/generate", _schedule('{"budgets": [64]'), "not valid JSON"),
     ("schedule-type", "/generate", _schedule(12), "must be a schedule name"),
+    ("schedule-field-type", "/generate", _schedule({"budgets": [64], "sink_pages": "1"}), "sink_pages must be an"),
+    ("schedule-layers-type", "/generate", _schedule({"budgets": [64], "dense_layers": 5}), "dense_layers must be"),
+    ("n-huge", "/generate", _gen({"text": "hi"}, n=validation.MAX_SAMPLES + 1), "n (OpenAI: n) must be"),
+    ("batch-x-n-huge", "/generate", _gen({"text": ["hi"] * 4}, n=validation.MAX_SAMPLES // 2), "several requests"),
+    ("completions-n-huge", "/v1/completions", {"model": "m", "prompt": "hi", "n": 10**7}, "n (OpenAI: n)"),
+    ("chat-n-huge", "/v1/chat/completions", {"model": "m", "messages": CHAT, "n": 10**7}, "n (OpenAI: n)"),
+    (
+        "batch-params-short",
+        "/generate",
+        {"input_ids": [[5, 6], [7, 8]], "sampling_params": [{"max_new_tokens": 2}]},
+        "sampling_params has 1 entries for 2 prompts",
+    ),
+    (
+        "batch-logprob-list-short",
+        "/generate",
+        {**_gen({"input_ids": [[5, 6], [7, 8]]}), "return_logprob": [True]},
+        "return_logprob has 1 entries",
+    ),
+    ("single-rid-list", "/generate", {**_gen({"text": "hi"}), "rid": ["a", "b"]}, "rid must not be a list"),
+    ("single-params-empty-list", "/generate", {"text": "hi", "sampling_params": []}, "must not be a list"),
+    ("stop-regex-bad", "/generate", _gen({"text": "hi"}, stop_regex="(("), "stop_regex '((' is no regular"),
 ]
 
 
@@ -100,6 +121,60 @@ def test_prompt_checks_name_the_problem():
         validation.check_prompt([3, True], None, VOCAB)
     validation.check_prompt([0, VOCAB - 1], None, VOCAB)
     validation.check_prompt(None, None, VOCAB)  # input_embeds: SGLang's to check
+
+
+def test_schedule_fields_of_a_wrong_type_are_named():
+    for schedule, field in [
+        ({"budgets": [64], "sink_pages": "1"}, "sink_pages must be an integer"),
+        ({"budgets": [64], "tau": None}, "tau must be a number"),
+        ({"budgets": [64], "dense_layers": [None]}, "dense_layers must be a list of layer indices"),
+        ({"budgets": [64], "name": ["x"]}, "name must be a string or null"),
+        ({"budgets": [64], "bogus": 1}, "^sparrow_schedule: unknown key"),  # Schedule's own message, unchanged
+    ]:
+        with pytest.raises(validation.RequestError, match=field):
+            validation.check_schedule({"sparrow_schedule": schedule}, sparse_server=False)
+    validation.check_schedule({"sparrow_schedule": {"budgets": [None], "name": None}}, sparse_server=False)
+
+
+def test_a_schedule_must_fit_the_decode_graph_table():
+    """On a GPU server these raised in the scheduler (`graph_state.bind`) and took the server down."""
+    from sparrow_sgl.engine.cuda_graph import MAX_BINS
+
+    validation.check_schedule({"sparrow_schedule": {"budgets": [64] * MAX_BINS}}, sparse_server=True)
+    for schedule, message in [
+        ({"budgets": [64] * (MAX_BINS + 1)}, f"{MAX_BINS + 1} budget bins"),
+        ({"budgets": [64], "bin_tokens": 2**40}, "bin_tokens 1099511627776 is above"),
+    ]:
+        with pytest.raises(validation.RequestError, match=message):
+            validation.check_schedule({"sparrow_schedule": schedule}, sparse_server=True)
+
+
+def _batch(**fields):
+    base = dict(is_single=False, batch_size=2, rid=None, sampling_params={"n": 1}, return_logprob=False)
+    return SimpleNamespace(**{**base, **fields})
+
+
+def test_parallel_sampling_and_per_prompt_lists_are_checked_before_sglang_expands_them():
+    validation.check_parallel_sampling(_batch(sampling_params={"n": validation.MAX_SAMPLES // 2}))
+    validation.check_parallel_sampling(_batch(sampling_params=[{"n": 2}, {"n": 2}], token_ids_logprob=[1, 2, 3]))
+    validation.check_parallel_sampling(_batch(is_single=True, batch_size=1, rid="r", sampling_params=None))
+    for obj, message in [
+        (_batch(sampling_params={"n": 10**9}), r"must be an integer in \[1, 16384\], got 1000000000"),
+        (_batch(sampling_params={"n": validation.MAX_SAMPLES // 2 + 1}), "2 prompts x n=8193 samples"),
+        (_batch(sampling_params=[{"n": 1}]), "sampling_params has 1 entries for 2 prompts"),
+        (_batch(return_logprob=[True, False, True]), "return_logprob has 3 entries for 2 prompts"),
+        (_batch(token_ids_logprob=[[1]]), "token_ids_logprob has 1 entries"),
+        (_batch(is_single=True, batch_size=1, rid=["a"]), "rid must not be a list"),
+    ]:
+        with pytest.raises(validation.RequestError, match=message):
+            validation.check_parallel_sampling(obj)
+
+
+def test_stop_regex_must_compile():
+    validation.check_sampling_params({"stop_regex": ["a+", "b"]}, VOCAB)
+    for pattern in ["((", ["ok", "[z"]]:
+        with pytest.raises(validation.RequestError, match="is no regular expression"):
+            validation.check_sampling_params({"stop_regex": pattern}, VOCAB)
 
 
 def test_logprob_checks():

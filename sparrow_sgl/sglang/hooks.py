@@ -34,6 +34,8 @@ def install() -> None:
 
     HookRegistry.register("sglang.srt.server_args.prepare_server_args", _take_schedule_flag, HookType.BEFORE)
     HookRegistry.register(f"{TOKENIZER}._validate_one_request", _validate_request, HookType.BEFORE)
+    parallel = "sglang.srt.managers.io_struct.GenerateReqInput._handle_parallel_sampling"
+    HookRegistry.register(parallel, _check_parallel_sampling, HookType.BEFORE)
     HookRegistry.register("sglang.srt.managers.schedule_batch.Req.__init__", _register_request, HookType.AFTER)
     HookRegistry.register(
         "sglang.srt.managers.scheduler.Scheduler.get_output_streamer_class", _streamer_class, HookType.REPLACE
@@ -88,6 +90,10 @@ def _take_schedule_flag(argv, *args, **kwargs):
 def _validate_request(manager, obj, input_ids, *args, **kwargs):
     sparse = validation.is_sparse_server(manager.server_args)
     validation.check_request(obj, input_ids, manager.model_config.vocab_size, sparse)
+
+
+def _check_parallel_sampling(obj, *args, **kwargs):
+    validation.check_parallel_sampling(obj)
 
 
 def _before_launch(*args, **kwargs):

@@ -26,6 +26,19 @@ from sparrow_sgl.schedule import preset_names, resolve_schedule
 SCHEDULE_KEY = "sparrow_schedule"  # in sampling_params.custom_params
 META_KEY = "sparrow"  # in the response's meta_info
 ENV_SCHEDULE = "SPARROW_SCHEDULE"
+FIELD_TYPES = {  # JSON type of each schedule field a request may send (budgets: checked by `Schedule`)
+    "page_size": "an integer",
+    "bin_tokens": "an integer",
+    "sink_pages": "an integer",
+    "local_pages": "an integer",
+    "tau": "a number",
+    "quantile": "a number",
+    "dense_layers": "a list of layer indices",
+    "scorer": "a string or null",
+    "model": "a string or null",
+    "name": "a string or null",
+}
+INT32_MAX = 2**31 - 1
 MAX_TRACKED = 65536  # requests whose state is kept; the oldest go first (aborted requests never report)
 
 
@@ -54,7 +67,13 @@ def parse_schedule(spec, allow_files: bool = False) -> Schedule:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{SCHEDULE_KEY}: not valid JSON ({e.msg} at character {e.pos})") from None
     if isinstance(spec, dict):
-        schedule = Schedule.from_dict(spec, where=SCHEDULE_KEY)
+        _check_field_types(spec)
+        try:
+            schedule = Schedule.from_dict(spec, where=SCHEDULE_KEY)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:  # a value of the right JSON type that Schedule cannot take
+            raise ConfigError(f"{SCHEDULE_KEY}: {e}") from None
         schedule.name = schedule.name or "custom"
         return schedule
     if isinstance(spec, str):
@@ -70,6 +89,24 @@ def parse_schedule(spec, allow_files: bool = False) -> Schedule:
     raise ConfigError(
         f"{SCHEDULE_KEY} must be a schedule name, 'fixed:N', 'dense' or a JSON object, got {type(spec).__name__}"
     )
+
+
+def _check_field_types(spec: dict) -> None:
+    """The JSON type of each schedule field (budgets: `Schedule`'s own check), so that e.g. `"sink_pages": "1"` is
+    refused naming its field rather than failing inside `Schedule` with a bare TypeError."""
+    for key, kind in FIELD_TYPES.items():
+        value = spec.get(key)
+        if value is None and kind == "a string or null":
+            continue
+        ok = {
+            "an integer": isinstance(value, int) and not isinstance(value, bool),
+            "a number": isinstance(value, int | float) and not isinstance(value, bool),
+            "a string or null": isinstance(value, str),
+            "a list of layer indices": isinstance(value, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in value),
+        }[kind]
+        if key in spec and not ok:
+            raise ConfigError(f"{SCHEDULE_KEY}: {key} must be {kind}, got {json.dumps(value)[:40]}")
 
 
 def _is_named_schedule(spec: str) -> bool:
@@ -97,7 +134,19 @@ def request_schedule(custom_params) -> Schedule:
         return server_schedule()
     schedule = parse_schedule(spec)
     _check_compatible(schedule, server_schedule())
+    _check_graph_table(schedule)
     return schedule
+
+
+def _check_graph_table(schedule: Schedule) -> None:
+    """A GPU server's decode graphs keep each request's bins in an int32 device table of MAX_BINS rows, filled in the
+    scheduler (`graph_state.bind`), where a schedule that does not fit raises and takes the server down."""
+    from sparrow_sgl.engine.cuda_graph import MAX_BINS
+
+    if len(schedule.budgets) > MAX_BINS:
+        raise ConfigError(f"{SCHEDULE_KEY}: {len(schedule.budgets)} budget bins; a request may give at most {MAX_BINS}")
+    if schedule.bin_tokens > INT32_MAX:
+        raise ConfigError(f"{SCHEDULE_KEY}: bin_tokens {schedule.bin_tokens} is above {INT32_MAX}")
 
 
 def _check_compatible(schedule: Schedule, server: Schedule) -> None:

@@ -31,6 +31,20 @@ SOURCE_LOCATION = re.compile(  # a log timestamp, a Python traceback line, a sou
     r"|(?:/[\w.+-]+)+\.(?:pyx|py|cpp|cc|cu|hpp|h|c|rs)\b(?::\d+)*:?"
 )
 JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "an array"}
+# prompts x n of one request: SGLang copies each prompt n times in the HTTP process before any check, so n=10**9
+# grew that process by GBs per second until the host ran out of memory (the server never answered again)
+MAX_SAMPLES = 16384
+# fields of a batch request that may be a list with one entry per prompt
+PER_PROMPT_LISTS = (
+    "sampling_params",
+    "return_logprob",
+    "logprob_start_len",
+    "top_logprobs_num",
+    "token_ids_logprob",
+    "lora_path",
+    "custom_logit_processor",
+    "return_hidden_states",
+)
 
 
 class RequestError(ValueError):
@@ -85,9 +99,13 @@ def check_sampling_params(params: dict, vocab_size: int) -> None:
     custom = params.get("custom_params")
     if custom is not None and not isinstance(custom, dict):
         raise RequestError(f"sampling_params.custom_params must be a JSON object, got {_json_type(custom)}")
-    n = params.get("n", 1)
-    if not _is_int(n) or n < 1:
-        raise RequestError(f"sampling_params.n (OpenAI: n) must be an integer >= 1, got {_quote(n)}")
+    _check_n(params.get("n", 1))
+    stop_regex = params.get("stop_regex")
+    for pattern in [stop_regex] if isinstance(stop_regex, str) else stop_regex or []:
+        try:  # SGLang compiles it after this check, where a bad pattern is a 500
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise RequestError(f"sampling_params.stop_regex {_quote(pattern)} is no regular expression: {e}") from None
     stop_ids = params.get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(_is_int(t) and 0 <= t < vocab_size for t in stop_ids):
@@ -95,6 +113,44 @@ def check_sampling_params(params: dict, vocab_size: int) -> None:
                 f"sampling_params.stop_token_ids must be a list of token ids in [0, {vocab_size}), "
                 f"got {_quote(stop_ids)}"
             )
+
+
+def check_parallel_sampling(obj) -> None:
+    """BEFORE hook of `GenerateReqInput._handle_parallel_sampling()`, which makes n copies of each prompt: n must be
+    an integer in [1, MAX_SAMPLES] and prompts x n at most MAX_SAMPLES. Per-prompt lists must have one entry per
+    prompt, and a single prompt's `rid` must be a string (SGLang indexes them later: an IndexError/TypeError, a 500)."""
+    check_per_prompt_lists(obj)
+    items = obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params]
+    for params in items:
+        n = params.get("n", 1) if isinstance(params, dict) else 1  # other types: refused by `check_request`
+        _check_n(n)
+        prompts = 1 if obj.is_single else obj.batch_size
+        if n > 1 and prompts * n > MAX_SAMPLES:
+            raise RequestError(
+                f"{prompts} prompts x n={n} samples is above the {MAX_SAMPLES} samples one request may ask for; "
+                "send them in several requests"
+            )
+
+
+def check_per_prompt_lists(obj) -> None:
+    if obj.is_single:
+        for name, value in (("rid", obj.rid), ("sampling_params", obj.sampling_params)):
+            if isinstance(value, list):
+                raise RequestError(f"{name} must not be a list for a single prompt (lists go with a list of prompts)")
+        return
+    for name in PER_PROMPT_LISTS:
+        value = getattr(obj, name, None)
+        if name == "token_ids_logprob" and not (value and isinstance(value[0], list)):
+            continue  # one list of token ids shared by every prompt
+        if isinstance(value, list) and len(value) != obj.batch_size:
+            raise RequestError(
+                f"{name} has {len(value)} entries for {obj.batch_size} prompts; give one per prompt or a single value"
+            )
+
+
+def _check_n(n) -> None:
+    if not _is_int(n) or not 1 <= n <= MAX_SAMPLES:
+        raise RequestError(f"sampling_params.n (OpenAI: n) must be an integer in [1, {MAX_SAMPLES}], got {_quote(n)}")
 
 
 def check_logprob_fields(top_logprobs_num, logprob_start_len, vocab_size: int) -> None:
