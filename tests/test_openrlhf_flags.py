@@ -153,9 +153,13 @@ def test_missing_or_unfit_inputs_are_refused_before_ray(tmp_path, argv, reason):
 
 
 def test_hub_names_and_remote_reward_urls_are_left_to_openrlhf(tmp_path):
+    """A Hub model name only with running --sglang.url servers: the engines we start load a local directory."""
     base = _inputs(tmp_path)
     flags.check(_parse(*base, "--actor.model_name_or_path", "Qwen/Qwen3-1.7B", "--data.prompt_dataset",
-                       "org/polaris@data", "--reward.remote_url", "http://rm:5000/score"))
+                       "org/polaris@data", "--reward.remote_url", "http://rm:5000/score", "--sglang.url", "http://a:1"))
+    for engine in ("sglang", "embedded"):
+        with pytest.raises(ConfigError, match="Qwen/Qwen3-1.7B: model directory not found"):
+            flags.check(_parse(*base, "--actor.model_name_or_path", "Qwen/Qwen3-1.7B", "--sparrow.engine", engine))
 
 
 def test_entry_point_dry_run_and_refusals(tiny_model_dir, tmp_path):

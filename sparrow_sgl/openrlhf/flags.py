@@ -157,7 +157,7 @@ def check(args: argparse.Namespace) -> tuple[SparrowFlags, SGLangFlags]:
     if schedule.page_size != PAGE_SIZE:
         raise ConfigError(f"--sparrow.schedule {sparrow.schedule}: page_size {schedule.page_size}, but the rollout "
                           f"engines use {PAGE_SIZE}-token KV pages")
-    _check_inputs(flat)
+    _check_inputs(flat, local_model=sparrow.engine == "embedded" or sgl.url is None)
     engines = flat.get("vllm.num_engines") or 0
     if engines < 1:
         raise ConfigError("sparrow-sgl serves OpenRLHF's rollout engines: set --vllm.num_engines >= 1")
@@ -186,11 +186,12 @@ def check(args: argparse.Namespace) -> tuple[SparrowFlags, SGLangFlags]:
     return sparrow, sgl
 
 
-def _check_inputs(flat: dict) -> None:
+def _check_inputs(flat: dict, local_model: bool) -> None:
     """The model, prompt data and reward file the run names exist and fit, so a typo fails here and not after Ray
-    started and the models loaded. A name that is not a local path (`org/model`, a Hub dataset) is left to OpenRLHF."""
+    started and the models loaded. A Hub name (`org/model`, a Hub dataset) is left to OpenRLHF where it can load
+    one: a model only with `--sglang.url` servers (the engines we start load a local directory)."""
     model = flat.get("actor.model_name_or_path")
-    if model and not _remote_name(model):
+    if model and (local_model or not _remote_name(model)):
         path = Path(model).expanduser()
         if not path.is_dir():
             raise ConfigError(f"--actor.model_name_or_path {model}: model directory not found")
