@@ -360,6 +360,22 @@ def test_bad_requests_during_concurrent_load_lose_no_normal_request(server):
     assert_ok(*post(server.url, "/generate", OK_BODY))
 
 
+def test_weights_of_other_shapes_are_refused_and_the_server_keeps_its_weights(server, tiny_model_factory, tmp_path):
+    """SGLang 0.5.23 loaded a hidden_size 64 model into a 128 one until a copy failed, then failed to restore the old
+    weights and its scheduler died (the server with it); a directory without config.json keeps SGLang's 400."""
+    before = post(
+        server.url, "/generate", {**OK_BODY, "sampling_params": {**OK_BODY["sampling_params"], "temperature": 0}}
+    )
+    other = tiny_model_factory(hidden_size=64, intermediate_size=256, seed=3)
+    for path, expect in [(other, "hidden_size=64 differs from the served model's 128"), (tmp_path, "")]:
+        status, payload = post(server.url, "/update_weights_from_disk", {"model_path": str(path)})
+        assert status == 400 and expect in payload["message"] and "\n" not in payload["message"], payload
+    after = post(
+        server.url, "/generate", {**OK_BODY, "sampling_params": {**OK_BODY["sampling_params"], "temperature": 0}}
+    )
+    assert after[0] == 200 and after[1]["output_ids"] == before[1]["output_ids"]
+
+
 def test_streamed_generate_has_the_report_on_its_last_output_only(server):
     chunks = stream(server.url, "/generate", {"text": "hello", "sampling_params": {"max_new_tokens": 4}})
     assert len(chunks) >= 2

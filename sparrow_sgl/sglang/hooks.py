@@ -50,6 +50,7 @@ def _install_http_hooks(registry, hook_type) -> None:
     registry.register(f"{HTTP}._create_error_response", validation.clean_error, hook_type.BEFORE)
     contract = "sglang.srt.entrypoints.api_contract.generate_contract_error"
     registry.register(contract, validation.name_contract_field, hook_type.AFTER)
+    registry.register(f"{TOKENIZER}.update_weights_from_disk", validation.check_weights_update, hook_type.AROUND)
     base = f"{OPENAI}.serving_base.OpenAIServingBase"
     registry.register(f"{base}.create_error_response", validation.clean_openai_error, hook_type.BEFORE)
     for cls, build, stream in (

@@ -19,7 +19,9 @@ message embeds the server's source file and line (`File ".../http_server.py", li
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 from sparrow_sgl.config import ConfigError
 from sparrow_sgl.sglang.request_state import SCHEDULE_KEY, parse_schedule, request_schedule
@@ -34,6 +36,18 @@ JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "a bool
 # prompts x n of one request: SGLang copies each prompt n times in the HTTP process before any check, so n=10**9
 # grew that process by GBs per second until the host ran out of memory (the server never answered again)
 MAX_SAMPLES = 16384
+WEIGHT_SHAPE_KEYS = (  # config.json fields that fix the weights' shapes
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_experts",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
 # fields of a batch request that may be a list with one entry per prompt
 PER_PROMPT_LISTS = (
     "sampling_params",
@@ -179,6 +193,35 @@ def check_schedule(custom_params, sparse_server: bool) -> None:
             f"--dense or another attention backend than {BACKEND_NAME!r}); send it to a `sparrow serve` server "
             f"without --dense, or leave {SCHEDULE_KEY} out"
         )
+
+
+def weights_mismatch(model_path, hf_config) -> str | None:
+    """Why `/update_weights_from_disk` must not load `model_path` into the served model, or None. SGLang 0.5.23 loads
+    weights of other shapes until a copy fails, then fails to reload the old ones and the scheduler dies (the whole
+    server); a directory without config.json is left to SGLang's own (400) message."""
+    config = Path(str(model_path)) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        theirs = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        return f"model_path {model_path}: config.json is not readable JSON ({e})"
+    for key in WEIGHT_SHAPE_KEYS:
+        mine, new = getattr(hf_config, key, None), theirs.get(key) if isinstance(theirs, dict) else None
+        if mine is not None and new is not None and new != mine:
+            return (
+                f"model_path {model_path}: {key}={new!r} differs from the served model's {mine!r}; "
+                "update_weights_from_disk takes weights of the same architecture and shapes only"
+            )
+    return None
+
+
+async def check_weights_update(original, manager, obj, *args, **kwargs):
+    """AROUND hook of `TokenizerManager.update_weights_from_disk(obj, request)` -> (success, message, paused)."""
+    problem = weights_mismatch(obj.model_path, manager.model_config.hf_config)
+    if problem is not None:
+        return False, problem, 0
+    return await original(manager, obj, *args, **kwargs)
 
 
 def is_sparse_server(server_args) -> bool:
