@@ -29,12 +29,16 @@ def check_output_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"output {path} is a directory, not a file")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = nearest_existing(path.parent)
     if not parent.is_dir():
         raise ConfigError(f"output {path}: {parent} is a file, not a directory")
     return path
+
+
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path` itself or its closest existing ancestor: what decides whether `path` can still be created."""
+    path = Path(path)
+    return next(p for p in (path, *path.parents) if p.exists())
 
 
 def _write_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -59,7 +63,7 @@ def _write_atomic(path: str | os.PathLike, text: str) -> Path:
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Parse a JSON file; a missing file or invalid JSON raises `ConfigError` naming `what` and the path."""
     path = Path(path)
-    _check_readable(path, what)
+    check_input_file(path, what)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -69,7 +73,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 def read_jsonl(path: str | os.PathLike, what: str = "JSON-lines file") -> list[tuple[int, Any]]:
     """(1-based line number, value) of every non-blank line; a bad line raises `ConfigError` naming file and line."""
     path = Path(path)
-    _check_readable(path, what)
+    check_input_file(path, what)
     rows = []
     with path.open() as f:
         for line_no, line in enumerate(f, 1):
@@ -83,7 +87,8 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSON-lines file") -> list[t
     return rows
 
 
-def _check_readable(path: Path, what: str) -> None:
+def check_input_file(path: Path, what: str) -> None:
+    """A missing file or a directory given as the file is a `ConfigError` naming `what` and the path."""
     if path.is_dir():
         raise ConfigError(f"{what} {path} is a directory, not a file")
     if not path.is_file():

@@ -15,6 +15,7 @@ from typing import Union, get_args, get_origin, get_type_hints
 
 from distill.config import DistillConfig
 from sparrow_sgl.config import ConfigError
+from sparrow_sgl.jsonio import check_input_file
 
 MISMATCH_MODES = ("full", "topk")
 ENGINES = ("embedded", "sglang")
@@ -155,10 +156,7 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
         path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"train config {path} is a directory, not a file")
-        if not path.is_file():
-            raise ConfigError(f"train config not found: {path}")
+        check_input_file(path, "train config")
         data = _parse_file(path)
         for item in overrides or []:
             apply_override(data, item)

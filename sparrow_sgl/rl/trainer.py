@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sparrow_sgl.config import ConfigError, EngineConfig, Schedule, check_device
+from sparrow_sgl.jsonio import nearest_existing
 from sparrow_sgl.rl.batch import RolloutBatch
 from sparrow_sgl.rl.checkpoint import TrainState, load_checkpoint, load_component, save_checkpoint
 from sparrow_sgl.rl.config import TrainConfig
@@ -121,11 +122,9 @@ class Timer(dict):
 
 def check_out_dir(out_dir: Path) -> None:
     """The run directory can be created (or is one): refused before any model loads, not after."""
-    for parent in (out_dir, *out_dir.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"out_dir {out_dir}: {parent} is a file, not a directory")
-            return
+    blocker = nearest_existing(out_dir)
+    if not blocker.is_dir():
+        raise ConfigError(f"out_dir {out_dir}: {blocker} is a file, not a directory")
 
 
 class Trainer:
