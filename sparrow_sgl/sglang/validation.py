@@ -135,10 +135,10 @@ def check_parallel_sampling(obj) -> None:
     prompt, and a single prompt's `rid` must be a string (SGLang indexes them later: an IndexError/TypeError, a 500)."""
     check_per_prompt_lists(obj)
     items = obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params]
+    prompts = 1 if obj.is_single else obj.batch_size
     for params in items:
         n = params.get("n", 1) if isinstance(params, dict) else 1  # other types: refused by `check_request`
         _check_n(n)
-        prompts = 1 if obj.is_single else obj.batch_size
         if n > 1 and prompts * n > MAX_SAMPLES:
             raise RequestError(
                 f"{prompts} prompts x n={n} samples is above the {MAX_SAMPLES} samples one request may ask for; "
