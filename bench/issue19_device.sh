@@ -6,8 +6,11 @@
 #   call2: decode_e2e with the kernel-setting variants (decode splits / tile, all-heads scoring), their GPU tests
 #   call3: decode_e2e, session 5's defaults vs session 4's (+old) and each switch alone; scoring/decode tiles
 #   call4: decode_e2e with the shipped defaults, --profile and --drain (the results committed)
-#   call5: (next session) A/B of top-k warps, one-launch selection and a wider scoring tile; the shipped
-#          GEMM-choice table's and the per-machine GEMM-choice cache's GPU tests
+#   call5: A/B of top-k warps, one-launch selection and a wider scoring tile; the shipped GEMM-choice table's
+#          and the per-machine GEMM-choice cache's GPU tests (session 7: none adopted)
+#   call6: session 7's defaults (top-k search stops early, split merge fused into the decode launch) vs each
+#          switched back, and the packed 2-bit top-k search; their GPU tests (the fused merge lost: reverted)
+#   call7: graph batch sizes in steps of 8 (34 -> 40 rows, 24 -> 24) vs powers of two (+pow2), top-k in 8 warps
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -74,6 +77,27 @@ elif [ "$call" = call5 ]; then
     --env-base sparse-triton-bf16c,sparse-triton-bf16c@0.80 --unfused '' --wall-reps 0 --results-dir /tmp/ab5 \
     2>&1 | grep -v "it/s]" | tee "$out/ab.log"
   cp /tmp/ab5/decode_e2e.json "$out/decode_e2e_ab.json"
+  tests=""
+elif [ "$call" = call6 ]; then
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode_tiling.py \
+    tests/test_graph_decode_gpu.py 2>&1 | tail -8 | tee "$out/tests.log"
+  settings="+exit0=SPARROW_TOPK_EXIT=0,+bits2=SPARROW_TOPK_BITS=2,+merge2=SPARROW_DECODE_MERGE=launch"
+  settings="$settings,+old=SPARROW_TOPK_EXIT=0;SPARROW_DECODE_MERGE=launch"
+  timeout 330 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton-bf16c --env-variants "$settings" \
+    --env-base dense-triton,sparse-triton-bf16c,sparse-triton-bf16c@0.80 --unfused '' --wall-reps 0 \
+    --results-dir /tmp/ab6 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
+  cp /tmp/ab6/decode_e2e.json "$out/decode_e2e_ab.json"
+  tests=""
+elif [ "$call" = call7 ]; then
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode_gpu.py tests/test_engine_gpu.py \
+    tests/test_kernels_gpu.py -k "graph or engine or selection or topk" 2>&1 | tail -8 | tee "$out/tests.log"
+  settings="+pow2=SPARROW_GRAPH_BATCHES=1:2:4:8:16:32:64:128:256,+tw8=SPARROW_TOPK_WARPS=8"
+  timeout 300 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton-bf16c --env-variants "$settings" \
+    --env-base dense-triton,sparse-triton-bf16c,sparse-triton-bf16c@0.80 --unfused '' --wall-reps 0 \
+    --results-dir /tmp/ab7 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
+  cp /tmp/ab7/decode_e2e.json "$out/decode_e2e_ab.json"
   tests=""
 else
   settings="+w8=SPARROW_DECODE_WAVES=8,+heads=SPARROW_SCORE_HEADS=1"

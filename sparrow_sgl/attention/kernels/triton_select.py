@@ -34,6 +34,7 @@ from sparrow_sgl.config import SparsityConfig
 
 TOPK_BITS_ENV = "SPARROW_TOPK_BITS"
 TOPK_WARPS_ENV = "SPARROW_TOPK_WARPS"
+TOPK_EXIT_ENV = "SPARROW_TOPK_EXIT"
 # 1: on an H200 the 4-bit search ([pages, 16] comparisons per step) made the top-k launch so much slower that
 # sparse rollouts lost 8-20% (bench/results/NOTES.md, session 5); 2/4/8 stay selectable for other GPUs
 DEFAULT_TOPK_BITS = 1
@@ -234,6 +235,60 @@ def _score_pages_kernel(
 
 
 @triton.jit
+def _search_goes_on(shift, count, k, EARLY_EXIT: tl.constexpr):
+    if EARLY_EXIT:
+        return (shift >= 0) & (count != k)
+    return shift >= 0
+
+
+@triton.jit
+def _kth_largest_key(key, exists, k, BITS: tl.constexpr, EARLY_EXIT: tl.constexpr):
+    """A threshold t with exactly the top-k keys at or above it, up to ties at t (then t is the k-th largest key).
+
+    Built from the top bit down: t is the largest value whose count(key >= t) still reaches k. With EARLY_EXIT the
+    search stops as soon as that count is exactly k (the keys >= t are then the top k; the caller's tie handling
+    takes all of them), typically ~20 of 32 steps for a 2K-page row, and at once for rows whose budget covers all
+    their pages (the graph's padding rows included). BITS = 2 counts its three candidates in one reduction (three
+    16-bit counts packed in an int64); BITS 4 and 8 count 2^BITS - 1 candidates in one 2-D reduction (measured
+    slower on an H200: DEFAULT_TOPK_BITS)."""
+    thresh = tl.zeros([], tl.uint32)
+    if BITS == 1 and not EARLY_EXIT:
+        for bit in tl.static_range(31, -1, -1):
+            cand = thresh | (tl.full([], 1, tl.uint32) << bit)
+            n_ge = tl.sum((key >= cand).to(tl.int32), 0)
+            thresh = tl.where(n_ge >= k, cand, thresh)
+    elif BITS <= 2:
+        count = tl.sum(exists.to(tl.int32), 0)  # keys >= thresh (0): every existing key
+        shift = tl.full([], 32 - BITS, tl.int32)
+        while _search_goes_on(shift, count, k, EARLY_EXIT):
+            s = shift.to(tl.uint32)
+            c1 = thresh | (tl.full([], 1, tl.uint32) << s)
+            if BITS == 1:
+                n1 = tl.sum((key >= c1).to(tl.int32), 0)
+                thresh = tl.where(n1 >= k, c1, thresh)
+                count = tl.where(n1 >= k, n1, count)
+            else:
+                c2 = thresh | (tl.full([], 2, tl.uint32) << s)
+                c3 = thresh | (tl.full([], 3, tl.uint32) << s)
+                packed = ((key >= c1).to(tl.int64) + ((key >= c2).to(tl.int64) << 16)
+                          + ((key >= c3).to(tl.int64) << 32))
+                total = tl.sum(packed, 0)  # counts <= MAX_PAGES_PER_ROW (32768) fit 16 bits
+                n1 = (total & 0xFFFF).to(tl.int32)
+                n2 = ((total >> 16) & 0xFFFF).to(tl.int32)
+                n3 = ((total >> 32) & 0xFFFF).to(tl.int32)
+                thresh = tl.where(n3 >= k, c3, tl.where(n2 >= k, c2, tl.where(n1 >= k, c1, thresh)))
+                count = tl.where(n3 >= k, n3, tl.where(n2 >= k, n2, tl.where(n1 >= k, n1, count)))
+            shift -= BITS
+    else:
+        digits = tl.arange(0, 1 << BITS).to(tl.uint32)
+        for step in tl.static_range(32 // BITS):
+            cand = thresh | (digits << (32 - BITS * (step + 1)))  # [2^BITS]; digit 0 is thresh (count >= k)
+            n_ge = tl.sum((key[:, None] >= cand[None, :]).to(tl.int32), 0)
+            thresh = tl.max(tl.where(n_ge >= k, cand, thresh), 0)
+    return thresh
+
+
+@triton.jit
 def _topk_pages_kernel(
     scores_ptr, stride_sb, stride_sh,
     seq_lens_ptr, budget_pages_ptr,
@@ -241,7 +296,7 @@ def _topk_pages_kernel(
     pages_ptr, stride_pb, stride_ph, k_cols,
     csr_ptr, row_start_ptr, last_len_ptr,
     KV_HEADS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_CSR: tl.constexpr,
-    BITS: tl.constexpr,
+    BITS: tl.constexpr, EARLY_EXIT: tl.constexpr,
 ):
     """Two-launch baseline, launch 2: a search for the k-th largest key over the whole width, BITS bits per step."""
     row = tl.program_id(0)
@@ -254,21 +309,7 @@ def _topk_pages_kernel(
     exists = idx < n_pages
     score = tl.load(scores_ptr + b * stride_sb + h * stride_sh + idx, mask=exists, other=0.0)
     key = tl.where(exists, _order_key(score), 0)
-    # Largest threshold t with count(key >= t) >= k, built from the top bit down: t is the k-th largest key.
-    # BITS > 1 counts the 2^BITS - 1 candidates of a step in one 2-D reduction: 32 / BITS block-wide reductions
-    # instead of 32, but each over 2^BITS x the elements (measured slower on an H200: DEFAULT_TOPK_BITS).
-    thresh = tl.zeros([], tl.uint32)
-    if BITS == 1:
-        for bit in tl.static_range(31, -1, -1):
-            cand = thresh | (tl.full([], 1, tl.uint32) << bit)
-            n_ge = tl.sum((key >= cand).to(tl.int32), 0)
-            thresh = tl.where(n_ge >= k, cand, thresh)
-    else:
-        digits = tl.arange(0, 1 << BITS).to(tl.uint32)
-        for step in tl.static_range(32 // BITS):
-            cand = thresh | (digits << (32 - BITS * (step + 1)))  # [2^BITS]; digit 0 is thresh (count >= k)
-            n_ge = tl.sum((key[:, None] >= cand[None, :]).to(tl.int32), 0)
-            thresh = tl.max(tl.where(n_ge >= k, cand, thresh), 0)
+    thresh = _kth_largest_key(key, exists, k, BITS, EARLY_EXIT)
     greater = exists & (key > thresh)
     ties = exists & (key == thresh)
     tie_rank = tl.cumsum(ties.to(tl.int32), 0) - 1
@@ -308,6 +349,15 @@ def topk_bits(block_n: int) -> int:
     while bits > 1 and block_n << bits > 65536:
         bits //= 2
     return bits
+
+
+def topk_early_exit() -> bool:
+    """Whether the two-launch top-k stops searching once exactly k keys sit at or above its threshold
+    (`SPARROW_TOPK_EXIT`, 1 or 0; default 1). The selection is the same either way."""
+    text = os.environ.get(TOPK_EXIT_ENV, "").strip() or "1"
+    if text not in ("0", "1"):
+        raise ValueError(f"{TOPK_EXIT_ENV}={text!r}: choose 1 (stop early) or 0 (search all 32 bits)")
+    return text == "1"
 
 
 def topk_warps(block_n: int) -> int:
@@ -454,7 +504,7 @@ def select_pages_into(
         pages_out, pages_out.stride(0), pages_out.stride(1), pages_out.shape[2],
         indices, row_start, last_len,
         KV_HEADS=kv_heads, PAGE=cfg.page_size, BLOCK_N=block_n, WRITE_CSR=csr is not None,
-        BITS=topk_bits(block_n), num_warps=topk_warps(block_n),
+        BITS=topk_bits(block_n), EARLY_EXIT=topk_early_exit(), num_warps=topk_warps(block_n),
     )
     return scores
 
