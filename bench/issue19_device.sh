@@ -11,6 +11,9 @@
 #   call6: session 7's defaults (top-k search stops early, split merge fused into the decode launch) vs each
 #          switched back, and the packed 2-bit top-k search; their GPU tests (the fused merge lost: reverted)
 #   call7: graph batch sizes in steps of 8 (34 -> 40 rows, 24 -> 24) vs powers of two (+pow2), top-k in 8 warps
+#          (neither adopted)
+#   call8: session 7's shipped defaults vs session 6's (+old: the top-k searches all 32 bits), --profile --drain
+#          (the results committed)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -88,6 +91,15 @@ elif [ "$call" = call6 ]; then
     --env-base dense-triton,sparse-triton-bf16c,sparse-triton-bf16c@0.80 --unfused '' --wall-reps 0 \
     --results-dir /tmp/ab6 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
   cp /tmp/ab6/decode_e2e.json "$out/decode_e2e_ab.json"
+  tests=""
+elif [ "$call" = call8 ]; then
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_qkv_append_gpu.py tests/test_kernels_gpu.py \
+    tests/test_decode_tiling.py -k "engine or selection or topk or decode" 2>&1 | tail -5 | tee "$out/tests.log"
+  timeout 400 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton-bf16c,sparse-triton --unfused '' --wall-reps 1 --profile --drain \
+    --env-variants "+old=SPARROW_TOPK_EXIT=0" --profile-variants dense-triton,sparse-triton-bf16c \
+    --profile-contexts 2k,32k 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/e2e.log"
+  cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
   tests=""
 elif [ "$call" = call7 ]; then
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode_gpu.py tests/test_engine_gpu.py \

@@ -17,6 +17,7 @@ from triton_helpers import HAS_TRITON, INTERPRET
 from sparrow_sgl.config import EngineConfig, Schedule
 from sparrow_sgl.engine import Engine, SamplingParams
 from sparrow_sgl.engine.cuda_graph import (
+    GRAPH_BATCHES_ENV,
     MAX_BINS,
     MODE_ENV,
     budget_table,
@@ -32,8 +33,15 @@ HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
 
 # ---------------------------------------------------------------- CPU: host-side math
 
-def test_padded_batches_and_table_widths():
+def test_padded_batches_and_table_widths(monkeypatch):
     assert [padded_batch(n) for n in (1, 2, 3, 5, 16, 17, 200, 300)] == [1, 2, 4, 8, 16, 32, 256, 300]
+    monkeypatch.setenv(GRAPH_BATCHES_ENV, "1,2,4,8,16,24:32,40")
+    assert [padded_batch(n) for n in (3, 17, 34, 65)] == [4, 24, 40, 65]
+    for bad in ("1,2,x", "4,2", "0,1", "2,2"):
+        monkeypatch.setenv(GRAPH_BATCHES_ENV, bad)
+        with pytest.raises(ValueError, match=GRAPH_BATCHES_ENV):
+            padded_batch(3)
+    monkeypatch.delenv(GRAPH_BATCHES_ENV)
     assert [table_width(p) for p in (1, 16, 17, 2048, 2049)] == [16, 16, 32, 2048, 4096]
 
 

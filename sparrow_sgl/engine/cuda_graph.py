@@ -37,6 +37,10 @@ MODES = ("graph", "eager", "off")
 CENTROID_ENV = "SPARROW_BF16_CENTROIDS"
 SELECT_ENV = "SPARROW_SELECT_LAUNCHES"
 APPEND_ENV = "SPARROW_FUSED_APPEND"
+GRAPH_BATCHES_ENV = "SPARROW_GRAPH_BATCHES"
+# Powers of two. Finer sizes (steps of 8, as vLLM's and SGLang's lists) measured 4-5% slower sparse rollouts on an
+# H200 for 1.7B (34 -> 40 rows) and 8B (24 rows): the decode split plan (triton_decode.plan_splits) then puts just
+# over 8 programs per SM and a tail wave runs alone; idle padding rows exit at once (bench/results/NOTES.md, session 7)
 PADDED_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MAX_BINS = 256  # budget bins a graph's device table holds (the last bin repeats past a schedule's end)
 MIN_WIDTH = 16  # smallest block-table width (pages) of a captured step
@@ -62,9 +66,22 @@ def fused_append() -> bool:
     return os.environ.get(APPEND_ENV, "1").strip() != "0"
 
 
+def graph_batches() -> tuple[int, ...]:
+    """Batch sizes decode graphs are captured for: `SPARROW_GRAPH_BATCHES` (increasing sizes separated by commas or
+    colons, e.g. 1:2:4:8:16:32:64:128:256) or PADDED_BATCHES."""
+    text = os.environ.get(GRAPH_BATCHES_ENV, "").strip()
+    if not text:
+        return PADDED_BATCHES
+    parts = [p.strip() for p in text.replace(":", ",").split(",")]
+    sizes = [int(p) for p in parts if p.isdigit()]
+    if len(sizes) != len(parts) or not sizes or sizes[0] < 1 or sizes != sorted(set(sizes)):
+        raise ValueError(f"{GRAPH_BATCHES_ENV}={text!r}: expected increasing positive batch sizes, e.g. 1,2,4,8,16")
+    return tuple(sizes)
+
+
 def padded_batch(n: int) -> int:
     """The captured batch size that holds n requests (n itself past the largest)."""
-    return next((size for size in PADDED_BATCHES if n <= size), n)
+    return next((size for size in graph_batches() if n <= size), n)
 
 
 def table_width(max_pages: int) -> int:
