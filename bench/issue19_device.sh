@@ -27,6 +27,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
 python3 -c 'import flashinfer, torch, triton; print("flashinfer", flashinfer.__version__, "torch", torch.__version__,
 "triton", triton.__version__)' 2>&1 | tee -a "$out/gpu.txt"
+ab_run() {  # ab_run SECONDS SETTINGS NAME: decode_e2e A/B of env settings over dense and sparse -> $out
+  timeout "$1" python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton-bf16c --env-variants "$2" \
+    --env-base dense-triton,sparse-triton-bf16c,sparse-triton-bf16c@0.80 --unfused '' --wall-reps 0 \
+    --results-dir "/tmp/$3" 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
+  cp "/tmp/$3/decode_e2e.json" "$out/decode_e2e_ab.json"
+}
 if [ "$call" = call1 ]; then
   timeout 330 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
     --variants dense-triton,dense-fi,sparse-triton-bf16c,sparse-triton,sparse-triton-bf16c+fidense \
@@ -85,12 +92,7 @@ elif [ "$call" = call6 ]; then
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode_tiling.py \
     tests/test_graph_decode_gpu.py 2>&1 | tail -8 | tee "$out/tests.log"
   settings="+exit0=SPARROW_TOPK_EXIT=0,+bits2=SPARROW_TOPK_BITS=2,+merge2=SPARROW_DECODE_MERGE=launch"
-  settings="$settings,+old=SPARROW_TOPK_EXIT=0;SPARROW_DECODE_MERGE=launch"
-  timeout 330 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
-    --variants dense-triton,sparse-triton-bf16c --env-variants "$settings" \
-    --env-base dense-triton,sparse-triton-bf16c,sparse-triton-bf16c@0.80 --unfused '' --wall-reps 0 \
-    --results-dir /tmp/ab6 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
-  cp /tmp/ab6/decode_e2e.json "$out/decode_e2e_ab.json"
+  ab_run 330 "$settings,+old=SPARROW_TOPK_EXIT=0;SPARROW_DECODE_MERGE=launch" ab6
   tests=""
 elif [ "$call" = call8 ]; then
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_qkv_append_gpu.py tests/test_kernels_gpu.py \
@@ -104,12 +106,7 @@ elif [ "$call" = call8 ]; then
 elif [ "$call" = call7 ]; then
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode_gpu.py tests/test_engine_gpu.py \
     tests/test_kernels_gpu.py -k "graph or engine or selection or topk" 2>&1 | tail -8 | tee "$out/tests.log"
-  settings="+pow2=SPARROW_GRAPH_BATCHES=1:2:4:8:16:32:64:128:256,+tw8=SPARROW_TOPK_WARPS=8"
-  timeout 300 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
-    --variants dense-triton,sparse-triton-bf16c --env-variants "$settings" \
-    --env-base dense-triton,sparse-triton-bf16c,sparse-triton-bf16c@0.80 --unfused '' --wall-reps 0 \
-    --results-dir /tmp/ab7 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
-  cp /tmp/ab7/decode_e2e.json "$out/decode_e2e_ab.json"
+  ab_run 300 "+pow2=SPARROW_GRAPH_BATCHES=1:2:4:8:16:32:64:128:256,+tw8=SPARROW_TOPK_WARPS=8" ab7
   tests=""
 else
   settings="+w8=SPARROW_DECODE_WAVES=8,+heads=SPARROW_SCORE_HEADS=1"
