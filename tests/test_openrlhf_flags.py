@@ -179,3 +179,62 @@ def test_entry_point_dry_run_and_refusals(tiny_model_dir, tmp_path):
     bad = run_entry(args[:-1] + ["--sglang.kv_tokens", "64"], tmp_path, timeout=240)
     assert bad.returncode == 2 and "--sglang.kv_tokens needs --sparrow.engine sglang" in bad.stderr
     assert "Started a local Ray" not in bad.stdout + bad.stderr
+
+
+def _config_only_model(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # the entry point checks the directory, not the weights
+    return model
+
+
+OPENRLHF_ASSERTS = [  # flags added to one GRPO run on CPU, the one-line reason, where OpenRLHF 0.11.2 asserted
+    (("--algo.advantage.is_correction_threshold", "0.5", "1", "2"), "takes HIGH or LOW HIGH, got 3 values"),  # :642
+    (("--rollout.n_samples_per_prompt", "1"), "group_norm compares the samples of a prompt: set "
+                                              "--rollout.n_samples_per_prompt > 1 (got 1)"),  # :657
+    (("--data.max_images_per_prompt", "1"), "text-only: leave --data.max_images_per_prompt at 0"),  # :663,667
+    (("--train.colocate_all", "--train.async_enable", "--vllm.enable_sleep"),
+     "cannot sleep: drop --vllm.enable_sleep"),  # :715
+    (("--train.partial_rollout_enable",), "--train.partial_rollout_enable needs --train.async_enable"),  # :718
+    (("--eval.dataset", "{tmp}/prompts.jsonl", "--reward.remote_url", ""), "--eval.dataset is scored by"),  # :721
+    (("--rollout.vllm_generate_batch_size", "4"), "4 > --rollout.batch_size 2 over-samples"),  # :741
+    (("--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", "1", "0"), "LOW < HIGH, got 1 0"),  # :747
+    (("--algo.dynamic_filtering_enable", "--reward.remote_url", ""), "dynamic_filtering_enable is scored by"),  # :750
+    (("--algo.advantage.estimator", "reinforce", "--rollout.n_samples_per_prompt", "1",
+      "--algo.dynamic_filtering_enable"), "dynamic_filtering_enable needs --rollout.n_samples_per_prompt > 1"),
+    (("--actor.num_gpus_per_node", "4"), "gives 2 sample batches for 4 actor processes"),  # :757
+    (("--rollout.micro_batch_size", "0"), "--rollout.micro_batch_size must be >= 1, got 0"),  # :757 ZeroDivisionError
+    (("--train.colocate_actor_ref", "--algo.kl.init_coef", "0.01"),
+     "--ref.num_nodes 1 --ref.num_gpus_per_node 1 (like --actor.*) or --algo.kl.init_coef 0"),  # train() :43
+    (("--train.colocate_all", "--vllm.num_engines", "2"), "--actor.num_gpus_per_node (1) must equal"),  # train() :57
+    (("--algo.advantage.estimator", "gae", "--train.colocate_critic_reward", "--critic.num_gpus_per_node", "1"),
+     "--reward.num_nodes 1 --reward.num_gpus_per_node 1 (like --critic.*)"),  # train() :110
+    (("--ds.tensor_parallel_size", "2", "--ds.param_dtype", "fp16"), "needs --ds.param_dtype bf16"),  # deepspeed.py:78
+    (("--train.async_enable", "--train.async_queue_size", "0"), "async_queue_size must be >= 1"),  # async trainer
+]
+
+
+@pytest.mark.parametrize("argv, reason", OPENRLHF_ASSERTS)
+def test_openrlhf_asserts_are_one_line_errors_before_ray(tmp_path, argv, reason):
+    """Each of these passed our checks and hit an `assert` (or a division by zero, or the engines' text-only
+    ValueError) in OpenRLHF: a traceback, the `train()` ones only after Ray had started."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    done = run_entry(grpo_args(_config_only_model(tmp_path), tmp_path, *argv), tmp_path, timeout=240)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith("train_ppo_ray.py: error: ") and reason in last, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Started a local Ray" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("argv, sleeps", [(("--vllm.enable_sleep",), False),
+                                          (("--vllm.enable_sleep", "--train.colocate_all"), True)])
+def test_sleep_without_colocate_all_is_one_warning(tmp_path, argv, sleeps):
+    """OpenRLHF turned --vllm.enable_sleep off without --train.colocate_all, saying so only in its own words."""
+    done = run_entry(grpo_args(_config_only_model(tmp_path), tmp_path, *argv, "--sparrow.dry_run"), tmp_path,
+                     timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout[done.stdout.index("{\n"):])["vllm"]["enable_sleep"] is sleeps
+    warnings = [line for line in done.stderr.splitlines() if "--vllm.enable_sleep is off" in line]
+    assert warnings == ([] if sleeps else ["sparrow openrlhf: warning: --vllm.enable_sleep is off because "
+                                           "--train.colocate_all was not given (the engines sleep only while they "
+                                           "share the actor's GPUs): add --train.colocate_all or drop "
+                                           "--vllm.enable_sleep"])

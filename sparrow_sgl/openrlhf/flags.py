@@ -11,12 +11,13 @@ import argparse
 import dataclasses
 import math
 import shlex
+import sys
 from dataclasses import dataclass, field, fields
 
 from distill.config import DistillConfig
 from sparrow_sgl.config import ConfigError
 from sparrow_sgl.engine.sampling_params import MAX_LOGPROBS_TOPK
-from sparrow_sgl.openrlhf.inputs import check_inputs
+from sparrow_sgl.openrlhf.inputs import check_inputs, check_openrlhf, sleep_enabled, sleep_warning
 
 ENGINES = ("sglang", "embedded")
 PAGE_SIZE = 16  # KV page size of both engines (SGLang runs with --page-size 16)
@@ -145,7 +146,8 @@ def from_dicts(sparrow: dict, sglang: dict) -> tuple[SparrowFlags, SGLangFlags]:
 
 
 def check(args: argparse.Namespace) -> tuple[SparrowFlags, SGLangFlags]:
-    """Our flags and their combination with OpenRLHF's; raises ConfigError with the reason."""
+    """Our flags, their combination with OpenRLHF's, and what OpenRLHF itself would assert on; raises ConfigError
+    with the reason. Prints a one-line warning where OpenRLHF drops a flag (--vllm.enable_sleep)."""
     sparrow, sgl = sparrow_from_flat(args), sglang_from_flat(args)
     flat = vars(args)
     from sparrow_sgl.schedule import resolve_schedule
@@ -160,6 +162,7 @@ def check(args: argparse.Namespace) -> tuple[SparrowFlags, SGLangFlags]:
         raise ConfigError("sparrow-sgl serves OpenRLHF's rollout engines: set --vllm.num_engines >= 1")
     if flat.get("vllm.sync_with_ray"):
         raise ConfigError("--vllm.sync_with_ray is not supported: weights go over a torch process group")
+    check_openrlhf(flat)
     if sparrow.engine == "embedded":
         if flat.get("vllm.tensor_parallel_size", 1) != 1:
             raise ConfigError("--sparrow.engine embedded runs one device per engine: --vllm.tensor_parallel_size 1")
@@ -180,6 +183,8 @@ def check(args: argparse.Namespace) -> tuple[SparrowFlags, SGLangFlags]:
         if flat.get("ds.lora.rank", 0):
             raise ConfigError("--sparrow.distill.enabled trains a rollout-only LoRA: leave --ds.lora.rank at 0")
         _check_distill(sparrow, flat)
+    if warning := sleep_warning(flat):
+        print(warning, file=sys.stderr)
     return sparrow, sgl
 
 
@@ -206,7 +211,7 @@ def _check_distill(sparrow: SparrowFlags, flat: dict) -> None:
     if cfg.replan_every and sparrow.engine != "embedded":
         raise ConfigError("--sparrow.distill.replan_every > 0 measures tails by sparse teacher forcing, which only "
                           "--sparrow.engine embedded offers: set --sparrow.distill.replan_every 0 with SGLang engines")
-    if cfg.replan_every and flat.get("vllm.enable_sleep"):
+    if cfg.replan_every and sleep_enabled(flat):
         raise ConfigError("--sparrow.distill.replan_every > 0 generates on engine 0 during training: leave "
                           "--vllm.enable_sleep off")
 
