@@ -14,6 +14,8 @@
 #          (neither adopted)
 #   call8: session 7's shipped defaults vs session 6's (+old: the top-k searches all 32 bits), --profile --drain
 #          (the results committed)
+#   call9: decode loop pipelining: num_stages 1 / 3 and the page-id prefetch vs the default (2 stages, no
+#          prefetch); the decode kernel's registers / shared memory / resident programs per SM
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -93,6 +95,12 @@ elif [ "$call" = call6 ]; then
     tests/test_graph_decode_gpu.py 2>&1 | tail -8 | tee "$out/tests.log"
   settings="+exit0=SPARROW_TOPK_EXIT=0,+bits2=SPARROW_TOPK_BITS=2,+merge2=SPARROW_DECODE_MERGE=launch"
   ab_run 330 "$settings,+old=SPARROW_TOPK_EXIT=0;SPARROW_DECODE_MERGE=launch" ab6
+  tests=""
+elif [ "$call" = call9 ]; then
+  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_tiling.py tests/test_kernels_gpu.py \
+    -k "decode" 2>&1 | tail -5 | tee "$out/tests.log"
+  timeout 60 python3 -m bench.kernel_resources 2>&1 | tee "$out/resources.jsonl"
+  ab_run 330 "+st1=SPARROW_DECODE_STAGES=1,+st3=SPARROW_DECODE_STAGES=3,+pf=SPARROW_DECODE_PREFETCH=1,+pfst1=SPARROW_DECODE_PREFETCH=1;SPARROW_DECODE_STAGES=1" ab9
   tests=""
 elif [ "$call" = call8 ]; then
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_qkv_append_gpu.py tests/test_kernels_gpu.py \

@@ -10,6 +10,7 @@ from test_kernels_gpu import (
     _kernel_test,
     assert_same_up_to_ties,
     make_problem,
+    needs_triton,
     reference_scores,
     rel_err,
 )
@@ -71,3 +72,36 @@ def test_decode_split_and_tile_settings_match_reference(waves, block_pages, monk
         counts = selection.valid.sum(-1).to(torch.int32)
         out = triton_attend_pages(q, k, v, block_table, seq_lens, selection.pages.int(), counts, cfg)
         assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.gpu
+def test_decode_pipeline_settings_write_the_same_bits(monkeypatch):
+    """SPARROW_DECODE_STAGES (Triton num_stages) and SPARROW_DECODE_PREFETCH (the next chunk's page ids loaded one
+    iteration ahead) change the schedule of the loads, not the arithmetic: the outputs are bit-identical."""
+    from sparrow_sgl.attention.kernels.triton_decode import PREFETCH_ENV, STAGES_ENV, triton_attend_pages
+
+    cfg = SparsityConfig(kv_layout="HND")
+    q, k, v, block_table, seq_lens = make_problem("HND", seq=(100, 3000, 17, 1000, 64), q_heads=32, kv_heads=8,
+                                                  dtype=torch.bfloat16, device="cuda")
+    summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
+    selection = select_pages(q, summaries, block_table, seq_lens, [48, 960, None, 320, 512], cfg)
+    pages, counts = selection.pages.int(), selection.valid.sum(-1).to(torch.int32)
+    ref = attend_pages(q.float(), k.float(), v.float(), block_table, seq_lens, selection, cfg)
+    base = triton_attend_pages(q, k, v, block_table, seq_lens, pages, counts, cfg)
+    assert rel_err(base, ref) < 2e-2
+    for stages in ("1", "2", "3"):
+        for prefetch in ("0", "1"):
+            monkeypatch.setenv(STAGES_ENV, stages)
+            monkeypatch.setenv(PREFETCH_ENV, prefetch)
+            assert torch.equal(triton_attend_pages(q, k, v, block_table, seq_lens, pages, counts, cfg), base)
+
+
+@needs_triton
+@pytest.mark.parametrize("env,value", [("SPARROW_DECODE_STAGES", "0"), ("SPARROW_DECODE_STAGES", "two"),
+                                       ("SPARROW_DECODE_PREFETCH", "yes")])
+def test_bad_decode_pipeline_settings_are_clear_errors(monkeypatch, env, value):
+    from sparrow_sgl.attention.kernels.triton_decode import decode_pipeline
+
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValueError, match=env):
+        decode_pipeline()

@@ -23,6 +23,15 @@ from sparrow_sgl.config import SparsityConfig
 
 
 @triton.jit
+def _page_ids(page_list, bt_row, entry, count):
+    """(valid, logical page, physical page) of list entries `entry` of a row holding `count` entries."""
+    ok = entry < count
+    logical = tl.load(page_list + entry, mask=ok, other=0)
+    phys = tl.load(bt_row + logical, mask=ok, other=0).to(tl.int64)
+    return ok, logical, phys
+
+
+@triton.jit
 def _sparse_decode_kernel(
     q_ptr, stride_qb, stride_qh,
     k_ptr, v_ptr, stride_kp, stride_kh, stride_kt,
@@ -35,6 +44,7 @@ def _sparse_decode_kernel(
     scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_P: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -54,11 +64,17 @@ def _sparse_decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for e in range(first, count, SPLITS * BLOCK_P):
-        entry = e + tok // PAGE
-        ok = entry < count
-        logical = tl.load(pages_ptr + b * stride_pb + h * stride_ph + entry, mask=ok, other=0)
-        phys = tl.load(block_table_ptr + b * stride_btb + logical, mask=ok, other=0).to(tl.int64)
+    page_list = pages_ptr + b * stride_pb + h * stride_ph
+    bt_row = block_table_ptr + b * stride_btb
+    step = SPLITS * BLOCK_P
+    if PREFETCH:  # the next chunk's page ids load while this chunk's K/V stream in (off the dependent chain)
+        ok_next, logical_next, phys_next = _page_ids(page_list, bt_row, first + tok // PAGE, count)
+    for e in range(first, count, step):
+        if PREFETCH:
+            ok, logical, phys = ok_next, logical_next, phys_next
+            ok_next, logical_next, phys_next = _page_ids(page_list, bt_row, e + step + tok // PAGE, count)
+        else:
+            ok, logical, phys = _page_ids(page_list, bt_row, e + tok // PAGE, count)
         ok = ok & (logical * PAGE + in_page < seq)
         offs = phys * stride_kp + h * stride_kh + in_page * stride_kt
         k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=ok[:, None], other=0.0)
@@ -109,6 +125,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 WAVES_ENV = "SPARROW_DECODE_WAVES"  # programs per SM the split plan aims for
+STAGES_ENV = "SPARROW_DECODE_STAGES"  # software-pipeline stages of the decode loop (Triton num_stages)
+PREFETCH_ENV = "SPARROW_DECODE_PREFETCH"  # 1: each iteration loads the next chunk's page ids
 BLOCK_ENV = "SPARROW_DECODE_BLOCK_PAGES"  # pages per loop iteration of a program (default 64 tokens' worth)
 # 8 (was 2): on an H200 the padded decode batches (32-64 requests x 8 KV heads) left 1-3 long programs per SM and
 # the last ones ran alone; 8 per SM measured 2-5% faster dense and sparse steps at 8K-32K (NOTES.md, phase 5).
@@ -122,6 +140,16 @@ def decode_tiling(page_size: int) -> tuple[int, int]:
     if waves < 1 or block_p < 1 or block_p & (block_p - 1):
         raise ValueError(f"{WAVES_ENV}={waves} must be >= 1 and {BLOCK_ENV}={block_p} a power of two")
     return waves, block_p
+
+
+def decode_pipeline() -> tuple[int, bool]:
+    """(Triton num_stages, page-id prefetch) of the decode loop: `SPARROW_DECODE_STAGES` (1-4, default 2) and
+    `SPARROW_DECODE_PREFETCH` (0 or 1, default 0); read when a launch is built (or captured)."""
+    stages = os.environ.get(STAGES_ENV, "").strip() or "2"
+    prefetch = os.environ.get(PREFETCH_ENV, "").strip() or "0"
+    if stages not in ("1", "2", "3", "4") or prefetch not in ("0", "1"):
+        raise ValueError(f"{STAGES_ENV}={stages!r} must be 1-4 and {PREFETCH_ENV}={prefetch!r} 0 or 1")
+    return int(stages), prefetch == "1"
 
 
 def plan_splits(rows: int, max_entries: int, block_p: int, num_sms: int, waves: int = DEFAULT_WAVES
@@ -162,6 +190,7 @@ def triton_attend_pages(
         raise ValueError(f"pages [batch, heads, K] and counts [batch, heads] disagree: {pages.shape}, {counts.shape}")
     group = q_heads // kv_heads
     waves, block_p = decode_tiling(cfg.page_size)
+    stages, prefetch = decode_pipeline()
     splits, _ = plan_splits(batch * kv_heads, pages.shape[2], block_p, _num_sms(q.device), waves)
     if out is None:
         out = torch.empty_like(q)
@@ -184,8 +213,8 @@ def triton_attend_pages(
         scale,
         KV_HEADS=kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE=cfg.page_size, BLOCK_P=block_p, SPLITS=splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PREFETCH=prefetch,
+        num_warps=4, num_stages=stages,
     )
     if splits == 1:
         return out
