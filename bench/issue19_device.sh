@@ -15,7 +15,8 @@
 #   call8: session 7's shipped defaults vs session 6's (+old: the top-k searches all 32 bits), --profile --drain
 #          (the results committed)
 #   call9: decode loop pipelining: num_stages 1 / 3 and the page-id prefetch vs the default (2 stages, no
-#          prefetch); the decode kernel's registers / shared memory / resident programs per SM
+#          prefetch); the decode kernel's registers / shared memory / resident programs per SM (prefetch adopted)
+#   call10: call8 again on session 7's final defaults (+ page-id prefetch); +old = session 6's defaults
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -102,12 +103,14 @@ elif [ "$call" = call9 ]; then
   timeout 60 python3 -m bench.kernel_resources 2>&1 | tee "$out/resources.jsonl"
   ab_run 330 "+st1=SPARROW_DECODE_STAGES=1,+st3=SPARROW_DECODE_STAGES=3,+pf=SPARROW_DECODE_PREFETCH=1,+pfst1=SPARROW_DECODE_PREFETCH=1;SPARROW_DECODE_STAGES=1" ab9
   tests=""
-elif [ "$call" = call8 ]; then
+elif [ "$call" = call8 ] || [ "$call" = call10 ]; then
+  old="SPARROW_TOPK_EXIT=0"
+  [ "$call" = call8 ] || old="$old;SPARROW_DECODE_PREFETCH=0"
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_qkv_append_gpu.py tests/test_kernels_gpu.py \
     tests/test_decode_tiling.py -k "engine or selection or topk or decode" 2>&1 | tail -5 | tee "$out/tests.log"
   timeout 400 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
     --variants dense-triton,sparse-triton-bf16c,sparse-triton --unfused '' --wall-reps 1 --profile --drain \
-    --env-variants "+old=SPARROW_TOPK_EXIT=0" --profile-variants dense-triton,sparse-triton-bf16c \
+    --env-variants "+old=$old" --profile-variants dense-triton,sparse-triton-bf16c \
     --profile-contexts 2k,32k 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/e2e.log"
   cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
   tests=""

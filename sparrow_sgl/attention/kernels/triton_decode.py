@@ -126,7 +126,7 @@ def _num_sms(device: torch.device) -> int:
 
 WAVES_ENV = "SPARROW_DECODE_WAVES"  # programs per SM the split plan aims for
 STAGES_ENV = "SPARROW_DECODE_STAGES"  # software-pipeline stages of the decode loop (Triton num_stages)
-PREFETCH_ENV = "SPARROW_DECODE_PREFETCH"  # 1: each iteration loads the next chunk's page ids
+PREFETCH_ENV = "SPARROW_DECODE_PREFETCH"  # 1 (default): each iteration loads the next chunk's page ids
 BLOCK_ENV = "SPARROW_DECODE_BLOCK_PAGES"  # pages per loop iteration of a program (default 64 tokens' worth)
 # 8 (was 2): on an H200 the padded decode batches (32-64 requests x 8 KV heads) left 1-3 long programs per SM and
 # the last ones ran alone; 8 per SM measured 2-5% faster dense and sparse steps at 8K-32K (NOTES.md, phase 5).
@@ -144,9 +144,13 @@ def decode_tiling(page_size: int) -> tuple[int, int]:
 
 def decode_pipeline() -> tuple[int, bool]:
     """(Triton num_stages, page-id prefetch) of the decode loop: `SPARROW_DECODE_STAGES` (1-4, default 2) and
-    `SPARROW_DECODE_PREFETCH` (0 or 1, default 0); read when a launch is built (or captured)."""
+    `SPARROW_DECODE_PREFETCH` (0 or 1, default 1); read when a launch is built (or captured).
+
+    The prefetch takes the page-list and block-table loads off the chain that feeds each iteration's K/V loads:
+    on an H200 it made dense and sparse rollouts 0.3-2.1% faster (bench/results/NOTES.md, session 7); 1 and 3
+    stages were slower (1 stage: 7-25%)."""
     stages = os.environ.get(STAGES_ENV, "").strip() or "2"
-    prefetch = os.environ.get(PREFETCH_ENV, "").strip() or "0"
+    prefetch = os.environ.get(PREFETCH_ENV, "").strip() or "1"
     if stages not in ("1", "2", "3", "4") or prefetch not in ("0", "1"):
         raise ValueError(f"{STAGES_ENV}={stages!r} must be 1-4 and {PREFETCH_ENV}={prefetch!r} 0 or 1")
     return int(stages), prefetch == "1"
