@@ -449,3 +449,207 @@ def test_a_body_that_is_no_request_object_is_a_one_line_400(server, route, raw):
         assert message and "\n" not in message and not SERVER_PATH.search(message), message
     finally:
         assert_ok(*post(server.url, "/generate", OK_BODY))
+
+
+# -- weight and memory routes -------------------------------------------------------------------------------------
+GREEDY = {"input_ids": [5, 6, 7, 8, 9], "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}}
+
+
+def weights_state(url: str) -> tuple[list[int], str]:
+    """Greedy output of a fixed prompt and SGLang's checksum of every weight: both must survive a refused update."""
+    status, out = post(url, "/generate", GREEDY)
+    assert status == 200, out
+    status, check = post(url, "/weights_checker", {"action": "checksum"})
+    assert status == 200 and check["success"], check
+    return out["output_ids"], check["ranks"][0]["per_gpu_checksum"]
+
+
+def assert_refused(status: int, payload, expect: str) -> None:
+    message = payload.get("message") or error_message(payload) if isinstance(payload, dict) else str(payload)
+    assert 400 <= status < 500 and expect in message, (status, payload)
+    assert "\n" not in message and not SERVER_PATH.search(message), message
+
+
+def tensor_payload(obj) -> str:
+    import base64
+    import pickle
+
+    return base64.b64encode(pickle.dumps(obj)).decode()
+
+
+def test_tensor_update_checks_without_a_server():
+    import torch
+
+    expected = {"model.norm.weight": ((128,), True), "model.embed_tokens.weight": ((512, 128), True)}
+    assert validation.tensor_problem("model.norm.weight", torch.ones(128, dtype=torch.float16), expected) is None
+    assert validation.tensor_problem("model.rotary_emb.inv_freq", torch.ones(8), expected) is None  # SGLang skips it
+    for name, tensor, message in [
+        ("model.norm.weight", torch.ones(64), "has shape [64], the served model's is [128]"),
+        ("model.norm.weight", torch.ones(128, dtype=torch.int64), "dtype int64"),
+        ("model.norm.weights", torch.ones(128), "nearest: 'model.norm.weight'"),
+        ("model.norm.weight", [1.0] * 128, "not a tensor"),
+    ]:
+        assert message in validation.tensor_problem(name, tensor, expected)
+    assert "0 entries" in validation.payload_list_problem([], 1)
+    assert "2 entries" in validation.payload_list_problem(["a", "b"], 1)
+    assert "not base64" in validation.payload_list_problem(["!!"], 1)
+    assert validation.payload_list_problem([tensor_payload([])], 1) is None
+    assert "a dict with" in validation.bucket_problem({"metadata": []}, expected)
+
+
+def test_disk_update_checks_without_a_server(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    assert validation.model_path_problem("Qwen/Qwen3-0.6B") is None  # a hub id: SGLang's
+    assert validation.model_path_problem(str(tmp_path)) is None
+    assert "does not exist" in validation.model_path_problem(str(tmp_path / "nope"))
+    assert "is a file" in validation.model_path_problem(str(tmp_path / "weights.bin"))
+    assert validation.load_format_problem(None) is None and validation.load_format_problem("safetensors") is None
+    assert "no load format of SGLang" in validation.load_format_problem("bogus")
+
+
+def test_memory_tags_are_released_and_resumed_once(monkeypatch):
+    from sglang.srt.constants import GPU_MEMORY_ALL_TYPES
+
+    assert list(validation.MEMORY_TAGS) == list(GPU_MEMORY_ALL_TYPES)
+    monkeypatch.setattr(validation, "RELEASED", set())
+    tags = lambda *t: SimpleNamespace(tags=list(t) or None)  # noqa: E731
+    with pytest.raises(validation.RequestError, match="unknown memory tags"):
+        validation.memory_tags(tags("bogus"), release=True)
+    with pytest.raises(validation.RequestError, match=r"\['kv_cache', 'weights', 'cuda_graph'\] is not released"):
+        validation.memory_tags(tags(), release=False)
+    obj = tags("kv_cache", "kv_cache")
+    validation.RELEASED.update(validation.memory_tags(obj, release=True))
+    assert obj.tags == ["kv_cache"]  # once: SGLang's resume removed a repeated tag twice (a KeyError)
+    with pytest.raises(validation.RequestError, match="generates nothing until"):
+        validation.check_memory_held()
+    with pytest.raises(validation.RequestError, match="already released"):
+        validation.memory_tags(tags(), release=True)
+    assert validation.memory_tags(tags("kv_cache"), release=False) == ["kv_cache"]
+
+
+def test_release_waits_for_running_requests():
+    """SGLang asserts an idle scheduler in a release: a release during a generate killed the server."""
+    import asyncio
+
+    from sglang.srt.utils.aio_rwlock import RWLock
+
+    async def scenario() -> list[str]:
+        manager = SimpleNamespace(is_pause_cond=asyncio.Condition(), is_pause=False, model_update_lock=RWLock())
+        events: list[str] = []
+
+        async def generate():
+            async with manager.model_update_lock.reader_lock:
+                await asyncio.sleep(0.05)
+                events.append("generated")
+
+        async def release():
+            events.append("released")
+
+        task = asyncio.create_task(generate())
+        await asyncio.sleep(0)
+        await validation._exclusive(manager, release())
+        await task
+        return events
+
+    assert asyncio.run(scenario()) == ["generated", "released"]
+
+
+def test_bad_disk_updates_are_refused_and_the_server_keeps_its_weights(server, tmp_path):
+    """A load_format SGLang does not know killed the scheduler (`LoadConfig` raised before its try); so did a directory
+    with a corrupt weight file (its rollback reloaded from the failing path); a missing path or a file was tried as a
+    Hugging Face repository id ("Name or service not known"); formats without in-place reload got an object's repr."""
+    before = weights_state(server.url)
+    corrupt, empty = tmp_path / "corrupt", tmp_path / "empty"
+    corrupt.mkdir(), empty.mkdir()
+    (corrupt / "weights.bin").write_bytes(b"x")
+    for body, expect in [
+        ({"model_path": str(empty), "load_format": "bogus"}, "load_format 'bogus' is no load format of SGLang"),
+        ({"model_path": str(empty), "load_format": "dummy"}, "load_format 'dummy' cannot reload weights in place"),
+        ({"model_path": str(tmp_path / "nope")}, "does not exist on the server"),
+        ({"model_path": str(corrupt / "weights.bin")}, "is a file"),
+        ({"model_path": str(empty)}, "Cannot find any model weights"),  # SGLang's own message
+        ({"model_path": str(corrupt)}, "could not be loaded"),  # SGLang's rollback reloaded the bad file: dead server
+        ({"model_path": str(corrupt)}, "could not be loaded"),
+    ]:
+        assert_refused(*post(server.url, "/update_weights_from_disk", body), expect)
+    assert weights_state(server.url) == before
+
+
+def _bad_tensor_updates() -> list[tuple[dict, str]]:
+    import base64
+
+    import torch
+
+    norm = torch.ones(128)
+    update = lambda named, **kw: {"serialized_named_tensors": [tensor_payload(named)], **kw}  # noqa: E731
+    return [
+        ({"serialized_named_tensors": []}, "has 0 entries"),
+        ({"serialized_named_tensors": [tensor_payload([])] * 2}, "has 2 entries"),
+        ({"serialized_named_tensors": ["!!"]}, "serialized_named_tensors: Value error, Expected base64"),
+        ({"serialized_named_tensors": [base64.b64encode(b"no pickle").decode()]}, "could not be read"),
+        (update(os_getcwd()), "could not be read: RuntimeError: Blocked unsafe global"),
+        (update([]), "holds an empty list"),
+        (update({"model.norm.weight": norm}), "holds dict"),
+        (update([("model.norm.weight", torch.ones(64))]), "has shape [64], the served model's is [128]"),
+        (update([("model.norm.weight", torch.ones(128, dtype=torch.int64))]), "dtype int64"),
+        (update([("model.norm.weight", norm), ("model.nrm.weight", norm)]), "'model.nrm.weight' is no parameter"),
+        (update([("model.norm.weight", norm)], load_format="bogus"), "load_format 'bogus' is not one of"),
+        (update([("norm.weight", norm)], load_format="direct"), "'norm.weight' is no parameter"),
+        (update({"metadata": []}, load_format="flattened_bucket"), "a dict with 'flattened_tensor'"),
+    ]
+
+
+def os_getcwd():
+    import os
+
+    return os.getcwd  # pickled as a global the server's unpickler must refuse
+
+
+def test_bad_tensor_updates_are_refused_and_the_server_keeps_its_weights(server, tiny_model_factory):
+    """A tensor of another shape killed the scheduler after the tensors before it were loaded; an unknown name was
+    skipped and reported as a success; an empty list, an unreadable payload or an unknown load_format raised in the
+    scheduler (dead server). Sent inside a begin/end session, as SGLang 0.5.23 requires."""
+    from safetensors.torch import load_file
+
+    before = weights_state(server.url)
+    norm = torch_load_norm(load_file, tiny_model_factory(hidden_size=128, intermediate_size=256, seed=3))
+    outside = {"serialized_named_tensors": [tensor_payload([("model.norm.weight", norm)])]}
+    assert_refused(*post(server.url, "/update_weights_from_tensor", outside), "must run between begin_weight_update")
+    assert post(server.url, "/begin_weight_update", {})[0] == 200
+    try:
+        for body, expect in _bad_tensor_updates():
+            assert_refused(*post(server.url, "/update_weights_from_tensor", body), expect)
+            assert_ok(*post(server.url, "/generate", OK_BODY))
+        status, payload = post(server.url, "/update_weights_from_tensor", outside)  # the served value itself
+        assert status == 200 and payload["success"], payload
+    finally:
+        assert post(server.url, "/end_weight_update", {})[0] == 200
+    assert weights_state(server.url) == before
+
+
+def torch_load_norm(load_file, model_dir):
+    tensors = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors["model.norm.weight"]
+
+
+def test_memory_release_and_resume_misuse_is_refused(server):
+    """Resuming what was never released raised KeyError in the scheduler (a dead server); on a CPU-only host every
+    release killed it in `torch.cuda` synchronize after flushing the cache: refused with a 400 instead."""
+    import torch
+
+    cpu_only = not torch.get_device_module().is_available()
+    before = weights_state(server.url)
+    for route, body, expect in [
+        ("/resume_memory_occupation", {}, "is not released, so it cannot be resumed"),
+        ("/resume_memory_occupation", {"tags": ["bogus"]}, "unknown memory tags ['bogus']"),
+        ("/resume_memory_occupation", {"tags": ["kv_cache"]}, "['kv_cache'] is not released"),
+        ("/release_memory_occupation", {"tags": ["bogus"]}, "unknown memory tags ['bogus']"),
+        ("/release_memory_occupation", {"tags": ["kv_cache"]}, "needs a GPU server"),
+        ("/release_memory_occupation", {}, "needs a GPU server"),
+        ("/release_memory_occupation", {"tags": "weights"}, "tags: Input should be a valid list"),
+    ]:
+        if cpu_only or "GPU" not in expect:
+            assert_refused(*post(server.url, route, body), expect)
+    assert weights_state(server.url) == before
