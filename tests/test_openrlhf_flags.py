@@ -25,6 +25,8 @@ def _parse(*argv: str) -> argparse.Namespace:
     p.add_argument("--ds.lora.rank", type=int, default=0)
     p.add_argument("--ds.zero_stage", type=int, default=2)
     p.add_argument("--algo.advantage.is_correction_level", default="off")
+    p.add_argument("--algo.advantage.estimator", default="group_norm")  # GRPO, as the launch scripts
+    p.add_argument("--rollout.n_samples_per_prompt", type=int, default=8)
     p.add_argument("--actor.model_name_or_path", default=None)
     p.add_argument("--data.prompt_dataset", default=None)
     p.add_argument("--eval.dataset", default=None)
@@ -211,6 +213,7 @@ OPENRLHF_ASSERTS = [  # flags added to one GRPO run on CPU, the one-line reason,
      "--reward.num_nodes 1 --reward.num_gpus_per_node 1 (like --critic.*)"),  # train() :110
     (("--ds.tensor_parallel_size", "2", "--ds.param_dtype", "fp16"), "needs --ds.param_dtype bf16"),  # deepspeed.py:78
     (("--train.async_enable", "--train.async_queue_size", "0"), "async_queue_size must be >= 1"),  # async trainer
+    (("--algo.advantage.estimator", "gae", "--reward.remote_url", ""), "gae trains a critic"),  # :647 None.split
 ]
 
 

@@ -106,7 +106,7 @@ OPENRLHF_DEFAULTS = {
     "train.colocate_critic_reward": False, "train.async_enable": False, "train.async_queue_size": 1,
     "train.partial_rollout_enable": False, "train.agent_func_path": None, "reward.remote_url": None,
     "eval.dataset": None, "vllm.enable_sleep": False, "vllm.num_engines": None, "vllm.tensor_parallel_size": 1,
-    "data.max_images_per_prompt": 0,
+    "data.max_images_per_prompt": 0, "critic.model_name_or_path": None, "reward.model_name_or_path": None,
 }
 Getter = Callable[[str], object]  # a flag's value, OpenRLHF's default where the namespace lacks it
 GROUP_ESTIMATORS = ("rloo", "reinforce_baseline", "group_norm", "dr_grpo")  # baseline from the prompt's samples
@@ -117,7 +117,7 @@ def check_openrlhf(flat: dict) -> None:
     and `train()`; DeepspeedStrategy; the async trainer), refused here as one line before Ray: there each was a
     traceback, the `train()` ones only after Ray had started. Expects a run with rollout engines."""
     get = _getter(flat)
-    for rule in (_batch_rule, _estimator_rule, _mode_rule, _colocation_rule):
+    for rule in (_batch_rule, _estimator_rule, _critic_rule, _mode_rule, _colocation_rule):
         message = rule(get)
         if message:
             raise ConfigError(message)
@@ -166,6 +166,17 @@ def _batch_rule(get: Getter) -> str | None:
     if get("ds.tensor_parallel_size") > 1 and get("ds.param_dtype") != "bf16":
         return "--ds.tensor_parallel_size > 1 needs --ds.param_dtype bf16"
     return None
+
+
+def _critic_rule(get: Getter) -> str | None:
+    """cli/train_ppo_ray.py:644-650: gae starts its critic from --critic.model_name_or_path, else the reward model,
+    else the actor when rewards come from --reward.remote_url; with none of them it failed on `None.split`."""
+    if get("algo.advantage.estimator") != "gae" or any(get(key) for key in (
+            "critic.model_name_or_path", "reward.model_name_or_path", "reward.remote_url", "train.agent_func_path")):
+        return None
+    return ("--algo.advantage.estimator gae trains a critic: give --critic.model_name_or_path (or "
+            "--reward.model_name_or_path, or --reward.remote_url to start it from the actor), or choose a critic-free "
+            "estimator such as group_norm (GRPO)")
 
 
 def _estimator_rule(get: Getter) -> str | None:
