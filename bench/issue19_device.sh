@@ -17,6 +17,7 @@
 #   call9: decode loop pipelining: num_stages 1 / 3 and the page-id prefetch vs the default (2 stages, no
 #          prefetch); the decode kernel's registers / shared memory / resident programs per SM (prefetch adopted)
 #   call10: call8 again on session 7's final defaults (+ page-id prefetch); +old = session 6's defaults
+#   call11: (next session, after call10) decode programs of 8 warps (register pressure) vs 4; resources
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -96,6 +97,12 @@ elif [ "$call" = call6 ]; then
     tests/test_graph_decode_gpu.py 2>&1 | tail -8 | tee "$out/tests.log"
   settings="+exit0=SPARROW_TOPK_EXIT=0,+bits2=SPARROW_TOPK_BITS=2,+merge2=SPARROW_DECODE_MERGE=launch"
   ab_run 330 "$settings,+old=SPARROW_TOPK_EXIT=0;SPARROW_DECODE_MERGE=launch" ab6
+  tests=""
+elif [ "$call" = call11 ]; then
+  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_tiling.py -k "pipeline" 2>&1 \
+    | tail -5 | tee "$out/tests.log"
+  timeout 60 python3 -m bench.kernel_resources 2>&1 | tee "$out/resources.jsonl"
+  ab_run 250 "+dw8=SPARROW_DECODE_WARPS=8" ab11
   tests=""
 elif [ "$call" = call9 ]; then
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_tiling.py tests/test_kernels_gpu.py \

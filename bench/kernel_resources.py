@@ -1,7 +1,8 @@
 """Registers, spills and shared memory of the compiled decode kernels (one line of JSON per compiled variant).
 
 Run after the kernels were compiled in the same process, or alone: it compiles the decode kernel for a Qwen3-4B-shaped
-sparse step (batch 25, 8 KV heads, group 4) under each SPARROW_DECODE_STAGES / SPARROW_DECODE_PREFETCH setting.
+sparse step (batch 25, 8 KV heads, group 4) under each SPARROW_DECODE_STAGES / SPARROW_DECODE_PREFETCH setting and
+with SPARROW_DECODE_WARPS=8.
     python -m bench.kernel_resources
 """
 
@@ -48,10 +49,10 @@ def main() -> None:
     summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
     selection = select_pages(q, summaries, block_table, seq_lens, 6144, cfg)
     counts = selection.valid.sum(-1).to(torch.int32)
-    for stages in ("1", "2", "3"):
-        for prefetch in ("0", "1"):
-            os.environ[triton_decode.STAGES_ENV], os.environ[triton_decode.PREFETCH_ENV] = stages, prefetch
-            triton_decode.triton_attend_pages(q, k, k, block_table, seq_lens, selection.pages.int(), counts, cfg)
+    for stages, prefetch, warps in [(s, p, "4") for s in "123" for p in "01"] + [("2", "1", "8")]:
+        os.environ[triton_decode.STAGES_ENV], os.environ[triton_decode.PREFETCH_ENV] = stages, prefetch
+        os.environ[triton_decode.DECODE_WARPS_ENV] = warps
+        triton_decode.triton_attend_pages(q, k, k, block_table, seq_lens, selection.pages.int(), counts, cfg)
     for row in compiled_resources(triton_decode._sparse_decode_kernel):
         print(json.dumps(row))
 

@@ -77,8 +77,14 @@ def test_decode_split_and_tile_settings_match_reference(waves, block_pages, monk
 @pytest.mark.gpu
 def test_decode_pipeline_settings_write_the_same_bits(monkeypatch):
     """SPARROW_DECODE_STAGES (Triton num_stages) and SPARROW_DECODE_PREFETCH (the next chunk's page ids loaded one
-    iteration ahead) change the schedule of the loads, not the arithmetic: the outputs are bit-identical."""
-    from sparrow_sgl.attention.kernels.triton_decode import PREFETCH_ENV, STAGES_ENV, triton_attend_pages
+    iteration ahead) change the schedule of the loads, not the arithmetic: the outputs are bit-identical.
+    SPARROW_DECODE_WARPS=8 matches the reference."""
+    from sparrow_sgl.attention.kernels.triton_decode import (
+        DECODE_WARPS_ENV,
+        PREFETCH_ENV,
+        STAGES_ENV,
+        triton_attend_pages,
+    )
 
     cfg = SparsityConfig(kv_layout="HND")
     q, k, v, block_table, seq_lens = make_problem("HND", seq=(100, 3000, 17, 1000, 64), q_heads=32, kv_heads=8,
@@ -94,11 +100,13 @@ def test_decode_pipeline_settings_write_the_same_bits(monkeypatch):
             monkeypatch.setenv(STAGES_ENV, stages)
             monkeypatch.setenv(PREFETCH_ENV, prefetch)
             assert torch.equal(triton_attend_pages(q, k, v, block_table, seq_lens, pages, counts, cfg), base)
+    monkeypatch.setenv(DECODE_WARPS_ENV, "8")  # another thread layout may sum in another order: close, not equal
+    assert rel_err(triton_attend_pages(q, k, v, block_table, seq_lens, pages, counts, cfg), ref) < 2e-2
 
 
 @needs_triton
 @pytest.mark.parametrize("env,value", [("SPARROW_DECODE_STAGES", "0"), ("SPARROW_DECODE_STAGES", "two"),
-                                       ("SPARROW_DECODE_PREFETCH", "yes")])
+                                       ("SPARROW_DECODE_PREFETCH", "yes"), ("SPARROW_DECODE_WARPS", "16")])
 def test_bad_decode_pipeline_settings_are_clear_errors(monkeypatch, env, value):
     from sparrow_sgl.attention.kernels.triton_decode import decode_pipeline
 

@@ -127,6 +127,7 @@ def _num_sms(device: torch.device) -> int:
 WAVES_ENV = "SPARROW_DECODE_WAVES"  # programs per SM the split plan aims for
 STAGES_ENV = "SPARROW_DECODE_STAGES"  # software-pipeline stages of the decode loop (Triton num_stages)
 PREFETCH_ENV = "SPARROW_DECODE_PREFETCH"  # 1 (default): each iteration loads the next chunk's page ids
+DECODE_WARPS_ENV = "SPARROW_DECODE_WARPS"  # warps per decode program (default 4)
 BLOCK_ENV = "SPARROW_DECODE_BLOCK_PAGES"  # pages per loop iteration of a program (default 64 tokens' worth)
 # 8 (was 2): on an H200 the padded decode batches (32-64 requests x 8 KV heads) left 1-3 long programs per SM and
 # the last ones ran alone; 8 per SM measured 2-5% faster dense and sparse steps at 8K-32K (NOTES.md, phase 5).
@@ -142,18 +143,22 @@ def decode_tiling(page_size: int) -> tuple[int, int]:
     return waves, block_p
 
 
-def decode_pipeline() -> tuple[int, bool]:
-    """(Triton num_stages, page-id prefetch) of the decode loop: `SPARROW_DECODE_STAGES` (1-4, default 2) and
-    `SPARROW_DECODE_PREFETCH` (0 or 1, default 1); read when a launch is built (or captured).
+def decode_pipeline() -> tuple[int, bool, int]:
+    """(Triton num_stages, page-id prefetch, warps) of the decode loop: `SPARROW_DECODE_STAGES` (1-4, default 2),
+    `SPARROW_DECODE_PREFETCH` (0 or 1, default 1) and `SPARROW_DECODE_WARPS` (4 or 8, default 4; 8 spreads the
+    [64, D] K/V tiles over twice the threads: the 4-warp kernel needs 116-144 registers per thread, which holds an
+    H200 SM to 3-4 programs, not yet measured); read when a launch is built (or captured).
 
     The prefetch takes the page-list and block-table loads off the chain that feeds each iteration's K/V loads:
     on an H200 it made dense and sparse rollouts 0.3-2.1% faster (bench/results/NOTES.md, session 7); 1 and 3
     stages were slower (1 stage: 7-25%)."""
     stages = os.environ.get(STAGES_ENV, "").strip() or "2"
     prefetch = os.environ.get(PREFETCH_ENV, "").strip() or "1"
-    if stages not in ("1", "2", "3", "4") or prefetch not in ("0", "1"):
-        raise ValueError(f"{STAGES_ENV}={stages!r} must be 1-4 and {PREFETCH_ENV}={prefetch!r} 0 or 1")
-    return int(stages), prefetch == "1"
+    warps = os.environ.get(DECODE_WARPS_ENV, "").strip() or "4"
+    if stages not in ("1", "2", "3", "4") or prefetch not in ("0", "1") or warps not in ("4", "8"):
+        raise ValueError(f"{STAGES_ENV}={stages!r} must be 1-4, {PREFETCH_ENV}={prefetch!r} 0 or 1 and "
+                         f"{DECODE_WARPS_ENV}={warps!r} 4 or 8")
+    return int(stages), prefetch == "1", int(warps)
 
 
 def plan_splits(rows: int, max_entries: int, block_p: int, num_sms: int, waves: int = DEFAULT_WAVES
@@ -194,7 +199,7 @@ def triton_attend_pages(
         raise ValueError(f"pages [batch, heads, K] and counts [batch, heads] disagree: {pages.shape}, {counts.shape}")
     group = q_heads // kv_heads
     waves, block_p = decode_tiling(cfg.page_size)
-    stages, prefetch = decode_pipeline()
+    stages, prefetch, warps = decode_pipeline()
     splits, _ = plan_splits(batch * kv_heads, pages.shape[2], block_p, _num_sms(q.device), waves)
     if out is None:
         out = torch.empty_like(q)
@@ -218,7 +223,7 @@ def triton_attend_pages(
         KV_HEADS=kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE=cfg.page_size, BLOCK_P=block_p, SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PREFETCH=prefetch,
-        num_warps=4, num_stages=stages,
+        num_warps=warps, num_stages=stages,
     )
     if splits == 1:
         return out
