@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from sparrow_sgl.sglang import openai_meta, validation  # noqa: E402
+from sparrow_sgl.sglang import openai_meta, state_routes, validation  # noqa: E402
 from sparrow_sgl.sglang.serve import ServerSpec, start  # noqa: E402
 
 pytestmark = [pytest.mark.sglang, pytest.mark.timeout(900)]
@@ -481,50 +481,50 @@ def test_tensor_update_checks_without_a_server():
     import torch
 
     expected = {"model.norm.weight": ((128,), True), "model.embed_tokens.weight": ((512, 128), True)}
-    assert validation.tensor_problem("model.norm.weight", torch.ones(128, dtype=torch.float16), expected) is None
-    assert validation.tensor_problem("model.rotary_emb.inv_freq", torch.ones(8), expected) is None  # SGLang skips it
+    assert state_routes.tensor_problem("model.norm.weight", torch.ones(128, dtype=torch.float16), expected) is None
+    assert state_routes.tensor_problem("model.rotary_emb.inv_freq", torch.ones(8), expected) is None  # SGLang skips it
     for name, tensor, message in [
         ("model.norm.weight", torch.ones(64), "has shape [64], the served model's is [128]"),
         ("model.norm.weight", torch.ones(128, dtype=torch.int64), "dtype int64"),
         ("model.norm.weights", torch.ones(128), "nearest: 'model.norm.weight'"),
         ("model.norm.weight", [1.0] * 128, "not a tensor"),
     ]:
-        assert message in validation.tensor_problem(name, tensor, expected)
-    assert "0 entries" in validation.payload_list_problem([], 1)
-    assert "2 entries" in validation.payload_list_problem(["a", "b"], 1)
-    assert "not base64" in validation.payload_list_problem(["!!"], 1)
-    assert validation.payload_list_problem([tensor_payload([])], 1) is None
-    assert "a dict with" in validation.bucket_problem({"metadata": []}, expected)
+        assert message in state_routes.tensor_problem(name, tensor, expected)
+    assert "0 entries" in state_routes.payload_list_problem([], 1)
+    assert "2 entries" in state_routes.payload_list_problem(["a", "b"], 1)
+    assert "not base64" in state_routes.payload_list_problem(["!!"], 1)
+    assert state_routes.payload_list_problem([tensor_payload([])], 1) is None
+    assert "a dict with" in state_routes.bucket_problem({"metadata": []}, expected)
 
 
 def test_disk_update_checks_without_a_server(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
-    assert validation.model_path_problem("Qwen/Qwen3-0.6B") is None  # a hub id: SGLang's
-    assert validation.model_path_problem(str(tmp_path)) is None
-    assert "does not exist" in validation.model_path_problem(str(tmp_path / "nope"))
-    assert "is a file" in validation.model_path_problem(str(tmp_path / "weights.bin"))
-    assert validation.load_format_problem(None) is None and validation.load_format_problem("safetensors") is None
-    assert "no load format of SGLang" in validation.load_format_problem("bogus")
+    assert state_routes.model_path_problem("Qwen/Qwen3-0.6B") is None  # a hub id: SGLang's
+    assert state_routes.model_path_problem(str(tmp_path)) is None
+    assert "does not exist" in state_routes.model_path_problem(str(tmp_path / "nope"))
+    assert "is a file" in state_routes.model_path_problem(str(tmp_path / "weights.bin"))
+    assert state_routes.load_format_problem(None) is None and state_routes.load_format_problem("safetensors") is None
+    assert "no load format of SGLang" in state_routes.load_format_problem("bogus")
 
 
 def test_memory_tags_are_released_and_resumed_once(monkeypatch):
     from sglang.srt.constants import GPU_MEMORY_ALL_TYPES
 
-    assert list(validation.MEMORY_TAGS) == list(GPU_MEMORY_ALL_TYPES)
-    monkeypatch.setattr(validation, "RELEASED", set())
+    assert list(state_routes.MEMORY_TAGS) == list(GPU_MEMORY_ALL_TYPES)
+    monkeypatch.setattr(state_routes, "RELEASED", set())
     tags = lambda *t: SimpleNamespace(tags=list(t) or None)  # noqa: E731
     with pytest.raises(validation.RequestError, match="unknown memory tags"):
-        validation.memory_tags(tags("bogus"), release=True)
+        state_routes.memory_tags(tags("bogus"), release=True)
     with pytest.raises(validation.RequestError, match=r"\['kv_cache', 'weights', 'cuda_graph'\] is not released"):
-        validation.memory_tags(tags(), release=False)
+        state_routes.memory_tags(tags(), release=False)
     obj = tags("kv_cache", "kv_cache")
-    validation.RELEASED.update(validation.memory_tags(obj, release=True))
+    state_routes.RELEASED.update(state_routes.memory_tags(obj, release=True))
     assert obj.tags == ["kv_cache"]  # once: SGLang's resume removed a repeated tag twice (a KeyError)
     with pytest.raises(validation.RequestError, match="generates nothing until"):
-        validation.check_memory_held()
+        state_routes.check_memory_held()
     with pytest.raises(validation.RequestError, match="already released"):
-        validation.memory_tags(tags(), release=True)
-    assert validation.memory_tags(tags("kv_cache"), release=False) == ["kv_cache"]
+        state_routes.memory_tags(tags(), release=True)
+    assert state_routes.memory_tags(tags("kv_cache"), release=False) == ["kv_cache"]
 
 
 def test_release_waits_for_running_requests():
@@ -547,7 +547,7 @@ def test_release_waits_for_running_requests():
 
         task = asyncio.create_task(generate())
         await asyncio.sleep(0)
-        await validation._exclusive(manager, release())
+        await state_routes._exclusive(manager, release())
         await task
         return events
 

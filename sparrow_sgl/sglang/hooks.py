@@ -8,7 +8,7 @@
 - Response metadata: the scheduler's output streamer adds a request-level customized field `sparrow` (schedule name,
   mean attended KV tokens) when a request finishes, SGLang's extension point for response metadata; the tokenizer
   side writes it as the dict `meta_info["sparrow"]` of that last output only (not accumulated as a per-token list).
-- Weight and memory routes (`validation.py`): `/update_weights_from_disk` and `/update_weights_from_tensor` refuse
+- Weight and memory routes (`state_routes.py`): `/update_weights_from_disk` and `/update_weights_from_tensor` refuse
   what SGLang would half-load or crash on (the tensors are checked in the scheduler, before the first is loaded);
   `/release_memory_occupation` / `/resume_memory_occupation` take known tags, each released and resumed once, and
   generate requests are refused while memory is released.
@@ -22,7 +22,7 @@ import functools
 import multiprocessing
 import os
 
-from sparrow_sgl.sglang import openai_meta, validation
+from sparrow_sgl.sglang import openai_meta, state_routes, validation
 from sparrow_sgl.sglang.request_state import ENV_SCHEDULE, META_KEY, REGISTRY, parse_schedule
 
 CLI_FLAG = "--sparrow-schedule"
@@ -48,9 +48,10 @@ def install() -> None:
     )
     HookRegistry.register(f"{TOKENIZER}.update_request_meta_info", _write_meta, HookType.AROUND)
     # scheduler side of the weight routes: an unreadable payload, a bad tensor, a failed load: a refusal, not a crash
-    HookRegistry.register(f"{TP_WORKER}.deserialize_own_rank", validation.read_payload, HookType.AROUND)
-    HookRegistry.register(f"{RUNNER_UPDATER}.update_weights_from_tensor", validation.check_tensor_load, HookType.AROUND)
-    HookRegistry.register(f"{RUNNER_UPDATER}.update_weights_from_disk", validation.guard_disk_load, HookType.AROUND)
+    HookRegistry.register(f"{TP_WORKER}.deserialize_own_rank", state_routes.read_payload, HookType.AROUND)
+    tensor_load = f"{RUNNER_UPDATER}.update_weights_from_tensor"
+    HookRegistry.register(tensor_load, state_routes.check_tensor_load, HookType.AROUND)
+    HookRegistry.register(f"{RUNNER_UPDATER}.update_weights_from_disk", state_routes.guard_disk_load, HookType.AROUND)
     if multiprocessing.parent_process() is None:  # the HTTP server's process (SGLang spawns the others)
         _install_http_hooks(HookRegistry, HookType)
 
@@ -60,10 +61,10 @@ def _install_http_hooks(registry, hook_type) -> None:
     registry.register(f"{HTTP}._create_error_response", validation.clean_error, hook_type.BEFORE)
     contract = "sglang.srt.entrypoints.api_contract.generate_contract_error"
     registry.register(contract, validation.name_contract_field, hook_type.AFTER)
-    registry.register(f"{TOKENIZER}.update_weights_from_disk", validation.check_weights_update, hook_type.AROUND)
-    registry.register(f"{TOKENIZER}.update_weights_from_tensor", validation.check_tensor_update, hook_type.AROUND)
-    registry.register(f"{TOKENIZER}.release_memory_occupation", validation.check_release, hook_type.AROUND)
-    registry.register(f"{TOKENIZER}.resume_memory_occupation", validation.check_resume, hook_type.AROUND)
+    registry.register(f"{TOKENIZER}.update_weights_from_disk", state_routes.check_weights_update, hook_type.AROUND)
+    registry.register(f"{TOKENIZER}.update_weights_from_tensor", state_routes.check_tensor_update, hook_type.AROUND)
+    registry.register(f"{TOKENIZER}.release_memory_occupation", state_routes.check_release, hook_type.AROUND)
+    registry.register(f"{TOKENIZER}.resume_memory_occupation", state_routes.check_resume, hook_type.AROUND)
     base = f"{OPENAI}.serving_base.OpenAIServingBase"
     registry.register(f"{base}.create_error_response", validation.clean_openai_error, hook_type.BEFORE)
     for cls, build, stream in (
@@ -103,7 +104,7 @@ def _take_schedule_flag(argv, *args, **kwargs):
 
 def _validate_request(manager, obj, input_ids, *args, **kwargs):
     sparse = validation.is_sparse_server(manager.server_args)
-    validation.check_memory_held()
+    state_routes.check_memory_held()
     validation.check_request(obj, input_ids, manager.model_config.vocab_size, sparse)
 
 
