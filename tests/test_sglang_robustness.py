@@ -79,6 +79,7 @@ BAD_REQUESTS = [
     ("n-zero", "/generate", _gen({"text": "hi"}, n=0), "n (OpenAI: n)"),
     ("stop-id-bad", "/generate", _gen({"text": "hi"}, min_new_tokens=1, stop_token_ids=[99999]), "stop_token_ids"),
     ("sampling-params-str", "/generate", {"text": "hi", "sampling_params": "x"}, "sampling_params"),
+    ("text-and-ids", "/generate", {"text": "hi", "input_ids": [5, 6]}, "as text or as input_ids, not both"),
     ("regex-bad", "/generate", _gen({"text": "hi"}, regex="(("), "Regex parsing error"),
     ("completions-regex-bad", "/v1/completions", {"model": "m", "prompt": "hi", "regex": "(("}, "Regex parsing error"),
     ("schedule-file", "/generate", _schedule("/etc/passwd"), "files only on the server's command line"),

@@ -69,6 +69,8 @@ def check_request(obj, input_ids, vocab_size: int, sparse_server: bool) -> None:
     """Refuse a generate request (one prompt of a batch) the scheduler cannot serve; `input_ids` are its tokens."""
     if not hasattr(obj, "return_logprob"):  # embedding requests: not served by rollout servers, SGLang checks them
         return
+    if obj.text is not None and obj.input_ids is not None:  # SGLang 0.5.23 serves input_ids, drops text silently
+        raise RequestError("give the prompt as text or as input_ids, not both")
     if not _continues_session(obj) and not obj.contains_mm_input():  # SGLang rebuilds / expands those prompts
         check_prompt(input_ids, obj.text, vocab_size)
     params = obj.sampling_params if obj.sampling_params is not None else {}
