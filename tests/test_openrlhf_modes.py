@@ -4,6 +4,9 @@ must be OpenRLHF's (samples_generator.py:67-120, ppo_trainer.py:300-316, ppo_tra
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import pytest
 
 pytest.importorskip("openrlhf")
@@ -41,3 +44,23 @@ def test_async_partial_rollout_pauses_around_the_sync(tiny_model_dir, tmp_path):
     sync = calls.index("update_weights")
     assert calls[sync - 1] == "pause_generation" and calls[sync + 1] == "resume_generation"
     assert calls.index("generate_responses") < sync
+
+
+def test_wake_up_resumes_only_what_sleeps(tmp_path):
+    """OpenRLHF: sleep after creation, wake_up(["weights"]) for the sync, then wake_up() before the rollout; the
+    backend (an SGLang server refuses to resume memory it has not released) is asked for the KV cache only."""
+    from sparrow_sgl.openrlhf.rollout_actor import SparrowRolloutActor
+
+    actor = object.__new__(SparrowRolloutActor.__ray_metadata__.modified_class)
+    resumed, released = [], []
+    actor.backend = SimpleNamespace(release_memory=released.append, resume_memory=resumed.append)
+    actor.batcher = SimpleNamespace(lock=asyncio.Lock(), num_unfinished=0)
+    actor.events, actor.index, actor.asleep = tmp_path / "events.jsonl", 0, set()
+
+    async def steps():
+        await actor.sleep()
+        await actor.wake_up(["weights"])
+        await actor.wake_up()
+        await actor.wake_up()  # all awake: nothing to resume
+    asyncio.run(steps())
+    assert released == [["weights", "kv_cache"]] and resumed == [["weights"], ["kv_cache"]] and not actor.asleep

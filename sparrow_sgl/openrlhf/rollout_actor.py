@@ -148,10 +148,14 @@ class SparrowRolloutActor:
         self.asleep = {"weights", "kv_cache"}
 
     async def wake_up(self, tags=None):
+        """OpenRLHF wakes the weights for a sync, then everything before the next rollout: like vLLM's wake_up, a
+        part already awake is left alone (an SGLang server refuses to resume memory it has not released)."""
         tags = list(tags) if tags is not None else ["weights", "kv_cache"]
         self._log("wake_up", tags=tags)
-        async with self.batcher.lock:
-            await asyncio.to_thread(self.backend.resume_memory, tags)
+        asleep = [tag for tag in tags if tag in self.asleep]
+        if asleep:
+            async with self.batcher.lock:
+                await asyncio.to_thread(self.backend.resume_memory, asleep)
         self.asleep -= set(tags)
 
     async def reset_prefix_cache(self):
