@@ -234,3 +234,36 @@ def test_concurrent_bad_and_good_requests(client):
     results = list(ThreadPoolExecutor(8).map(one, range(16)))
     assert [r for r in results[1::2]] == [400] * 8
     assert all(len(r.token_ids) == 4 or r.finish_reason == "stop" for r in results[0::2])
+
+
+def _tensor_payload(obj) -> list[str]:
+    import base64
+    import pickle
+
+    return [base64.b64encode(pickle.dumps(obj)).decode()]
+
+
+Q_PROJ = "base_model.model.model.layers.0.self_attn.q_proj"
+LORA_CONFIG = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "peft_type": "LORA"}
+BAD_LORA_TENSORS = [
+    ("not-a-pickle", ["bm90IGEgcGlja2xl"]),
+    ("bucket-not-a-pickle", (["bm90IGEgcGlja2xl"], {"load_format": "flattened_bucket"})),
+    ("bucket-a-dict", (_tensor_payload({"x": torch.zeros(2)}), {"load_format": "flattened_bucket"})),
+    ("checksum-mismatch", (_tensor_payload({"x": torch.zeros(2)}), {"expected_checksums": {"x": "0" * 64}})),
+    ("a-list", _tensor_payload([("x", torch.zeros(2))])),
+    ("wrong-shape", _tensor_payload({f"{Q_PROJ}.lora_A.weight": torch.zeros(3, 3), f"{Q_PROJ}.lora_B.weight":
+                                     torch.zeros(3, 3)})),
+]
+
+
+@pytest.mark.parametrize("case, payload", BAD_LORA_TENSORS, ids=[c for c, _ in BAD_LORA_TENSORS])
+def test_bad_lora_tensors_are_refused_and_the_server_keeps_serving(client, case, payload):
+    """/load_lora_adapter_from_tensors with an unreadable or ill-shaped adapter: a one-line 4xx, the base model's
+    greedy canary unchanged (with --enable-lora, DistillSparse's servers)."""
+    payload, extra = payload if isinstance(payload, tuple) else (payload, {})
+    base = client.canary()
+    with pytest.raises(SGLangError) as err:
+        client.post("/load_lora_adapter_from_tensors", {"lora_name": f"bad-{case}", "config_dict": LORA_CONFIG,
+                                                          "serialized_named_tensors": payload, **extra})
+    assert 400 <= err.value.status < 500 and "\n" not in str(err.value) and "Traceback" not in str(err.value)
+    assert client.canary().token_ids == base.token_ids

@@ -52,6 +52,8 @@ def install() -> None:
     tensor_load = f"{RUNNER_UPDATER}.update_weights_from_tensor"
     HookRegistry.register(tensor_load, state_routes.check_tensor_load, HookType.AROUND)
     HookRegistry.register(f"{RUNNER_UPDATER}.update_weights_from_disk", state_routes.guard_disk_load, HookType.AROUND)
+    lora_load = f"{TP_WORKER}.load_lora_adapter_from_tensors"
+    HookRegistry.register(lora_load, state_routes.guard_lora_tensor_load, HookType.AROUND)
     if multiprocessing.parent_process() is None:  # the HTTP server's process (SGLang spawns the others)
         _install_http_hooks(HookRegistry, HookType)
 

@@ -4,7 +4,8 @@ The weight and memory routes get the treatment `validation.py` gives generate re
 0.5.23 did without it): `/update_weights_from_disk` (shapes, load_format, local paths; a failed load rolls back from
 the served path), `/update_weights_from_tensor` (payload list here, every tensor in the scheduler before the first
 is loaded), `/release_memory_occupation` / `/resume_memory_occupation` (tags, release/resume once each, waits for
-running requests, refused on a CPU-only host) and no generate request while memory is released.
+running requests, refused on a CPU-only host) and no generate request while memory is released. With LoRA enabled,
+`/load_lora_adapter_from_tensors` fails a load (400) that raised inside the scheduler.
 """
 
 from __future__ import annotations
@@ -160,6 +161,20 @@ def read_payload(original, worker, payloads, *args, **kwargs):
         return original(worker, payloads, *args, **kwargs)
     except Exception as e:  # noqa: BLE001 -- any unreadable payload: a pickle error, a blocked global, an IndexError
         return UnreadablePayload(e)
+
+
+def guard_lora_tensor_load(original, worker, recv_req, *args, **kwargs):
+    """AROUND hook of the scheduler's `TpModelWorker.load_lora_adapter_from_tensors(recv_req)`: SGLang 0.5.23 read
+    a flattened bucket out of an unreadable payload and raised its own checksum mismatch there, where a raise killed
+    the scheduler; now a failed load (400), the adapters loaded before unchanged (the LoRA manager registers an
+    adapter only after its own checks pass)."""
+    try:
+        return original(worker, recv_req, *args, **kwargs)
+    except Exception as e:  # noqa: BLE001 -- anything raised here would take the whole server down
+        from sglang.srt.managers.io_struct import LoRAUpdateOutput
+
+        message = public_message(f"LoRA adapter {recv_req.lora_name!r} was not loaded: {type(e).__name__}: {e}")
+        return LoRAUpdateOutput(success=False, error_message=message)
 
 
 def check_tensor_load(original, updater, named_tensors, load_format=None, *args, **kwargs):
