@@ -507,9 +507,11 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
             rows += model_rows
             if args.profile:  # this run's record, rewritten per model
                 from bench.decode_profile import profile_record
+                from bench.kernel_resources import step_kernel_resources
 
                 profile_rows += model_profile
-                write_json_atomic(profile_path, earlier_profiles + [profile_record(info, bw, profile_rows)])
+                record = profile_record(info, bw, profile_rows, step_kernel_resources())
+                write_json_atomic(profile_path, earlier_profiles + [record])
     print_table(rows)
     if args.profile:
         from bench.decode_profile import print_profile

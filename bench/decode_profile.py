@@ -123,11 +123,12 @@ def profile_kernels(fn, steps: int) -> list[tuple[str, float]]:
     return [(str(e["name"]), float(e["dur"])) for e in device]
 
 
-def profile_record(info: dict, bw_gbs: float, rows: list[dict]) -> dict:
-    """The JSON record of one profile run (what `decode_profile.json` holds a list of)."""
+def profile_record(info: dict, bw_gbs: float, rows: list[dict], resources: list[dict] | None = None) -> dict:
+    """The JSON record of one profile run (what `decode_profile.json` holds a list of); `resources`: registers,
+    shared memory and resident programs per SM of the Triton kernels compiled (`bench.kernel_resources`)."""
     return {"kind": "decode_profile", "gpu": info.get("gpu"), "date": info.get("date"), "torch": info.get("torch"),
             "triton": info.get("triton"), "flashinfer": info.get("flashinfer"), "copy_bw_gbs": bw_gbs,
-            "classes": list(CLASSES), "rows": rows}
+            "classes": list(CLASSES), "rows": rows, "resources": resources or []}
 
 
 def floors_ms(nbytes: StepBytes, bw_gbs: float) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of the compiled decode kernels (one line of JSON per compiled variant).
 
-Run after the kernels were compiled in the same process, or alone: it compiles the decode kernel for a Qwen3-4B-shaped
+`step_kernel_resources()` reads what this process compiled for the decode step's Triton kernels (`decode_e2e
+--profile` stores it in its record). Alone, it compiles the decode kernel for a Qwen3-4B-shaped
 sparse step (batch 25, 8 KV heads, group 4) under each SPARROW_DECODE_STAGES / SPARROW_DECODE_PREFETCH setting and
 with SPARROW_DECODE_WARPS=8.
     python -m bench.kernel_resources
@@ -24,6 +25,30 @@ def compiled_resources(jit_fn) -> list[dict]:
             rows.append({"kernel": jit_fn.__name__, "num_warps": meta.num_warps, "num_stages": meta.num_stages,
                          "shared_bytes": meta.shared, "registers": kernel.n_regs, "spills": kernel.n_spills,
                          "max_programs_per_sm": occupancy(meta.num_warps, kernel.n_regs, meta.shared)})
+    return rows
+
+
+STEP_KERNELS = (  # (module, Triton kernel) of a decode step's launches
+    ("sparrow_sgl.attention.kernels.triton_decode", "_sparse_decode_kernel"),
+    ("sparrow_sgl.attention.kernels.triton_decode", "_merge_splits_kernel"),
+    ("sparrow_sgl.attention.kernels.triton_select", "_score_pages_kernel"),
+    ("sparrow_sgl.attention.kernels.triton_select", "_topk_pages_kernel"),
+    ("sparrow_sgl.attention.kernels.triton_select", "_select_pages_kernel"),
+    ("sparrow_sgl.attention.kernels.triton_linear", "_linear_kernel"),
+    ("sparrow_sgl.attention.kernels.triton_qkv_append", "_qkv_append_decode_kernel"),
+    ("sparrow_sgl.attention.kernels.triton_fused", "_add_rms_norm_kernel"),
+)
+
+
+def step_kernel_resources() -> list[dict]:
+    """`compiled_resources` of every decode-step kernel compiled in this process (none without a GPU)."""
+    import importlib
+
+    if not torch.cuda.is_available():
+        return []
+    rows = []
+    for module, name in STEP_KERNELS:
+        rows += compiled_resources(getattr(importlib.import_module(module), name))
     return rows
 
 

@@ -54,6 +54,7 @@ def test_summary_per_step_and_floors_and_json_shape():
     assert summary["classes"]["sparse_attention"]["launches"] == 1
     record = profile_record({"gpu": "G", "date": "D", "torch": "T"}, 4000.0, [{"model": "m"} | summary])
     assert json.loads(json.dumps(record))["rows"][0]["classes"]["topk"]["launches"] == 1
+    assert record["resources"] == []
 
 
 def test_step_bytes_split_dense_and_sparse_layers():
@@ -130,6 +131,10 @@ def test_profiler_sees_the_kernels_of_graph_replays():
     summary = summarize_kernels(profile_kernels(graph.replay, 3), steps=3)
     assert summary["classes"]["gemm"]["launches"] >= 1 and summary["classes"]["gemm"]["ms"] > 0
     assert summary["classes"]["fused_elementwise"]["launches"] == 1
+    from bench.kernel_resources import step_kernel_resources
+
+    norm_rows = [r for r in step_kernel_resources() if r["kernel"] == "_add_rms_norm_kernel"]
+    assert norm_rows and all(r["registers"] > 0 and r["max_programs_per_sm"] >= 1 for r in norm_rows)
 
 
 @pytest.mark.gpu
