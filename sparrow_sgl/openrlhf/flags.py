@@ -188,8 +188,6 @@ def check(args: argparse.Namespace) -> tuple[SparrowFlags, SGLangFlags]:
     return sparrow, sgl
 
 
-
-
 def _check_distill(sparrow: SparrowFlags, flat: dict) -> None:
     """DistillSparse runs on the actor group between the policy update and the weight sync (distill_hook.py)."""
     cfg = sparrow.distill

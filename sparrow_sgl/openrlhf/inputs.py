@@ -125,8 +125,7 @@ def check_openrlhf(flat: dict) -> None:
 
 def sleep_warning(flat: dict) -> str | None:
     """OpenRLHF turns `--vllm.enable_sleep` off without `--train.colocate_all` (cli/train_ppo_ray.py:707-709)."""
-    get = _getter(flat)
-    if get("vllm.enable_sleep") and not get("train.colocate_all"):
+    if _getter(flat)("vllm.enable_sleep") and not sleep_enabled(flat):
         return ("sparrow openrlhf: warning: --vllm.enable_sleep is off because --train.colocate_all was not given "
                 "(the engines sleep only while they share the actor's GPUs): add --train.colocate_all or drop "
                 "--vllm.enable_sleep")

@@ -38,6 +38,13 @@ FIELD_TYPES = {  # JSON type of each schedule field a request may send (budgets:
     "model": "a string or null",
     "name": "a string or null",
 }
+FIELD_CHECKS = {  # the test of each JSON type above (a bool is no number in JSON)
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "a number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "a string or null": lambda v: isinstance(v, str),
+    "a list of layer indices": lambda v: isinstance(v, list)
+    and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+}
 INT32_MAX = 2**31 - 1
 MAX_TRACKED = 65536  # requests whose state is kept; the oldest go first (aborted requests never report)
 
@@ -98,14 +105,7 @@ def _check_field_types(spec: dict) -> None:
         value = spec.get(key)
         if value is None and kind == "a string or null":
             continue
-        ok = {
-            "an integer": isinstance(value, int) and not isinstance(value, bool),
-            "a number": isinstance(value, int | float) and not isinstance(value, bool),
-            "a string or null": isinstance(value, str),
-            "a list of layer indices": isinstance(value, list)
-            and all(isinstance(i, int) and not isinstance(i, bool) for i in value),
-        }[kind]
-        if key in spec and not ok:
+        if key in spec and not FIELD_CHECKS[kind](value):
             raise ConfigError(f"{SCHEDULE_KEY}: {key} must be {kind}, got {json.dumps(value)[:40]}")
 
 
