@@ -17,7 +17,7 @@
 #   call9: decode loop pipelining: num_stages 1 / 3 and the page-id prefetch vs the default (2 stages, no
 #          prefetch); the decode kernel's registers / shared memory / resident programs per SM (prefetch adopted)
 #   call10: call8 again on session 7's final defaults (+ page-id prefetch); +old = session 6's defaults
-#   call11: (next session, after call10) decode programs of 8 warps (register pressure) vs 4; resources
+#   call11: decode programs of 8 warps (register pressure) vs 4, alone and with 16 waves or 8-page tiles; resources
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -102,7 +102,8 @@ elif [ "$call" = call11 ]; then
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_tiling.py -k "pipeline" 2>&1 \
     | tail -5 | tee "$out/tests.log"
   timeout 60 python3 -m bench.kernel_resources 2>&1 | tee "$out/resources.jsonl"
-  ab_run 250 "+dw8=SPARROW_DECODE_WARPS=8" ab11
+  dw8="+dw8=SPARROW_DECODE_WARPS=8,+dw8w16=SPARROW_DECODE_WARPS=8;SPARROW_DECODE_WAVES=16"
+  ab_run 330 "$dw8,+dw8b8=SPARROW_DECODE_WARPS=8;SPARROW_DECODE_BLOCK_PAGES=8" ab11
   tests=""
 elif [ "$call" = call9 ]; then
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_tiling.py tests/test_kernels_gpu.py \
