@@ -18,6 +18,8 @@
 #          prefetch); the decode kernel's registers / shared memory / resident programs per SM (prefetch adopted)
 #   call10: call8 again on session 7's final defaults (+ page-id prefetch); +old = session 6's defaults
 #   call11: decode programs of 8 warps (register pressure) vs 4, alone and with 16 waves or 8-page tiles; resources
+#   call12: page scoring with one program per (request, page chunk) over all KV heads (SPARROW_SCORE_HEADS=1) at
+#          128 / 32 / 16 pages per program vs the per-head launch
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -104,6 +106,12 @@ elif [ "$call" = call11 ]; then
   timeout 60 python3 -m bench.kernel_resources 2>&1 | tee "$out/resources.jsonl"
   dw8="+dw8=SPARROW_DECODE_WARPS=8,+dw8w16=SPARROW_DECODE_WARPS=8;SPARROW_DECODE_WAVES=16"
   ab_run 330 "$dw8,+dw8b8=SPARROW_DECODE_WARPS=8;SPARROW_DECODE_BLOCK_PAGES=8" ab11
+  tests=""
+elif [ "$call" = call12 ]; then
+  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_tiling.py -k "all_heads" 2>&1 \
+    | tail -5 | tee "$out/tests.log"
+  sh="+sh128=SPARROW_SCORE_HEADS=1,+sh32=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=32"
+  ab_run 400 "$sh,+sh16=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=16" ab12
   tests=""
 elif [ "$call" = call9 ]; then
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_tiling.py tests/test_kernels_gpu.py \

@@ -22,9 +22,13 @@ from sparrow_sgl.config import SparsityConfig
 
 
 @_kernel_test
-@pytest.mark.parametrize("kv_heads,head_dim,bf16", [(2, 32, False), (8, 128, False), (8, 128, True)])
-def test_all_heads_scoring_selects_like_the_per_head_launch(device, kv_heads, head_dim, bf16):
+@pytest.mark.parametrize("kv_heads,head_dim,bf16,pages", [(2, 32, False, "128"), (8, 128, False, "16"),
+                                                           (8, 128, True, "128"), (8, 128, True, "8")])
+def test_all_heads_scoring_selects_like_the_per_head_launch(device, kv_heads, head_dim, bf16, pages, monkeypatch):
+    from sparrow_sgl.attention.kernels.triton_score_heads import PAGES_ENV
     from sparrow_sgl.attention.kernels.triton_select import select_pages_into
+
+    monkeypatch.setenv(PAGES_ENV, pages)  # pages per all-heads program: one or many programs per request
 
     cfg = SparsityConfig(kv_layout="HND")
     seq = (1, 17, 300, 1000, 64, 2100)
@@ -102,6 +106,16 @@ def test_decode_pipeline_settings_write_the_same_bits(monkeypatch):
             assert torch.equal(triton_attend_pages(q, k, v, block_table, seq_lens, pages, counts, cfg), base)
     monkeypatch.setenv(DECODE_WARPS_ENV, "8")  # another thread layout may sum in another order: close, not equal
     assert rel_err(triton_attend_pages(q, k, v, block_table, seq_lens, pages, counts, cfg), ref) < 2e-2
+
+
+@needs_triton
+@pytest.mark.parametrize("value", ["4", "96", "1024", "many"])
+def test_bad_all_heads_pages_is_a_clear_error(monkeypatch, value):
+    from sparrow_sgl.attention.kernels.triton_score_heads import PAGES_ENV, all_heads_pages
+
+    monkeypatch.setenv(PAGES_ENV, value)
+    with pytest.raises(ValueError, match=PAGES_ENV):
+        all_heads_pages()
 
 
 @needs_triton

@@ -17,11 +17,23 @@ import triton
 import triton.language as tl
 
 HEADS_ENV = "SPARROW_SCORE_HEADS"
+PAGES_ENV = "SPARROW_SCORE_HEADS_PAGES"  # pages per program of the all-heads launch (a power of two, 8-512)
+DEFAULT_PAGES = 128
 
 
 def use_all_heads() -> bool:
     """The all-heads scoring launch, read when a step is built or captured (SPARROW_SCORE_HEADS=1)."""
     return os.environ.get(HEADS_ENV, "0").strip() == "1"
+
+
+def all_heads_pages() -> int:
+    """Pages per program of the all-heads launch: `SPARROW_SCORE_HEADS_PAGES` (default 128). A graph sized for long
+    contexts gives a short batch one program per request at 128 pages (32 programs at 2K: 5-8% slower steps on an
+    H200, NOTES.md phase 5); fewer pages per program keep short rows spread over the GPU."""
+    text = os.environ.get(PAGES_ENV, "").strip() or str(DEFAULT_PAGES)
+    if not text.isdigit() or not 8 <= int(text) <= 512 or int(text) & (int(text) - 1):
+        raise ValueError(f"{PAGES_ENV}={text!r}: expected a power of two from 8 to 512")
+    return int(text)
 
 
 @triton.jit
@@ -76,13 +88,14 @@ def score_pages_all_heads(
     page_size: int,
     sink_pages: int,
     local_pages: int,
-    pages_per_prog: int = 128,
+    pages_per_prog: int | None = None,
     block_p: int = 8,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Centroid scores of every page into scores [batch, kv_heads, width] (graph-capturable, no allocation).
 
-    key_sum: [pages, kv_heads, D] float32 sums (count given) or centroids in any float dtype (count None)."""
+    key_sum: [pages, kv_heads, D] float32 sums (count given) or centroids in any float dtype (count None);
+    pages_per_prog None: `all_heads_pages()`."""
     batch, q_heads, head_dim = q.shape
     kv_heads = key_sum.shape[1]
     if q_heads % kv_heads or key_sum.shape[2] != head_dim or key_sum.stride(2) != 1 or q.stride(2) != 1:
@@ -92,7 +105,7 @@ def score_pages_all_heads(
     if scores.shape[:2] != (batch, kv_heads) or scores.shape[2] < block_table.shape[1] or scores.stride(2) != 1:
         raise ValueError(f"scores must be [{batch}, {kv_heads}, >= {block_table.shape[1]}], got {tuple(scores.shape)}")
     width = block_table.shape[1]
-    pages_per_prog = min(pages_per_prog, max(triton.next_power_of_2(width), 16))
+    pages_per_prog = min(pages_per_prog or all_heads_pages(), max(triton.next_power_of_2(width), 16))
     block_p = min(block_p, pages_per_prog)
     _score_heads_kernel[(batch, triton.cdiv(width, pages_per_prog))](
         q, q.stride(0), q.stride(1),
