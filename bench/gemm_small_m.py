@@ -5,10 +5,11 @@ Each model's linear layers (qkv, o, gate_up, down over all layers, then the LM h
 weights, as in a decode step (so no weight is L2-resident), captured in one CUDA graph and timed by replay, under
 each setting: torch's cuBLAS settings (the default, `allow_bf16_reduced_precision_reduction=False` = no
 reduced-precision split-K, cuBLASLt preferred), `triton` (every GEMM on its fastest Triton config), `triton-pdl`
-(the same launched with programmatic dependent launch, configs timed with it) and `auto` (per shape the faster of
-cuBLAS and Triton, what `engine.linear.Linear` picks). `down+silu` is down_proj with the MLP's SiLU x up: cuBLAS
-settings run `fused.silu_mul` then the GEMM, the Triton ones fuse it into the GEMM's load; `all+silu` is the
-engine's layer order (qkv, o, gate_up, down+silu per layer, then the LM head).
+(the same launched with programmatic dependent launch, configs timed with it), `auto` (per shape the faster of
+cuBLAS and Triton, what `engine.linear.Linear` picks) and `auto-old` (the same over the tiles before session 8).
+`down+silu` is down_proj with the MLP's SiLU x up: cuBLAS settings run `fused.silu_mul` then the GEMM, the Triton
+ones fuse it into the GEMM's load; `all+silu` is the engine's layer order (qkv, o, gate_up, down+silu per layer,
+then the LM head).
 
 Before the stack timings, one `tune` row per shape: cuBLAS and the best Triton config each timed alone from a cold
 L2 (`engine.linear.time_choices`, the engine's auto choice). Then `stack` rows: ms, weight GB, achieved GB/s and
@@ -33,7 +34,8 @@ from bench.common import copy_bandwidth_gbs, device_info, graph_time_us, parse_i
 
 CHOICES_PATH = Path(__file__).resolve().parents[1] / "sparrow_sgl" / "data" / "linear_choices.json"
 BLAS_SETTINGS = ("default", "no-reduced-precision", "cublaslt", "cublas")
-TRITON_SETTINGS = ("triton", "triton-pdl", "auto")
+TRITON_SETTINGS = ("triton", "triton-pdl", "auto", "auto-old")
+OLD_TILES = 5  # `auto-old`: `auto` over the first five tiles of triton_linear.TILES only (the tiles before session 8)
 Item = tuple[torch.Tensor, bool]  # a weight [N, K], and whether its input is gate_up (SiLU x up fused in)
 
 
@@ -75,9 +77,14 @@ def tune(items: list[Item], m: int, pdl: bool, plan: dict) -> None:
             plan[key] = time_choices(x, w, silu=silu, pdl=pdl)
 
 
-def best(timings: dict, triton_only: bool):
+def best(timings: dict, triton_only: bool, old_tiles: bool = False):
     """The fastest choice: a Triton Config, or None (cuBLAS; also when no Triton config launched)."""
+    from sparrow_sgl.attention.kernels.triton_linear import TILES
+
     pool = {k: t for k, t in timings.items() if k is not None} if triton_only else timings
+    if old_tiles:
+        pool = {k: t for k, t in pool.items()
+                if k is None or (k.block_n, k.block_k, k.num_warps, k.num_stages) in TILES[:OLD_TILES]}
     return min(pool, key=pool.get) if pool else None
 
 
@@ -89,7 +96,8 @@ def stack_fn(items: list[Item], m: int, setting: str, plan: dict):
     inputs = {(w.shape[1], silu): torch.randn(m, w.shape[1] * (2 if silu else 1), device="cuda", dtype=w.dtype)
               for w, silu in items}
     pdl = setting == "triton-pdl"
-    configs = [None if setting in BLAS_SETTINGS else best(plan[shape_key(w, silu, pdl)], setting != "auto")
+    configs = [None if setting in BLAS_SETTINGS else
+               best(plan[shape_key(w, silu, pdl)], not setting.startswith("auto"), setting == "auto-old")
                for w, silu in items]
 
     def run() -> None:

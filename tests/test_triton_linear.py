@@ -251,6 +251,9 @@ CASES = [  # M, N, K, bias, silu, (block_n, block_k, split_k): ragged N and K, s
     (33, 200, 320, True, False, (128, 64, 4)),
     (64, 96, 256, False, True, (64, 64, 4)),
     (64, 257, 72, True, True, (128, 32, 3)),
+    (7, 90, 600, True, False, (32, 256, 2)),  # the narrow / 256-wide-K tiles (session 8)
+    (40, 300, 512, False, True, (32, 128, 3)),
+    (32, 130, 768, False, False, (64, 256, 2)),
     (3, 48, 40, False, False, None),  # default config
 ]
 

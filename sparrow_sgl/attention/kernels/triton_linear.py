@@ -33,8 +33,10 @@ MAX_M = 64
 MAX_WORKSPACE_BYTES = 64 * 2**20  # float32 partials of one call; configs that need more are not candidates
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): the weight tile streamed per loop step and its pipeline depth. Every
 # program also reads its x slice from L2 (tiles x M x K x 2 bytes in all), so wider weight tiles pay less for x;
-# narrower ones fit 2-3 programs per SM (shared memory) and start more streams. The first is the untimed default.
-TILES = ((64, 128, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3), (64, 64, 4, 4))
+# narrower ones fit 2-3 programs per SM (shared memory) and start more streams; 256-wide K steps keep more bytes in
+# flight per program (the small-N o/down projections run few programs). The first is the untimed default.
+TILES = ((64, 128, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3), (64, 64, 4, 4),
+         (32, 256, 4, 4), (64, 256, 4, 3), (128, 256, 8, 2), (32, 128, 4, 4))
 MAX_SPLIT = 16  # K splits of a candidate; the last program of a tile reads split x BLOCK_N x M x 4 bytes
 MAX_PROGRAMS_PER_SM = 8  # candidates' grids stay below this many programs per SM (split 1 always qualifies)
 
