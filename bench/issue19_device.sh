@@ -22,6 +22,9 @@
 #          128 / 32 / 16 pages per program vs the per-head launch
 #   call13: the small-M GEMM with four more tiles (narrow N, 256-wide K): tune + layer stacks, auto vs auto-old;
 #          SGLang's dense-layer FlashInfer decode vs the Triton kernel (bench.sglang_dense_decode)
+#   call14: call13's measurements, then the GEMM choice table rebuilt from its tune rows (merged over the shipped
+#          rows) and call10 on it: the final rows of session 8 (--profile --drain; +old = session 7's committed
+#          defaults, i.e. no page-id prefetch; the GEMM choices are process-wide, so +old shares the new table)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -117,10 +120,31 @@ elif [ "$call" = call12 ]; then
   tests=""
 elif [ "$call" = call13 ]; then
   timeout 100 python3 -m bench.sglang_dense_decode --results-dir "$out" 2>&1 | tee "$out/sglang_dense.log"
-  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_linear.py 2>&1 | tail -5 \
-    | tee "$out/tests.log"
+  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_linear.py \
+    tests/test_sglang_dense_layers.py tests/test_sglang_dense_bench.py 2>&1 | tail -5 | tee "$out/tests.log"
   SPARROW_LINEAR_TABLE=0 SPARROW_LINEAR_CACHE=0 timeout 330 python3 -m bench.gemm_small_m --m 32,64 \
     --settings default,auto-old,auto 2>&1 | tee "$out/gemm.jsonl"
+  tests=""
+elif [ "$call" = call14 ]; then
+  timeout 70 python3 -m bench.sglang_dense_decode --results-dir "$out" 2>&1 | grep -v '^{' | tee "$out/sglang_dense.log"
+  timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_linear.py \
+    tests/test_sglang_dense_layers.py tests/test_sglang_dense_bench.py 2>&1 | tail -5 | tee "$out/tests.log"
+  SPARROW_LINEAR_TABLE=0 SPARROW_LINEAR_CACHE=0 timeout 200 python3 -m bench.gemm_small_m --m 32,64 \
+    --settings auto-old,auto > "$out/gemm.jsonl" 2> "$out/gemm.err"
+  python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+new = [json.loads(line) for line in open(f"{out}/gemm.jsonl") if line.startswith("{")]
+old = json.load(open("bench/results/gemm_small_m.json"))
+json.dump(old + new, open(f"{out}/gemm_rows.json", "w"))
+print(f"{len(new)} new gemm rows ({sum(r.get('kind') == 'tune' for r in new)} tune)")
+PY
+  python3 -m bench.gemm_small_m --write-choices "$out/gemm_rows.json" && cp sparrow_sgl/data/linear_choices.json "$out/"
+  timeout 300 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton-bf16c,sparse-triton --unfused '' --wall-reps 1 --profile --drain \
+    --env-variants "+old=SPARROW_DECODE_PREFETCH=0" --profile-variants dense-triton,sparse-triton-bf16c \
+    --profile-contexts 2k,32k 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/e2e.log"
+  cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
   tests=""
 elif [ "$call" = call9 ]; then
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_tiling.py tests/test_kernels_gpu.py \
