@@ -12,6 +12,10 @@
   what SGLang would half-load or crash on (the tensors are checked in the scheduler, before the first is loaded);
   `/release_memory_occupation` / `/resume_memory_occupation` take known tags, each released and resumed once, and
   generate requests are refused while memory is released.
+- Weights-update group routes (`group_routes.py`): `/init_weights_update_group` checks its fields and waits a bounded
+  time for the trainer's master to listen before the scheduler joins (with a bounded timeout instead of torch's 30 min);
+  `/update_weights_from_distributed` and `/destroy_weights_update_group` take initialised groups and tensor lists the
+  served model can load whole.
 - HTTP process only: one-line 400s for FastAPI validation errors, the report in OpenAI-compatible responses
   (`openai_meta.py`).
 """
@@ -22,7 +26,7 @@ import functools
 import multiprocessing
 import os
 
-from sparrow_sgl.sglang import openai_meta, state_routes, validation
+from sparrow_sgl.sglang import group_routes, openai_meta, state_routes, validation
 from sparrow_sgl.sglang.request_state import ENV_SCHEDULE, META_KEY, REGISTRY, parse_schedule
 
 CLI_FLAG = "--sparrow-schedule"
@@ -32,7 +36,8 @@ TOKENIZER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 OPENAI = "sglang.srt.entrypoints.openai"
 HTTP = "sglang.srt.entrypoints.http_server"
 TP_WORKER = "sglang.srt.managers.tp_worker.BaseTpWorker"
-RUNNER_UPDATER = "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater"
+UPDATER_MODULE = "sglang.srt.model_executor.model_runner_components.weight_updater"
+RUNNER_UPDATER = f"{UPDATER_MODULE}.WeightUpdater"
 
 
 def install() -> None:
@@ -54,6 +59,9 @@ def install() -> None:
     HookRegistry.register(f"{RUNNER_UPDATER}.update_weights_from_disk", state_routes.guard_disk_load, HookType.AROUND)
     lora_load = f"{TP_WORKER}.load_lora_adapter_from_tensors"
     HookRegistry.register(lora_load, state_routes.guard_lora_tensor_load, HookType.AROUND)
+    group_init = f"{UPDATER_MODULE}.init_custom_process_group"
+    HookRegistry.register(group_init, group_routes.bounded_group_init, HookType.AROUND)
+    HookRegistry.register(f"{RUNNER_UPDATER}.init_weights_update_group", group_routes.guard_group_init, HookType.AROUND)
     if multiprocessing.parent_process() is None:  # the HTTP server's process (SGLang spawns the others)
         _install_http_hooks(HookRegistry, HookType)
 
@@ -67,6 +75,12 @@ def _install_http_hooks(registry, hook_type) -> None:
     registry.register(f"{TOKENIZER}.update_weights_from_tensor", state_routes.check_tensor_update, hook_type.AROUND)
     registry.register(f"{TOKENIZER}.release_memory_occupation", state_routes.check_release, hook_type.AROUND)
     registry.register(f"{TOKENIZER}.resume_memory_occupation", state_routes.check_resume, hook_type.AROUND)
+    for route, check in (
+        ("init_weights_update_group", group_routes.check_group_init),
+        ("destroy_weights_update_group", group_routes.check_group_destroy),
+        ("update_weights_from_distributed", group_routes.check_distributed_update),
+    ):
+        registry.register(f"{TOKENIZER}.{route}", check, hook_type.AROUND)
     base = f"{OPENAI}.serving_base.OpenAIServingBase"
     registry.register(f"{base}.create_error_response", validation.clean_openai_error, hook_type.BEFORE)
     for cls, build, stream in (
@@ -118,6 +132,7 @@ def _before_launch(*args, **kwargs):
     from sglang.srt.entrypoints.http_server import app
 
     validation.install_error_handler(app)
+    group_routes.check_env()  # a bad value stops the launch (the scheduler inherits this environment)
 
 
 def _register_request(result, req, *args, **kwargs):

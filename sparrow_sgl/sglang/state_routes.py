@@ -238,17 +238,22 @@ def tensor_problem(name: str, tensor, expected: dict) -> str | None:
 
     if not isinstance(tensor, torch.Tensor):
         return f"{name!r} comes with {quote(tensor)}, not a tensor"
+    return layout_problem(name, tuple(tensor.shape), tensor.dtype, expected)
+
+
+def layout_problem(name: str, shape: tuple[int, ...], dtype, expected: dict) -> str | None:
+    """Why a tensor of this name, shape and torch dtype is none of `expected` (`checkpoint_layout`), or None."""
     if name not in expected and "rotary_emb." in name:
         return None  # rotary caches of older checkpoints: SGLang's loaders skip them
     if name not in expected:
         near = difflib.get_close_matches(name, expected, n=1)
         return f"{name!r} is no parameter of the served model" + (f" (nearest: {near[0]!r})" if near else "")
-    shape, floating = expected[name]
-    if tuple(tensor.shape) != shape:
-        return f"{name!r} has shape {list(tensor.shape)}, the served model's is {list(shape)}"
-    if tensor.dtype.is_floating_point != floating:
+    served, floating = expected[name]
+    if tuple(shape) != served:
+        return f"{name!r} has shape {list(shape)}, the served model's is {list(served)}"
+    if dtype.is_floating_point != floating:
         kind = "a floating-point" if floating else "an integer"
-        return f"{name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, the served model's is {kind} tensor"
+        return f"{name!r} has dtype {str(dtype).removeprefix('torch.')}, the served model's is {kind} tensor"
     return None
 
 
