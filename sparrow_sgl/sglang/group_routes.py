@@ -24,7 +24,7 @@ import socket
 from datetime import timedelta
 
 from sparrow_sgl.sglang.state_routes import checkpoint_layout, layout_problem
-from sparrow_sgl.sglang.validation import _is_int, public_message, quote
+from sparrow_sgl.sglang.validation import is_int, public_message, quote
 
 ENV_WAIT = "SPARROW_WEIGHTS_GROUP_WAIT_S"
 ENV_TIMEOUT = "SPARROW_WEIGHTS_GROUP_TIMEOUT_S"
@@ -95,7 +95,7 @@ def address_problem(address) -> str | None:
 
 
 def int_problem(field: str, value, low: int, high: int | None, why: str = "") -> str | None:
-    if _is_int(value) and low <= value and (high is None or value <= high):
+    if is_int(value) and low <= value and (high is None or value <= high):
         return None
     bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
     return f"{field} must be an integer {bound}{f' ({why})' if why else ''}, got {quote(value)}"
@@ -201,7 +201,7 @@ def spec_problem(i: int, name, dtype, shape, layout: dict) -> str | None:
         return f"names[{i}] must be a string, got {quote(name)}"
     if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
         return f"dtypes[{i}] {quote(dtype)} is no torch dtype name (e.g. 'bfloat16', 'float16', 'float32')"
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         return f"shapes[{i}] must be a list of non-negative integers, got {quote(shape)}"
     if not layout:
         return None

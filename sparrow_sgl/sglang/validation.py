@@ -90,7 +90,7 @@ def check_prompt(input_ids, text, vocab_size: int) -> None:
             raise RequestError(f"the prompt {quote(text)} tokenizes to no tokens; a prompt needs at least one token")
         raise RequestError("input_ids is empty; a prompt needs at least one token")
     for i, token in enumerate(input_ids):
-        if not _is_int(token) or not 0 <= token < vocab_size:
+        if not is_int(token) or not 0 <= token < vocab_size:
             raise RequestError(
                 f"prompt token {quote(token)} at position {i} is not a token id of this model "
                 f"(integers in [0, {vocab_size}))"
@@ -110,7 +110,7 @@ def check_sampling_params(params: dict, vocab_size: int) -> None:
             raise RequestError(f"sampling_params.stop_regex {quote(pattern)} is no regular expression: {e}") from None
     stop_ids = params.get("stop_token_ids")
     if stop_ids is not None:
-        if not isinstance(stop_ids, list) or not all(_is_int(t) and 0 <= t < vocab_size for t in stop_ids):
+        if not isinstance(stop_ids, list) or not all(is_int(t) and 0 <= t < vocab_size for t in stop_ids):
             raise RequestError(
                 f"sampling_params.stop_token_ids must be a list of token ids in [0, {vocab_size}), "
                 f"got {quote(stop_ids)}"
@@ -151,19 +151,19 @@ def check_per_prompt_lists(obj) -> None:
 
 
 def _check_n(n) -> None:
-    if not _is_int(n) or not 1 <= n <= MAX_SAMPLES:
+    if not is_int(n) or not 1 <= n <= MAX_SAMPLES:
         raise RequestError(f"sampling_params.n (OpenAI: n) must be an integer in [1, {MAX_SAMPLES}], got {quote(n)}")
 
 
 def check_logprob_fields(top_logprobs_num, logprob_start_len, vocab_size: int) -> None:
     top = 0 if top_logprobs_num is None else top_logprobs_num
-    if not _is_int(top) or not 0 <= top <= vocab_size:
+    if not is_int(top) or not 0 <= top <= vocab_size:
         raise RequestError(
             f"top_logprobs_num (OpenAI: logprobs / top_logprobs) must be an integer in [0, {vocab_size}], "
             f"got {quote(top)}"
         )
     start = -1 if logprob_start_len is None else logprob_start_len
-    if not _is_int(start) or start < -1:
+    if not is_int(start) or start < -1:
         raise RequestError(f"logprob_start_len must be an integer >= -1 (-1: no prompt log-probs), got {quote(start)}")
 
 
@@ -261,7 +261,7 @@ def _continues_session(obj) -> bool:
     return isinstance(obj.session_params, dict) and bool(obj.session_params.get("id"))
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
