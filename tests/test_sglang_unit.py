@@ -94,6 +94,8 @@ def test_server_spec_command_line(tiny_model_dir):
     dense = ServerSpec(model=str(tiny_model_dir), dense=True, device="cpu")
     assert dense.argv()[dense.argv().index("--attention-backend") + 1] == "torch_native"
     assert "SPARROW_SCHEDULE" not in dense.env()
+    timed = ServerSpec(model=str(tiny_model_dir), dense=True, device="cpu", group_timeout_s=90.0)
+    assert timed.env()["SPARROW_WEIGHTS_GROUP_TIMEOUT_S"] == "90"
 
 
 def test_server_spec_refuses_bad_inputs(tiny_model_dir, tmp_path):

@@ -62,6 +62,7 @@ class SGLangBackend:
                 model=model, port=free_port(), device=sgl.device, dtype=sgl.dtype, kv_tokens=sgl.kv_tokens,
                 context_length=max_model_len, enable_lora=sparrow.distill.enabled,
                 max_lora_rank=max(sparrow.distill.rank, 8), cuda_graph=sgl.cuda_graph,
+                group_timeout_s=sparrow.sync_timeout,  # the server's weights-group rendezvous and broadcasts
                 extra_args=[*shlex.split(sgl.extra_args), "--random-seed", str(seed)],
             )
             log_dir = Path(sgl.log_dir or Path(out_dir) / "sglang")
@@ -88,6 +89,8 @@ class SGLangBackend:
     # -- weights ----------------------------------------------------------------------------------------------
     def init_weights_group(self, master_address, master_port, rank_offset, world_size, group_name, backend,
                            timeout_s) -> None:
+        """Join the trainer's weights group; the server bounds it by `timeout_s` = --sparrow.sync_timeout, given at
+        launch (SPARROW_WEIGHTS_GROUP_TIMEOUT_S: SGLang's request has no timeout field)."""
         self.client.post("/init_weights_update_group", {
             "master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
             "world_size": int(world_size), "group_name": group_name, "backend": backend,

@@ -61,6 +61,7 @@ class ServerSpec:
     max_lora_rank: int = 64
     cuda_graph: bool = True  # GPU decode through CUDA graphs (the sparrow backend captures its sparse decode too)
     extra_args: list[str] = field(default_factory=list)
+    group_timeout_s: float | None = None  # the weights-update group's timeout (None: the server's default, 600 s)
 
     def __post_init__(self) -> None:
         check_model_dir(self.model)
@@ -125,6 +126,10 @@ class ServerSpec:
             env.pop("SPARROW_SCHEDULE", None)
         else:
             env["SPARROW_SCHEDULE"] = self.schedule
+        if self.group_timeout_s is not None:
+            from sparrow_sgl.sglang.group_routes import ENV_TIMEOUT
+
+            env[ENV_TIMEOUT] = f"{self.group_timeout_s:g}"
         return env
 
 
