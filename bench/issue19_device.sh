@@ -20,9 +20,9 @@
 #   call11: decode programs of 8 warps (register pressure) vs 4, alone and with 16 waves or 8-page tiles; resources
 #   call12: page scoring with one program per (request, page chunk) over all KV heads (SPARROW_SCORE_HEADS=1) at
 #          128 / 32 / 16 pages per program vs the per-head launch
-#   call13: the small-M GEMM with four more tiles (narrow N, 256-wide K): tune + layer stacks, auto vs auto-old;
-#          SGLang's dense-layer FlashInfer decode vs the Triton kernel (bench.sglang_dense_decode)
-#   call14: call13's measurements, then the GEMM choice table rebuilt from its tune rows (merged over the shipped
+#   call13: (never ran: folded into call14, the device was refused three times)
+#   call14: SGLang's dense-layer FlashInfer decode vs the Triton kernel (bench.sglang_dense_decode); the small-M GEMM
+#          with four more tiles (narrow N, 256-wide K): tune + layer stacks, auto vs auto-old; then the GEMM choice table rebuilt from its tune rows (merged over the shipped
 #          rows) and call10 on it: the final rows of session 8 (--profile --drain; +old = session 7's committed
 #          defaults, i.e. no page-id prefetch; the GEMM choices are process-wide, so +old shares the new table)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
@@ -117,13 +117,6 @@ elif [ "$call" = call12 ]; then
     | tail -5 | tee "$out/tests.log"
   sh="+sh128=SPARROW_SCORE_HEADS=1,+sh32=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=32"
   ab_run 400 "$sh,+sh16=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=16" ab12
-  tests=""
-elif [ "$call" = call13 ]; then
-  timeout 100 python3 -m bench.sglang_dense_decode --results-dir "$out" 2>&1 | tee "$out/sglang_dense.log"
-  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_linear.py \
-    tests/test_sglang_dense_layers.py tests/test_sglang_dense_bench.py 2>&1 | tail -5 | tee "$out/tests.log"
-  SPARROW_LINEAR_TABLE=0 SPARROW_LINEAR_CACHE=0 timeout 330 python3 -m bench.gemm_small_m --m 32,64 \
-    --settings default,auto-old,auto 2>&1 | tee "$out/gemm.jsonl"
   tests=""
 elif [ "$call" = call14 ]; then
   timeout 70 python3 -m bench.sglang_dense_decode --results-dir "$out" 2>&1 | grep -v '^{' | tee "$out/sglang_dense.log"
