@@ -22,8 +22,8 @@
 #          128 / 32 / 16 pages per program vs the per-head launch
 #   call13: (never ran: folded into call14, the device was refused three times)
 #   call14: SGLang's dense-layer FlashInfer decode vs the Triton kernel (bench.sglang_dense_decode); the small-M GEMM
-#          with four more tiles (narrow N, 256-wide K): tune + layer stacks, auto vs auto-old; then the GEMM choice table rebuilt from its tune rows (merged over the shipped
-#          rows) and call10 on it: the final rows of session 8 (--profile --drain; +old = session 7's committed
+#          with four more tiles (narrow N, 256-wide K): tune + layer stacks, auto vs auto-old; then the GEMM choice
+#          table rebuilt from its tune rows (merged over the shipped rows) and call10 on it: the final rows of session 8 (--profile --drain; +old = session 7's committed
 #          defaults, i.e. no page-id prefetch; the GEMM choices are process-wide, so +old shares the new table)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
