@@ -122,7 +122,7 @@ elif [ "$call" = call14 ]; then
   timeout 70 python3 -m bench.sglang_dense_decode --results-dir "$out" 2>&1 | grep -v '^{' | tee "$out/sglang_dense.log"
   timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_linear.py \
     tests/test_sglang_dense_layers.py tests/test_sglang_dense_bench.py 2>&1 | tail -5 | tee "$out/tests.log"
-  SPARROW_LINEAR_TABLE=0 SPARROW_LINEAR_CACHE=0 timeout 200 python3 -m bench.gemm_small_m --m 32,64 \
+  SPARROW_LINEAR_TABLE=0 SPARROW_LINEAR_CACHE=0 timeout 170 python3 -m bench.gemm_small_m --m 32,64 \
     --settings auto-old,auto > "$out/gemm.jsonl" 2> "$out/gemm.err"
   python3 - "$out" <<'PY'
 import json, sys
