@@ -25,6 +25,9 @@
 #          with four more tiles (narrow N, 256-wide K): tune + layer stacks, auto vs auto-old; then the GEMM choice
 #          table rebuilt from its tune rows (merged over the shipped rows) and call10 on it: the final rows of session 8 (--profile --drain; +old = session 7's committed
 #          defaults, i.e. no page-id prefetch; the GEMM choices are process-wide, so +old shares the new table)
+#   call15: FlashInfer's tensor-core decode for GQA group 4 (SGLang's rule, SPARROW_FLASHINFER_TENSOR_CORES=1) vs
+#          its CUDA-core decode vs the Triton kernel: dense baseline, FlashInfer sparse layers, FlashInfer dense
+#          layers of the sparse step (0.86 preset)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -121,7 +124,7 @@ elif [ "$call" = call12 ]; then
 elif [ "$call" = call14 ]; then
   timeout 70 python3 -m bench.sglang_dense_decode --results-dir "$out" 2>&1 | grep -v '^{' | tee "$out/sglang_dense.log"
   timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_linear.py \
-    tests/test_sglang_dense_layers.py tests/test_sglang_dense_bench.py 2>&1 | tail -5 | tee "$out/tests.log"
+    tests/test_sglang_dense_bench.py 2>&1 | tail -5 | tee "$out/tests.log"
   SPARROW_LINEAR_TABLE=0 SPARROW_LINEAR_CACHE=0 timeout 170 python3 -m bench.gemm_small_m --m 32,64 \
     --settings auto-old,auto > "$out/gemm.jsonl" 2> "$out/gemm.err"
   python3 - "$out" <<'PY'
@@ -138,6 +141,16 @@ PY
     --env-variants "+old=SPARROW_DECODE_PREFETCH=0" --profile-variants dense-triton,sparse-triton-bf16c \
     --profile-contexts 2k,32k 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/e2e.log"
   cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
+  tests=""
+elif [ "$call" = call15 ]; then
+  SPARROW_FLASHINFER_TENSOR_CORES=1 timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_kernels_gpu.py -k "flashinfer" 2>&1 | tail -5 | tee "$out/tests.log"
+  timeout 330 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86 \
+    --variants dense-triton,dense-fi,sparse-triton-bf16c,sparse-fi-bf16c,sparse-triton-bf16c+fidense \
+    --env-variants "+tc=SPARROW_FLASHINFER_TENSOR_CORES=1" \
+    --env-base dense-fi,sparse-fi-bf16c,sparse-triton-bf16c+fidense --unfused '' --wall-reps 0 \
+    --results-dir /tmp/ab15 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
+  cp /tmp/ab15/decode_e2e.json "$out/decode_e2e_ab.json"
   tests=""
 elif [ "$call" = call9 ]; then
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_tiling.py tests/test_kernels_gpu.py \

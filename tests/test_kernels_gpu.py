@@ -369,11 +369,31 @@ def test_triton_summary_update_matches_torch(device):
 
 # ---------------------------------------------------------------- FlashInfer and dispatch (GPU only)
 
+@pytest.mark.parametrize("setting,group,expected", [("", 4, False), ("", 5, True), ("0", 4, False), ("1", 4, True),
+                                                    ("1", 2, False), ("1", 5, True)])
+def test_flashinfer_tensor_core_rule(monkeypatch, setting, group, expected):
+    from sparrow_sgl.attention.kernels.flashinfer_decode import TENSOR_CORES_ENV, use_tensor_cores
+
+    monkeypatch.setenv(TENSOR_CORES_ENV, setting)
+    assert use_tensor_cores(group) is expected
+
+
+def test_bad_flashinfer_tensor_core_setting_is_a_clear_error(monkeypatch):
+    from sparrow_sgl.attention.kernels.flashinfer_decode import TENSOR_CORES_ENV, use_tensor_cores
+
+    monkeypatch.setenv(TENSOR_CORES_ENV, "yes")
+    with pytest.raises(ValueError, match="SPARROW_FLASHINFER_TENSOR_CORES='yes': expected 0 or 1"):
+        use_tensor_cores(4)
+
+
 @pytest.mark.gpu
 @needs_flashinfer
 @pytest.mark.parametrize("q_heads", [16, 32, 40])  # groups 2, 4 and 5 (5: FlashInfer's tensor-core path)
-def test_flashinfer_sparse_matches_reference(q_heads):
-    from sparrow_sgl.attention.kernels.flashinfer_decode import flashinfer_attend_selection
+@pytest.mark.parametrize("tensor_cores", ["", "1"])  # "1": tensor cores from group 4 on (SGLang's rule)
+def test_flashinfer_sparse_matches_reference(q_heads, tensor_cores, monkeypatch):
+    from sparrow_sgl.attention.kernels.flashinfer_decode import TENSOR_CORES_ENV, flashinfer_attend_selection
+
+    monkeypatch.setenv(TENSOR_CORES_ENV, tensor_cores)
 
     cfg = SparsityConfig(kv_layout="HND")
     q, k, v, block_table, seq_lens = make_problem("HND", q_heads=q_heads, kv_heads=8, dtype=torch.bfloat16,

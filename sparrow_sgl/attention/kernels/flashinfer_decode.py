@@ -12,6 +12,7 @@ imported only when a decoder is built.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -19,7 +20,18 @@ from sparrow_sgl.attention.select import Selection
 
 # Group sizes FlashInfer's CUDA-core decode kernel is compiled for; others go through its tensor-core path.
 CUDA_CORE_GROUPS = (1, 2, 3, 4, 6, 8, 16)
+TENSOR_CORES_ENV = "SPARROW_FLASHINFER_TENSOR_CORES"  # 1: tensor-core decode from GQA group 4 on (SGLang's rule)
 WORKSPACE_BYTES = 128 * 1024 * 1024
+
+
+def use_tensor_cores(group: int) -> bool:
+    """FlashInfer's decode path for a GQA group: CUDA cores where compiled for it (default), or, with
+    SPARROW_FLASHINFER_TENSOR_CORES=1, tensor cores from group 4 on as SGLang 0.5.23 decides (on an H200 SGLang's
+    configuration read a dense layer's KV at ~1.0 of the copy-bandwidth floor at 32K, bench.sglang_dense_decode)."""
+    setting = os.environ.get(TENSOR_CORES_ENV, "").strip()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"{TENSOR_CORES_ENV}={setting!r}: expected 0 or 1")
+    return group >= 4 if setting == "1" else group not in CUDA_CORE_GROUPS
 
 
 def per_head_view(cache_hnd: torch.Tensor) -> torch.Tensor:
@@ -100,7 +112,7 @@ def _wrapper(kv_layout: str, group: int, use_cuda_graph: bool, device: torch.dev
     if workspace is None:
         workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
     return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-        workspace, kv_layout, use_cuda_graph=use_cuda_graph, use_tensor_cores=group not in CUDA_CORE_GROUPS,
+        workspace, kv_layout, use_cuda_graph=use_cuda_graph, use_tensor_cores=use_tensor_cores(group),
         **buffers,
     )
 
@@ -247,7 +259,7 @@ _WRAPPERS: dict = {}
 
 
 def _cached_wrapper(kv_layout: str, group: int, device: torch.device):
-    key = (kv_layout, group not in CUDA_CORE_GROUPS, str(device))
+    key = (kv_layout, use_tensor_cores(group), str(device))
     if key not in _WRAPPERS:
         _WRAPPERS[key] = _wrapper(kv_layout, group, False, device, {})
     return _WRAPPERS[key]
