@@ -146,8 +146,8 @@ def decode_tiling(page_size: int) -> tuple[int, int]:
 def decode_pipeline() -> tuple[int, bool, int]:
     """(Triton num_stages, page-id prefetch, warps) of the decode loop: `SPARROW_DECODE_STAGES` (1-4, default 2),
     `SPARROW_DECODE_PREFETCH` (0 or 1, default 1) and `SPARROW_DECODE_WARPS` (4 or 8, default 4; 8 spreads the
-    [64, D] K/V tiles over twice the threads: the 4-warp kernel needs 116-144 registers per thread, which holds an
-    H200 SM to 3-4 programs, not yet measured); read when a launch is built (or captured).
+    [64, D] K/V tiles over twice the threads: 80 instead of 116-128 registers per thread, yet still 3 programs per
+    H200 SM, and dense and sparse steps 10-16% slower, NOTES.md session 8); read when a launch is built (or captured).
 
     The prefetch takes the page-list and block-table loads off the chain that feeds each iteration's K/V loads:
     on an H200 it made dense and sparse rollouts 0.3-2.1% faster (bench/results/NOTES.md, session 7); 1 and 3
