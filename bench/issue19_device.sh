@@ -27,7 +27,7 @@
 #          defaults, i.e. no page-id prefetch; the GEMM choices are process-wide, so +old shares the new table)
 #   call15: FlashInfer's tensor-core decode for GQA group 4 (SGLang's rule, SPARROW_FLASHINFER_TENSOR_CORES=1) vs
 #          its CUDA-core decode vs the Triton kernel: dense baseline, FlashInfer sparse layers, FlashInfer dense
-#          layers of the sparse step (0.86 preset)
+#          layers of the sparse step (0.86 preset; 4B and 8B: 1.7B's group 2 stays on CUDA cores either way)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -145,7 +145,7 @@ PY
 elif [ "$call" = call15 ]; then
   SPARROW_FLASHINFER_TENSOR_CORES=1 timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_kernels_gpu.py -k "flashinfer" 2>&1 | tail -5 | tee "$out/tests.log"
-  timeout 330 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86 \
+  timeout 330 python3 -m bench.decode_e2e --models qwen3-4b,qwen3-8b --contexts $contexts --presets 0.86 \
     --variants dense-triton,dense-fi,sparse-triton-bf16c,sparse-fi-bf16c,sparse-triton-bf16c+fidense \
     --env-variants "+tc=SPARROW_FLASHINFER_TENSOR_CORES=1" \
     --env-base dense-fi,sparse-fi-bf16c,sparse-triton-bf16c+fidense --unfused '' --wall-reps 0 \
