@@ -143,9 +143,9 @@ PY
   cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
   tests=""
 elif [ "$call" = call15 ]; then
-  SPARROW_FLASHINFER_TENSOR_CORES=1 timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider \
+  SPARROW_FLASHINFER_TENSOR_CORES=1 timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_kernels_gpu.py -k "flashinfer" 2>&1 | tail -5 | tee "$out/tests.log"
-  timeout 330 python3 -m bench.decode_e2e --models qwen3-4b,qwen3-8b --contexts $contexts --presets 0.86 \
+  timeout 240 python3 -m bench.decode_e2e --models qwen3-4b,qwen3-8b --contexts $contexts --presets 0.86 \
     --variants dense-triton,dense-fi,sparse-triton-bf16c,sparse-fi-bf16c,sparse-triton-bf16c+fidense \
     --env-variants "+tc=SPARROW_FLASHINFER_TENSOR_CORES=1" \
     --env-base dense-fi,sparse-fi-bf16c,sparse-triton-bf16c+fidense --unfused '' --wall-reps 0 \
