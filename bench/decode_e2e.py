@@ -45,8 +45,9 @@ PAGE = 16
 GIB = 2**30
 DEFAULT_CONTEXTS = "1k," + ",".join(f"{k}k" for k in range(2, 33, 2))
 # name -> (dense-layer backend, sparse-layer backend, bf16 centroid copy, one-launch selection). The sparse step's
-# dense layers run the engine's default (Triton): on an H200 FlashInfer read their KV at ~0.6 of the bytes floor,
-# Triton at ~0.96 (issue 19); `+fidense` keeps the phase-2..4 choice (FlashInfer for them) as a what-if.
+# dense layers run the engine's default (Triton): on an H200 FlashInfer (CUDA cores for group 4) read their KV at
+# ~0.6 of the bytes floor, Triton at ~0.96 (issue 19; tensor cores, the FlashInfer default since session 8, are level
+# with Triton); `+fidense` keeps the phase-2..4 choice (FlashInfer for them) as a what-if.
 SPARSE_VARIANTS = {
     "sparse-fi": ("flashinfer", "flashinfer", False, False),
     "sparse-triton": ("triton", "triton", False, False),

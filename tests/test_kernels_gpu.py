@@ -369,8 +369,8 @@ def test_triton_summary_update_matches_torch(device):
 
 # ---------------------------------------------------------------- FlashInfer and dispatch (GPU only)
 
-@pytest.mark.parametrize("setting,group,expected", [("", 4, False), ("", 5, True), ("0", 4, False), ("1", 4, True),
-                                                    ("1", 2, False), ("1", 5, True)])
+@pytest.mark.parametrize("setting,group,expected", [("", 4, True), ("", 2, False), ("0", 4, False), ("0", 5, True),
+                                                    ("1", 4, True), ("1", 8, True), ("0", 8, False)])
 def test_flashinfer_tensor_core_rule(monkeypatch, setting, group, expected):
     from sparrow_sgl.attention.kernels.flashinfer_decode import TENSOR_CORES_ENV, use_tensor_cores
 
@@ -389,7 +389,7 @@ def test_bad_flashinfer_tensor_core_setting_is_a_clear_error(monkeypatch):
 @pytest.mark.gpu
 @needs_flashinfer
 @pytest.mark.parametrize("q_heads", [16, 32, 40])  # groups 2, 4 and 5 (5: FlashInfer's tensor-core path)
-@pytest.mark.parametrize("tensor_cores", ["", "1"])  # "1": tensor cores from group 4 on (SGLang's rule)
+@pytest.mark.parametrize("tensor_cores", ["0", "1"])  # "1" (default): tensor cores from group 4 on (SGLang's rule)
 def test_flashinfer_sparse_matches_reference(q_heads, tensor_cores, monkeypatch):
     from sparrow_sgl.attention.kernels.flashinfer_decode import TENSOR_CORES_ENV, flashinfer_attend_selection
 

@@ -109,7 +109,9 @@ def default_backend(dtype: torch.dtype, head_dim: int) -> str:
     """Triton unless SPARROW_ATTN_BACKEND=flashinfer, for dense and sparse layers alike: inside the graph both ran
     within a few percent on an H100, while on an H200 FlashInfer read the 2 dense layers' KV of a sparse step at
     ~0.6 of the bytes floor and Triton at ~0.96 (4B/8B: the sparse step 4-8% slower with FlashInfer there), and
-    Triton needs no per-step host planning (bench/results/NOTES.md, end-to-end decode and phase 5)."""
+    Triton needs no per-step host planning (bench/results/NOTES.md, end-to-end decode and phase 5). With
+    FlashInfer's tensor-core decode for group 4 (the default since session 8) its dense layers are level with
+    Triton and its sparse layers still 3-4% slower (sparse rollouts, 4B/8B, session 8 call 15)."""
     forced = os.environ.get(dispatch.ENV_VAR, "").strip().lower()
     fi_ok = dispatch.installed("flashinfer") and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128, 256)
     if forced == "flashinfer" and not fi_ok:
