@@ -23,7 +23,7 @@ import os
 import socket
 from datetime import timedelta
 
-from sparrow_sgl.sglang.state_routes import checkpoint_layout, layout_problem
+from sparrow_sgl.sglang.state_routes import layout_problem, served_layout
 from sparrow_sgl.sglang.validation import is_int, public_message, quote
 
 ENV_WAIT = "SPARROW_WEIGHTS_GROUP_WAIT_S"
@@ -161,8 +161,7 @@ async def check_group_destroy(original, manager, obj, *args, **kwargs):
 
 async def check_distributed_update(original, manager, obj, *args, **kwargs):
     """AROUND hook of `TokenizerManager.update_weights_from_distributed(obj, request)` -> (success, message)."""
-    hf_config = manager.model_config.hf_config
-    layout = checkpoint_layout(str(manager.server_args.model_path), bool(getattr(hf_config, "tie_word_embeddings", 0)))
+    layout = served_layout(manager.server_args.model_path, manager.model_config.hf_config)
     problem = group_problem(obj.group_name) or tensor_lists_problem(obj.names, obj.dtypes, obj.shapes, layout)
     if problem is not None:
         return False, f"update_weights_from_distributed: {problem}; no weight was changed"

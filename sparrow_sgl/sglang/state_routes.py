@@ -203,8 +203,7 @@ def loadable_tensors(updater, named_tensors, load_format) -> tuple[object, str |
         params = updater.get_model().named_parameters()
         expected = {name: (tuple(p.shape), p.dtype.is_floating_point) for name, p in params}
     else:
-        tied = bool(getattr(updater.model_config.hf_config, "tie_word_embeddings", False))
-        expected = checkpoint_layout(str(updater.get_model_runner().server_args.model_path), tied)
+        expected = served_layout(updater.get_model_runner().server_args.model_path, updater.model_config.hf_config)
     if load_format == "flattened_bucket":
         return named_tensors, bucket_problem(named_tensors, expected)
     pairs, problem = named_pairs(named_tensors, updater.tp_rank)
@@ -275,6 +274,11 @@ def bucket_problem(bucket, expected: dict) -> str | None:
         if problem is not None:
             return problem
     return None
+
+
+def served_layout(model_path, hf_config) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """`checkpoint_layout` of the served model (its path and whether its LM head is tied to the embedding)."""
+    return checkpoint_layout(str(model_path), bool(getattr(hf_config, "tie_word_embeddings", False)))
 
 
 @functools.cache
