@@ -41,6 +41,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
 python3 -c 'import flashinfer, torch, triton; print("flashinfer", flashinfer.__version__, "torch", torch.__version__,
 "triton", triton.__version__)' 2>&1 | tee -a "$out/gpu.txt"
+final_rows() {  # final_rows SECONDS OLD: decode_e2e of the shipped defaults (+old: OLD), --profile --drain -> $out
+  timeout "$1" python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton-bf16c,sparse-triton --unfused '' --wall-reps 1 --profile --drain \
+    --env-variants "+old=$2" --profile-variants dense-triton,sparse-triton-bf16c \
+    --profile-contexts 2k,32k 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/e2e.log"
+  cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
+}
 ab_run() {  # ab_run SECONDS SETTINGS NAME: decode_e2e A/B of env settings over dense and sparse -> $out
   timeout "$1" python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
     --variants dense-triton,sparse-triton-bf16c --env-variants "$2" \
@@ -136,11 +143,7 @@ json.dump(old + new, open(f"{out}/gemm_rows.json", "w"))
 print(f"{len(new)} new gemm rows ({sum(r.get('kind') == 'tune' for r in new)} tune)")
 PY
   python3 -m bench.gemm_small_m --write-choices "$out/gemm_rows.json" && cp sparrow_sgl/data/linear_choices.json "$out/"
-  timeout 300 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
-    --variants dense-triton,sparse-triton-bf16c,sparse-triton --unfused '' --wall-reps 1 --profile --drain \
-    --env-variants "+old=SPARROW_DECODE_PREFETCH=0" --profile-variants dense-triton,sparse-triton-bf16c \
-    --profile-contexts 2k,32k 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/e2e.log"
-  cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
+  final_rows 300 "SPARROW_DECODE_PREFETCH=0"
   tests=""
 elif [ "$call" = call15 ]; then
   SPARROW_FLASHINFER_TENSOR_CORES=1 timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider \
@@ -163,11 +166,7 @@ elif [ "$call" = call8 ] || [ "$call" = call10 ]; then
   [ "$call" = call8 ] || old="$old;SPARROW_DECODE_PREFETCH=0"
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_qkv_append_gpu.py tests/test_kernels_gpu.py \
     tests/test_decode_tiling.py -k "engine or selection or topk or decode" 2>&1 | tail -5 | tee "$out/tests.log"
-  timeout 400 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
-    --variants dense-triton,sparse-triton-bf16c,sparse-triton --unfused '' --wall-reps 1 --profile --drain \
-    --env-variants "+old=$old" --profile-variants dense-triton,sparse-triton-bf16c \
-    --profile-contexts 2k,32k 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/e2e.log"
-  cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
+  final_rows 400 "$old"
   tests=""
 elif [ "$call" = call7 ]; then
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode_gpu.py tests/test_engine_gpu.py \
