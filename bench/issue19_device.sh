@@ -28,6 +28,8 @@
 #   call15: FlashInfer's tensor-core decode for GQA group 4 (SGLang's rule, SPARROW_FLASHINFER_TENSOR_CORES=1) vs
 #          its CUDA-core decode vs the Triton kernel: dense baseline, FlashInfer sparse layers, FlashInfer dense
 #          layers of the sparse step (0.86 preset; 4B and 8B: 1.7B's group 2 stays on CUDA cores either way)
+#   call16: programmatic dependent launch of every decode kernel (SPARROW_PDL=1: wait, then release the next grid)
+#          and of the GEMMs alone (SPARROW_LINEAR_PDL=1, now releasing after the wait) vs the defaults; PDL GPU tests
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -121,6 +123,11 @@ elif [ "$call" = call11 ]; then
   timeout 60 python3 -m bench.kernel_resources 2>&1 | tee "$out/resources.jsonl"
   dw8="+dw8=SPARROW_DECODE_WARPS=8,+dw8w16=SPARROW_DECODE_WARPS=8;SPARROW_DECODE_WAVES=16"
   ab_run 330 "$dw8,+dw8b8=SPARROW_DECODE_WARPS=8;SPARROW_DECODE_BLOCK_PAGES=8" ab11
+  tests=""
+elif [ "$call" = call16 ]; then
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pdl.py tests/test_triton_linear.py \
+    -k "pdl or graph" 2>&1 | tail -5 | tee "$out/tests.log"
+  ab_run 330 "+pdl=SPARROW_PDL=1,+lpdl=SPARROW_LINEAR_PDL=1" ab16
   tests=""
 elif [ "$call" = call12 ]; then
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_tiling.py -k "all_heads" 2>&1 \

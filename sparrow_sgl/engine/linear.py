@@ -11,7 +11,9 @@ inside capture uses the cached choice, cuBLAS when there is none. On a GPU with 
 (`linear_table.py`, shipped for the H200 and the Qwen3 1.7B/4B/8B shapes) those are taken without timing; other
 shapes are timed once per machine and kept in a cache file that later engines read (`SPARROW_LINEAR_CACHE`). The
 engine's graph capture runs an eager warm-up forward first, so every decode GEMM is timed there.
-`SPARROW_LINEAR_PDL=1` launches the Triton GEMMs with programmatic dependent launch (opt-in; sm_90+).
+`SPARROW_LINEAR_PDL=1` launches the Triton GEMMs with programmatic dependent launch (opt-in; sm_90+), and so does
+`SPARROW_PDL=1`, which launches every decode kernel so (`attention/kernels/pdl.py`). A PDL GEMM takes its shape's
+PDL-less choice: PDL moves when its programs start, not how they stream the weights.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from sparrow_sgl.engine.linear_table import cache_path, load_table, lookup, read
 
 LINEAR_ENV = "SPARROW_LINEAR"
 PDL_ENV = "SPARROW_LINEAR_PDL"
+ALL_PDL_ENV = "SPARROW_PDL"  # attention/kernels/pdl.PDL_ENV (not imported here: CPU-only installs have no triton)
 MODES = ("auto", "cublas", "triton")
 MAX_M = 64  # triton_linear.MAX_M (not imported here: CPU-only installs have no triton)
 FLUSH_BYTES = 128 * 2**20  # written between timed runs: more than the L2 of an H100/H200 (50 MB)
@@ -49,8 +52,9 @@ def linear_mode() -> str:
 
 
 def use_pdl(device: torch.device) -> bool:
-    """SPARROW_LINEAR_PDL=1 on a GPU with programmatic dependent launch (sm_90+)."""
-    return os.environ.get(PDL_ENV, "").strip() == "1" and torch.cuda.get_device_capability(device) >= (9, 0)
+    """SPARROW_LINEAR_PDL=1 or SPARROW_PDL=1 on a GPU with programmatic dependent launch (sm_90+)."""
+    on = any(os.environ.get(name, "").strip() == "1" for name in (PDL_ENV, ALL_PDL_ENV))
+    return on and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 class Linear(nn.Linear):
@@ -83,7 +87,7 @@ class Linear(nn.Linear):
             from sparrow_sgl.attention.kernels.triton_linear import default_config
 
             return default_config(m, n, k, x.device)
-        pdl = use_pdl(x.device)
+        pdl = False  # a PDL launch takes the PDL-less choice (module docstring)
         key = (x.device, 1 << (m - 1).bit_length(), n, k, x.dtype, self.bias is not None, silu, pdl)
         if key in _CHOICES:
             return _CHOICES[key]

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparrow_sgl.attention.kernels.pdl import launch_options, pdl_enter, pdl_on
 from sparrow_sgl.attention.pages import to_hnd
 from sparrow_sgl.config import SparsityConfig
 
@@ -44,8 +45,9 @@ def _sparse_decode_kernel(
     scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_P: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = row // KV_HEADS
@@ -104,8 +106,9 @@ def _sparse_decode_kernel(
 @triton.jit
 def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh,
-    Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0)  # b * q_heads + head
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, HEAD_DIM)
@@ -210,6 +213,7 @@ def triton_attend_pages(
     part_lse = torch.empty(part_out.shape[0], dtype=torch.float32, device=q.device)
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    pdl = pdl_on(q.device)
     _sparse_decode_kernel[(batch * kv_heads, splits)](
         q, q.stride(0), q.stride(1),
         k_hnd, v_hnd, k_hnd.stride(0), k_hnd.stride(1), k_hnd.stride(2),
@@ -222,13 +226,14 @@ def triton_attend_pages(
         scale,
         KV_HEADS=kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE=cfg.page_size, BLOCK_P=block_p, SPLITS=splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PREFETCH=prefetch,
-        num_warps=warps, num_stages=stages,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PREFETCH=prefetch, PDL=pdl,
+        num_warps=warps, num_stages=stages, **launch_options(pdl),
     )
     if splits == 1:
         return out
     _merge_splits_kernel[(batch * q_heads,)](
         part_out, part_lse, out, out.stride(0), out.stride(1),
-        Q_HEADS=q_heads, HEAD_DIM=head_dim, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+        Q_HEADS=q_heads, HEAD_DIM=head_dim, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), PDL=pdl,
+        **launch_options(pdl),
     )
     return out

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparrow_sgl.attention.kernels.pdl import launch_options, pdl_enter, pdl_on
+
 
 @triton.jit
 def _round(x, DTYPE: tl.constexpr):
@@ -33,8 +35,9 @@ def _add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_r, stride_o, stride_ro,
     n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -61,12 +64,13 @@ def add_rms_norm(
     res_out = torch.empty_like(x) if residual is not None else x
     if x.shape[0]:
         res = residual if residual is not None else x
-        block = triton.next_power_of_2(x.shape[1])
+        block, pdl = triton.next_power_of_2(x.shape[1]), pdl_on(x.device)
         _add_rms_norm_kernel[(x.shape[0],)](
             x, res, weight, out, res_out,
             x.stride(0), res.stride(0), out.stride(0), res_out.stride(0),
             x.shape[1], eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl, num_warps=min(16, max(1, block // 512)),
+            **launch_options(pdl),
         )
     return out, res_out
 
@@ -160,7 +164,8 @@ def qk_norm_rope(
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, stride_t, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, stride_t, stride_o, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -178,8 +183,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(tokens, inter, dtype=gate_up.dtype, device=gate_up.device)
     if tokens:
-        block = min(1024, triton.next_power_of_2(inter))
+        block, pdl = min(1024, triton.next_power_of_2(inter)), pdl_on(gate_up.device)
         _silu_mul_kernel[(tokens, triton.cdiv(inter, block))](
-            gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4,
+            gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block, PDL=pdl, num_warps=4,
+            **launch_options(pdl),
         )
     return out

@@ -14,9 +14,9 @@ graphs keep pointers into it) by the caching allocator, normally before any capt
 `silu_input=True` fuses the MLP's SiLU x up into the load of x: the input is gate_up [M, 2K] and the kernel
 multiplies by A = SiLU(gate) * up rounded exactly like `triton_fused.silu_mul` (SiLU in float32, rounded to the
 dtype, times up, rounded), so the separate launch disappears. `pdl=True` launches with programmatic dependent
-launch (sm_90+): each program signals its dependents at once and loads its first weight tile before
-`griddepcontrol.wait`, so the weight stream starts during the previous kernel's tail; everything that reads the
-previous kernel's output (x) or writes (partials, counters, output) comes after the wait.
+launch (sm_90+, `pdl.py`): each program loads its first weight tile, then waits for the previous kernel and
+releases its own dependents, so the weight stream starts during the previous kernel's tail; everything that reads
+the previous kernel's output (x) or writes (partials, counters, output) comes after the wait.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparrow_sgl.attention.kernels.pdl import gdc_wait, launch_options, pdl_enter
 from sparrow_sgl.attention.kernels.triton_fused import _round
 
 MAX_M = 64
@@ -39,11 +40,6 @@ TILES = ((64, 128, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3), (6
          (32, 256, 4, 4), (64, 256, 4, 3), (128, 256, 8, 2), (32, 128, 4, 4))
 MAX_SPLIT = 16  # K splits of a candidate; the last program of a tile reads split x BLOCK_N x M x 4 bytes
 MAX_PROGRAMS_PER_SM = 8  # candidates' grids stay below this many programs per SM (split 1 always qualifies)
-
-try:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # an older triton: pdl=True is refused in `linear`
-    gdc_launch_dependents = gdc_wait = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +115,8 @@ def _linear_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     if PDL:
-        gdc_launch_dependents()
         w = _w_tile(w_rows, k_start + kk, K, EVEN_K)  # weights do not depend on the previous kernel
-        gdc_wait()
+        pdl_enter(PDL)
         acc = _dot(w, _x_tile(x_rows, k_start + kk, K, EVEN_K, SILU), acc, F32_DOT)
         k_start += BLOCK_K
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -237,12 +232,12 @@ def linear(
     split = triton.cdiv(k_blocks, blocks_per_split)  # no empty split (the PDL prologue loads a first tile)
     k_per_split = blocks_per_split * config.block_k
     part, counters = workspace(x.device, split * m * n if split > 1 else 0, tiles if split > 1 else 0)
-    extra = {"launch_pdl": True} if pdl else {}
     _linear_kernel[(tiles, split)](
         x, weight, bias if bias is not None else out, out, part, counters,
         m, n, k, x.stride(0), weight.stride(0), out.stride(0), k_per_split, split,
         BLOCK_M=block_m(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_K=k % config.block_k == 0, HAS_BIAS=bias is not None, SILU=silu_input, PDL=pdl,
-        F32_DOT=x.device.type != "cuda", num_warps=config.num_warps, num_stages=config.num_stages, **extra,
+        F32_DOT=x.device.type != "cuda", num_warps=config.num_warps, num_stages=config.num_stages,
+        **launch_options(pdl),
     )
     return out

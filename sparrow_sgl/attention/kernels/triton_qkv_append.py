@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparrow_sgl.attention.kernels.pdl import launch_options, pdl_enter, pdl_on
 from sparrow_sgl.attention.kernels.triton_fused import _norm_rope, _norm_rope_head, check_qkv
 from sparrow_sgl.attention.kernels.triton_summaries import check_cache_append
 from sparrow_sgl.attention.pages import PageSummaries
@@ -33,8 +34,9 @@ def _qkv_append_decode_kernel(
     sum_ptr, min_ptr, max_ptr, stride_sp, stride_sh, count_ptr,
     centroid_ptr, stride_ep, stride_eh,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MINMAX: tl.constexpr,
-    CENTROID: tl.constexpr,
+    CENTROID: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     dtype = q_ptr.dtype.element_ty
@@ -121,6 +123,7 @@ def qkv_append_decode(
         return q
     s = summaries
     cent = centroid if centroid is not None else s.key_sum
+    pdl = pdl_on(qkv.device)
     _qkv_append_decode_kernel[(tokens, heads + kv_heads)](
         qkv, qkv.stride(0), q_weight, k_weight, cos, sin, cos.stride(0), sin.stride(0), q, eps, head_dim,
         pages, offsets, tickets,
@@ -128,7 +131,8 @@ def qkv_append_decode(
         s.key_sum, s.key_min if minmax else s.key_sum, s.key_max if minmax else s.key_sum,
         s.key_sum.stride(0), s.key_sum.stride(1), s.count,
         cent, cent.stride(0), cent.stride(1),
-        HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, MINMAX=minmax, CENTROID=centroid is not None,
+        HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, MINMAX=minmax, CENTROID=centroid is not None, PDL=pdl,
         num_warps=1 if head_dim <= 128 else 2,  # qk_norm_rope's width: the same reduction order, the same bits
+        **launch_options(pdl),
     )
     return q

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparrow_sgl.attention.kernels.pdl import launch_options, pdl_enter, pdl_on
 from sparrow_sgl.attention.pages import PageSummaries
 from sparrow_sgl.attention.select import Selection, budget_pages_tensor
 from sparrow_sgl.config import SparsityConfig
@@ -179,8 +180,9 @@ def _select_pages_kernel(
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
     BLOCK_P: tl.constexpr, PAGES_PER_PROG: tl.constexpr, QUEST: tl.constexpr, DIVIDE: tl.constexpr,
-    BLOCK_N: tl.constexpr, WRITE_CSR: tl.constexpr,
+    BLOCK_N: tl.constexpr, WRITE_CSR: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     b = row // KV_HEADS
     h = row % KV_HEADS
@@ -220,8 +222,10 @@ def _score_pages_kernel(
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
     BLOCK_P: tl.constexpr, PAGES_PER_PROG: tl.constexpr, QUEST: tl.constexpr, DIVIDE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Two-launch baseline, launch 1: scores only."""
+    pdl_enter(PDL)
     row = tl.program_id(0)
     b = row // KV_HEADS
     h = row % KV_HEADS
@@ -296,9 +300,10 @@ def _topk_pages_kernel(
     pages_ptr, stride_pb, stride_ph, k_cols,
     csr_ptr, row_start_ptr, last_len_ptr,
     KV_HEADS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_CSR: tl.constexpr,
-    BITS: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    BITS: tl.constexpr, EARLY_EXIT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Two-launch baseline, launch 2: a search for the k-th largest key over the whole width, BITS bits per step."""
+    pdl_enter(PDL)
     row = tl.program_id(0)
     b = row // KV_HEADS
     h = row % KV_HEADS
@@ -465,6 +470,7 @@ def select_pages_into(
                  PAGE=cfg.page_size, SINK=cfg.sink_pages, LOCAL=cfg.local_pages, BLOCK_P=block_p,
                  PAGES_PER_PROG=ppp, QUEST=quest, DIVIDE=count is not None)
     grid = (rows, triton.cdiv(max_pages, ppp))
+    pdl = pdl_on(q.device)
     indices, row_start, last_len = csr if csr is not None else (pages_out, pages_out, pages_out)
     if one_launch and topk:
         if counters is None:
@@ -478,7 +484,7 @@ def select_pages_into(
             pages_out, pages_out.stride(0), pages_out.stride(1), pages_out.shape[2],
             indices, row_start, last_len,
             **shape, BLOCK_N=min(max(triton.next_power_of_2(max_pages), 16), topk_chunk), WRITE_CSR=csr is not None,
-            num_warps=warps,
+            PDL=pdl, num_warps=warps, **launch_options(pdl),
         )
         return scores
     if all_heads and not quest and not kv_heads & (kv_heads - 1):
@@ -492,7 +498,7 @@ def select_pages_into(
             block_table, block_table.stride(0),
             seq_lens,
             scores, scores.stride(0), scores.stride(1),
-            **shape, num_warps=warps,
+            **shape, PDL=pdl, num_warps=warps, **launch_options(pdl),
         )
     if not topk:
         return scores
@@ -504,7 +510,8 @@ def select_pages_into(
         pages_out, pages_out.stride(0), pages_out.stride(1), pages_out.shape[2],
         indices, row_start, last_len,
         KV_HEADS=kv_heads, PAGE=cfg.page_size, BLOCK_N=block_n, WRITE_CSR=csr is not None,
-        BITS=topk_bits(block_n), EARLY_EXIT=topk_early_exit(), num_warps=topk_warps(block_n),
+        BITS=topk_bits(block_n), EARLY_EXIT=topk_early_exit(), PDL=pdl, num_warps=topk_warps(block_n),
+        **launch_options(pdl),
     )
     return scores
 
