@@ -106,3 +106,17 @@ def test_graph_decode_with_pdl_decodes_the_same_tokens_and_logprobs(tiny_model_d
     for got, want in zip(runs["1"], runs["0"]):
         assert got.token_ids == want.token_ids
         assert got.logprobs == want.logprobs
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_a_pdl_gemm_whose_early_weight_tile_does_not_fit_waits_first():
+    """128 x 256 tiles in 2 stages fill shared memory: the PDL launch drops its early tile, same bits."""
+    from sparrow_sgl.attention.kernels import triton_linear as tl
+
+    torch.manual_seed(2)
+    x = torch.randn(32, 2048, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16) / 2048**0.5
+    config = tl.Config(128, 256, 2, 8, 2)
+    assert torch.equal(tl.linear(x, w, None, config, pdl=True), tl.linear(x, w, None, config))
+    assert any(key[0] == config for key in tl._NO_EARLY_W)

@@ -16,7 +16,9 @@ multiplies by A = SiLU(gate) * up rounded exactly like `triton_fused.silu_mul` (
 dtype, times up, rounded), so the separate launch disappears. `pdl=True` launches with programmatic dependent
 launch (sm_90+, `pdl.py`): each program loads its first weight tile, then waits for the previous kernel and
 releases its own dependents, so the weight stream starts during the previous kernel's tail; everything that reads
-the previous kernel's output (x) or writes (partials, counters, output) comes after the wait.
+the previous kernel's output (x) or writes (partials, counters, output) comes after the wait. Where that extra tile
+does not fit in shared memory beside the pipeline (e.g. 128 x 256 tiles in 2 stages: 256 KiB), the program waits
+first and loads nothing early.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from sparrow_sgl.attention.kernels.pdl import gdc_wait, launch_options, pdl_enter
 from sparrow_sgl.attention.kernels.triton_fused import _round
@@ -101,7 +104,8 @@ def _linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, counter_ptr,
     M, N, K, stride_xm, stride_wn, stride_om, k_per_split, n_splits,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr, F32_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr, EARLY_W: tl.constexpr,
+    F32_DOT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -114,11 +118,13 @@ def _linear_kernel(
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    if PDL:
+    if EARLY_W:
         w = _w_tile(w_rows, k_start + kk, K, EVEN_K)  # weights do not depend on the previous kernel
         pdl_enter(PDL)
         acc = _dot(w, _x_tile(x_rows, k_start + kk, K, EVEN_K, SILU), acc, F32_DOT)
         k_start += BLOCK_K
+    else:
+        pdl_enter(PDL)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + kk
         acc = _dot(_w_tile(w_rows, k, K, EVEN_K), _x_tile(x_rows, k, K, EVEN_K, SILU), acc, F32_DOT)
@@ -184,6 +190,7 @@ def default_config(m: int, n: int, k: int, device: torch.device) -> Config:
 
 
 _WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_NO_EARLY_W: set[tuple] = set()  # PDL launches whose early weight tile exceeded shared memory
 _RETIRED: list[torch.Tensor] = []  # outgrown workspaces: a captured graph may still point into them
 
 
@@ -232,12 +239,20 @@ def linear(
     split = triton.cdiv(k_blocks, blocks_per_split)  # no empty split (the PDL prologue loads a first tile)
     k_per_split = blocks_per_split * config.block_k
     part, counters = workspace(x.device, split * m * n if split > 1 else 0, tiles if split > 1 else 0)
-    _linear_kernel[(tiles, split)](
-        x, weight, bias if bias is not None else out, out, part, counters,
-        m, n, k, x.stride(0), weight.stride(0), out.stride(0), k_per_split, split,
-        BLOCK_M=block_m(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        EVEN_K=k % config.block_k == 0, HAS_BIAS=bias is not None, SILU=silu_input, PDL=pdl,
-        F32_DOT=x.device.type != "cuda", num_warps=config.num_warps, num_stages=config.num_stages,
-        **launch_options(pdl),
-    )
-    return out
+    shape = dict(BLOCK_M=block_m(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
+                 HAS_BIAS=bias is not None, SILU=silu_input, PDL=pdl, F32_DOT=x.device.type != "cuda",
+                 num_warps=config.num_warps, num_stages=config.num_stages)
+    early_w = pdl and (config, tuple(shape.values())) not in _NO_EARLY_W
+    while True:
+        try:
+            _linear_kernel[(tiles, split)](
+                x, weight, bias if bias is not None else out, out, part, counters,
+                m, n, k, x.stride(0), weight.stride(0), out.stride(0), k_per_split, split,
+                EARLY_W=early_w, **shape, **launch_options(pdl),
+            )
+            return out
+        except OutOfResources:  # raised before the launch: the early weight tile does not fit beside the pipeline
+            if not early_w:
+                raise
+            _NO_EARLY_W.add((config, tuple(shape.values())))
+            early_w = False
