@@ -10,10 +10,10 @@ from test_kernels_gpu import (
     _kernel_test,
     assert_same_up_to_ties,
     make_problem,
-    needs_triton,
     reference_scores,
     rel_err,
 )
+from triton_helpers import needs_triton
 
 from sparrow_sgl.attention import PageSummaries, select_pages
 from sparrow_sgl.attention.attend import attend_pages

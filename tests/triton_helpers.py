@@ -1,6 +1,7 @@
 """Where the Triton kernel tests run: `-m gpu` on CUDA, and on CPU through Triton's interpreter when
 SPARROW_TRITON_INTERPRET=1 (and triton is installed). Import this before any kernel module: the interpreter flag must
-be in the environment when Triton compiles (imports) a kernel."""
+be in the environment when Triton compiles (imports) a kernel. `make test-kernels` runs every tests/test_*.py that
+imports this module (less its `gpu` cases) that way in .venv-sglang: import it directly, not through another test."""
 
 from __future__ import annotations
 
