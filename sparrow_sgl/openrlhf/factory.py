@@ -18,6 +18,7 @@ class DriverConfig:
     sglang: SGLangFlags
     out_dir: str
     load_enable: bool = False  # --ckpt.load_enable: engines start on the TailGuard's saved schedule
+    batch_samples: tuple[int, int] = (0, 0)  # (fewest, most) samples an engine gets per step; (0, 0): unknown
 
 
 _config: DriverConfig | None = None
@@ -32,9 +33,17 @@ def engine_handles(num_engines: int) -> list:
     return [ray.get_actor(engine_name(i)) for i in range(num_engines)]
 
 
-def configure(sparrow: SparrowFlags, sgl: SGLangFlags, out_dir: str, load_enable: bool = False) -> None:
+def configure(sparrow: SparrowFlags, sgl: SGLangFlags, out_dir: str, load_enable: bool = False,
+              batch_samples: tuple[int, int] = (0, 0)) -> None:
     global _config
-    _config = DriverConfig(sparrow, sgl, out_dir, load_enable)
+    _config = DriverConfig(sparrow, sgl, out_dir, load_enable, batch_samples)
+
+
+def samples_per_engine(prompts_per_step: int, samples_per_prompt: int, num_engines: int) -> tuple[int, int]:
+    """(fewest, most) samples one engine gets per rollout step: OpenRLHF balances a step's prompts over the engines
+    (samples_generator.py `_dispatch_prompts_to_vllm`), all samples of a prompt to one engine."""
+    engines = max(num_engines, 1)
+    return prompts_per_step // engines * samples_per_prompt, -(-prompts_per_step // engines) * samples_per_prompt
 
 
 def create_engines(num_engines, tensor_parallel_size, pretrain, seed, full_determinism, enable_prefix_caching,
@@ -79,6 +88,7 @@ def create_engines(num_engines, tensor_parallel_size, pretrain, seed, full_deter
                 enable_sleep=vllm_enable_sleep,
                 schedule=schedule,
                 gpu_memory_utilization=gpu_memory_utilization,  # the embedded engine's KV pool (like vLLM's)
+                batch_samples=_config.batch_samples,
             )
         )
     if vllm_enable_sleep:

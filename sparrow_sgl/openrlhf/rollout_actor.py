@@ -78,7 +78,7 @@ class SparrowRolloutActor:
     def __init__(self, *, index: int, model: str, sparrow: dict, sglang: dict, seed: int,
                  max_model_len: int | None, out_dir: str, agent_func_path: str | None = None,
                  remote_rm_url=None, enable_sleep: bool = False, schedule: dict | None = None,
-                 gpu_memory_utilization: float | None = None) -> None:
+                 gpu_memory_utilization: float | None = None, batch_samples: tuple[int, int] = (0, 0)) -> None:
         from sparrow_sgl.openrlhf.flags import from_dicts
         from sparrow_sgl.openrlhf.patches import apply_worker
 
@@ -91,7 +91,8 @@ class SparrowRolloutActor:
         self.backend = make_backend(model, self.sparrow, self.sgl, index, seed, max_model_len, out_dir,
                                     gpu_memory_utilization)
         self.schedule = self.backend.resolve_schedule(schedule or self.sparrow.schedule)  # a dict: resumed guard
-        self.batcher = Batcher(self._run_batch)
+        fewest, most = batch_samples  # a step's samples start as one batch (batcher.py)
+        self.batcher = Batcher(self._run_batch, expect=most, expect_min=fewest if most else 0)
         self.asleep: set[str] = set()
         self.group = None
         self.ipc = None  # the CUDA-IPC sync's staging (ipc_sync.py), made on first use

@@ -60,7 +60,11 @@ def _parse_args(run: _Run):
             if not getattr(ns, "sparrow.out_dir"):
                 setattr(ns, "sparrow.out_dir", str(Path(getattr(ns, "ckpt.output_dir")).absolute() / "sparrow"))
                 run.sparrow.out_dir = getattr(ns, "sparrow.out_dir")
-            factory.configure(run.sparrow, run.sglang, run.sparrow.out_dir, bool(getattr(ns, "ckpt.load_enable")))
+            per_engine = factory.samples_per_engine(getattr(ns, "rollout.batch_size"),
+                                                    getattr(ns, "rollout.n_samples_per_prompt"),
+                                                    getattr(ns, "vllm.num_engines"))
+            factory.configure(run.sparrow, run.sglang, run.sparrow.out_dir, bool(getattr(ns, "ckpt.load_enable")),
+                              per_engine)
             return ns
 
         return parse_args
