@@ -85,6 +85,7 @@ def step_rows(scalars: dict) -> list[dict]:
             "rollout_tokens_per_s": tokens / gen if tokens and gen else None,
             "reward_mean": _get(scalars, "rollout/reward_mean", s),
             "kv_tokens_mean": _get(scalars, "sparrow_kv_tokens_mean", s),
+            "batch_samples": _get(scalars, "sparrow_batch_samples", s),
             "vllm_kl": _get(scalars, "vllm_kl", s),
             "tails": {k.removeprefix("sparrow/"): v[s] for k, v in sorted(scalars.items())
                       if k.startswith("sparrow/") and s in v},

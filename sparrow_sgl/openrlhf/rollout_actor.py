@@ -132,7 +132,10 @@ class SparrowRolloutActor:
         return request_output(rollout, sampling_params.logprobs is not None)
 
     def _run_batch(self, prompts: list[list[int]], params) -> list:
-        return self.backend.generate(prompts, params, self.schedule, self.sparrow.topk)
+        rollouts = self.backend.generate(prompts, params, self.schedule, self.sparrow.topk)
+        for r in rollouts:  # logged per step as sparrow_batch_samples: one batch a step shows its whole size
+            r.meta["batch_samples"] = len(prompts)
+        return rollouts
 
     def get_num_unfinished_requests(self) -> int:
         return self.batcher.num_unfinished
@@ -301,7 +304,7 @@ def _params_key(p) -> tuple:
 def _meta_logs(meta: dict) -> dict:
     """Scalar sparse statistics of one sample, as OpenRLHF extra_logs (logged as train/<key>)."""
     out = {}
-    for key in ("kv_tokens_mean", "decode_steps"):
+    for key in ("kv_tokens_mean", "decode_steps", "batch_samples"):
         value = meta.get(key)
         if isinstance(value, int | float):
             out[f"sparrow_{key}"] = float(value)
