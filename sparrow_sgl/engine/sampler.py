@@ -64,7 +64,8 @@ class Sampler:
         chosen = logp.gather(-1, token_ids)
         out = SampleOutput(token_ids[:, 0].tolist(), chosen[:, 0].tolist(), [], [])
         k_max = max(s.params.logprobs_topk for s in seqs)
-        top_vals, top_ids = logp.topk(k_max, dim=-1) if k_max else (None, None)
+        if k_max:  # two device-to-host copies a step, then per-row lists (was 2 x batch small copies, each a sync)
+            top_vals, top_ids = (t.cpu() for t in logp.topk(k_max, dim=-1))
         for i, seq in enumerate(seqs):
             k = seq.params.logprobs_topk
             out.topk_ids.append(top_ids[i, :k].tolist() if k else [])
