@@ -1,7 +1,7 @@
 """The rollout actor's batcher: a step's samples, sent by OpenRLHF one prompt RPC at a time, start as one batch.
 
 On an H200 the four `generate_responses` RPCs of a 4-prompt step arrived over 85-230 ms and the old fixed 20 ms window
-split every rollout into 2-3 batches run one after another (bench/results/NOTES.md, session 9)."""
+split every rollout into two batches run one after another (bench/results/NOTES.md, session 9)."""
 
 from __future__ import annotations
 

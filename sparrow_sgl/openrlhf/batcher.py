@@ -6,7 +6,7 @@ params)` call in a worker thread; one batch runs at a time, and none starts whil
 generation, weights being replaced).
 
 When a batch starts: OpenRLHF sends a step's prompts one `generate_responses` RPC at a time, and on an H200 the four
-RPCs of a 4-prompt step arrived over 85-230 ms, so a fixed 20 ms window split every rollout into 2-3 batches run one
+RPCs of a 4-prompt step arrived over 85-230 ms, so a fixed 20 ms window split every rollout into two batches run one
 after another (issue 20's colocated run). With `expect` (the samples one engine gets per step) the batch starts as
 soon as that many requests of its settings are waiting, or, once `expect_min` are (an engine given one prompt fewer
 than the busiest: OpenRLHF balances prompts over engines), after `quiet_s` with no new request; without `expect`,
