@@ -14,9 +14,12 @@
 # env: OUT, WORK (/tmp/gpu_colocated), PYTHON (python3), SITE (/tmp/site), KIT_DIRS (".whl_a .whl_b"), MODEL_DIR,
 #      MODES ("dense sparse"), SPARSE_SCHEDULE (fixed:1024), STEPS (4), PROMPTS (8 a step), SAMPLES (8 a prompt),
 #      TASK (long), EXTRA_ARGS (appended flags), RUN_TIMEOUT (s per mode, 220; the device call's own limit must also
-#      cover ~35 s of kit install and random-model build before the first mode), RAY_PORT (6379),
+#      cover ~35 s of kit install and random-model build before the first mode), CALL_LIMIT_S (the device call's
+#      timeout_s: each mode's timeout is cut so the last one ends 30 s before it and the summary still comes back;
+#      a mode with < 60 s left is skipped), RAY_PORT (6379),
 #      LAYOUT (colocated | split), GPUS (split: the GPUs to use; default all nvidia-smi lists, 2 in a dry run)
 set -euo pipefail
+SCRIPT_START=$(date +%s)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 source scripts/gpu_kit_lib.sh
@@ -33,6 +36,7 @@ MODES=${MODES:-dense sparse}
 SPARSE_SCHEDULE=${SPARSE_SCHEDULE:-fixed:1024}
 STEPS=${STEPS:-4}
 RUN_TIMEOUT=${RUN_TIMEOUT:-220}
+CALL_LIMIT_S=${CALL_LIMIT_S:-}
 PROMPTS=${PROMPTS:-8}    # per step
 SAMPLES=${SAMPLES:-8}    # per prompt
 TASK=${TASK:-long}       # a testbed.SWEEP_TASKS name
@@ -108,13 +112,25 @@ mode_args() {  # MODE SCHEDULE DIR
   )
 }
 
+mode_timeout() {  # RUN_TIMEOUT, cut to end 30 s before CALL_LIMIT_S (counted from the script's start)
+  local left
+  if [ -z "$CALL_LIMIT_S" ]; then echo "$RUN_TIMEOUT"; return; fi
+  left=$(( CALL_LIMIT_S - ($(date +%s) - SCRIPT_START) - 30 ))
+  echo $(( left < RUN_TIMEOUT ? left : RUN_TIMEOUT ))
+}
+
 run_mode() {  # MODE SCHEDULE
-  local mode=$1 schedule=$2 dir=$WORK/$1 start rc
+  local mode=$1 schedule=$2 dir=$WORK/$1 start rc limit
   rm -rf "$dir"
   mkdir -p "$dir"
   mode_args "$mode" "$schedule" "$dir"
+  limit=$(mode_timeout)
   echo "$PYTHON -m sparrow_sgl.openrlhf.train_ppo_ray ${args[*]}" > "$dir/command.txt"
-  echo "== $mode: $(cat "$dir/command.txt")"
+  echo "== $mode (timeout $limit s): $(cat "$dir/command.txt")"
+  if [ "$limit" -lt 60 ]; then
+    echo "== $mode: skipped, $limit s left before CALL_LIMIT_S=$CALL_LIMIT_S (30 s kept for the summary)"
+    return
+  fi
   if [ "${DRY_RUN:-0}" = 1 ]; then
     "$PYTHON" -m sparrow_sgl.openrlhf.train_ppo_ray "${args[@]}" --sparrow.dry_run > "$dir/dry_run.json"
     cat "$dir/dry_run.json"
@@ -125,7 +141,7 @@ run_mode() {  # MODE SCHEDULE
     > "$dir/ray_start.log" 2>&1 || { cat "$dir/ray_start.log"; return 1; }
   start=$(date +%s)
   set +e
-  RAY_ADDRESS=127.0.0.1:$RAY_PORT timeout -k 20 "$RUN_TIMEOUT" "$PYTHON" -m sparrow_sgl.openrlhf.train_ppo_ray "${args[@]}" \
+  RAY_ADDRESS=127.0.0.1:$RAY_PORT timeout -k 10 "$limit" "$PYTHON" -m sparrow_sgl.openrlhf.train_ppo_ray "${args[@]}" \
     > "$dir/run.log" 2>&1
   rc=$?
   set -e

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -222,3 +223,18 @@ def test_split_layout_trains_on_one_gpu_and_rolls_out_on_the_others(tmp_path):
     assert settings["layout"] == "split" and settings["gpus"] == 4
     refused = _dry_run(tmp_path / "one", LAYOUT="split", GPUS="1")
     assert refused.returncode == 2 and "needs 2 or more GPUs" in refused.stderr
+
+
+@pytest.mark.openrlhf
+@pytest.mark.timeout(600)
+def test_each_mode_ends_before_the_device_calls_limit(tmp_path):
+    """CALL_LIMIT_S cuts each mode's timeout so the summary is written 30 s before the call is killed (twice a cut
+    call brought nothing back); a mode left with under 60 s is skipped."""
+    pytest.importorskip("openrlhf")
+    done = _dry_run(tmp_path, MODES="dense", RUN_TIMEOUT="420", CALL_LIMIT_S="150")
+    assert done.returncode == 0, done.stderr[-3000:]
+    limit = int(re.search(r"== dense \(timeout (\d+) s\)", done.stdout).group(1))
+    assert 60 <= limit <= 120
+    done = _dry_run(tmp_path / "short", MODES="dense sparse", CALL_LIMIT_S="45")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "== dense: skipped" in done.stdout and "== sparse: skipped" in done.stdout
