@@ -35,7 +35,6 @@ from sparrow_sgl.engine.linear_table import cache_path, load_table, lookup, read
 
 LINEAR_ENV = "SPARROW_LINEAR"
 PDL_ENV = "SPARROW_LINEAR_PDL"
-ALL_PDL_ENV = "SPARROW_PDL"  # attention/kernels/pdl.PDL_ENV (not imported here: CPU-only installs have no triton)
 MODES = ("auto", "cublas", "triton")
 MAX_M = 64  # triton_linear.MAX_M (not imported here: CPU-only installs have no triton)
 FLUSH_BYTES = 128 * 2**20  # written between timed runs: more than the L2 of an H100/H200 (50 MB)
@@ -52,9 +51,11 @@ def linear_mode() -> str:
 
 
 def use_pdl(device: torch.device) -> bool:
-    """SPARROW_LINEAR_PDL=1 or SPARROW_PDL=1 on a GPU with programmatic dependent launch (sm_90+)."""
-    on = any(os.environ.get(name, "").strip() == "1" for name in (PDL_ENV, ALL_PDL_ENV))
-    return on and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    """SPARROW_LINEAR_PDL=1 or SPARROW_PDL=1 on a GPU with programmatic dependent launch (sm_90+). Only the Triton
+    path asks, so triton is there."""
+    from sparrow_sgl.attention.kernels.pdl import pdl_env, pdl_supported
+
+    return (os.environ.get(PDL_ENV, "").strip() == "1" or pdl_env()) and pdl_supported(device)
 
 
 class Linear(nn.Linear):
@@ -87,8 +88,8 @@ class Linear(nn.Linear):
             from sparrow_sgl.attention.kernels.triton_linear import default_config
 
             return default_config(m, n, k, x.device)
-        pdl = False  # a PDL launch takes the PDL-less choice (module docstring)
-        key = (x.device, 1 << (m - 1).bit_length(), n, k, x.dtype, self.bias is not None, silu, pdl)
+        # the last field (PDL) stays False: a PDL launch takes the PDL-less choice (module docstring)
+        key = (x.device, 1 << (m - 1).bit_length(), n, k, x.dtype, self.bias is not None, silu, False)
         if key in _CHOICES:
             return _CHOICES[key]
         found, choice = shipped_choice(key)
@@ -96,7 +97,7 @@ class Linear(nn.Linear):
             if _capturing(x):
                 return None
             try:
-                timings = time_choices(x, self.weight, self.bias, silu=silu, pdl=pdl)
+                timings = time_choices(x, self.weight, self.bias, silu=silu)
                 choice = min(timings, key=timings.get)
                 remember_choice(key, choice)
             except Exception as e:  # noqa: BLE001 - e.g. no memory for the L2 flush: this shape stays on cuBLAS
