@@ -127,7 +127,7 @@ run_mode() {  # MODE SCHEDULE
   limit=$(mode_timeout)
   echo "$PYTHON -m sparrow_sgl.openrlhf.train_ppo_ray ${args[*]}" > "$dir/command.txt"
   echo "== $mode (timeout $limit s): $(cat "$dir/command.txt")"
-  if [ "$limit" -lt 60 ]; then
+  if [ -n "$CALL_LIMIT_S" ] && [ "$limit" -lt 60 ]; then
     echo "== $mode: skipped, $limit s left before CALL_LIMIT_S=$CALL_LIMIT_S (30 s kept for the summary)"
     return
   fi
