@@ -37,6 +37,7 @@ SPARSE_SCHEDULE=${SPARSE_SCHEDULE:-fixed:1024}
 STEPS=${STEPS:-4}
 RUN_TIMEOUT=${RUN_TIMEOUT:-220}
 CALL_LIMIT_S=${CALL_LIMIT_S:-}
+[[ "$CALL_LIMIT_S" =~ ^[0-9]*$ ]] || { echo "CALL_LIMIT_S=$CALL_LIMIT_S: give the call's timeout in whole seconds" >&2; exit 2; }
 PROMPTS=${PROMPTS:-8}    # per step
 SAMPLES=${SAMPLES:-8}    # per prompt
 TASK=${TASK:-long}       # a testbed.SWEEP_TASKS name

@@ -238,3 +238,5 @@ def test_each_mode_ends_before_the_device_calls_limit(tmp_path):
     done = _dry_run(tmp_path / "short", MODES="dense sparse", CALL_LIMIT_S="45")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "== dense: skipped" in done.stdout and "== sparse: skipped" in done.stdout
+    done = _dry_run(tmp_path / "bad", CALL_LIMIT_S="9m")
+    assert done.returncode == 2 and "CALL_LIMIT_S=9m" in done.stderr
