@@ -86,6 +86,8 @@ def step_rows(scalars: dict) -> list[dict]:
             "reward_mean": _get(scalars, "rollout/reward_mean", s),
             "kv_tokens_mean": _get(scalars, "sparrow_kv_tokens_mean", s),
             "batch_samples": _get(scalars, "sparrow_batch_samples", s),
+            "graph_captures": _get(scalars, "sparrow_graph_captures", s),
+            "graph_capture_s": _get(scalars, "sparrow_graph_capture_s", s),
             "vllm_kl": _get(scalars, "vllm_kl", s),
             "tails": {k.removeprefix("sparrow/"): v[s] for k, v in sorted(scalars.items())
                       if k.startswith("sparrow/") and s in v},
@@ -99,20 +101,22 @@ def _mean(rows: list[dict], key: str) -> float | None:
 
 
 def ipc_syncs(engine_log: Path) -> list[dict]:
-    """The engine's side of each CUDA-IPC sync: its update_weight_cuda_ipc calls, grouped between other calls."""
+    """The engine's side of each CUDA-IPC sync: its update_weight_cuda_ipc calls (one tensor each) or bucket calls,
+    grouped between other calls."""
     if not engine_log.exists():
         return []
     syncs, current = [], []
     for line in engine_log.read_text().splitlines():
         event = json.loads(line)
-        if event.get("call") == "update_weight_cuda_ipc":
-            current.append(event["t"])
+        if event.get("call") in ("update_weight_cuda_ipc", "update_weight_bucket_cuda_ipc"):
+            current.append((event["t"], event.get("tensors", 1)))
         elif current:
             syncs.append(current)
             current = []
     if current:
         syncs.append(current)
-    return [{"tensors": len(c), "first_to_last_s": round(c[-1] - c[0], 4)} for c in syncs]
+    return [{"tensors": sum(n for _, n in c), "calls": len(c), "first_to_last_s": round(c[-1][0] - c[0][0], 4)}
+            for c in syncs]
 
 
 def trainer_syncs(trainer_log: Path) -> list[dict]:
@@ -121,8 +125,8 @@ def trainer_syncs(trainer_log: Path) -> list[dict]:
     if not trainer_log.exists():
         return []
     events = [json.loads(line) for line in trainer_log.read_text().splitlines() if line.strip()]
-    return [{k: e.get(k) for k in ("path", "tensors", "seconds", "canary_max_abs_diff")} for e in events
-            if e.get("event") == "weight_sync"]
+    keys = ("path", "tensors", "buckets", "transfer_seconds", "seconds", "canary_max_abs_diff")
+    return [{k: e.get(k) for k in keys} for e in events if e.get("event") == "weight_sync"]
 
 
 def summarize_mode(mode_dir: Path) -> dict:

@@ -73,3 +73,13 @@ def test_grouping_stores_a_prompt_once(backend):
     backend.generate([A] * 6, _params(), backend.resolve_schedule("dense"), topk=0)
     together = engine.pool_usage()["peak_used_pages"]
     assert together < apart
+
+
+def test_each_rollout_says_what_graph_captures_its_call_made(backend, monkeypatch):
+    runner = backend.engine.runner
+    counts = iter([(3, 1.0), (5, 1.75)])  # before / after the call (a GPU decoder captured 2 graphs in 0.75 s)
+    monkeypatch.setattr(runner, "graph_captures", lambda: next(counts))
+    out = backend.generate([A, B], _params(), backend.resolve_schedule("dense"), topk=0)
+    assert [(r.meta["graph_captures"], r.meta["graph_capture_s"]) for r in out] == [(2, 0.75), (2, 0.75)]
+    monkeypatch.undo()
+    assert runner.graph_captures() == (0, 0.0)  # CPU: no CUDA graphs

@@ -73,9 +73,13 @@ def test_kv_pool_follows_gpu_memory_utilization(monkeypatch, tiny_model_dir):
 def test_cuda_sleep_returns_the_pool_and_graph_memory(tiny_model_dir):
     engine = Engine(EngineConfig(model=str(tiny_model_dir), device="cuda", max_model_len=256, kv_gb=0.25))
     before = _greedy(engine)  # captures the decode CUDA graphs on the pool
+    captured, seconds = engine.runner.graph_captures()
+    assert captured >= 1 and seconds > 0
     held, pool = torch.cuda.memory_allocated(), engine.kv_cache.nbytes
     engine.release_kv_cache()
     assert pool > 0.2 * GIB and held - torch.cuda.memory_allocated() >= pool
     assert engine.runner._gpu is None  # the decoder and its CUDA graphs (and their pool) are dropped
+    assert engine.runner.graph_captures() == (captured, seconds)  # the count outlives the dropped decoder
     engine.resume_kv_cache()
     assert _greedy(engine) == before  # graphs re-captured on the new pool's addresses
+    assert engine.runner.graph_captures()[0] == 2 * captured

@@ -146,7 +146,7 @@ def test_summary_from_the_run_logs(tmp_path):
     assert dense["mean_after_step_1"]["rollout_tokens_per_s"] == 160.0  # 64 x 10 tokens / 4 s, steps 2-3
     assert dense["per_step"][0]["reward_s"] == pytest.approx(0.128) and dense["per_step"][0]["train_s"] == 3.0
     assert dense["per_step"][1]["tails"] == {"tail_bin_0": 0.9}
-    assert dense["engine_ipc_syncs"] == [{"tensors": 2, "first_to_last_s": 0.5}]
+    assert dense["engine_ipc_syncs"] == [{"tensors": 2, "calls": 2, "first_to_last_s": 0.5}]
     assert dense["trainer_syncs"] == []
     assert result["rollout_speedup_sparse_vs_dense"] == 2.0
     assert result["sync_s"] == {"dense": 0.5, "sparse": 0.5}

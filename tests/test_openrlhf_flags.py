@@ -91,6 +91,8 @@ def test_conflicts_are_refused(argv, reason):
         (("--sparrow.canary_atol", "nan"), "canary_atol must be a finite number >= 0, got nan"),
         (("--sparrow.canary_atol", "-1"), "canary_atol must be a finite"),
         (("--sparrow.canary_tokens", "-1"), "canary_tokens >= 0, got 2048, -1"),
+        (("--sparrow.ipc_bucket_mb", "-1"), "ipc_bucket_mb must be a finite number of MiB >= 0 .*, got -1.0"),
+        (("--sparrow.ipc_bucket_mb", "inf"), "ipc_bucket_mb must be a finite"),
         (("--sglang.device", "tpu"), "--sglang.device must be auto, cpu or cuda, got 'tpu'"),
         (("--sglang.dtype", "fp8"), "--sglang.dtype must be auto"),
         (("--sglang.kv_tokens", "-5"), "--sglang.kv_tokens must be >= 1, got -5"),

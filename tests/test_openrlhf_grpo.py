@@ -35,6 +35,7 @@ def test_step_finishes_with_rewards_tails_and_sparse_stats_in_openrlhf_metrics(r
     assert abs(scalars["train/vllm_kl"][0]) < 1e-2
     # the step's 2 prompts x 2 samples, sent as two RPCs, ran as one engine batch (the batcher waits for them)
     assert scalars["train/sparrow_batch_samples"][0] == 4
+    assert scalars["train/sparrow_graph_captures"][0] == 0  # CUDA graphs exist on GPU only
     # fixed:64 attends at most 64 KV tokens per (sparse layer, KV head, step)
     assert 0 < scalars["train/sparrow_kv_tokens_mean"][0] <= 64
     # the tail, measured in the trainer's own forward against the rollout's top-4, next to vllm_kl

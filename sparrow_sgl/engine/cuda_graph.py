@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -328,6 +329,7 @@ class GraphDecodeRunner:
         self.last_step: DecodeStep | None = None
         self._pool = None
         self._workspace: torch.Tensor | None = None
+        self.captures, self.capture_s = 0, 0.0  # graphs captured by this runner, and the seconds that took
 
     def workspace(self) -> torch.Tensor:
         from sparrow_sgl.attention.kernels.flashinfer_decode import WORKSPACE_BYTES
@@ -383,8 +385,12 @@ class GraphDecodeRunner:
             step.forward()
             return
         if step.graph is None:
+            start = time.perf_counter()
             try:
                 step.graph = self._capture(step)
+                torch.cuda.synchronize(self.device)
+                self.captures += 1
+                self.capture_s += time.perf_counter() - start
             except Exception as e:  # noqa: BLE001 - any capture failure falls back to the same step, eagerly
                 print(f"sparrow engine: CUDA graph capture failed for {step.key} ({e}); running eagerly",
                       file=sys.stderr)

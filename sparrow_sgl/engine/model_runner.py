@@ -25,12 +25,21 @@ class ModelRunner:
         self._table_key: tuple[int, ...] = ()
         self._table: torch.Tensor | None = None
         self._gpu: GraphDecodeRunner | bool | None = None  # built on first use; False where it does not apply
+        self._dropped_captures = (0, 0.0)  # what the GPU decoders that rebind dropped had captured
 
     def rebind(self, kv_cache: KVCache | None) -> None:
         """A new KV pool (None: released): drop the cached block table and the GPU decoder, whose CUDA graphs
         captured the old pool's addresses (it is rebuilt on first use)."""
+        self._dropped_captures = self.graph_captures()
         self.kv_cache, self._gpu = kv_cache, None
         self._table_key, self._table = (), None
+
+    def graph_captures(self) -> tuple[int, float]:
+        """(decode graphs captured, seconds spent capturing them) over this runner's life, rebinds included."""
+        count, seconds = self._dropped_captures
+        if self._gpu:
+            count, seconds = count + self._gpu.captures, seconds + self._gpu.capture_s
+        return count, seconds
 
     def gpu_decoder(self) -> GraphDecodeRunner | None:
         if self._gpu is None:

@@ -80,6 +80,7 @@ class EmbeddedBackend:
         for prompt, positions in where.items():
             by_count.setdefault(len(positions), []).append(prompt)
         out: list[Rollout | None] = [None] * len(prompts)
+        captures, capture_s = self.engine.runner.graph_captures()
         for c, (n, unique) in enumerate(by_count.items()):
             seed = None if base.seed is None else (base.seed * 1_000_003 + c) % 2**63  # calls draw apart
             rollouts = self.engine.generate([list(p) for p in unique], dataclasses.replace(base, n=n, seed=seed),
@@ -87,6 +88,9 @@ class EmbeddedBackend:
             for j, prompt in enumerate(unique):
                 for s, i in enumerate(where[prompt]):
                     out[i] = rollouts[j * n + s]
+        after, after_s = self.engine.runner.graph_captures()
+        for r in out:  # a colocated engine re-captures its graphs after each wake-up: what that costs a call
+            r.meta.update(graph_captures=after - captures, graph_capture_s=round(after_s - capture_s, 3))
         return out
 
     def apply_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:

@@ -35,6 +35,7 @@ class SparrowFlags:
     sync_timeout: float = 600.0  # seconds any weight-sync call may take before the run fails closed
     canary_tokens: int = 8  # greedy canary length checked after every weight sync (0 = off)
     canary_atol: float = 0.05  # max |log-prob difference| engine vs trainer on the canary
+    ipc_bucket_mb: float = 512.0  # colocated CUDA-IPC sync: MiB per bucket (0 = OpenRLHF's one call per parameter)
     out_dir: str | None = None  # events/canary JSON lines (default: <--ckpt.path>/sparrow)
     dry_run: bool = False  # print the resolved configuration and exit
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -53,6 +54,9 @@ class SparrowFlags:
             raise ConfigError(f"--sparrow.sync_timeout must be a finite number of seconds > 0, got {self.sync_timeout}")
         if not 0.0 <= self.canary_atol < math.inf:  # nan would let every canary pass, a negative one fail
             raise ConfigError(f"--sparrow.canary_atol must be a finite number >= 0, got {self.canary_atol}")
+        if not 0.0 <= self.ipc_bucket_mb < math.inf:
+            raise ConfigError(f"--sparrow.ipc_bucket_mb must be a finite number of MiB >= 0 (0: one call per "
+                              f"parameter), got {self.ipc_bucket_mb}")
 
 
 @dataclass(slots=True)

@@ -1,15 +1,17 @@
 """Engine side of OpenRLHF's colocated CUDA-IPC weight sync (ppo_actor.py:439-466), fail-closed like weight_sync.py.
 
 OpenRLHF sends one `update_weight_cuda_ipc` call per parameter, each naming a clone the trainer frees once the call
-returns, and marks the last parameter of a sync with `empty_cache=True` (`count == num_params`, ppo_actor.py:455).
-So each call copies its tensor out of the trainer's memory and waits for that copy on the device before it
-returns (what vLLM's worker does with `torch.cuda.synchronize()`); the copies are staged, checked against the
-engine's parameter names and shapes, and applied together only at the last call, if every parameter arrived. A
-failed call drops the staged tensors: the engine keeps its previous weights.
+returns, and marks the last parameter of a sync with `empty_cache=True` (`count == num_params`, ppo_actor.py:455);
+sparrow's bucketed sync (ipc_buckets.py) sends many parameters packed in one flat buffer per call. So each call
+copies its tensors out of the trainer's memory and waits for those copies on the device before it returns (what
+vLLM's worker does with `torch.cuda.synchronize()`); the copies are staged, checked against the engine's parameter
+names and shapes, and applied together only at the last call, if every parameter arrived. A failed call drops the
+staged tensors: the engine keeps its previous weights.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -25,6 +27,21 @@ def open_ipc_tensor(ipc_handles: dict) -> torch.Tensor:
     args = list(args)
     args[6] = torch.cuda.current_device()  # the rebuilt tensor lives on this process's device
     return func(*args)
+
+
+def bucket_views(entries: list[dict], flat: torch.Tensor, dtype: str | None = None) -> list[tuple[str, torch.Tensor]]:
+    """(name, view) of each parameter packed in a flat bucket (ipc_buckets.py), every entry checked against it."""
+    if dtype is not None and str(flat.dtype) != dtype:
+        raise SyncError(f"CUDA-IPC weight bucket: announced {dtype}, the shared buffer is {flat.dtype}; nothing of "
+                        "this sync is applied")
+    named = []
+    for e in entries:
+        name, shape, offset, numel = e["name"], tuple(e["shape"]), int(e["offset"]), int(e["numel"])
+        if offset < 0 or numel != math.prod(shape) or offset + numel > flat.numel():
+            raise SyncError(f"CUDA-IPC weight bucket: {name} (shape {shape}, elements {offset}..{offset + numel}) does "
+                            f"not lie in the {flat.numel()}-element buffer; nothing of this sync is applied")
+        named.append((name, flat[offset : offset + numel].view(shape)))
+    return named
 
 
 def wait_for_copy(tensor: torch.Tensor) -> None:
@@ -46,11 +63,19 @@ class IpcReceiver:
 
     def receive(self, name: str, tensor: torch.Tensor, last: bool) -> bool:
         """Stage a copy of `tensor`; at the `last` call apply the whole sync. True when weights were applied."""
+        return self.receive_many([(name, tensor)], last)
+
+    def receive_many(self, named: list[tuple[str, torch.Tensor]], last: bool) -> bool:
+        """Stage copies of every (name, tensor) of one call, one wait for all of them; at the `last` call apply the
+        whole sync. True when weights were applied."""
         try:
-            self._check(name, tuple(tensor.shape))
-            copy = tensor.to(self.device or tensor.device, copy=True)
-            wait_for_copy(copy)
-            self.staged[name] = copy
+            copies: dict[str, torch.Tensor] = {}
+            for name, tensor in named:
+                self._check(name, tuple(tensor.shape), copies)
+                copies[name] = tensor.to(self.device or tensor.device, copy=True)
+            for copy in list(copies.values())[-1:]:
+                wait_for_copy(copy)  # one stream: the last copy done means all of them are
+            self.staged.update(copies)
             if not last:
                 return False
             self._check_complete()
@@ -67,8 +92,8 @@ class IpcReceiver:
             raise SyncError(f"CUDA-IPC sync: its last tensor arrived but {len(missing)} parameter(s) did not, e.g. "
                             f"{missing[:3]}; nothing of this sync is applied")
 
-    def _check(self, name: str, shape: tuple[int, ...]) -> None:
-        if name in self.staged:
+    def _check(self, name: str, shape: tuple[int, ...], this_call: dict[str, torch.Tensor]) -> None:
+        if name in self.staged or name in this_call:
             raise SyncError(f"CUDA-IPC sync: {name} arrived twice before the sync's last tensor (the previous sync "
                             "did not finish); its staged tensors are dropped, the engine keeps its old weights")
         if self.shapes is None:

@@ -226,6 +226,31 @@ class SparrowRolloutActor:
 
     async def receive_ipc_tensor(self, name: str, tensor: torch.Tensor, last: bool) -> bool:
         """One tensor of a CUDA-IPC sync, already opened (the seam a CPU test drives: CUDA IPC itself needs CUDA)."""
+        return await self._receive_ipc([(name, tensor)], last)
+
+    async def update_weight_bucket_cuda_ipc(self, entries: list[dict], dtype: str, ipc_handles: dict,
+                                            last: bool = False) -> bool:
+        """sparrow's bucketed colocated sync (ipc_buckets.py): many parameters packed in one shared flat buffer."""
+        from sparrow_sgl.openrlhf.ipc_sync import open_ipc_tensor
+
+        applied = await self.receive_ipc_bucket(entries, open_ipc_tensor(ipc_handles), last, dtype)
+        self._log("update_weight_bucket_cuda_ipc", tensors=len(entries), applied=applied)
+        return applied
+
+    async def receive_ipc_bucket(self, entries: list[dict], flat: torch.Tensor, last: bool,
+                                 dtype: str | None = None) -> bool:
+        """One bucket of a bucketed CUDA-IPC sync, its buffer already opened (the seam a CPU test drives)."""
+        from sparrow_sgl.openrlhf.ipc_sync import bucket_views
+
+        try:
+            named = bucket_views(entries, flat, dtype)
+        except BaseException:
+            if self.ipc is not None:
+                self.ipc.staged = {}  # fail closed: the earlier buckets of this sync are dropped too
+            raise
+        return await self._receive_ipc(named, last)
+
+    async def _receive_ipc(self, named: list[tuple[str, torch.Tensor]], last: bool) -> bool:
         from sparrow_sgl.openrlhf.ipc_sync import IpcReceiver
 
         if self.ipc is None:
@@ -235,7 +260,7 @@ class SparrowRolloutActor:
             self.ipc = IpcReceiver(self.backend.apply_weights, self.backend.weight_shapes(), self.backend.device,
                                    self.backend.optional_weights())
         async with self.batcher.lock:
-            applied = await asyncio.to_thread(self.ipc.receive, name, tensor, last)
+            applied = await asyncio.to_thread(self.ipc.receive_many, named, last)
             if applied:
                 await asyncio.to_thread(self.backend.flush_cache)
         return applied
@@ -304,7 +329,7 @@ def _params_key(p) -> tuple:
 def _meta_logs(meta: dict) -> dict:
     """Scalar sparse statistics of one sample, as OpenRLHF extra_logs (logged as train/<key>)."""
     out = {}
-    for key in ("kv_tokens_mean", "decode_steps", "batch_samples"):
+    for key in ("kv_tokens_mean", "decode_steps", "batch_samples", "graph_captures", "graph_capture_s"):
         value = meta.get(key)
         if isinstance(value, int | float):
             out[f"sparrow_{key}"] = float(value)

@@ -4,8 +4,9 @@
 PyNccl one; `broadcast_to_vllm`: one `update_weights` call per engine with every tensor's name/dtype/shape, the
 tensors broadcast in that order, each engine's greedy canary compared with the trainer's own log-probs of the same
 tokens (with DistillSparse: θ + φ, which the engines serve; θ alone is sent). Any step past `--sparrow.sync_timeout`
-raises `SyncError`. The colocated CUDA-IPC path stays OpenRLHF's own broadcast (ppo_actor.py:439-490, engine side
-in ipc_sync.py); once it returns, rank 0 runs the same canary check and writes the same sync record. The hook is on
+raises `SyncError`. The colocated CUDA-IPC path is OpenRLHF's broadcast (ppo_actor.py:439-490) with many parameters
+per call (ipc_buckets.py; `--sparrow.ipc_bucket_mb 0`: OpenRLHF's own, one call per parameter; engine side in
+ipc_sync.py); once it returns, rank 0 runs the same canary check and writes the same sync record. The hook is on
 the plain `ActorPPOTrainer` (the @ray.remote `PolicyModelActor.broadcast_to_vllm`, :646, calls it), patched in
 every worker by patches.apply_worker.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sparrow_sgl.openrlhf import ipc_buckets
 from sparrow_sgl.openrlhf.weight_sync import (
     GROUP_NAME,
     SyncError,
@@ -83,10 +85,14 @@ def broadcast_to_engines(self) -> None:
     gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=args.ds.zero_stage == 3)
     if self.use_cuda_ipc:
         start = time.perf_counter()
-        self._openrlhf_broadcast_to_vllm()
+        buckets = None
+        if sparrow.ipc_bucket_mb > 0:
+            buckets = ipc_buckets.broadcast_buckets(self, sparrow.ipc_bucket_mb, sparrow.sync_timeout)
+        else:
+            self._openrlhf_broadcast_to_vllm()
         with gathered:
             if rank0:
-                check_after_ipc(model, self.vllm_engines, sparrow, start, served)
+                check_after_ipc(model, self.vllm_engines, sparrow, start, served, buckets)
         return None
     from openrlhf.utils.distributed_util import torch_dist_barrier_and_cuda_sync
 
@@ -115,18 +121,22 @@ def push(model: torch.nn.Module, engines: list, group, sparrow, flush: bool = Tr
 
 
 def check_after_ipc(model: torch.nn.Module, engines: list, sparrow, start: float,
-                    served: torch.nn.Module | None = None) -> list[dict | None]:
-    """Rank 0, after OpenRLHF's CUDA-IPC broadcast returned: every engine's canary against the trainer's."""
+                    served: torch.nn.Module | None = None, buckets: int | None = None) -> list[dict | None]:
+    """Rank 0, after the CUDA-IPC broadcast returned: every engine's canary against the trainer's. buckets: how many
+    the bucketed sync sent (None: OpenRLHF's one call per parameter)."""
+    seconds = round(time.perf_counter() - start, 3)  # the transfer alone, before the canaries
     canaries = wait([e.canary.remote() for e in engines], sparrow.sync_timeout, "canary after the CUDA-IPC sync")
     tensors = sum(1 for _ in model.parameters())
-    check_canaries(model, canaries, sparrow, tensors, start, served, "cuda_ipc")
+    check_canaries(model, canaries, sparrow, tensors, start, served, "cuda_ipc", buckets=buckets,
+                   transfer_seconds=seconds)
     return canaries
 
 
 def check_canaries(model: torch.nn.Module, canaries: list, sparrow, tensors: int, start: float,
-                   served: torch.nn.Module | None, path: str) -> None:
-    """Write the sync record; raise SyncError when an engine's canary differs from `served` (or the policy)."""
-    record = {"path": path, "tensors": tensors, "seconds": round(time.perf_counter() - start, 3),
+                   served: torch.nn.Module | None, path: str, **extra) -> None:
+    """Write the sync record (with `extra` fields); raise SyncError when an engine's canary differs from `served`
+    (or the policy)."""
+    record = {"path": path, "tensors": tensors, **extra, "seconds": round(time.perf_counter() - start, 3),
               "canary_max_abs_diff": None,
               "canary_reference": "policy+distill_lora" if served is not None else "policy"}
     diffs = [canary_diff(served if served is not None else model, c) for c in canaries if c is not None]
