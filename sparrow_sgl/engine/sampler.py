@@ -8,10 +8,16 @@ filtering), since the distribution they "sample" is a point mass.
 
 Each row draws one uniform number from its own CPU generator and inverts the CDF, so a request's tokens depend only
 on its seed and its logits, never on which other requests share the batch.
+
+On CUDA, a batch without top-k / top-p filtering is sampled by one Triton launch (attention/kernels/triton_sample.py:
+the same rule and log-probs up to float32 summation order), its inputs in one host-to-device copy and every output
+in one device-to-host copy; SPARROW_FUSED_SAMPLER=0 keeps the torch path. The torch path is the reference.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +59,28 @@ def sampling_logprobs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
     return torch.log_softmax(logits, dim=-1)
 
 
+FUSED_ENV = "SPARROW_FUSED_SAMPLER"
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def fused_applies(logits: torch.Tensor, seqs: list[Sequence]) -> bool:
+    """The Triton sampler serves this batch: CUDA, Triton, SPARROW_FUSED_SAMPLER not 0, no row filtered by top-k/p."""
+    if not (logits.is_cuda and _HAS_TRITON and os.environ.get(FUSED_ENV, "1").strip() != "0"):
+        return False
+    return all(s.params.greedy or (s.params.top_k <= 0 and s.params.top_p >= 1.0) for s in seqs)
+
+
 class Sampler:
+    def __init__(self, fused: bool | None = None) -> None:
+        """fused: None = the Triton sampler where `fused_applies`; True forces it (tests, Triton's interpreter on
+        CPU; filtered rows still take the torch path); False = always the torch path."""
+        self.fused = fused
+        self._host: torch.Tensor | None = None  # reused (pinned on CUDA) staging of the per-row inputs
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
+        unfiltered = all(s.params.greedy or (s.params.top_k <= 0 and s.params.top_p >= 1.0) for s in seqs)
+        if fused_applies(logits, seqs) if self.fused is None else (self.fused and unfiltered):
+            return self._fused(logits, seqs)
         logp = sampling_logprobs(logits, seqs)
         greedy = torch.tensor([s.params.greedy for s in seqs], device=logp.device)
         uniform = torch.tensor([self._uniform(s) for s in seqs], device=logp.device)
@@ -71,6 +97,39 @@ class Sampler:
             out.topk_ids.append(top_ids[i, :k].tolist() if k else [])
             out.topk_logprobs.append(top_vals[i, :k].tolist() if k else [])
         return out
+
+    def _fused(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
+        from sparrow_sgl.attention.kernels.triton_sample import sample
+
+        rows = len(seqs)
+        host = self._staging(rows, logits.is_cuda)
+        host.copy_(torch.tensor([  # inverse temperature, uniform, greedy flag
+            [1.0 if s.params.greedy else 1.0 / (s.params.temperature or 1.0) for s in seqs],
+            [self._uniform(s) for s in seqs],
+            [float(s.params.greedy) for s in seqs],
+        ]))
+        inputs = host.to(logits.device, non_blocking=True)
+        token, chosen, lse = sample(logits, inputs[0], inputs[1], inputs[2])
+        parts = [token[:, None].double(), chosen[:, None].double()]
+        k_max = max(s.params.logprobs_topk for s in seqs)
+        if k_max:
+            top_vals, top_ids = logits.float().topk(k_max, dim=-1)  # the order of logits * inv_temperature too
+            parts += [top_ids.double(), (top_vals * inputs[0][:, None] - lse[:, None]).double()]
+        packed = torch.cat(parts, dim=1).cpu()  # the step's one device-to-host copy (float64 holds every id exactly)
+        out = SampleOutput([int(t) for t in packed[:, 0].tolist()], packed[:, 1].tolist(), [], [])
+        ids, vals = packed[:, 2 : 2 + k_max], packed[:, 2 + k_max :]
+        for i, seq in enumerate(seqs):
+            k = seq.params.logprobs_topk
+            out.topk_ids.append([int(t) for t in ids[i, :k].tolist()] if k else [])
+            out.topk_logprobs.append(vals[i, :k].tolist() if k else [])
+        return out
+
+    def _staging(self, rows: int, pinned: bool) -> torch.Tensor:
+        """A contiguous [3, rows] float32 view of a reused host buffer; reusing it is safe: each call ends with a
+        device-to-host copy, which waits for the previous call's host-to-device copy."""
+        if self._host is None or self._host.numel() < 3 * rows or self._host.is_pinned() != pinned:
+            self._host = torch.empty(3 * max(rows, 64), dtype=torch.float32, pin_memory=pinned)
+        return self._host[: 3 * rows].view(3, rows)
 
     @staticmethod
     def _uniform(seq: Sequence) -> float:

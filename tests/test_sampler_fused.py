@@ -1,0 +1,123 @@
+"""The one-launch Triton sampler against the torch sampler (the reference): the same tokens for the same uniforms, the
+same log-probs and top-k lists up to float32 rounding, greedy ties to the first index, filtered rows on the torch
+path. On CUDA (`-m gpu`) and on CPU through Triton's interpreter (SPARROW_TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton_helpers import DEVICES, needs_triton  # noqa: I001 - sets the interpreter flag before kernels import
+
+from sparrow_sgl.engine.sampler import Sampler, fused_applies
+from sparrow_sgl.engine.sampling_params import SamplingParams
+from sparrow_sgl.engine.sequence import Sequence
+
+pytestmark = needs_triton
+VOCAB = 5003  # two 4096-wide blocks, the last one partly masked
+
+
+def _seqs(specs: list[dict], seed: int = 0) -> list[Sequence]:
+    """One sequence per spec (SamplingParams fields), each with its own seeded generator."""
+    return [Sequence(i, [1, 2], SamplingParams(**spec), 8, 0, generator=torch.Generator().manual_seed(seed + i))
+            for i, spec in enumerate(specs)]
+
+
+def _both(logits: torch.Tensor, specs: list[dict]):
+    fused = Sampler(fused=True)(logits, _seqs(specs))
+    reference = Sampler(fused=False)(logits.cpu(), _seqs(specs))
+    return fused, reference
+
+
+SPECS = [
+    {"temperature": 1.0, "logprobs_topk": 5},
+    {"temperature": 0.7, "logprobs_topk": 0},
+    {"temperature": 1.3, "logprobs_topk": 3},
+    {"temperature": 0.0, "logprobs_topk": 4},  # greedy
+    {"temperature": 1.0, "logprobs_topk": 5},
+    {"temperature": 0.5, "logprobs_topk": 1},
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_sampler_draws_the_reference_tokens_and_log_probs(device):
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(len(SPECS), VOCAB, generator=g) * 4).to(device)
+    fused, ref = _both(logits, SPECS)
+    assert fused.token_ids == ref.token_ids
+    assert fused.logprobs == pytest.approx(ref.logprobs, abs=2e-5)
+    assert fused.topk_ids == ref.topk_ids
+    for got, want in zip(fused.topk_logprobs, ref.topk_logprobs):
+        assert got == pytest.approx(want, abs=2e-5)
+
+
+def _check_inverse_cdf(logits: torch.Tensor, tokens: list[int], seed: int, rel_tol: float = 1e-5) -> None:
+    """Each token is the first whose cumulative probability reaches u x total (float64), up to float32 rounding:
+    the cumulative mass before it is below the target and through it at or above, within rel_tol of the total."""
+    for i, (row, token) in enumerate(zip(logits.double(), tokens)):
+        g = torch.Generator().manual_seed(seed + i)
+        u = float(torch.tensor(1.0 - float(torch.rand((), generator=g)), dtype=torch.float32))  # staged as float32
+        cdf = row.softmax(-1).cumsum(-1)
+        target, tol = u * float(cdf[-1]), rel_tol * float(cdf[-1])
+        before = float(cdf[token - 1]) if token else 0.0
+        assert before <= target + tol and float(cdf[token]) >= target - tol, (i, token, before, target)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_draws_follow_the_inverse_cdf(device):
+    """Flat and peaked rows, 8 draws each, against the float64 rule. On flat rows a draw may land one token over
+    when u x total falls within float32 rounding of a boundary (the torch sampler's float32 cumsum drifts as much)."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(8, VOCAB, generator=g)
+    logits[:4] *= 12  # peaked: most mass in a few tokens, near-zero probabilities elsewhere
+    specs = [{"temperature": 1.0}] * 8
+    for seed in range(0, 800, 100):
+        fused = Sampler(fused=True)(logits.to(device), _seqs(specs, seed))
+        _check_inverse_cdf(logits, fused.token_ids, seed)
+        peaked = Sampler(fused=False)(logits, _seqs(specs, seed))
+        assert fused.token_ids[:4] == peaked.token_ids[:4]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_ties_take_the_first_index_across_blocks(device):
+    logits = torch.zeros(2, VOCAB)
+    logits[0, [4500, 17, 4999]] = 3.0  # the first maximum is in the first block
+    logits[1, [4200, 4201]] = 2.0  # both in the second block
+    fused, ref = _both(logits.to(device), [{"temperature": 0.0}, {"temperature": 0.0}])
+    assert fused.token_ids == ref.token_ids == [17, 4200]
+    assert fused.logprobs == pytest.approx(ref.logprobs, abs=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_with_top_k_or_top_p_take_the_torch_path(device):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, VOCAB, generator=g).to(device)
+    specs = [{"temperature": 1.0, "top_k": 20}, {"temperature": 1.0, "top_p": 0.9}, {"temperature": 1.0}]
+    fused, ref = _both(logits, specs)
+    assert fused.token_ids == ref.token_ids and fused.logprobs == pytest.approx(ref.logprobs, abs=1e-6)
+    assert not fused_applies(logits, _seqs(specs)) and not fused_applies(logits.cpu(), _seqs(specs[2:]))
+
+
+def test_the_kernel_refuses_wrong_shapes():
+    from sparrow_sgl.attention.kernels.triton_sample import sample
+
+    logits = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        sample(logits.t(), torch.ones(8), torch.ones(8), torch.zeros(8))
+    with pytest.raises(ValueError, match=r"uniform must be \[2\]"):
+        sample(logits, torch.ones(2), torch.ones(3), torch.zeros(2))
+
+
+@pytest.mark.gpu
+def test_engine_generates_the_same_tokens_with_either_sampler(tiny_model_dir, monkeypatch):
+    """The engine on CUDA: the fused sampler (default) and SPARROW_FUSED_SAMPLER=0 give the same rollouts."""
+    from sparrow_sgl.config import EngineConfig
+    from sparrow_sgl.engine import Engine
+
+    engine = Engine(EngineConfig(model=str(tiny_model_dir), device="cuda", max_model_len=256, kv_gb=0.25))
+    params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=7, ignore_eos=True, logprobs_topk=3, n=4)
+    fused = engine.generate([[5, 9, 13, 21]], params, progress=False)
+    monkeypatch.setenv("SPARROW_FUSED_SAMPLER", "0")
+    ref = engine.generate([[5, 9, 13, 21]], params, progress=False)
+    assert [r.token_ids for r in fused] == [r.token_ids for r in ref]
+    for a, b in zip(fused, ref):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
