@@ -121,3 +121,12 @@ def test_engine_generates_the_same_tokens_with_either_sampler(tiny_model_dir, mo
     assert [r.token_ids for r in fused] == [r.token_ids for r in ref]
     for a, b in zip(fused, ref):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_sampler_serves_calls_inside_and_outside_inference_mode(device):
+    logits = torch.randn(2, VOCAB).to(device)
+    sampler = Sampler(fused=True)
+    with torch.inference_mode():
+        first = sampler(logits, _seqs([{"temperature": 1.0}] * 2))
+    assert sampler(logits, _seqs([{"temperature": 1.0}] * 2)).token_ids == first.token_ids  # same seeds

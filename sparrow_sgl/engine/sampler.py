@@ -128,7 +128,8 @@ class Sampler:
         """A contiguous [3, rows] float32 view of a reused host buffer; reusing it is safe: each call ends with a
         device-to-host copy, which waits for the previous call's host-to-device copy."""
         if self._host is None or self._host.numel() < 3 * rows or self._host.is_pinned() != pinned:
-            self._host = torch.empty(3 * max(rows, 64), dtype=torch.float32, pin_memory=pinned)
+            with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+                self._host = torch.empty(3 * max(rows, 64), dtype=torch.float32, pin_memory=pinned)
         return self._host[: 3 * rows].view(3, rows)
 
     @staticmethod
