@@ -90,12 +90,13 @@ class Sampler:
         chosen = logp.gather(-1, token_ids)
         out = SampleOutput(token_ids[:, 0].tolist(), chosen[:, 0].tolist(), [], [])
         k_max = max(s.params.logprobs_topk for s in seqs)
-        if k_max:  # two device-to-host copies a step, then per-row lists (was 2 x batch small copies, each a sync)
-            top_vals, top_ids = (t.cpu() for t in logp.topk(k_max, dim=-1))
-        for i, seq in enumerate(seqs):
+        top_vals = top_ids = [[]] * len(seqs)
+        if k_max:  # two device-to-host copies a step, each turned into lists once (not per row)
+            top_vals, top_ids = (t.cpu().tolist() for t in logp.topk(k_max, dim=-1))
+        for seq, ids, vals in zip(seqs, top_ids, top_vals):
             k = seq.params.logprobs_topk
-            out.topk_ids.append(top_ids[i, :k].tolist() if k else [])
-            out.topk_logprobs.append(top_vals[i, :k].tolist() if k else [])
+            out.topk_ids.append(ids[:k])
+            out.topk_logprobs.append(vals[:k])
         return out
 
     def _fused(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
@@ -115,13 +116,12 @@ class Sampler:
         if k_max:
             top_vals, top_ids = logits.float().topk(k_max, dim=-1)  # the order of logits * inv_temperature too
             parts += [top_ids.double(), (top_vals * inputs[0][:, None] - lse[:, None]).double()]
-        packed = torch.cat(parts, dim=1).cpu()  # the step's one device-to-host copy (float64 holds every id exactly)
-        out = SampleOutput([int(t) for t in packed[:, 0].tolist()], packed[:, 1].tolist(), [], [])
-        ids, vals = packed[:, 2 : 2 + k_max], packed[:, 2 + k_max :]
-        for i, seq in enumerate(seqs):
+        packed = torch.cat(parts, dim=1).cpu().tolist()  # the step's one device-to-host copy (float64: exact ids)
+        out = SampleOutput([int(r[0]) for r in packed], [r[1] for r in packed], [], [])
+        for seq, r in zip(seqs, packed):
             k = seq.params.logprobs_topk
-            out.topk_ids.append([int(t) for t in ids[i, :k].tolist()] if k else [])
-            out.topk_logprobs.append(vals[i, :k].tolist() if k else [])
+            out.topk_ids.append([int(t) for t in r[2 : 2 + k]])
+            out.topk_logprobs.append(r[2 + k_max : 2 + k_max + k])
         return out
 
     def _staging(self, rows: int, pinned: bool) -> torch.Tensor:

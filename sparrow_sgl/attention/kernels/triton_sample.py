@@ -69,8 +69,8 @@ def _sample_kernel(
     tl.store(lse_ptr + row, lse)
 
 
-def sample(logits: torch.Tensor, inv_temperature: torch.Tensor, uniform: torch.Tensor,
-           greedy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample(logits: torch.Tensor, inv_temperature: torch.Tensor, uniform: torch.Tensor, greedy: torch.Tensor,
+           block: int = 4096, num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token ids [B] int64, their log-probs [B] float32, log-sum-exp of logits * inv_temperature [B] float32) for
     logits [B, V] (rows contiguous), inv_temperature / uniform [B] float32 (u in (0, 1]), greedy [B] (nonzero: take
     the argmax; pass inv_temperature 1 for those rows)."""
@@ -84,10 +84,10 @@ def sample(logits: torch.Tensor, inv_temperature: torch.Tensor, uniform: torch.T
     logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
-        block = min(4096, triton.next_power_of_2(logits.shape[1]))
+        block = min(block, triton.next_power_of_2(logits.shape[1]))
         _sample_kernel[(rows,)](
             logits, logits.stride(0), logits.shape[1], inv_temperature.float().contiguous(),
             uniform.float().contiguous(), greedy.to(torch.int32),
-            token, logp, lse, BLOCK=block, num_warps=8,
+            token, logp, lse, BLOCK=block, num_warps=num_warps,
         )
     return token, logp, lse
