@@ -108,19 +108,32 @@ def test_the_kernel_refuses_wrong_shapes():
 
 
 @pytest.mark.gpu
-def test_engine_generates_the_same_tokens_with_either_sampler(tiny_model_dir, monkeypatch):
-    """The engine on CUDA: the fused sampler (default) and SPARROW_FUSED_SAMPLER=0 give the same rollouts."""
+@pytest.mark.parametrize("mode", ["graph", "eager"])
+@pytest.mark.parametrize("schedule", ["dense", "fixed:32"])
+def test_engine_generates_the_same_tokens_with_either_sampler(tiny_model_dir, monkeypatch, mode, schedule):
+    """The engine on CUDA: sampling inside the decode graph (the default), and SPARROW_FUSED_SAMPLER=0 (torch,
+    outside the graph) give the same rollouts; a top-k-filtered batch takes the torch path either way."""
     from sparrow_sgl.config import EngineConfig
     from sparrow_sgl.engine import Engine
 
+    monkeypatch.setenv("SPARROW_GPU_DECODE", mode)
     engine = Engine(EngineConfig(model=str(tiny_model_dir), device="cuda", max_model_len=256, kv_gb=0.25))
-    params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=7, ignore_eos=True, logprobs_topk=3, n=4)
-    fused = engine.generate([[5, 9, 13, 21]], params, progress=False)
+    prompts = [[5, 9, 13, 21], [7, 7, 8, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55]]
+    params = SamplingParams(temperature=1.0, max_new_tokens=40, seed=7, ignore_eos=True, logprobs_topk=3, n=3)
+    filtered = SamplingParams(temperature=0.8, top_k=5, max_new_tokens=12, seed=3, ignore_eos=True)
+    fused = engine.generate(prompts, params, schedule, progress=False)
+    fused_filtered = engine.generate(prompts, filtered, schedule, progress=False)
+    if mode == "graph":
+        assert any(key.sample_topk == 3 for key in engine.runner.gpu_decoder().steps)  # sampled in the graph
     monkeypatch.setenv("SPARROW_FUSED_SAMPLER", "0")
-    ref = engine.generate([[5, 9, 13, 21]], params, progress=False)
+    ref = engine.generate(prompts, params, schedule, progress=False)
     assert [r.token_ids for r in fused] == [r.token_ids for r in ref]
+    assert [r.topk_ids for r in fused] == [r.topk_ids for r in ref]
     for a, b in zip(fused, ref):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert a.meta["kv_tokens_mean"] == pytest.approx(b.meta["kv_tokens_mean"])
+    ref_filtered = engine.generate(prompts, filtered, schedule, progress=False)
+    assert [r.token_ids for r in fused_filtered] == [r.token_ids for r in ref_filtered]
 
 
 @pytest.mark.parametrize("device", DEVICES)

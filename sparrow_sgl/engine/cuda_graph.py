@@ -122,18 +122,20 @@ def default_backend(dtype: torch.dtype, head_dim: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class StepKey:
-    """What a captured graph fixes: batch, block-table width, dense or sparse, page-list width, selection settings."""
+    """What a captured graph fixes: batch, block-table width, dense or sparse, page-list width, selection settings,
+    and whether the step samples too (sample_topk >= 0: the top-k log-probs it returns; -1: logits only)."""
 
     batch: int
     width: int
     sparse: bool
     k_cols: int
     sparsity: tuple
+    sample_topk: int = -1
 
     @staticmethod
-    def of(n: int, width: int, k_cols: int | None, cfg: SparsityConfig) -> StepKey:
+    def of(n: int, width: int, k_cols: int | None, cfg: SparsityConfig, sample_topk: int = -1) -> StepKey:
         settings = (cfg.page_size, cfg.sink_pages, cfg.local_pages, cfg.scorer, tuple(cfg.dense_layers))
-        return StepKey(padded_batch(n), width, k_cols is not None, k_cols or 0, settings)
+        return StepKey(padded_batch(n), width, k_cols is not None, k_cols or 0, settings, sample_topk)
 
 
 class DecodeStep:
@@ -150,6 +152,9 @@ class DecodeStep:
         self.cols = torch.arange(width, device=dev)
         self.logits = torch.zeros(bs, runner.vocab_size, dtype=torch.float32, device=dev)
         self.attended = torch.zeros(bs, dtype=torch.float32, device=dev)
+        if key.sample_topk >= 0:  # per row: 1 / temperature, uniform, greedy flag | token, log-prob, attended, top-k
+            self.sample_in = torch.ones(3, bs, dtype=torch.float32, device=dev)
+            self.sample_out = torch.zeros(bs, 3 + 2 * key.sample_topk, dtype=torch.float64, device=dev)
         self.append_tickets = torch.zeros(bs, dtype=torch.int32, device=dev)  # qkv_append_decode leaves them zero
         self.dense_pages = self.cols.to(torch.int32)[None, None, :].expand(bs, 1, width)
         if key.sparse:
@@ -171,9 +176,14 @@ class DecodeStep:
         self.eager = False
 
     # -- host side, before each run -------------------------------------------------------------------------------
-    def load(self, token_ids, positions, block_tables, table_key=None) -> None:
-        """Copy the step's inputs; block tables only when `table_key` changes (None: always)."""
+    def load(self, token_ids, positions, block_tables, table_key=None, sample_rows=None) -> None:
+        """Copy the step's inputs; block tables only when `table_key` changes (None: always); sample_rows: the
+        sampler's [3][n] per-row inputs of a sampling step (padding rows take the argmax)."""
         n, bs, width = len(token_ids), self.key.batch, self.key.width
+        if self.key.sample_topk >= 0:
+            rows = np.ones((3, bs), dtype=np.float32)
+            rows[:, :n] = sample_rows
+            self.sample_in.copy_(torch.from_numpy(rows))
         host = np.zeros(2 * bs + 1, dtype=np.int64)
         host[:n], host[bs : bs + n], host[2 * bs] = token_ids, positions, n
         self.inputs.copy_(torch.from_numpy(host))
@@ -230,6 +240,20 @@ class DecodeStep:
             self.logits.copy_(runner.model.compute_logits(hidden))
         finally:
             reset_context()
+        if self.key.sample_topk >= 0:
+            self._sample()
+
+    def _sample(self) -> None:
+        """The fused sampler on the step's logits (engine/sampler.py's `_fused`), packed for one device-to-host copy."""
+        from sparrow_sgl.attention.kernels.triton_sample import sample
+
+        inv_t, k = self.sample_in[0], self.key.sample_topk
+        token, chosen, lse = sample(self.logits, inv_t, self.sample_in[1], self.sample_in[2])
+        parts = [token[:, None].double(), chosen[:, None].double(), self.attended[:, None].double()]
+        if k:
+            top_vals, top_ids = self.logits.topk(k, dim=-1)
+            parts += [top_ids.double(), (top_vals * inv_t[:, None] - lse[:, None]).double()]
+        self.sample_out.copy_(torch.cat(parts, dim=1))
 
     def _fill_dense_page_list(self, n_pages: torch.Tensor) -> None:
         """FlashInfer's dense page list from the block table, at the row starts plan() wrote (extras to a dump slot)."""
@@ -358,21 +382,36 @@ class GraphDecodeRunner:
 
         token_ids / positions (= tokens already cached) / block_tables: host data of the n requests.
         """
+        step = self._step(token_ids, positions, block_tables, schedule, sparsity, table_key)
+        n = len(token_ids)
+        return step.logits[:n], step.attended[:n]
+
+    @torch.inference_mode()
+    def decode_sample(self, token_ids, positions, block_tables, schedule: Schedule, sparsity: SparsityConfig,
+                      sample_rows, topk: int, table_key=None) -> list[list[float]]:
+        """`decode`, then the fused sampler inside the same graph: per request [token, log-prob, attended KV tokens,
+        topk ids..., topk log-probs...] (host floats, one device-to-host copy). sample_rows: the sampler's [3][n]
+        per-row inputs (1 / temperature, uniform, greedy flag: engine/sampler.py)."""
+        step = self._step(token_ids, positions, block_tables, schedule, sparsity, table_key, sample_rows, topk)
+        return step.sample_out[: len(token_ids)].cpu().tolist()
+
+    def _step(self, token_ids, positions, block_tables, schedule, sparsity, table_key, sample_rows=None,
+              topk: int = -1) -> DecodeStep:
         n = len(token_ids)
         width = table_width(max(len(row) for row in block_tables))
         k_cols = None
         if not schedule.is_dense:
             table, k_cols = budget_table(schedule, width)
             self._load_schedule(table, schedule.bin_tokens)
-        key = StepKey.of(n, width, k_cols, sparsity)
+        key = StepKey.of(n, width, k_cols, sparsity, topk)
         step = self.steps.get(key)
         if step is None:
             step = self.steps[key] = DecodeStep(self, key, sparsity)
-        step.load(token_ids, positions, block_tables, table_key)
+        step.load(token_ids, positions, block_tables, table_key, sample_rows)
         step.plan(positions)
         self._run(step)
         self.last_step = step
-        return step.logits[:n], step.attended[:n]
+        return step
 
     def _load_schedule(self, table: np.ndarray, bin_tokens: int) -> None:
         if bin_tokens != self.host_bin_tokens or not np.array_equal(table, self.host_table):

@@ -29,7 +29,7 @@ from sparrow_sgl.engine.loader import (
 )
 from sparrow_sgl.engine.lora import AdapterMerger
 from sparrow_sgl.engine.model_runner import ModelRunner
-from sparrow_sgl.engine.sampler import Sampler
+from sparrow_sgl.engine.sampler import SampleOutput, Sampler, fused_enabled, unfiltered
 from sparrow_sgl.engine.sampling_params import SamplingParams
 from sparrow_sgl.engine.scheduler import Scheduler
 from sparrow_sgl.engine.scoring import ScoreRequest, ScoreResult, score_dense, score_sparse
@@ -315,9 +315,11 @@ class Engine:
                     step = scheduler.schedule()
                     if step.is_prefill:
                         seqs, logits = self._prefill(step.groups, sparsity)
-                    else:
-                        seqs, logits = step.seqs, self._decode(step.seqs, schedule, sparsity, num_sparse)
-                    choose(seqs, logits)
+                        choose(seqs, logits)
+                    else:  # generate's decode steps sample inside the CUDA graph where they can
+                        seqs = step.seqs
+                        if not (choose == self._sample and self._decode_sampled(seqs, schedule, sparsity)):
+                            choose(seqs, self._decode(seqs, schedule, sparsity, num_sparse))
                     tokens += len(seqs)
                     for seq in seqs:
                         if seq.is_finished:
@@ -353,8 +355,25 @@ class Engine:
             seq.decode_steps += 1
         return logits
 
+    def _decode_sampled(self, seqs: list[Sequence], schedule: Schedule, sparsity: SparsityConfig) -> bool:
+        """Decode and sample in one CUDA graph replay and one device-to-host copy (CUDA decoder, fused sampler, no
+        top-k/top-p filtering); False where that does not apply (the caller decodes and samples apart)."""
+        if self.runner.gpu_decoder() is None or not fused_enabled() or not unfiltered(seqs):
+            return False
+        k_max = max(s.params.logprobs_topk for s in seqs)
+        packed = self.runner.decode_sample(seqs, sparsity, schedule, self.sampler.rows(seqs), k_max)
+        for seq, row in zip(seqs, packed):
+            seq.num_cached += 1
+            seq.attended_tokens_sum += row[2]
+            seq.decode_steps += 1
+        self._take(seqs, Sampler.unpack(packed, seqs, k_max, first=3))
+        return True
+
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        out = self.sampler(logits, seqs)
+        self._take(seqs, self.sampler(logits, seqs))
+
+    def _take(self, seqs: list[Sequence], out: SampleOutput) -> None:
+        """Append each sequence's sampled token (and log-probs); mark those that stop or reach their length."""
         for i, seq in enumerate(seqs):
             token = out.token_ids[i]
             seq.output_ids.append(token)

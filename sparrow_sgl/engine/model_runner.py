@@ -95,6 +95,16 @@ class ModelRunner:
         return hidden
 
     @torch.inference_mode()
+    def decode_sample(self, seqs: list[Sequence], sparsity: SparsityConfig, schedule: Schedule,
+                      sample_rows: list[list[float]], topk: int) -> list[list[float]]:
+        """The CUDA decode step with the fused sampler in its graph (needs `gpu_decoder()`): per sequence [token,
+        log-prob, attended KV tokens, topk ids, topk log-probs] (cuda_graph.GraphDecodeRunner.decode_sample)."""
+        return self.gpu_decoder().decode_sample(
+            [s.last_token for s in seqs], [s.num_cached for s in seqs], [s.block_table for s in seqs],
+            schedule, sparsity, sample_rows, topk, table_key=tuple(s.seq_id for s in seqs),
+        )
+
+    @torch.inference_mode()
     def decode(
         self,
         seqs: list[Sequence],

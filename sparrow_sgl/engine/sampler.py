@@ -63,11 +63,18 @@ FUSED_ENV = "SPARROW_FUSED_SAMPLER"
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def unfiltered(seqs: list[Sequence]) -> bool:
+    """No row samples with top-k or top-p filtering (what the fused sampler serves)."""
+    return all(s.params.greedy or (s.params.top_k <= 0 and s.params.top_p >= 1.0) for s in seqs)
+
+
+def fused_enabled() -> bool:
+    return _HAS_TRITON and os.environ.get(FUSED_ENV, "1").strip() != "0"
+
+
 def fused_applies(logits: torch.Tensor, seqs: list[Sequence]) -> bool:
     """The Triton sampler serves this batch: CUDA, Triton, SPARROW_FUSED_SAMPLER not 0, no row filtered by top-k/p."""
-    if not (logits.is_cuda and _HAS_TRITON and os.environ.get(FUSED_ENV, "1").strip() != "0"):
-        return False
-    return all(s.params.greedy or (s.params.top_k <= 0 and s.params.top_p >= 1.0) for s in seqs)
+    return logits.is_cuda and fused_enabled() and unfiltered(seqs)
 
 
 class Sampler:
@@ -78,8 +85,7 @@ class Sampler:
         self._host: torch.Tensor | None = None  # reused (pinned on CUDA) staging of the per-row inputs
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
-        unfiltered = all(s.params.greedy or (s.params.top_k <= 0 and s.params.top_p >= 1.0) for s in seqs)
-        if fused_applies(logits, seqs) if self.fused is None else (self.fused and unfiltered):
+        if fused_applies(logits, seqs) if self.fused is None else (self.fused and unfiltered(seqs)):
             return self._fused(logits, seqs)
         logp = sampling_logprobs(logits, seqs)
         greedy = torch.tensor([s.params.greedy for s in seqs], device=logp.device)
@@ -99,16 +105,30 @@ class Sampler:
             out.topk_logprobs.append(vals[:k])
         return out
 
-    def _fused(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
-        from sparrow_sgl.attention.kernels.triton_sample import sample
-
-        rows = len(seqs)
-        host = self._staging(rows, logits.is_cuda)
-        host.copy_(torch.tensor([  # inverse temperature, uniform, greedy flag
+    def rows(self, seqs: list[Sequence]) -> list[list[float]]:
+        """The fused sampler's per-row inputs [3][n]: 1 / temperature (1 for greedy rows), the row's uniform (drawn
+        from its generator, as the torch path draws it), greedy flag."""
+        return [
             [1.0 if s.params.greedy else 1.0 / (s.params.temperature or 1.0) for s in seqs],
             [self._uniform(s) for s in seqs],
             [float(s.params.greedy) for s in seqs],
-        ]))
+        ]
+
+    @staticmethod
+    def unpack(packed: list[list[float]], seqs: list[Sequence], k_max: int, first: int = 2) -> SampleOutput:
+        """SampleOutput from per-row [token, log-prob, (columns before `first`), topk ids (k_max), topk log-probs]."""
+        out = SampleOutput([int(r[0]) for r in packed], [r[1] for r in packed], [], [])
+        for seq, r in zip(seqs, packed):
+            k = seq.params.logprobs_topk
+            out.topk_ids.append([int(t) for t in r[first : first + k]])
+            out.topk_logprobs.append(r[first + k_max : first + k_max + k])
+        return out
+
+    def _fused(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
+        from sparrow_sgl.attention.kernels.triton_sample import sample
+
+        host = self._staging(len(seqs), logits.is_cuda)
+        host.copy_(torch.tensor(self.rows(seqs)))
         inputs = host.to(logits.device, non_blocking=True)
         token, chosen, lse = sample(logits, inputs[0], inputs[1], inputs[2])
         parts = [token[:, None].double(), chosen[:, None].double()]
@@ -117,12 +137,7 @@ class Sampler:
             top_vals, top_ids = logits.float().topk(k_max, dim=-1)  # the order of logits * inv_temperature too
             parts += [top_ids.double(), (top_vals * inputs[0][:, None] - lse[:, None]).double()]
         packed = torch.cat(parts, dim=1).cpu().tolist()  # the step's one device-to-host copy (float64: exact ids)
-        out = SampleOutput([int(r[0]) for r in packed], [r[1] for r in packed], [], [])
-        for seq, r in zip(seqs, packed):
-            k = seq.params.logprobs_topk
-            out.topk_ids.append([int(t) for t in r[2 : 2 + k]])
-            out.topk_logprobs.append(r[2 + k_max : 2 + k_max + k])
-        return out
+        return self.unpack(packed, seqs, k_max)
 
     def _staging(self, rows: int, pinned: bool) -> torch.Tensor:
         """A contiguous [3, rows] float32 view of a reused host buffer; reusing it is safe: each call ends with a
