@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
-from sparrow_sgl.config import ConfigError, Schedule
+from sparrow_sgl.config import ConfigError, EngineConfig, Schedule
+from sparrow_sgl.engine.block_manager import BlockManager
+from sparrow_sgl.engine.model_runner import ModelRunner
 from sparrow_sgl.engine.sampling_params import SamplingParams
 from sparrow_sgl.engine.scheduler import Scheduler
 from sparrow_sgl.engine.sequence import Sequence, SequenceGroup
 
-if TYPE_CHECKING:
-    from sparrow_sgl.engine.engine import Engine
+
+class Engine(Protocol):
+    """What scoring uses of `engine.Engine` (a protocol, not an import: engine.py imports this module)."""
+
+    config: EngineConfig
+    hf_config: Any
+    model: Any
+    runner: ModelRunner
+    block_manager: BlockManager
+    device: torch.device
+
+    def _new_sequence(self, prompt, params, max_new, prompt_index, sample_index=0, **kw) -> Sequence: ...
+
+    def _run(self, groups: list[SequenceGroup], schedule: Schedule,
+             choose: Callable[[list[Sequence], torch.Tensor], None], progress: bool, desc: str) -> None: ...
 
 _SCORE_CHUNK_ELEMENTS = 2**26  # logits elements per scoring chunk (256 MiB of float32)
 
