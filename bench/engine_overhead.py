@@ -3,10 +3,10 @@
     python -m bench.engine_overhead [--shape qwen3-1.7b --batch 32 --prompt-len 4096 --new-tokens 256 --topk 0,20]
 
 `Engine.generate` on a Qwen3-shaped model with random weights and the real vocabulary (151936: the sampler's cost
-depends on it), every request ignoring EOS. Per schedule and top-k: decode wall per step (a full run minus a
-prefill-only run, over the decode steps), the decode graph's own replay time at the run's last step, the sampler
-alone (synchronised), and the difference (host work and sampling the GPU waits for). One more run under cProfile
-lists the host functions that cost the most. Prints one JSON object; `--out` appends it to a JSON list.
+depends on it), every request ignoring EOS. Per schedule and top-k: decode wall per step (the engine's own phase
+clock, `Engine.last_run`; best of 2 runs), the decode graph's own replay time at the run's last step, the sampler
+alone (synchronised, outside the graph), and the difference (host work the GPU waits for). One more run under
+cProfile lists the host functions that cost the most. Prints one JSON object; `--out` appends it to a JSON list.
 """
 
 from __future__ import annotations
@@ -94,14 +94,16 @@ def measure(engine, prompts, schedule: str, new_tokens: int, topk: int) -> dict:
     from sparrow_sgl.engine.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=0, ignore_eos=True, logprobs_topk=topk)
-    prefill = SamplingParams(temperature=1.0, max_new_tokens=1, seed=0, ignore_eos=True, logprobs_topk=topk)
     timed_generate(engine, prompts, params, schedule)  # compiles and captures
-    prefill_s = min(timed_generate(engine, prompts, prefill, schedule) for _ in range(2))
-    total_s = min(timed_generate(engine, prompts, params, schedule) for _ in range(2))
-    steps = new_tokens - 1
+    runs = []
+    for _ in range(2):
+        total = timed_generate(engine, prompts, params, schedule)
+        runs.append((engine.last_run.decode_s / engine.last_run.decode_steps, engine.last_run.prefill_s, total))
+    decode_s, prefill_s, total_s = min(runs)
+    steps = engine.last_run.decode_steps
     step = engine.runner.gpu_decoder().last_step
     replay_ms = time_us(step.graph.replay, reps=30, warmup=3, flush=False)["median_us"] / 1e3
-    wall_ms = (total_s - prefill_s) / steps * 1e3
+    wall_ms = decode_s * 1e3
     sample_ms = sampler_ms(engine, len(prompts), topk)
     return {
         "schedule": schedule, "topk": topk, "decode_steps": steps,

@@ -88,6 +88,8 @@ def step_rows(scalars: dict) -> list[dict]:
             "batch_samples": _get(scalars, "sparrow_batch_samples", s),
             "graph_captures": _get(scalars, "sparrow_graph_captures", s),
             "graph_capture_s": _get(scalars, "sparrow_graph_capture_s", s),
+            "engine_prefill_s": _get(scalars, "sparrow_prefill_s", s),
+            "engine_decode_ms_per_step": _get(scalars, "sparrow_decode_ms_per_step", s),
             "vllm_kl": _get(scalars, "vllm_kl", s),
             "tails": {k.removeprefix("sparrow/"): v[s] for k, v in sorted(scalars.items())
                       if k.startswith("sparrow/") and s in v},

@@ -81,5 +81,7 @@ def test_each_rollout_says_what_graph_captures_its_call_made(backend, monkeypatc
     monkeypatch.setattr(runner, "graph_captures", lambda: next(counts))
     out = backend.generate([A, B], _params(), backend.resolve_schedule("dense"), topk=0)
     assert [(r.meta["graph_captures"], r.meta["graph_capture_s"]) for r in out] == [(2, 0.75), (2, 0.75)]
+    meta = out[0].meta  # the call's engine wall: prefill, decode, per decode step
+    assert meta["prefill_s"] > 0 and meta["decode_s"] > 0 and meta["decode_ms_per_step"] > 0
     monkeypatch.undo()
     assert runner.graph_captures() == (0, 0.0)  # CPU: no CUDA graphs

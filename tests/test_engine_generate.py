@@ -64,6 +64,14 @@ def test_text_prompts_and_prompt_major_order(engine):
     assert all(isinstance(r.text, str) for r in rollouts)
 
 
+def test_last_run_splits_wall_time_into_prefill_and_decode(engine):
+    params = SamplingParams(temperature=1.0, max_new_tokens=6, n=2, seed=1, ignore_eos=True)
+    engine.generate(random_prompts([9, 5], seed=4), params, progress=False)
+    times = engine.last_run
+    assert times.prefill_steps >= 1 and times.decode_steps == 5  # the first token comes from the prefill
+    assert times.prefill_s > 0 and times.decode_s > 0
+
+
 def test_seeded_sampling_is_reproducible(engine):
     prompts = random_prompts([7, 12], seed=2)
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=16, n=3, seed=123)

@@ -36,6 +36,7 @@ def test_step_finishes_with_rewards_tails_and_sparse_stats_in_openrlhf_metrics(r
     # the step's 2 prompts x 2 samples, sent as two RPCs, ran as one engine batch (the batcher waits for them)
     assert scalars["train/sparrow_batch_samples"][0] == 4
     assert scalars["train/sparrow_graph_captures"][0] == 0  # CUDA graphs exist on GPU only
+    assert scalars["train/sparrow_decode_ms_per_step"][0] > 0 and scalars["train/sparrow_prefill_s"][0] > 0
     # fixed:64 attends at most 64 KV tokens per (sparse layer, KV head, step)
     assert 0 < scalars["train/sparrow_kv_tokens_mean"][0] <= 64
     # the tail, measured in the trainer's own forward against the rollout's top-4, next to vllm_kl

@@ -74,6 +74,23 @@ def check_prompt(prompt: list[int], response_len: int, vocab_size: int, max_mode
         raise ConfigError(f"{what}: {len(prompt)} prompt tokens + {response_len} exceed max_model_len={max_model_len}")
 
 
+@dataclasses.dataclass(slots=True)
+class RunTimes:
+    """Wall seconds of the engine loop's last run (a generate or sparse score call) by phase, and its steps. Each
+    step ends with its outputs copied to the host, so the host clock includes the device work."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+
+    def add(self, prefill: bool, seconds: float) -> None:
+        if prefill:
+            self.prefill_s, self.prefill_steps = self.prefill_s + seconds, self.prefill_steps + 1
+        else:
+            self.decode_s, self.decode_steps = self.decode_s + seconds, self.decode_steps + 1
+
+
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -89,6 +106,7 @@ class Engine:
         self.block_manager = BlockManager(self.kv_cache.num_pages, config.page_size)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self.sampler = Sampler()
+        self.last_run = RunTimes()
         self._adapter = AdapterMerger(self.model.hf_parameters())
         self._next_seq_id = 0
         self._unseeded_calls = 0
@@ -307,12 +325,13 @@ class Engine:
         for group in groups:
             scheduler.add(group)
         self.block_manager.reset_peak()
+        self.last_run = times = RunTimes()
         bar = tqdm(total=sum(g.n for g in groups), desc=desc, unit="seq", disable=not progress, file=sys.stderr)
         tokens, start = 0, time.perf_counter()
         try:
             with torch.inference_mode():
                 while not scheduler.is_finished():
-                    step = scheduler.schedule()
+                    step, step_start = scheduler.schedule(), time.perf_counter()
                     if step.is_prefill:
                         seqs, logits = self._prefill(step.groups, sparsity)
                         choose(seqs, logits)
@@ -320,6 +339,7 @@ class Engine:
                         seqs = step.seqs
                         if not (choose == self._sample and self._decode_sampled(seqs, schedule, sparsity)):
                             choose(seqs, self._decode(seqs, schedule, sparsity, num_sparse))
+                    times.add(step.is_prefill, time.perf_counter() - step_start)
                     tokens += len(seqs)
                     for seq in seqs:
                         if seq.is_finished:

@@ -81,16 +81,22 @@ class EmbeddedBackend:
             by_count.setdefault(len(positions), []).append(prompt)
         out: list[Rollout | None] = [None] * len(prompts)
         captures, capture_s = self.engine.runner.graph_captures()
+        prefill_s = decode_s = decode_steps = 0
         for c, (n, unique) in enumerate(by_count.items()):
             seed = None if base.seed is None else (base.seed * 1_000_003 + c) % 2**63  # calls draw apart
             rollouts = self.engine.generate([list(p) for p in unique], dataclasses.replace(base, n=n, seed=seed),
                                             schedule, progress=False)  # prompt-major: prompt 0's n samples, ...
+            times = self.engine.last_run
+            prefill_s, decode_s, decode_steps = (prefill_s + times.prefill_s, decode_s + times.decode_s,
+                                                 decode_steps + times.decode_steps)
             for j, prompt in enumerate(unique):
                 for s, i in enumerate(where[prompt]):
                     out[i] = rollouts[j * n + s]
         after, after_s = self.engine.runner.graph_captures()
-        for r in out:  # a colocated engine re-captures its graphs after each wake-up: what that costs a call
-            r.meta.update(graph_captures=after - captures, graph_capture_s=round(after_s - capture_s, 3))
+        step_ms = round(decode_s / decode_steps * 1e3, 4) if decode_steps else None
+        for r in out:  # per call: prefill and decode wall, graphs (re-)captured after a colocated wake-up
+            r.meta.update(graph_captures=after - captures, graph_capture_s=round(after_s - capture_s, 3),
+                          prefill_s=round(prefill_s, 4), decode_s=round(decode_s, 4), decode_ms_per_step=step_ms)
         return out
 
     def apply_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:

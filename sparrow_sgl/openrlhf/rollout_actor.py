@@ -329,7 +329,8 @@ def _params_key(p) -> tuple:
 def _meta_logs(meta: dict) -> dict:
     """Scalar sparse statistics of one sample, as OpenRLHF extra_logs (logged as train/<key>)."""
     out = {}
-    for key in ("kv_tokens_mean", "decode_steps", "batch_samples", "graph_captures", "graph_capture_s"):
+    for key in ("kv_tokens_mean", "decode_steps", "batch_samples", "graph_captures", "graph_capture_s", "prefill_s",
+                "decode_ms_per_step"):
         value = meta.get(key)
         if isinstance(value, int | float):
             out[f"sparrow_{key}"] = float(value)
