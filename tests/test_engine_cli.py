@@ -54,7 +54,7 @@ def test_generate_cli_writes_rollouts(tiny_model_dir, tmp_path, capsys):
     assert all(len(r["topk_ids"]) == len(r["token_ids"]) for r in rows)
     assert all(r["meta"]["schedule"] == "fixed:16" for r in rows)
     err = capsys.readouterr().err
-    assert "KV pool of" in err and "tokens/s" in err
+    assert "KV pool of" in err and "tokens/s" in err and "decode steps of" in err
 
 
 def test_generate_cli_errors(tiny_model_dir, tmp_path, capsys):

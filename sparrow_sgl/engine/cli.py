@@ -147,10 +147,12 @@ def run(args: argparse.Namespace) -> int:
     rollouts = engine.generate(prompts, params, schedule=schedule, progress=True)
     seconds = time.perf_counter() - start
     write_jsonl_atomic(out, (output_row(rows[r.prompt_index], r) for r in rollouts))
-    tokens = sum(len(r.token_ids) for r in rollouts)
+    tokens, times = sum(len(r.token_ids) for r in rollouts), engine.last_run
+    step_ms = f"{times.decode_s / times.decode_steps * 1e3:.2f} ms" if times.decode_steps else "-"
     print(
         f"sparrow generate: {len(rollouts)} rollouts, {tokens} tokens in {seconds:.2f} s "
-        f"({tokens / max(seconds, 1e-9):.1f} tokens/s), schedule {schedule.name or args.schedule} -> {out}",
+        f"({tokens / max(seconds, 1e-9):.1f} tokens/s; prefill {times.prefill_s:.2f} s, {times.decode_steps} decode "
+        f"steps of {step_ms}), schedule {schedule.name or args.schedule} -> {out}",
         file=sys.stderr,
     )
     return 0
