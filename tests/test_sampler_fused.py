@@ -143,3 +143,21 @@ def test_one_sampler_serves_calls_inside_and_outside_inference_mode(device):
     with torch.inference_mode():
         first = sampler(logits, _seqs([{"temperature": 1.0}] * 2))
     assert sampler(logits, _seqs([{"temperature": 1.0}] * 2)).token_ids == first.token_ids  # same seeds
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_rows_put_extra_columns_between_the_log_prob_and_the_top_k(device):
+    """The layout the decode graph packs (token, log-prob, attended KV tokens, top-k ids, top-k log-probs)."""
+    from sparrow_sgl.attention.kernels.triton_sample import sample, sample_packed
+
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(5)).to(device)
+    inv_t, u, greedy = (torch.tensor(v, device=device) for v in ([1.0, 2.0, 1.0], [0.3, 0.9, 1.0], [0.0, 0.0, 1.0]))
+    extra = torch.tensor([7.0, 8.0, 9.0], device=device)
+    packed = sample_packed(logits, inv_t, u, greedy, 4, extra=(extra,)).cpu()
+    token, chosen, lse = sample(logits, inv_t, u, greedy)
+    assert packed.shape == (3, 3 + 2 * 4) and packed.dtype == torch.float64
+    assert packed[:, 0].long().tolist() == token.cpu().tolist() and packed[:, 2].tolist() == [7.0, 8.0, 9.0]
+    assert packed[:, 3:7].long().tolist() == logits.topk(4, dim=-1).indices.cpu().tolist()
+    want = logits.topk(4, dim=-1).values * inv_t[:, None] - lse[:, None]
+    torch.testing.assert_close(packed[:, 7:].float(), want.cpu(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(packed[:, 1].float(), chosen.cpu(), atol=0, rtol=0)

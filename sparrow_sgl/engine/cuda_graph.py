@@ -244,16 +244,13 @@ class DecodeStep:
             self._sample()
 
     def _sample(self) -> None:
-        """The fused sampler on the step's logits (engine/sampler.py's `_fused`), packed for one device-to-host copy."""
-        from sparrow_sgl.attention.kernels.triton_sample import sample
+        """The fused sampler on the step's logits (engine/sampler.py's `_fused`), the attended KV tokens beside its
+        token and log-prob, packed for one device-to-host copy."""
+        from sparrow_sgl.attention.kernels.triton_sample import sample_packed
 
-        inv_t, k = self.sample_in[0], self.key.sample_topk
-        token, chosen, lse = sample(self.logits, inv_t, self.sample_in[1], self.sample_in[2])
-        parts = [token[:, None].double(), chosen[:, None].double(), self.attended[:, None].double()]
-        if k:
-            top_vals, top_ids = self.logits.topk(k, dim=-1)
-            parts += [top_ids.double(), (top_vals * inv_t[:, None] - lse[:, None]).double()]
-        self.sample_out.copy_(torch.cat(parts, dim=1))
+        inv_t, uniform, greedy = self.sample_in
+        self.sample_out.copy_(sample_packed(self.logits, inv_t, uniform, greedy, self.key.sample_topk,
+                                            extra=(self.attended,)))
 
     def _fill_dense_page_list(self, n_pages: torch.Tensor) -> None:
         """FlashInfer's dense page list from the block table, at the row starts plan() wrote (extras to a dump slot)."""

@@ -369,11 +369,16 @@ class Engine:
     def _decode(self, seqs: list[Sequence], schedule: Schedule, sparsity: SparsityConfig, num_sparse: int):
         budgets = [schedule.budget_at(s.num_cached + 1) for s in seqs]
         logits, attended = self.runner.decode(seqs, budgets, sparsity, num_sparse, schedule=schedule)
-        for seq, tokens in zip(seqs, attended.tolist()):
+        self._advance(seqs, attended.tolist())
+        return logits
+
+    @staticmethod
+    def _advance(seqs: list[Sequence], attended: list[float]) -> None:
+        """After a decode step: one more cached token per sequence, and the KV tokens it attended."""
+        for seq, tokens in zip(seqs, attended):
             seq.num_cached += 1
             seq.attended_tokens_sum += tokens
             seq.decode_steps += 1
-        return logits
 
     def _decode_sampled(self, seqs: list[Sequence], schedule: Schedule, sparsity: SparsityConfig) -> bool:
         """Decode and sample in one CUDA graph replay and one device-to-host copy (CUDA decoder, fused sampler, no
@@ -382,10 +387,7 @@ class Engine:
             return False
         k_max = max(s.params.logprobs_topk for s in seqs)
         packed = self.runner.decode_sample(seqs, sparsity, schedule, self.sampler.rows(seqs), k_max)
-        for seq, row in zip(seqs, packed):
-            seq.num_cached += 1
-            seq.attended_tokens_sum += row[2]
-            seq.decode_steps += 1
+        self._advance(seqs, [row[2] for row in packed])
         self._take(seqs, Sampler.unpack(packed, seqs, k_max, first=3))
         return True
 

@@ -125,18 +125,13 @@ class Sampler:
         return out
 
     def _fused(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
-        from sparrow_sgl.attention.kernels.triton_sample import sample
+        from sparrow_sgl.attention.kernels.triton_sample import sample_packed
 
         host = self._staging(len(seqs), logits.is_cuda)
         host.copy_(torch.tensor(self.rows(seqs)))
         inputs = host.to(logits.device, non_blocking=True)
-        token, chosen, lse = sample(logits, inputs[0], inputs[1], inputs[2])
-        parts = [token[:, None].double(), chosen[:, None].double()]
         k_max = max(s.params.logprobs_topk for s in seqs)
-        if k_max:
-            top_vals, top_ids = logits.float().topk(k_max, dim=-1)  # the order of logits * inv_temperature too
-            parts += [top_ids.double(), (top_vals * inputs[0][:, None] - lse[:, None]).double()]
-        packed = torch.cat(parts, dim=1).cpu().tolist()  # the step's one device-to-host copy (float64: exact ids)
+        packed = sample_packed(logits, inputs[0], inputs[1], inputs[2], k_max).cpu().tolist()  # the one copy back
         return self.unpack(packed, seqs, k_max)
 
     def _staging(self, rows: int, pinned: bool) -> torch.Tensor:

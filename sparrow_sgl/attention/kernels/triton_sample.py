@@ -91,3 +91,15 @@ def sample(logits: torch.Tensor, inv_temperature: torch.Tensor, uniform: torch.T
             token, logp, lse, BLOCK=block, num_warps=num_warps,
         )
     return token, logp, lse
+
+
+def sample_packed(logits: torch.Tensor, inv_temperature: torch.Tensor, uniform: torch.Tensor, greedy: torch.Tensor,
+                  topk: int, extra: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """`sample`, packed for one device-to-host copy: float64 [B, 2 + len(extra) + 2 topk] = token id, its log-prob,
+    the `extra` [B] columns, the top-k ids and their log-probs (float64 holds every id exactly)."""
+    token, chosen, lse = sample(logits, inv_temperature, uniform, greedy)
+    parts = [token[:, None].double(), chosen[:, None].double(), *(t[:, None].double() for t in extra)]
+    if topk:
+        top_vals, top_ids = logits.float().topk(topk, dim=-1)  # the order of logits * inv_temperature too
+        parts += [top_ids.double(), (top_vals * inv_temperature[:, None] - lse[:, None]).double()]
+    return torch.cat(parts, dim=1)
