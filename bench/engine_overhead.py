@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import sys
 import tempfile
@@ -23,27 +24,22 @@ from pathlib import Path
 import torch
 
 from bench.common import device_info, require_cuda, time_us
-
-SHAPES = {  # hidden, layers, heads, kv heads, intermediate (head_dim 128), as scripts/gpu_random_model.py
-    "qwen3-0.6b": (1024, 28, 16, 8, 3072),
-    "qwen3-1.7b": (2048, 28, 16, 8, 6144),
-    "qwen3-4b": (2560, 36, 32, 8, 9728),
-}
-VOCAB = 151936
+from sparrow_sgl.hardware import MODEL_SHAPES, ModelShape
 
 
-def build_model(shape: str, path: Path) -> Path:
-    """A random bf16 Qwen3 of `shape` with the real vocabulary and a small tokenizer (token ids are used)."""
+def build_model(shape: ModelShape, path: Path) -> Path:
+    """A random bf16 Qwen3 of `shape` (its real vocabulary) and a small tokenizer (token ids are used)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from sparrow_sgl.tiny import build_tokenizer
 
-    hidden, layers, heads, kv_heads, inter = SHAPES[shape]
     tokenizer = build_tokenizer(512)
-    config = Qwen3Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=128,
-                         max_position_embeddings=40960, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    config = Qwen3Config(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+                         intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
+                         num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
+                         head_dim=shape.head_dim, max_position_embeddings=40960,
+                         tie_word_embeddings=shape.tie_word_embeddings, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Qwen3ForCausalLM(config).to(torch.bfloat16)
@@ -62,14 +58,14 @@ def timed_generate(engine, prompts, params, schedule) -> float:
     return time.perf_counter() - start
 
 
-def sampler_ms(engine, batch: int, topk: int) -> float:
+def sampler_ms(engine, batch: int, vocab: int, topk: int) -> float:
     """The sampler alone on [batch, vocab] float32 logits, synchronised (what each decode step waits for)."""
     from sparrow_sgl.engine.sampling_params import SamplingParams
     from sparrow_sgl.engine.sequence import Sequence
 
     params = SamplingParams(temperature=1.0, logprobs_topk=topk)
     seqs = [Sequence(i, [1, 2, 3], params, 8, 0, generator=torch.Generator().manual_seed(i)) for i in range(batch)]
-    logits = torch.randn(batch, VOCAB, device="cuda")
+    logits = torch.randn(batch, vocab, device="cuda")
 
     def run():
         engine.sampler(logits, seqs)
@@ -104,7 +100,7 @@ def measure(engine, prompts, schedule: str, new_tokens: int, topk: int) -> dict:
     step = engine.runner.gpu_decoder().last_step
     replay_ms = time_us(step.graph.replay, reps=30, warmup=3, flush=False)["median_us"] / 1e3
     wall_ms = decode_s * 1e3
-    sample_ms = sampler_ms(engine, len(prompts), topk)
+    sample_ms = sampler_ms(engine, len(prompts), engine.hf_config.vocab_size, topk)
     return {
         "schedule": schedule, "topk": topk, "decode_steps": steps,
         "prefill_s": round(prefill_s, 4), "total_s": round(total_s, 4),
@@ -119,7 +115,7 @@ def measure(engine, prompts, schedule: str, new_tokens: int, topk: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="qwen3-1.7b", choices=sorted(SHAPES))
+    p.add_argument("--shape", default="qwen3-1.7b", choices=sorted(MODEL_SHAPES))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=4096, help="tokens per prompt")
     p.add_argument("--new-tokens", type=int, default=256)
@@ -133,30 +129,26 @@ def main(argv: list[str] | None = None) -> int:
     from sparrow_sgl.engine import Engine
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model(args.shape, Path(tmp))
+        shape = MODEL_SHAPES[args.shape]
+        model_dir = build_model(shape, Path(tmp))
         max_len = args.prompt_len + args.new_tokens + 16
         engine = Engine(EngineConfig(model=str(model_dir), device="cuda", dtype="bfloat16", kv_gb=args.kv_gb,
                                      max_num_seqs=max(args.batch, 1), max_model_len=max_len))
         g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(600, VOCAB, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
+        prompts = [torch.randint(600, shape.vocab_size, (args.prompt_len,), generator=g).tolist()
+                   for _ in range(args.batch)]
         rows = [measure(engine, prompts, s, args.new_tokens, int(k))
                 for s in args.schedules.split(",") for k in args.topk.split(",")]
     result = {"bench": "engine_overhead", **device_info(), "shape": args.shape, "batch": args.batch,
               "prompt_len_tokens": args.prompt_len, "new_tokens": args.new_tokens, "date": time.strftime(
                   "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
-    print(json_dump(result))
+    print(json.dumps(result, indent=1))
     if args.out is not None:
         from sparrow_sgl.jsonio import read_json, write_json_atomic
 
         previous = read_json(args.out) if args.out.exists() else []
         write_json_atomic(args.out, [*previous, result])
     return 0
-
-
-def json_dump(obj) -> str:
-    import json
-
-    return json.dumps(obj, indent=1)
 
 
 if __name__ == "__main__":
