@@ -1,11 +1,13 @@
 """Where an engine decode step's wall time goes on a GPU: the captured graph vs everything around it.
 
-    python -m bench.engine_overhead [--shape qwen3-1.7b --batch 32 --prompt-len 4096 --new-tokens 256 --topk 0,20]
+    python -m bench.engine_overhead [--shape qwen3-1.7b --batch 32 --prompt-len 4096 --new-tokens 256 --topk 0,20
+                                     --overlap 0,auto]
 
 `Engine.generate` on a Qwen3-shaped model with random weights and the real vocabulary (151936: the sampler's cost
 depends on it), every request ignoring EOS. Per schedule and top-k: decode wall per step (the engine's own phase
 clock, `Engine.last_run`; best of 2 runs), the decode graph's own replay time at the run's last step, the sampler
-alone (synchronised, outside the graph), and the difference (host work the GPU waits for). One more run under
+alone (synchronised, outside the graph), and the difference (host work the GPU waits for), with and without
+overlapped decoding (`SPARROW_OVERLAP`: the next step launched before this one is read). One more run under
 cProfile lists the host functions that cost the most. Prints one JSON object; `--out` appends it to a JSON list.
 """
 
@@ -86,8 +88,12 @@ def host_profile(engine, prompts, params, schedule, top: int = 15) -> list[dict]
     return sorted(rows, key=lambda r: -r["tottime_s"])[:top]
 
 
-def measure(engine, prompts, schedule: str, new_tokens: int, topk: int) -> dict:
+def measure(engine, prompts, schedule: str, new_tokens: int, topk: int, overlap: str) -> dict:
+    import os
+
     from sparrow_sgl.engine.sampling_params import SamplingParams
+
+    os.environ["SPARROW_OVERLAP"] = overlap
 
     params = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=0, ignore_eos=True, logprobs_topk=topk)
     timed_generate(engine, prompts, params, schedule)  # compiles and captures
@@ -102,7 +108,7 @@ def measure(engine, prompts, schedule: str, new_tokens: int, topk: int) -> dict:
     wall_ms = decode_s * 1e3
     sample_ms = sampler_ms(engine, len(prompts), engine.hf_config.vocab_size, topk)
     return {
-        "schedule": schedule, "topk": topk, "decode_steps": steps,
+        "schedule": schedule, "topk": topk, "overlap": overlap, "decode_steps": steps,
         "prefill_s": round(prefill_s, 4), "total_s": round(total_s, 4),
         "decode_wall_ms_per_step": round(wall_ms, 4),
         "graph_replay_ms_last_step": round(replay_ms, 4),
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--schedules", default="dense,qwen3-1.7b-0.86")
     p.add_argument("--topk", default="0,20", help="rollout top-k log-probs per token, comma-separated")
+    p.add_argument("--overlap", default="0,auto", help="SPARROW_OVERLAP modes to measure, comma-separated")
     p.add_argument("--kv-gb", type=float, default=24.0)
     p.add_argument("--out", type=Path, default=None, help="append the result to this JSON list")
     args = p.parse_args(argv)
@@ -137,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(600, shape.vocab_size, (args.prompt_len,), generator=g).tolist()
                    for _ in range(args.batch)]
-        rows = [measure(engine, prompts, s, args.new_tokens, int(k))
-                for s in args.schedules.split(",") for k in args.topk.split(",")]
+        rows = [measure(engine, prompts, s, args.new_tokens, int(k), o) for s in args.schedules.split(",")
+                for k in args.topk.split(",") for o in args.overlap.split(",")]
     result = {"bench": "engine_overhead", **device_info(), "shape": args.shape, "batch": args.batch,
               "prompt_len_tokens": args.prompt_len, "new_tokens": args.new_tokens, "date": time.strftime(
                   "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}

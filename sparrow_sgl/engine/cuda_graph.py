@@ -174,6 +174,8 @@ class DecodeStep:
         self.n_live = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager = False
+        self._staging: list[dict] | None = None  # two sets of pinned host buffers, alternating launch by launch
+        self._launches = 0
 
     # -- host side, before each run -------------------------------------------------------------------------------
     def load(self, token_ids, positions, block_tables, table_key=None, sample_rows=None) -> None:
@@ -194,6 +196,47 @@ class DecodeStep:
                 table[i, : len(row)] = row
             self.block_table.copy_(torch.from_numpy(table))
             self.table_key = table_key
+
+    @property
+    def chainable(self) -> bool:
+        """The next step can be loaded while this one runs: nothing is planned on the host (no FlashInfer)."""
+        return self.key.sample_topk >= 0 and self.fi_dense is None and self.fi_sparse is None
+
+    def _pinned(self) -> dict:
+        """This launch's pinned host buffers. Two sets alternate: the set a launch writes was last used two launches
+        ago, and the engine reads (waits for) every launch before it starts the one after the next."""
+        if self._staging is None:
+            bs, cols = self.key.batch, self.sample_out.shape[1]
+            with torch.inference_mode(False):  # plain tensors, writable outside inference mode too
+                self._staging = [dict(inputs=torch.zeros(2 * bs + 1, dtype=torch.long, pin_memory=True),
+                                      sample=torch.ones(3, bs, dtype=torch.float32, pin_memory=True),
+                                      out=torch.zeros(bs, cols, dtype=torch.float64, pin_memory=True),
+                                      event=torch.cuda.Event()) for _ in range(2)]
+        return self._staging[self._launches % 2]
+
+    def load_next(self, positions, sample_rows) -> None:
+        """Inputs of the next step of the same requests, before the host has read this step's tokens: positions
+        and sampler rows copied from pinned memory without a sync, the tokens from this step's sampled column."""
+        n, bs, buf = len(positions), self.key.batch, self._pinned()
+        host = buf["inputs"].numpy()
+        host[:] = 0
+        host[bs : bs + n], host[2 * bs] = positions, n
+        rows = buf["sample"].numpy()
+        rows[:] = 1.0
+        rows[:, :n] = sample_rows
+        self.inputs.copy_(buf["inputs"], non_blocking=True)
+        self.inputs[:n].copy_(self.sample_out[:n, 0])  # stream order: after this step, before the next replay
+        self.sample_in.copy_(buf["sample"], non_blocking=True)
+        self.n_live = n
+
+    def read_back(self, n: int) -> PendingSample:
+        """Queue the copy of this replay's packed samples to pinned memory; the host reads them when it needs to."""
+        buf = self._pinned()
+        self._launches += 1
+        out = buf["out"][:n]
+        out.copy_(self.sample_out[:n], non_blocking=True)
+        buf["event"].record()
+        return PendingSample(self, out, buf["event"])
 
     def plan(self, positions) -> None:
         """Plan FlashInfer from host page counts (no device sync); nothing to do for the Triton kernels."""
@@ -315,6 +358,24 @@ class DecodeStep:
                                    self.sparse_counts, cfg, layer.scale)
 
 
+@dataclass
+class PendingSample:
+    """A sampling decode step launched on the GPU: its packed rows land in pinned memory when `event` fires."""
+
+    step: DecodeStep
+    host: torch.Tensor
+    event: torch.cuda.Event
+
+    @property
+    def chainable(self) -> bool:
+        return self.step.chainable
+
+    def rows(self) -> list[list[float]]:
+        """Per request [token, log-prob, attended KV tokens, topk ids..., topk log-probs...]; waits for this step."""
+        self.event.synchronize()
+        return self.host.tolist()
+
+
 class GraphDecodeRunner:
     """Decode steps of one model on CUDA: `decode(...)` loads a step's buffers, plans, and replays its graph."""
 
@@ -384,13 +445,24 @@ class GraphDecodeRunner:
         return step.logits[:n], step.attended[:n]
 
     @torch.inference_mode()
-    def decode_sample(self, token_ids, positions, block_tables, schedule: Schedule, sparsity: SparsityConfig,
-                      sample_rows, topk: int, table_key=None) -> list[list[float]]:
-        """`decode`, then the fused sampler inside the same graph: per request [token, log-prob, attended KV tokens,
-        topk ids..., topk log-probs...] (host floats, one device-to-host copy). sample_rows: the sampler's [3][n]
-        per-row inputs (1 / temperature, uniform, greedy flag: engine/sampler.py)."""
-        step = self._step(token_ids, positions, block_tables, schedule, sparsity, table_key, sample_rows, topk)
-        return step.sample_out[: len(token_ids)].cpu().tolist()
+    def launch_sample(self, token_ids, positions, block_tables, schedule: Schedule, sparsity: SparsityConfig,
+                      sample_rows, topk: int, table_key=None, after: PendingSample | None = None) -> PendingSample:
+        """`decode`, then the fused sampler inside the same graph, launched: the returned PendingSample's rows are,
+        per request, [token, log-prob, attended KV tokens, topk ids..., topk log-probs...] (one device-to-host copy,
+        read when needed). sample_rows: the sampler's [3][n] per-row inputs (1 / temperature, uniform, greedy flag:
+        engine/sampler.py). after: the launched, unread step of the same requests whose sampled tokens this step
+        feeds (token_ids is then ignored and the positions are one past that step's); where that step cannot be
+        chained its tokens are read first."""
+        if after is not None and after.chainable and len(positions) == after.step.n_live:
+            step = after.step
+            step.load_next(positions, sample_rows)
+            self._run(step)
+        else:
+            if after is not None:
+                token_ids = [int(row[0]) for row in after.rows()]
+            step = self._step(token_ids, positions, block_tables, schedule, sparsity, table_key, sample_rows, topk)
+        self.last_step = step
+        return step.read_back(len(positions))
 
     def _step(self, token_ids, positions, block_tables, schedule, sparsity, table_key, sample_rows=None,
               topk: int = -1) -> DecodeStep:

@@ -29,6 +29,7 @@ from sparrow_sgl.engine.loader import (
 )
 from sparrow_sgl.engine.lora import AdapterMerger
 from sparrow_sgl.engine.model_runner import ModelRunner
+from sparrow_sgl.engine.overlap import DecodeLaunch
 from sparrow_sgl.engine.sampler import SampleOutput, Sampler, fused_enabled, unfiltered
 from sparrow_sgl.engine.sampling_params import SamplingParams
 from sparrow_sgl.engine.scheduler import Scheduler
@@ -316,7 +317,9 @@ class Engine:
         progress: bool,
         desc: str,
     ) -> None:
-        """Run every group to completion; `choose(seqs, logits)` appends each sequence's next token."""
+        """Run every group to completion; `choose(seqs, logits)` appends each sequence's next token. Generate's
+        decode steps (`choose` is `_sample`) are launched and read as `DecodeLaunch`es, the next one launched
+        before this one is read where it can be (`overlap.py`)."""
         from tqdm.auto import tqdm
 
         sparsity = self._sparsity(schedule)
@@ -328,27 +331,41 @@ class Engine:
         self.last_run = times = RunTimes()
         bar = tqdm(total=sum(g.n for g in groups), desc=desc, unit="seq", disable=not progress, file=sys.stderr)
         tokens, start = 0, time.perf_counter()
+        launched: DecodeLaunch | None = None  # a generate decode step on the device, not read yet
         try:
             with torch.inference_mode():
+                mark = time.perf_counter()
                 while not scheduler.is_finished():
-                    step, step_start = scheduler.schedule(), time.perf_counter()
-                    if step.is_prefill:
-                        seqs, logits = self._prefill(step.groups, sparsity)
-                        choose(seqs, logits)
-                    else:  # generate's decode steps sample inside the CUDA graph where they can
-                        seqs = step.seqs
-                        if not (choose == self._sample and self._decode_sampled(seqs, schedule, sparsity)):
+                    prefill = False
+                    if launched is not None:
+                        after = launched
+                        launched = self._launch(after.seqs, schedule, sparsity, num_sparse, after) \
+                            if after.can_feed_next() else None
+                        seqs = self._read(after)
+                    else:
+                        step = scheduler.schedule()
+                        prefill, seqs = step.is_prefill, step.seqs
+                        if prefill:
+                            seqs, logits = self._prefill(step.groups, sparsity)
+                            choose(seqs, logits)
+                        elif choose == self._sample:
+                            launched = self._launch(seqs, schedule, sparsity, num_sparse)
+                            continue  # read (and timed) on the next turn
+                        else:
                             choose(seqs, self._decode(seqs, schedule, sparsity, num_sparse))
-                    times.add(step.is_prefill, time.perf_counter() - step_start)
-                    tokens += len(seqs)
-                    for seq in seqs:
-                        if seq.is_finished:
-                            scheduler.finish(seq)
-                            bar.update(1)
-                    rate = tokens / max(time.perf_counter() - start, 1e-9)
+                    now = time.perf_counter()
+                    times.add(prefill, now - mark)
+                    mark, tokens = now, tokens + len(seqs)
+                    busy = set(launched.seqs) if launched is not None else set()
+                    for seq in [s for s in scheduler.running if s.is_finished and s not in busy]:
+                        scheduler.finish(seq)  # its pages stay until no launched step writes them
+                        bar.update(1)
+                    rate = tokens / max(now - start, 1e-9)
                     bar.set_postfix_str(f"{rate:.1f} tok/s, running {len(scheduler.running)}", refresh=False)
         finally:
             bar.close()
+            if launched is not None and launched.pending is not None:
+                launched.pending.event.synchronize()
             for seq in list(scheduler.running):  # an interrupted run must not leak pages
                 scheduler.finish(seq)
 
@@ -380,16 +397,31 @@ class Engine:
             seq.attended_tokens_sum += tokens
             seq.decode_steps += 1
 
-    def _decode_sampled(self, seqs: list[Sequence], schedule: Schedule, sparsity: SparsityConfig) -> bool:
-        """Decode and sample in one CUDA graph replay and one device-to-host copy (CUDA decoder, fused sampler, no
-        top-k/top-p filtering); False where that does not apply (the caller decodes and samples apart)."""
-        if self.runner.gpu_decoder() is None or not fused_enabled() or not unfiltered(seqs):
-            return False
-        k_max = max(s.params.logprobs_topk for s in seqs)
-        packed = self.runner.decode_sample(seqs, sparsity, schedule, self.sampler.rows(seqs), k_max)
-        self._advance(seqs, [row[2] for row in packed])
-        self._take(seqs, Sampler.unpack(packed, seqs, k_max, first=3))
-        return True
+    def _launch(self, seqs: list[Sequence], schedule: Schedule, sparsity: SparsityConfig, num_sparse: int,
+                after: DecodeLaunch | None = None) -> DecodeLaunch:
+        """Generate's decode step of `seqs`: one CUDA graph replay that samples too (CUDA decoder, fused sampler, no
+        top-k/top-p filtering), read later; elsewhere decoded and sampled apart, at once. after: the launched, unread
+        step of the same sequences that this one follows."""
+        if self.runner.gpu_decoder() is not None and fused_enabled() and unfiltered(seqs):
+            k_max = max(s.params.logprobs_topk for s in seqs)
+            rows = self.sampler.rows(seqs)
+            pending = self.runner.launch_sample(seqs, sparsity, schedule, rows, k_max, after and after.pending)
+            return DecodeLaunch(seqs, pending=pending, topk=k_max)
+        fed = None if after is None else after.result()[0].token_ids
+        ahead = 0 if after is None else 1
+        budgets = [schedule.budget_at(s.num_cached + ahead + 1) for s in seqs]
+        logits, attended = self.runner.decode(seqs, budgets, sparsity, num_sparse, schedule=schedule, token_ids=fed)
+        return DecodeLaunch(seqs, ready=(self.sampler(logits, seqs), attended.tolist()))
+
+    def _read(self, launched: DecodeLaunch) -> list[Sequence]:
+        """Take a launched step's tokens into its sequences; rows of sequences that stopped before it (it was
+        launched before their stop was read) are dropped. Returns the sequences that advanced."""
+        out, attended = launched.result()
+        rows = [i for i, seq in enumerate(launched.seqs) if not seq.is_finished]
+        seqs = [launched.seqs[i] for i in rows]
+        self._advance(seqs, [attended[i] for i in rows])
+        self._take(seqs, out.subset(rows))
+        return seqs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         self._take(seqs, self.sampler(logits, seqs))

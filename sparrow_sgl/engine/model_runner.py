@@ -12,7 +12,7 @@ import torch
 
 from sparrow_sgl.config import Schedule, SparsityConfig
 from sparrow_sgl.engine.context import Context, reset_context, set_context
-from sparrow_sgl.engine.cuda_graph import GraphDecodeRunner, make_gpu_decoder
+from sparrow_sgl.engine.cuda_graph import GraphDecodeRunner, PendingSample, make_gpu_decoder
 from sparrow_sgl.engine.kv_cache import KVCache
 from sparrow_sgl.engine.model import Qwen3ForCausalLM
 from sparrow_sgl.engine.sequence import Sequence
@@ -95,13 +95,15 @@ class ModelRunner:
         return hidden
 
     @torch.inference_mode()
-    def decode_sample(self, seqs: list[Sequence], sparsity: SparsityConfig, schedule: Schedule,
-                      sample_rows: list[list[float]], topk: int) -> list[list[float]]:
-        """The CUDA decode step with the fused sampler in its graph (needs `gpu_decoder()`): per sequence [token,
-        log-prob, attended KV tokens, topk ids, topk log-probs] (cuda_graph.GraphDecodeRunner.decode_sample)."""
-        return self.gpu_decoder().decode_sample(
-            [s.last_token for s in seqs], [s.num_cached for s in seqs], [s.block_table for s in seqs],
-            schedule, sparsity, sample_rows, topk, table_key=tuple(s.seq_id for s in seqs),
+    def launch_sample(self, seqs: list[Sequence], sparsity: SparsityConfig, schedule: Schedule,
+                      sample_rows: list[list[float]], topk: int, after: PendingSample | None = None) -> PendingSample:
+        """The CUDA decode step with the fused sampler in its graph (needs `gpu_decoder()`), launched: its rows
+        (per sequence [token, log-prob, attended KV tokens, topk ids, topk log-probs]) are read from the result.
+        after: the unread step of these sequences that this one follows (its tokens are fed on the device)."""
+        ahead = 0 if after is None else 1
+        return self.gpu_decoder().launch_sample(
+            [s.last_token for s in seqs], [s.num_cached + ahead for s in seqs], [s.block_table for s in seqs],
+            schedule, sparsity, sample_rows, topk, table_key=tuple(s.seq_id for s in seqs), after=after,
         )
 
     @torch.inference_mode()
@@ -112,18 +114,22 @@ class ModelRunner:
         sparsity: SparsityConfig,
         num_sparse_layers: int,
         schedule: Schedule | None = None,
+        token_ids: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits [B, V] float32 and mean attended KV tokens per sparse layer and KV head [B].
 
         With `schedule` given and a CUDA device, the GPU step computes the budgets itself from the schedule.
+        token_ids: the tokens to feed one position past each sequence's last fed one (a step that follows an unread
+        step); None: each sequence's last token, at its `num_cached`.
         """
+        ahead = 0 if token_ids is None else 1
+        token_ids = [s.last_token for s in seqs] if token_ids is None else token_ids
+        host_positions = [s.num_cached + ahead for s in seqs]
         gpu = self.gpu_decoder() if schedule is not None else None
         if gpu is not None:
-            return gpu.decode(
-                [s.last_token for s in seqs], [s.num_cached for s in seqs], [s.block_table for s in seqs],
-                schedule, sparsity, table_key=tuple(s.seq_id for s in seqs),
-            )
-        positions = self._tensor([s.num_cached for s in seqs])
+            return gpu.decode(token_ids, host_positions, [s.block_table for s in seqs], schedule, sparsity,
+                              table_key=tuple(s.seq_id for s in seqs))
+        positions = self._tensor(host_positions)
         seq_lens = positions + 1
         block_tables = self._block_tables(seqs)
         context = Context(
@@ -138,7 +144,7 @@ class ModelRunner:
         )
         set_context(context)
         try:
-            hidden = self.model(self._tensor([s.last_token for s in seqs]), positions)
+            hidden = self.model(self._tensor(token_ids), positions)
             logits = self.model.compute_logits(hidden)
         finally:
             reset_context()

@@ -32,6 +32,11 @@ class SampleOutput:
     topk_ids: list[list[int]]  # per row, empty when the row asked for none
     topk_logprobs: list[list[float]]
 
+    def subset(self, rows: list[int]) -> SampleOutput:
+        """These rows only, in the given order."""
+        fields = (self.token_ids, self.logprobs, self.topk_ids, self.topk_logprobs)
+        return SampleOutput(*([values[i] for i in rows] for values in fields))
+
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask (to -inf) tokens outside each row's top_k (0 = off) and top-p nucleus (1.0 = off)."""
