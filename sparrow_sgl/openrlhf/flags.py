@@ -54,9 +54,9 @@ class SparrowFlags:
             raise ConfigError(f"--sparrow.sync_timeout must be a finite number of seconds > 0, got {self.sync_timeout}")
         if not 0.0 <= self.canary_atol < math.inf:  # nan would let every canary pass, a negative one fail
             raise ConfigError(f"--sparrow.canary_atol must be a finite number >= 0, got {self.canary_atol}")
-        if not 0.0 <= self.ipc_bucket_mb < math.inf:
-            raise ConfigError(f"--sparrow.ipc_bucket_mb must be a finite number of MiB >= 0 (0: one call per "
-                              f"parameter), got {self.ipc_bucket_mb}")
+        if not (0.0 <= self.ipc_bucket_mb < math.inf) or 0 < self.ipc_bucket_mb * 2**20 < 1:
+            raise ConfigError(f"--sparrow.ipc_bucket_mb must be 0 (one call per parameter) or a finite number of "
+                              f"MiB of at least one byte (2^-20), got {self.ipc_bucket_mb}")
 
 
 @dataclass(slots=True)
