@@ -1,5 +1,5 @@
-"""The sampler alone on a GPU: the Triton kernel, torch's top-k, and the whole call (host included) of the fused and
-the torch sampler, at a rollout batch with Qwen3's vocabulary.
+"""The sampler alone on a GPU: the Triton kernel (rows split into chunks, and one program per row), torch's top-k, and
+the whole call (host included) of the fused and the torch sampler, at a rollout batch with Qwen3's vocabulary.
 
     python -m bench.sampler_speed [--batch 32 --vocab 151936 --topk 0,20]
 
@@ -44,6 +44,8 @@ def measure(logits: torch.Tensor, k: int) -> dict:
     row = {
         "topk": k,
         "kernel_ms": time_us(lambda: sample(logits, ones, u, zeros), reps=50, flush=False)["median_us"] / 1e3,
+        "kernel_ms_one_program_per_row": time_us(lambda: sample(logits, ones, u, zeros, chunks=1), reps=50,
+                                                 flush=False)["median_us"] / 1e3,
         "fused_call_ms": wall_ms(lambda: fused(logits, seqs)),
         "torch_call_ms": wall_ms(lambda: plain(logits, seqs)),
     }

@@ -97,6 +97,35 @@ def test_rows_with_top_k_or_top_p_take_the_torch_path(device):
     assert not fused_applies(logits, _seqs(specs)) and not fused_applies(logits.cpu(), _seqs(specs[2:]))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunks", [2, 3, 5])
+def test_rows_split_into_chunks_draw_what_one_program_draws(device, chunks):
+    """Several programs per row (the last to arrive combines them in chunk order and draws): the same tokens as one
+    program per row and as the torch sampler, log-probs equal up to float32 rounding; greedy ties across chunks go
+    to the first index; a row whose mass sits in a late chunk, and uniforms of 1 (the draw reaching the row's end)."""
+    from sparrow_sgl.attention.kernels.triton_sample import sample
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, VOCAB, generator=g) * 3
+    logits[3] = 0.0
+    logits[3, [4900, 1200, 3000]] = 5.0  # greedy: the first maximum is in an early chunk
+    logits[4, :4000] = -30.0  # nearly all mass at the end of the row
+    inv_t = torch.tensor([1.0, 0.7, 1.5, 1.0, 1.0, 1.0])
+    uniform = torch.tensor([0.3, 0.999, 0.05, 1.0, 0.5, 1.0])
+    greedy = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    args = [t.to(device) for t in (logits, inv_t, uniform, greedy)]
+    one = sample(*args, block=1024, chunks=1)
+    split = sample(*args, block=1024, chunks=chunks)
+    assert split[0].tolist() == one[0].tolist()
+    assert split[0][3].item() == 1200
+    torch.testing.assert_close(split[1], one[1], atol=2e-5, rtol=0)
+    torch.testing.assert_close(split[2], one[2], atol=2e-5, rtol=0)
+    ref = torch.log_softmax(logits * inv_t[:, None], dim=-1)
+    torch.testing.assert_close(split[1].cpu(), ref.gather(1, split[0].cpu()[:, None])[:, 0], atol=2e-5, rtol=0)
+    again = sample(*args, block=1024, chunks=chunks)  # the row counters were left at zero
+    assert again[0].tolist() == split[0].tolist() and torch.equal(again[1], split[1])
+
+
 def test_the_kernel_refuses_wrong_shapes():
     from sparrow_sgl.attention.kernels.triton_sample import sample
 

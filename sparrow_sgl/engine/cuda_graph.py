@@ -292,8 +292,8 @@ class DecodeStep:
         from sparrow_sgl.attention.kernels.triton_sample import sample_packed
 
         inv_t, uniform, greedy = self.sample_in
-        self.sample_out.copy_(sample_packed(self.logits, inv_t, uniform, greedy, self.key.sample_topk,
-                                            extra=(self.attended,)))
+        sample_packed(self.logits, inv_t, uniform, greedy, self.key.sample_topk, extra=(self.attended,),
+                      out=self.sample_out)
 
     def _fill_dense_page_list(self, n_pages: torch.Tensor) -> None:
         """FlashInfer's dense page list from the block table, at the row starts plan() wrote (extras to a dump slot)."""
