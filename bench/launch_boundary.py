@@ -129,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0 < args.total_mb < 4096:
         raise SystemExit("--total-mb must lie in (0, 4096) MiB (element offsets are 32-bit)")
+    tiles = [tuple(int(v) for v in tile.split("x")) for tile in args.tiles.split(",")]
+    per_sms = [int(x) for x in args.programs_per_sm.split(",")]
+    if any(len(t) != 3 for t in tiles):
+        raise SystemExit(f"--tiles {args.tiles!r}: each tile is BLOCKxUNROLLxWARPS, e.g. 2048x4x4")
+    if max(per_sms) * max(t[2] for t in tiles) > MAX_WARPS_PER_SM:  # a barrier over non-resident programs hangs
+        raise SystemExit(f"--programs-per-sm x warps must stay <= {MAX_WARPS_PER_SM} warps per SM: the barrier "
+                         "runs would wait forever for programs never scheduled")
     require_cuda()
     total = args.total_mb * 2**20 // 2
     src = torch.randn(total, device="cuda").to(torch.bfloat16)
@@ -136,14 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for mb in (float(x) for x in args.phase_mb.split(",")):
         phase_elems = int(mb * 2**20) // 2
-        for per_sm in (int(x) for x in args.programs_per_sm.split(",")):
-            for tile in args.tiles.split(","):
-                block, unroll, warps = (int(v) for v in tile.split("x"))
-                if per_sm * warps > MAX_WARPS_PER_SM:  # a grid barrier hangs unless every program is resident
-                    raise SystemExit(f"{per_sm} programs per SM x {warps} warps exceed {MAX_WARPS_PER_SM} warps "
-                                     "per SM: the barrier runs would wait forever for programs never scheduled")
+        for per_sm in per_sms:
+            for block, unroll, warps in tiles:
                 rows.append(measure(src, phase_elems, total // phase_elems, per_sm * sms, block, unroll, warps))
-            print(json.dumps(rows[-1]), file=sys.stderr)
+                print(json.dumps(rows[-1]), file=sys.stderr)
     print(json.dumps({"bench": "launch_boundary", **device_info(), "total_mb": args.total_mb, "rows": rows},
                      indent=1))
     return 0
