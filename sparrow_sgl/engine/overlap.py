@@ -1,9 +1,10 @@
 """Overlapped decoding: the next decode step of the same requests is launched before the host reads this one's tokens.
 
 A sampling decode step on the GPU is one replay of a CUDA graph whose sampled tokens stay on the device; the host
-then spends ~0.2-0.8 ms a step (reading the tokens back, appending them, stop checks, drawing the next uniforms,
-building the next inputs) while the GPU would idle. With overlap, step N+1 is launched with step N's tokens fed from
-the device (vLLM's and SGLang's overlap schedulers do the same), so that host work runs while the GPU decodes.
+then spends 0.5-1.1 ms a step on an H200 (reading the tokens back, appending them, stop checks, drawing the next
+uniforms, building the next inputs) while the GPU would idle. With overlap, step N+1 is launched with step N's tokens
+fed from the device (vLLM's and SGLang's overlap schedulers do the same), so that host work runs while the GPU
+decodes (bench/results/NOTES.md, "Overlapped decoding").
 
 What step N+1 cannot know: which requests step N stopped (EOS or a stop token). Their row of step N+1 is computed
 and discarded (it writes only the request's own KV pages, freed once step N+1 is done). Requests that reach their
