@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sparrow_sgl.engine.sampler import SampleOutput, Sampler
 from sparrow_sgl.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from sparrow_sgl.engine.cuda_graph import PendingSample
 
 OVERLAP_ENV = "SPARROW_OVERLAP"
 MODES = ("auto", "1", "0")
@@ -41,7 +45,7 @@ class DecodeLaunch:
     or `ready` (sampled on the host at launch: token ids, log-probs, top-k, and attended KV tokens per row)."""
 
     seqs: list[Sequence]
-    pending: object | None = None  # cuda_graph.PendingSample
+    pending: PendingSample | None = None
     ready: tuple[SampleOutput, list[float]] | None = None
     topk: int = 0  # the packed top-k width of a GPU step
 

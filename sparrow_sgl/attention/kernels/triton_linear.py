@@ -195,8 +195,8 @@ _RETIRED: list[torch.Tensor] = []  # outgrown workspaces: a captured graph may s
 
 
 def workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 partials >= floats, int32 counters >= tiles, zero) of `device`, shared by every call on it: calls
-    run in stream order (a PDL launch touches neither before its wait)."""
+    """(float32 partials >= floats, int32 counters >= tiles, zero) of `device`, shared by every call on it (these
+    GEMMs and `triton_sample.py`): calls run in stream order (a PDL launch touches neither before its wait)."""
     part, counters = _WORKSPACE.get(device, (None, None))
     if part is None or part.numel() < floats:
         _RETIRED.extend([part] if part is not None else [])

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparrow_sgl.attention.kernels.triton_linear import workspace
+
 
 @triton.jit
 def _chunk_stats(base, lo, hi, inv_t, offs, BLOCK: tl.constexpr):
@@ -139,23 +141,6 @@ def _sample_kernel(
                     lse_ptr, offs, BLOCK)
 
 
-_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown workspaces: a captured graph may still point into them
-
-
-def _workspace(device: torch.device, rows: int, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 partials, int32 row counters, zero) shared by every call on `device`: calls run in stream order, and
-    each launch leaves the counters at zero. Only grown, never freed (graphs keep pointers into them)."""
-    part, counters = _WORKSPACE.get(device, (None, None))
-    if part is None or part.numel() < rows * chunks * 4 or counters.numel() < rows:
-        _RETIRED.extend(t for t in (part, counters) if t is not None)
-        size = max(rows, 256)
-        part = torch.empty(size * max(chunks, 32) * 4, dtype=torch.float32, device=device)
-        counters = torch.zeros(size, dtype=torch.int32, device=device)
-        _WORKSPACE[device] = part, counters
-    return part, counters
-
-
 def default_chunks(rows: int, vocab: int, block: int, device: torch.device) -> int:
     """Programs per row: about two per SM over the batch, each at least a few blocks long, at most 32."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
@@ -183,7 +168,7 @@ def _launch(logits: torch.Tensor, inv_temperature: torch.Tensor, uniform: torch.
             chunks = default_chunks(rows, vocab, block, logits.device)
         chunk_len = triton.cdiv(triton.cdiv(vocab, chunks), block) * block
         chunks = triton.cdiv(vocab, chunk_len)  # no empty chunk
-        part, counters = _workspace(logits.device, rows, chunks)
+        part, counters = workspace(logits.device, rows * chunks * 4, rows)  # the GEMM's: calls run in stream order
         _sample_kernel[(rows, chunks)](
             logits, logits.stride(0), vocab, inv_temperature.float().contiguous(),
             uniform.float().contiguous(), greedy.to(torch.int32),
