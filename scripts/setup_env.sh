@@ -14,6 +14,18 @@ stamp="$venv/.sparrow-installed-${extras//,/-}"
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
   exit 0
 fi
+# Installing needs room: SGLang's venv is ~11 GiB (its CUDA torch build alone ~5.5 GiB), the core's ~1.6 GiB.
+# Check before, so a full disk is named here and not discovered half-way through pip as "[Errno 28]".
+need_gib=3
+if [[ ",$extras," == *",sglang,"* ]]; then need_gib=14; fi
+mkdir -p "$venv"
+free_gib=$(( $(df -Pk "$venv" | awk 'NR==2 {print $4}') / 1048576 ))
+have_gib=$(du -sk "$venv" | awk '{print int($1 / 1048576)}')
+if (( free_gib + have_gib < need_gib )); then
+  echo "setup: only ${free_gib} GiB free on the disk of $venv (installing sparrow-sgl[$extras] needs ~${need_gib} GiB):" \
+    "free some space (old CI clones, pip caches) and run again" >&2
+  exit 1
+fi
 if [ ! -x "$venv/bin/python" ]; then
   if "$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     echo "setup: using the system's CUDA torch build"
@@ -22,7 +34,8 @@ if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
   fi
 fi
-pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+# No pip cache: on a fresh machine it only doubles what the downloads take on disk.
+pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir)
 # SGLang pins its own torch (2.14.1, from this machine's disk): no CPU build first in that case.
 if [[ ",$extras," != *",sglang,"* ]] && ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
   echo "setup: installing torch==2.13.0 (CPU build)"
