@@ -30,6 +30,8 @@
 #          layers of the sparse step (0.86 preset; 4B and 8B: 1.7B's group 2 stays on CUDA cores either way)
 #   call16: programmatic dependent launch of every decode kernel (SPARROW_PDL=1: wait, then release the next grid)
 #          and of the GEMMs alone (SPARROW_LINEAR_PDL=1, now releasing after the wait) vs the defaults; PDL GPU tests
+#   call17: the MLP half as one persistent launch with an in-order work queue (bench.mlp_block: chain vs block at
+#          1-4 programs per SM, the 1.7B / 4B / 8B MLP at M = 32 and 64) and its GPU tests (~2 min)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -123,6 +125,11 @@ elif [ "$call" = call11 ]; then
   timeout 60 python3 -m bench.kernel_resources 2>&1 | tee "$out/resources.jsonl"
   dw8="+dw8=SPARROW_DECODE_WARPS=8,+dw8w16=SPARROW_DECODE_WARPS=8;SPARROW_DECODE_WAVES=16"
   ab_run 330 "$dw8,+dw8b8=SPARROW_DECODE_WARPS=8;SPARROW_DECODE_BLOCK_PAGES=8" ab11
+  tests=""
+elif [ "$call" = call17 ]; then
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_mlp_block.py 2>&1 | tail -5 \
+    | tee "$out/tests.log"
+  timeout 240 python3 -m bench.mlp_block --out-dir "$out" 2>&1 | tee "$out/mlp_block.log"
   tests=""
 elif [ "$call" = call16 ]; then
   timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pdl.py tests/test_triton_linear.py \

@@ -1,0 +1,116 @@
+"""The persistent MLP block (`triton_mlp_block.py`) against the chain it replaces: the fused add + RMSNorm, then the
+small-M GEMMs with the same tiles. On CPU through Triton's interpreter (programs run one after another: the first
+takes every item in queue order), on the GPU with every program live (`-m gpu`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton_helpers import DEVICES, needs_triton  # first: sets the interpreter flag before a kernel module imports
+
+pytestmark = needs_triton
+
+
+def _inputs(m: int, hidden: int, inter: int, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.bfloat16
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(dt).to(device)
+
+    return (rand(m, hidden), rand(m, hidden), (1 + rand(hidden, scale=0.1).float()).to(dt),
+            rand(2 * inter, hidden, scale=hidden**-0.5), rand(hidden, inter, scale=inter**-0.5))
+
+
+def _torch_reference(x, res, nw, eps, wgu, wd):
+    s = (x.float() + res.float()).to(x.dtype)
+    h = (nw.float() * (s.float() * torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype).float())
+    gu = (h.to(x.dtype).float() @ wgu.float().T).to(x.dtype)
+    gate, up = gu.float().chunk(2, dim=-1)
+    act = (torch.nn.functional.silu(gate).to(x.dtype).float() * up).to(x.dtype)
+    return (act.float() @ wd.float().T).to(x.dtype), s
+
+
+CASES = [  # (m, hidden, inter, gate_up (block_n, block_k, split), down (...), programs)
+    (3, 64, 128, (32, 32, 1), (32, 32, 1), 1),
+    (3, 64, 128, (32, 32, 2), (16, 32, 4), 5),
+    (5, 96, 192, (128, 32, 1), (32, 64, 2), 3),  # 192 % 128: gate and up tiles not interleaved; ragged K (96)
+    (17, 64, 64, (16, 32, 2), (64, 16, 4), 64),  # more programs than items
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,hidden,inter,gu,down,programs", CASES)
+def test_block_matches_the_chain(device, m, hidden, inter, gu, down, programs):
+    from sparrow_sgl.attention.kernels.triton_fused import add_rms_norm
+    from sparrow_sgl.attention.kernels.triton_linear import Config, linear, workspace
+    from sparrow_sgl.attention.kernels.triton_mlp_block import BlockPlan, mlp_block
+
+    x, res, nw, wgu, wd = _inputs(m, hidden, inter, device)
+    gu_cfg, d_cfg = Config(*gu, 4, 2), Config(*down, 4, 2)
+    out, res_out, h, gate_up = mlp_block(x, res, nw, 1e-6, wgu, wd, BlockPlan(gu_cfg, d_cfg, programs),
+                                         intermediates=True)
+    h_ref, res_ref = add_rms_norm(x, res, nw, 1e-6)
+    assert torch.equal(res_out, res_ref)
+    torch.testing.assert_close(h, h_ref, atol=0, rtol=2**-7)  # one bf16 ulp at most: float32 sums in another order
+    # given the block's own normed input, each GEMM is the chain's, bit for bit (same tiles, same split order)
+    assert torch.equal(gate_up, linear(h, wgu, None, gu_cfg))
+    assert torch.equal(out, linear(gate_up, wd, None, d_cfg, silu_input=True))
+    ref_out, _ = _torch_reference(x, res, nw, 1e-6, wgu, wd)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=0.05, rtol=0.05)
+    _, state = workspace(x.device, 0, 0)
+    assert not state.any(), "the queue, flags and tickets must be left at zero for the next launch"
+    again, _ = mlp_block(x, res, nw, 1e-6, wgu, wd, BlockPlan(gu_cfg, d_cfg, programs))
+    assert torch.equal(again, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_plan_runs(device):
+    from sparrow_sgl.attention.kernels.triton_mlp_block import default_plan, mlp_block
+
+    x, res, nw, wgu, wd = _inputs(4, 128, 256, device, seed=1)
+    plan = default_plan(4, 128, 256, x.device)
+    assert plan.programs >= 2 and plan.gate_up.block_n == 64
+    out, res_out = mlp_block(x, res, nw, 1e-6, wgu, wd, plan)
+    ref_out, ref_res = _torch_reference(x, res, nw, 1e-6, wgu, wd)
+    assert torch.equal(res_out, ref_res)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=0.05, rtol=0.05)
+
+
+def test_bad_inputs_are_named():
+    from sparrow_sgl.attention.kernels.triton_mlp_block import check_inputs
+
+    x, res, nw, wgu, wd = _inputs(4, 64, 128, "cpu")
+    with pytest.raises(ValueError, match="same \\[M, hidden\\]"):
+        check_inputs(x, res[:3], nw, wgu, wd)
+    with pytest.raises(ValueError, match="gate_up \\[2I, 64\\]"):
+        check_inputs(x, res, nw, wgu[:-1], wd)
+    with pytest.raises(ValueError, match="1..64 rows"):
+        check_inputs(x.float(), res.float(), nw.float(), wgu.float(), wd.float())
+    with pytest.raises(ValueError, match="x's dtype"):
+        check_inputs(x, res, nw.float(), wgu, wd)
+    x2, res2, nw2, wgu2, wd2 = _inputs(4, 64, 96, "cpu")
+    with pytest.raises(ValueError, match="multiple of 64"):
+        check_inputs(x2, res2, nw2, wgu2, wd2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,hidden,inter", [(25, 2560, 9728), (64, 4096, 12288)])
+def test_model_shapes_in_a_graph(m, hidden, inter):
+    """Qwen3-4B / 8B MLP shapes on the default plan, captured in a CUDA graph and replayed: the chain's output within
+    bf16 rounding, the same bits on every replay."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from sparrow_sgl.attention.kernels.triton_mlp_block import mlp_block
+
+    x, res, nw, wgu, wd = _inputs(m, hidden, inter, "cuda", seed=2)
+    first, _ = mlp_block(x, res, nw, 1e-6, wgu, wd)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, _ = mlp_block(x, res, nw, 1e-6, wgu, wd)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
+    ref_out, _ = _torch_reference(x, res, nw, 1e-6, wgu, wd)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=0.05, rtol=0.05)
