@@ -32,6 +32,7 @@
 #          and of the GEMMs alone (SPARROW_LINEAR_PDL=1, now releasing after the wait) vs the defaults; PDL GPU tests
 #   call17: the MLP half as one persistent launch with an in-order work queue (bench.mlp_block: chain vs block at
 #          1-4 programs per SM, the 1.7B / 4B / 8B MLP at M = 32 and 64) and its GPU tests (~2 min)
+#   call18: the engine with it (SPARROW_MLP_BLOCK=1, +mlpb) vs the defaults: dense and sparse rollouts (~5.5 min)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -130,6 +131,9 @@ elif [ "$call" = call17 ]; then
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_mlp_block.py 2>&1 | tail -5 \
     | tee "$out/tests.log"
   timeout 240 python3 -m bench.mlp_block --out-dir "$out" 2>&1 | tee "$out/mlp_block.log"
+  tests=""
+elif [ "$call" = call18 ]; then
+  ab_run 330 "+mlpb=SPARROW_MLP_BLOCK=1" ab18
   tests=""
 elif [ "$call" = call16 ]; then
   timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pdl.py tests/test_triton_linear.py \

@@ -114,3 +114,22 @@ def test_model_shapes_in_a_graph(m, hidden, inter):
         assert torch.equal(out, first)
     ref_out, _ = _torch_reference(x, res, nw, 1e-6, wgu, wd)
     torch.testing.assert_close(out.float(), ref_out.float(), atol=0.05, rtol=0.05)
+
+
+def test_engine_switch_is_opt_in_and_cuda_only(monkeypatch):
+    """`fused.mlp_block` (what the decoder layer asks) runs the block only with SPARROW_MLP_BLOCK=1 on a CUDA decode
+    batch; otherwise None, and the layer runs its norm + MLP chain."""
+    from sparrow_sgl.engine import fused
+
+    x, res, nw, wgu, wd = _inputs(4, 64, 128, "cpu")
+    monkeypatch.delenv(fused.MLP_BLOCK_ENV, raising=False)
+    assert fused.mlp_block(x, res, nw, 1e-6, wgu, wd) is None
+    monkeypatch.setenv(fused.MLP_BLOCK_ENV, "1")
+    assert fused.mlp_block(x, res, nw, 1e-6, wgu, wd) is None  # CPU tensors: the torch chain
+    if torch.cuda.is_available():
+        x, res, nw, wgu, wd = _inputs(4, 64, 128, "cuda")
+        out, s = fused.mlp_block(x, res, nw, 1e-6, wgu, wd)
+        ref_out, ref_s = _torch_reference(x, res, nw, 1e-6, wgu, wd)
+        assert torch.equal(s, ref_s)
+        torch.testing.assert_close(out.float(), ref_out.float(), atol=0.05, rtol=0.05)
+        assert fused.mlp_block(x.repeat(17, 1), res.repeat(17, 1), nw, 1e-6, wgu, wd) is None  # 68 rows: chain

@@ -90,3 +90,27 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return fused(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+MLP_BLOCK_ENV = "SPARROW_MLP_BLOCK"
+
+
+def mlp_block(
+    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(down(SiLU(gate) * up), s) with gate_up = RMSNorm(s) * norm_weight @ w_gate_up^T and s = x + residual, in one
+    persistent Triton launch (`triton_mlp_block.py`) where SPARROW_MLP_BLOCK=1 and it applies: fused ops on, a decode
+    batch (1-64 rows), no autograd; else None (the caller runs the chain). Opt-in until an H200 run measures it."""
+    if os.environ.get(MLP_BLOCK_ENV, "0").strip() != "1" or not use_fused(x) or not 0 < x.shape[0] <= 64:
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, residual, norm_weight, w_gate_up, w_down)):
+        return None
+    from sparrow_sgl.attention.kernels.triton_mlp_block import check_inputs
+    from sparrow_sgl.attention.kernels.triton_mlp_block import mlp_block as fused
+
+    try:
+        check_inputs(x, residual, norm_weight, w_gate_up, w_down)
+    except ValueError:
+        return None  # a shape or dtype the block does not take: the chain does
+    return fused(x, residual, norm_weight, eps, w_gate_up, w_down)

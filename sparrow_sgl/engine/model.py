@@ -97,8 +97,13 @@ class Qwen3DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(MLP output, residual stream before it): the residual add is fused into the next layer's norm."""
         h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin), residual)
-        return self.mlp(h), residual
+        attn = self.self_attn(h, cos, sin)
+        norm, mlp = self.post_attention_layernorm, self.mlp
+        block = fused.mlp_block(attn, residual, norm.weight, norm.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight)
+        if block is not None:  # SPARROW_MLP_BLOCK=1: the norm and the MLP in one persistent launch
+            return block
+        h, residual = norm(attn, residual)
+        return mlp(h), residual
 
 
 class Qwen3Model(nn.Module):
