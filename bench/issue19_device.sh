@@ -30,9 +30,11 @@
 #          layers of the sparse step (0.86 preset; 4B and 8B: 1.7B's group 2 stays on CUDA cores either way)
 #   call16: programmatic dependent launch of every decode kernel (SPARROW_PDL=1: wait, then release the next grid)
 #          and of the GEMMs alone (SPARROW_LINEAR_PDL=1, now releasing after the wait) vs the defaults; PDL GPU tests
-#   call17: the MLP half as one persistent launch with an in-order work queue (bench.mlp_block: chain vs block at
-#          1-4 programs per SM, the 1.7B / 4B / 8B MLP at M = 32 and 64) and its GPU tests (~2 min)
-#   call18: the engine with it (SPARROW_MLP_BLOCK=1, +mlpb) vs the defaults: dense and sparse rollouts (~5.5 min)
+#   call17: a layer's work after attention as one persistent launch with an in-order work queue (bench.mlp_block:
+#          the engine's kernels vs the block at 1-4 programs per SM, the post-attention norm + MLP and o_proj through
+#          the next qkv, 1.7B / 4B / 8B at M = 32 and 64) and its GPU tests (~2-3 min)
+#   call18: the engine with it (SPARROW_LAYER_BLOCK=mlp / chain: +mlpb / +chain) vs the defaults: dense and sparse
+#          rollouts (~5.5 min)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -133,7 +135,7 @@ elif [ "$call" = call17 ]; then
   timeout 240 python3 -m bench.mlp_block --out-dir "$out" 2>&1 | tee "$out/mlp_block.log"
   tests=""
 elif [ "$call" = call18 ]; then
-  ab_run 330 "+mlpb=SPARROW_MLP_BLOCK=1" ab18
+  ab_run 330 "+mlpb=SPARROW_LAYER_BLOCK=mlp,+chain=SPARROW_LAYER_BLOCK=chain" ab18
   tests=""
 elif [ "$call" = call16 ]; then
   timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pdl.py tests/test_triton_linear.py \

@@ -1,11 +1,14 @@
-"""The decoder's MLP half as one persistent launch (`triton_mlp_block.py`) vs the three launches the engine runs today
-(fused add + RMSNorm, gate_up GEMM, down GEMM with SiLU x up in its load), over a model's layers with distinct
-weights (as in a decode step: no weight stays in L2), each captured in one CUDA graph and timed by replay.
+"""A decoder layer's work after attention as one persistent launch (`triton_mlp_block.py`) vs the launches the engine
+runs today, over a model's layers with distinct weights (as in a decode step: no weight stays in L2), each captured
+in one CUDA graph and timed by replay.
 
-Variants: `chain` (the engine's: `engine.linear.Linear` picks cuBLAS or a Triton tile per shape, from the shipped
-table on an H200), `chain-same` (the chain on the block's own tiles: what persistence alone changes), and
-`block-<P>x` (the block with P programs per SM). Rows: ms for the stack, us per layer, weight GB, floor / time
-(weight bytes at the measured copy bandwidth), and the largest difference of layer 0's output from the chain's.
+Two spans: `mlp` = the post-attention add + RMSNorm, gate_up, and down with SiLU x up in its load (3 launches today);
+`after` = o_proj, that, then the next layer's add + RMSNorm and qkv projection (6 launches today; the span of
+SPARROW_LAYER_BLOCK=chain). Variants per span: `chain` (the engine's kernels: `engine.linear.Linear` picks cuBLAS or
+a Triton tile per shape, from the shipped table on an H200), `chain-same` (mlp only: the chain on the block's own
+tiles, what persistence alone changes) and `block-<P>x` (the block with P programs per SM). Rows: ms for the stack,
+us per layer, weight GB, floor / time (weight bytes at the measured copy bandwidth), and the largest difference of
+layer 0's output from the chain's.
 
     python -m bench.mlp_block --models qwen3-1.7b,qwen3-4b,qwen3-8b --m 32,64 --programs 1,2,3,4
 """
@@ -23,21 +26,31 @@ EPS = 1e-6
 
 def make_layers(shape, layers: int) -> list[dict]:
     h, i = shape.hidden_size, shape.intermediate_size
-    return [{"norm": (1 + 0.1 * torch.randn(h, device="cuda")).to(torch.bfloat16),
-             "gate_up": 0.02 * torch.randn(2 * i, h, device="cuda", dtype=torch.bfloat16),
-             "down": 0.02 * torch.randn(h, i, device="cuda", dtype=torch.bfloat16)} for _ in range(layers)]
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+
+    def w(*size):
+        return 0.02 * torch.randn(*size, device="cuda", dtype=torch.bfloat16)
+
+    def norm():
+        return (1 + 0.1 * torch.randn(h, device="cuda")).to(torch.bfloat16)
+
+    return [{"norm": norm(), "gate_up": w(2 * i, h), "down": w(h, i), "o": w(h, q), "next_norm": norm(),
+             "qkv": w(q + 2 * kv, h)} for _ in range(layers)]
+
+
+def module(weight: torch.Tensor):
+    """The engine's Linear over `weight` (its auto choice: cuBLAS or a Triton tile)."""
+    from sparrow_sgl.engine.linear import Linear
+
+    mod = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    mod.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return mod
 
 
 def chain_fn(layers: list[dict], x: torch.Tensor, res: torch.Tensor, plan=None):
     """The engine's three launches per layer; plan: force the block's tiles (`chain-same`), else the engine's pick."""
     from sparrow_sgl.attention.kernels.triton_linear import linear
     from sparrow_sgl.engine import fused
-    from sparrow_sgl.engine.linear import Linear
-
-    def module(weight: torch.Tensor) -> Linear:
-        mod = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        mod.weight = torch.nn.Parameter(weight, requires_grad=False)
-        return mod
 
     mods = [(layer["norm"], module(layer["gate_up"]), module(layer["down"])) for layer in layers]
 
@@ -68,6 +81,53 @@ def block_fn(layers: list[dict], x: torch.Tensor, res: torch.Tensor, plan):
     return run
 
 
+def after_chain_fn(layers: list[dict], attn: torch.Tensor, res: torch.Tensor):
+    """o_proj, add + norm, MLP, add + the next norm, qkv: the engine's six launches per layer."""
+    from sparrow_sgl.engine import fused
+
+    mods = [layer | {k: module(layer[k]) for k in ("o", "gate_up", "down", "qkv")} for layer in layers]
+
+    def run() -> torch.Tensor:
+        out = None
+        for mod in mods:
+            h, s = fused.add_rms_norm(mod["o"](attn), res, mod["norm"], EPS)
+            h2, _ = fused.add_rms_norm(mod["down"].forward_silu_mul(mod["gate_up"](h)), s, mod["next_norm"], EPS)
+            qkv = mod["qkv"](h2)
+            out = qkv if out is None else out
+        return out
+
+    return run
+
+
+def after_block_fn(layers: list[dict], attn: torch.Tensor, res: torch.Tensor, plan):
+    from sparrow_sgl.attention.kernels.triton_mlp_block import NextLayer, layer_block
+
+    def run() -> torch.Tensor:
+        out = None
+        for layer in layers:
+            qkv, _ = layer_block(attn, layer["o"], res, layer["norm"], EPS, layer["gate_up"], layer["down"],
+                                 NextLayer(layer["next_norm"], EPS, layer["qkv"]), plan)
+            out = qkv if out is None else out
+        return out
+
+    return run
+
+
+def time_variants(variants: dict, plans: dict, common: dict, gb: float, bw: float, n_layers: int) -> list[dict]:
+    """One row per variant: graph-replay time of the stack and layer 0's largest difference from the first."""
+    reference = next(iter(variants.values()))()
+    rows = []
+    for variant, fn in variants.items():
+        diff = (fn().float() - reference.float()).abs().max().item()
+        ms = graph_time_us(fn, reps=10, warmup=2, flush=False)["median_us"] / 1e3
+        rows.append({**common, "variant": variant, "layers": n_layers, "ms": round(ms, 4),
+                     "us_per_layer": round(ms * 1e3 / n_layers, 2), "weight_gb": round(gb, 4),
+                     "floor_over_time": round(gb / bw * 1e3 / ms, 3), "max_abs_diff_vs_chain": diff,
+                     "plan": str(plans.get(variant, ""))})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def measure(name: str, m: int, layers: list[dict], programs: list[int], bw: float) -> list[dict]:
     from sparrow_sgl.attention.kernels.triton_linear import num_sms
     from sparrow_sgl.attention.kernels.triton_mlp_block import default_plan
@@ -80,17 +140,15 @@ def measure(name: str, m: int, layers: list[dict], programs: list[int], bw: floa
     same = default_plan(m, h, i, x.device)
     variants = {"chain": chain_fn(layers, x, res), "chain-same": chain_fn(layers, x, res, same)}
     variants |= {variant: block_fn(layers, x, res, plan) for variant, plan in plans.items()}
-    reference = variants["chain"]()
-    rows = []
-    for variant, fn in variants.items():
-        diff = (fn().float() - reference.float()).abs().max().item()
-        ms = graph_time_us(fn, reps=10, warmup=2, flush=False)["median_us"] / 1e3
-        rows.append({"model": name, "m": m, "variant": variant, "layers": len(layers), "ms": round(ms, 4),
-                     "us_per_layer": round(ms * 1e3 / len(layers), 2), "weight_gb": round(gb, 4),
-                     "floor_over_time": round(gb / bw * 1e3 / ms, 3), "max_abs_diff_vs_chain": diff,
-                     "plan": str(plans.get(variant, ""))})
-        print(rows[-1], flush=True)
-    return rows
+    rows = time_variants(variants, plans, {"model": name, "m": m, "span": "mlp"}, gb, bw, len(layers))
+    q, n_qkv = layers[0]["o"].shape[1], layers[0]["qkv"].shape[0]
+    attn = torch.randn(m, q, device="cuda", dtype=torch.bfloat16)
+    plans = {f"block-{p}x": default_plan(m, h, i, x.device, p * num_sms(x.device), q_size=q, qkv_size=n_qkv)
+             for p in programs}
+    variants = {"chain": after_chain_fn(layers, attn, res)}
+    variants |= {variant: after_block_fn(layers, attn, res, plan) for variant, plan in plans.items()}
+    gb_after = gb + len(layers) * (h * q + n_qkv * h) * 2 / 1e9
+    return rows + time_variants(variants, plans, {"model": name, "m": m, "span": "after"}, gb_after, bw, len(layers))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -92,25 +92,19 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-MLP_BLOCK_ENV = "SPARROW_MLP_BLOCK"
+
+LAYER_BLOCK_ENV = "SPARROW_LAYER_BLOCK"
+LAYER_BLOCK_MODES = ("0", "mlp", "chain")
 
 
-def mlp_block(
-    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(down(SiLU(gate) * up), s) with gate_up = RMSNorm(s) * norm_weight @ w_gate_up^T and s = x + residual, in one
-    persistent Triton launch (`triton_mlp_block.py`) where SPARROW_MLP_BLOCK=1 and it applies: fused ops on, a decode
-    batch (1-64 rows), no autograd; else None (the caller runs the chain). Opt-in until an H200 run measures it."""
-    if os.environ.get(MLP_BLOCK_ENV, "0").strip() != "1" or not use_fused(x) or not 0 < x.shape[0] <= 64:
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, residual, norm_weight, w_gate_up, w_down)):
-        return None
-    from sparrow_sgl.attention.kernels.triton_mlp_block import check_inputs
-    from sparrow_sgl.attention.kernels.triton_mlp_block import mlp_block as fused
-
-    try:
-        check_inputs(x, residual, norm_weight, w_gate_up, w_down)
-    except ValueError:
-        return None  # a shape or dtype the block does not take: the chain does
-    return fused(x, residual, norm_weight, eps, w_gate_up, w_down)
+def layer_block_mode(x: torch.Tensor) -> str:
+    """SPARROW_LAYER_BLOCK for this decode batch: "mlp" (each layer's post-attention norm + MLP in one persistent
+    launch), "chain" (o_proj through the next layer's qkv in one), or "0" (default: the separate kernels; also for
+    CPU, prefill-sized batches of > 64 rows and autograd). Opt-in until an H200 run measures it (issue 19)."""
+    mode = os.environ.get(LAYER_BLOCK_ENV, "").strip().lower() or "0"
+    if mode not in LAYER_BLOCK_MODES:
+        raise ValueError(f"{LAYER_BLOCK_ENV}={mode!r}: choose one of {LAYER_BLOCK_MODES}")
+    if (mode == "0" or not use_fused(x) or x.dtype not in (torch.bfloat16, torch.float16) or not 0 < x.shape[0] <= 64
+            or torch.is_grad_enabled()):
+        return "0"
+    return mode

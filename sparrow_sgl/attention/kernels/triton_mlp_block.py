@@ -31,26 +31,35 @@ from sparrow_sgl.attention.kernels.triton_fused import _round
 from sparrow_sgl.attention.kernels.triton_linear import MAX_M, Config, block_m, fit_split, num_sms, workspace
 
 NORM_CHUNK = 512  # columns of a norm row per step
-STATE_SLOTS = 3  # queue, programs that left, norm rows done; then gate_up flags, gate_up tickets, down tickets
+# queue, programs that left, norm rows done, o tiles done, down tiles done, next norm rows done; then gate_up flags,
+# gate_up / down / o / qkv split tickets
+STATE_SLOTS = tl.constexpr(6)
 
 
 @dataclass(frozen=True, slots=True)
 class BlockPlan:
-    """Tiles of the two GEMMs and the persistent grid. Both GEMMs run in one kernel: one warp count and one pipeline
-    depth (gate_up's)."""
+    """Tiles of the block's GEMMs (o_proj and the next qkv only where the block has them) and the persistent grid.
+    All run in one kernel: one warp count and one pipeline depth (gate_up's)."""
 
     gate_up: Config
     down: Config
     programs: int
+    o: Config | None = None
+    qkv: Config | None = None
+
+
+def _tile(n: int, k: int, programs: int) -> Config:
+    return Config(64, 128, fit_split(n, k, 64, 128, programs), 4, 3)
 
 
 def default_plan(m: int, hidden: int, inter: int, device: torch.device, programs: int | None = None,
-                 block_n: int = 64, block_k: int = 128) -> BlockPlan:
-    """Two programs per SM; each GEMM split along K until its items cover the grid."""
+                 q_size: int = 0, qkv_size: int = 0) -> BlockPlan:
+    """Two programs per SM; 64 x 128 weight tiles, each GEMM split along K until its items cover the grid.
+    q_size / qkv_size: plan the o_proj / next-qkv stages too."""
     programs = programs or 2 * num_sms(device)
-    gate_up = Config(block_n, block_k, fit_split(2 * inter, hidden, block_n, block_k, programs), 4, 3)
-    down = Config(block_n, block_k, fit_split(hidden, inter, block_n, block_k, programs), 4, 3)
-    return BlockPlan(gate_up, down, programs)
+    return BlockPlan(_tile(2 * inter, hidden, programs), _tile(hidden, inter, programs), programs,
+                     _tile(hidden, q_size, programs) if q_size else None,
+                     _tile(qkv_size, hidden, programs) if qkv_size else None)
 
 
 @triton.jit
@@ -135,58 +144,97 @@ def _gemm_item(
 
 
 @triton.jit
-def _mlp_block_kernel(
-    x_ptr, stride_x, res_ptr, stride_r, norm_w_ptr, res_out_ptr, h_ptr, gu_ptr, out_ptr, wgu_ptr, wd_ptr,
-    part_gu_ptr, part_d_ptr, state_ptr,
-    M, H, I, eps,  # noqa: E741 - I: the intermediate size, as in the GEMM shapes
-    gu_tiles, gu_splits, gu_k_per_split, d_tiles, d_splits, d_k_per_split, n_programs,
-    BLOCK_M: tl.constexpr, CHUNK_H: tl.constexpr, GU_N: tl.constexpr, GU_K: tl.constexpr, D_N: tl.constexpr,
-    D_K: tl.constexpr, GU_EVEN_K: tl.constexpr, D_EVEN_K: tl.constexpr, INTERLEAVE: tl.constexpr,
-    DEP_BLOCK: tl.constexpr, F32_DOT: tl.constexpr,
+def _gemm_stage(x_ptr, stride_xm, w_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K, j, splits, k_per_split,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                F32_DOT: tl.constexpr):
+    """Item j of a stage whose items are (tile, split) pairs, split fastest; 1 if it completed its tile."""
+    return _gemm_item(x_ptr, stride_xm, w_ptr, K, out_ptr, N, part_ptr, ticket_ptr, M, N, K, j // splits, j % splits,
+                      k_per_split, splits, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, F32_DOT)
+
+
+@triton.jit
+def _layer_block_kernel(
+    attn_ptr, wo_ptr, x_ptr, stride_x, res_ptr, stride_r, norm_w_ptr, res_out_ptr, h_ptr, gu_ptr, out_ptr,
+    wgu_ptr, wd_ptr, norm2_w_ptr, res2_ptr, h2_ptr, wq_ptr, qkv_ptr, part_ptr, state_ptr,
+    M, H, I, Q, NQ, eps, eps2,  # noqa: E741 - I: the intermediate size, as in the GEMM shapes
+    o_tiles, o_splits, o_kps, gu_tiles, gu_splits, gu_kps, d_tiles, d_splits, d_kps, q_tiles, q_splits, q_kps,
+    part_gu, part_d, part_q, n_programs,
+    BLOCK_M: tl.constexpr, CHUNK_H: tl.constexpr, O_N: tl.constexpr, O_K: tl.constexpr, GU_N: tl.constexpr,
+    GU_K: tl.constexpr, D_N: tl.constexpr, D_K: tl.constexpr, Q_N: tl.constexpr, Q_K: tl.constexpr,
+    O_EVEN_K: tl.constexpr, GU_EVEN_K: tl.constexpr, D_EVEN_K: tl.constexpr, Q_EVEN_K: tl.constexpr,
+    INTERLEAVE: tl.constexpr, DEP_BLOCK: tl.constexpr, HAS_O: tl.constexpr, HAS_NEXT: tl.constexpr,
+    F32_DOT: tl.constexpr,
 ):
-    queue = state_ptr
-    left = state_ptr + 1
-    normed = state_ptr + 2
-    gu_flags = state_ptr + 3
+    """Stages in queue order: [o_proj tiles] -> norm rows -> gate_up tiles -> down tiles -> [next norm rows -> next
+    qkv tiles]. With HAS_O, x_ptr is o_proj's output (written here); bracketed stages only with HAS_O / HAS_NEXT."""
+    queue, left, normed, o_done, d_done, normed2 = (state_ptr + 0, state_ptr + 1, state_ptr + 2, state_ptr + 3,
+                                                    state_ptr + 4, state_ptr + 5)
+    gu_flags = state_ptr + STATE_SLOTS
     gu_tickets = gu_flags + gu_tiles
     d_tickets = gu_tickets + gu_tiles
-    n_gu = gu_tiles * gu_splits
-    n_items = M + n_gu + d_tiles * d_splits
+    o_tickets = d_tickets + d_tiles
+    q_tickets = o_tickets + o_tiles
+    end_o = o_tiles * o_splits if HAS_O else 0
+    end_norm = end_o + M
+    end_gu = end_norm + gu_tiles * gu_splits
+    end_d = end_gu + d_tiles * d_splits
+    end_norm2 = end_d + M if HAS_NEXT else end_d
+    n_items = end_norm2 + q_tiles * q_splits if HAS_NEXT else end_d
     item = tl.atomic_add(queue, 1, sem="relaxed")
     while item < n_items:
-        if item < M:
-            _norm_row(x_ptr, stride_x, res_ptr, stride_r, norm_w_ptr, h_ptr, res_out_ptr, item, H, eps, CHUNK_H)
+        if item < end_o:
+            done = _gemm_stage(attn_ptr, Q, wo_ptr, x_ptr, part_ptr, o_tickets, M, H, Q, item, o_splits, o_kps,
+                               BLOCK_M, O_N, O_K, O_EVEN_K, F32_DOT)
+            if done != 0:
+                tl.debug_barrier()
+                tl.atomic_add(o_done, 1, sem="release")
+        elif item < end_norm:
+            if HAS_O:
+                _wait_count(o_done, o_tiles)
+            _norm_row(x_ptr, stride_x, res_ptr, stride_r, norm_w_ptr, h_ptr, res_out_ptr, item - end_o, H, eps,
+                      CHUNK_H)
             tl.debug_barrier()
             tl.atomic_add(normed, 1, sem="release")
-        elif item < M + n_gu:
-            slot = (item - M) // gu_splits
+        elif item < end_gu:
+            slot = (item - end_norm) // gu_splits
             if INTERLEAVE:  # gate tile i, up tile i, gate tile i + 1, ...: down's K slices complete in order
                 tile = slot // 2 + (slot % 2) * (gu_tiles // 2)
             else:
                 tile = slot
             _wait_count(normed, M)
-            done = _gemm_item(h_ptr, H, wgu_ptr, H, gu_ptr, 2 * I, part_gu_ptr, gu_tickets,
-                              M, 2 * I, H, tile, (item - M) % gu_splits, gu_k_per_split, gu_splits,
+            done = _gemm_item(h_ptr, H, wgu_ptr, H, gu_ptr, 2 * I, part_ptr + part_gu, gu_tickets,
+                              M, 2 * I, H, tile, (item - end_norm) % gu_splits, gu_kps, gu_splits,
                               BLOCK_M, GU_N, GU_K, GU_EVEN_K, False, F32_DOT)
             if done != 0:
                 tl.debug_barrier()
                 tl.atomic_add(gu_flags + tile, 1, sem="release")
-        else:
-            j = item - M - n_gu
+        elif item < end_d:
+            j = item - end_gu
             split = j // d_tiles
-            k0 = split * d_k_per_split
-            k1 = tl.minimum(k0 + d_k_per_split, I)
+            k0 = split * d_kps
+            k1 = tl.minimum(k0 + d_kps, I)
             _wait_flags(gu_flags, k0 // GU_N, (k1 + GU_N - 1) // GU_N, DEP_BLOCK)  # gate columns [k0, k1)
             _wait_flags(gu_flags, (I + k0) // GU_N, (I + k1 + GU_N - 1) // GU_N, DEP_BLOCK)  # up columns
-            _gemm_item(gu_ptr, 2 * I, wd_ptr, I, out_ptr, H, part_d_ptr, d_tickets,
-                       M, H, I, j % d_tiles, split, d_k_per_split, d_splits,
-                       BLOCK_M, D_N, D_K, D_EVEN_K, True, F32_DOT)
+            done = _gemm_item(gu_ptr, 2 * I, wd_ptr, I, out_ptr, H, part_ptr + part_d, d_tickets,
+                              M, H, I, j % d_tiles, split, d_kps, d_splits, BLOCK_M, D_N, D_K, D_EVEN_K, True, F32_DOT)
+            if HAS_NEXT:
+                if done != 0:
+                    tl.debug_barrier()
+                    tl.atomic_add(d_done, 1, sem="release")
+        elif item < end_norm2:
+            _wait_count(d_done, d_tiles)
+            _norm_row(out_ptr, H, res_out_ptr, H, norm2_w_ptr, h2_ptr, res2_ptr, item - end_d, H, eps2, CHUNK_H)
+            tl.debug_barrier()
+            tl.atomic_add(normed2, 1, sem="release")
+        else:
+            _wait_count(normed2, M)
+            _gemm_stage(h2_ptr, H, wq_ptr, qkv_ptr, part_ptr + part_q, q_tickets, M, NQ, H, item - end_norm2,
+                        q_splits, q_kps, BLOCK_M, Q_N, Q_K, Q_EVEN_K, F32_DOT)
         item = tl.atomic_add(queue, 1, sem="relaxed")
-    # every item is taken; the last program to leave resets the queue and the flags for the next launch
+    # every item is taken; the last program to leave resets the queue, counters and flags for the next launch
     if tl.atomic_add(left, 1, sem="acq_rel") == n_programs - 1:
-        tl.store(queue, 0)
-        tl.store(left, 0)
-        tl.store(normed, 0)
+        slots = tl.arange(0, 8)
+        tl.store(state_ptr + slots, tl.zeros([8], tl.int32), mask=slots < STATE_SLOTS)
         for f0 in range(0, gu_tiles, 1024):
             idx = f0 + tl.arange(0, 1024)
             tl.store(gu_flags + idx, tl.zeros([1024], tl.int32), mask=idx < gu_tiles)
@@ -199,61 +247,130 @@ def _k_split(k: int, config: Config) -> tuple[int, int]:
     return triton.cdiv(k_blocks, per), per * config.block_k
 
 
+def _rows(t: torch.Tensor, name: str, m: int, cols: int, dtype: torch.dtype) -> None:
+    if t.shape != (m, cols) or t.stride(1) != 1 or t.dtype != dtype:
+        raise ValueError(f"{name} must be [{m}, {cols}] {dtype} with contiguous rows, got {tuple(t.shape)} {t.dtype}")
+
+
+def _weight(t: torch.Tensor, name: str, shape: tuple, dtype: torch.dtype) -> None:
+    if t.shape != shape or not t.is_contiguous() or t.dtype != dtype:
+        raise ValueError(f"{name} must be a contiguous {dtype} {list(shape)}, got {tuple(t.shape)} {t.dtype}")
+
+
 def check_inputs(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tensor,
                  w_down: torch.Tensor) -> tuple[int, int, int]:
     """(M, hidden, intermediate), or a ValueError naming what does not fit."""
-    if x.dim() != 2 or residual.shape != x.shape or x.stride(1) != 1 or residual.stride(1) != 1:
-        raise ValueError(f"x and residual must be the same [M, hidden] with contiguous rows, got {tuple(x.shape)} "
-                         f"and {tuple(residual.shape)}")
-    m, hidden = x.shape
-    inter = w_down.shape[1] if w_down.dim() == 2 else -1
-    if (w_gate_up.shape != (2 * inter, hidden) or w_down.shape != (hidden, inter) or norm_weight.shape != (hidden,)
-            or not (w_gate_up.is_contiguous() and w_down.is_contiguous() and norm_weight.is_contiguous())):
-        raise ValueError(f"weights must be contiguous gate_up [2I, {hidden}], down [{hidden}, I] and norm "
-                         f"[{hidden}], got {tuple(w_gate_up.shape)}, {tuple(w_down.shape)}, {tuple(norm_weight.shape)}")
-    if not 0 < m <= MAX_M or x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"x must have 1..{MAX_M} rows in bf16/fp16, got {m} rows of {x.dtype}")
-    if any(t.dtype != x.dtype for t in (residual, norm_weight, w_gate_up, w_down)):
-        raise ValueError("residual, norm weight and both GEMM weights must have x's dtype")
+    if x.dim() != 2 or not 0 < x.shape[0] <= MAX_M or x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be [M, hidden] with 1..{MAX_M} rows in bf16/fp16, got {tuple(x.shape)} {x.dtype}")
+    (m, hidden), inter = x.shape, (w_down.shape[1] if w_down.dim() == 2 else -1)
+    _rows(x, "x", m, hidden, x.dtype)
+    _rows(residual, "residual", m, hidden, x.dtype)
+    _weight(norm_weight, "the norm weight", (hidden,), x.dtype)
+    _weight(w_gate_up, "gate_up", (2 * inter, hidden), x.dtype)
+    _weight(w_down, "down", (hidden, inter), x.dtype)
     if inter % 64:
         raise ValueError(f"intermediate size must be a multiple of 64 (whole cache lines per K slice), got {inter}")
     return m, hidden, inter
 
 
+@dataclass(frozen=True, slots=True)
+class NextLayer:
+    """What the block computes of the next layer: its input norm and qkv projection."""
+
+    norm_weight: torch.Tensor
+    eps: float
+    w_qkv: torch.Tensor
+
+
 def mlp_block(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    plan: BlockPlan | None = None,
-    *,
-    intermediates: bool = False,
+    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate_up: torch.Tensor,
+    w_down: torch.Tensor, plan: BlockPlan | None = None, *, intermediates: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """(down(SiLU(gate) * up of RMSNorm(x + residual) * w), x + residual) in one launch; x, residual [M, hidden],
     w_gate_up [2I, hidden] (gate rows, then up rows), w_down [hidden, I]. intermediates=True also returns the normed
     input and gate_up output (tests)."""
     m, hidden, inter = check_inputs(x, residual, norm_weight, w_gate_up, w_down)
-    plan = plan or default_plan(m, hidden, inter, x.device)
-    gu_cfg, d_cfg = plan.gate_up, plan.down
-    gu_tiles, d_tiles = triton.cdiv(2 * inter, gu_cfg.block_n), triton.cdiv(hidden, d_cfg.block_n)
-    gu_splits, gu_kps = _k_split(hidden, gu_cfg)
-    d_splits, d_kps = _k_split(inter, d_cfg)
-    gu_floats = gu_splits * m * 2 * inter if gu_splits > 1 else 0
-    d_floats = d_splits * m * hidden if d_splits > 1 else 0
-    part, state = workspace(x.device, gu_floats + d_floats + 1, STATE_SLOTS + 2 * gu_tiles + d_tiles)
-    h, out, res_out = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
-    gu = torch.empty(m, 2 * inter, dtype=x.dtype, device=x.device)
-    _mlp_block_kernel[(plan.programs,)](
-        x, x.stride(0), residual, residual.stride(0), norm_weight, res_out, h, gu, out, w_gate_up, w_down,
-        part, part[gu_floats:], state,
-        m, hidden, inter, eps,
-        gu_tiles, gu_splits, gu_kps, d_tiles, d_splits, d_kps, plan.programs,
-        BLOCK_M=block_m(m), CHUNK_H=min(NORM_CHUNK, triton.next_power_of_2(hidden)), GU_N=gu_cfg.block_n,
-        GU_K=gu_cfg.block_k, D_N=d_cfg.block_n, D_K=d_cfg.block_k, GU_EVEN_K=hidden % gu_cfg.block_k == 0,
-        D_EVEN_K=inter % d_cfg.block_k == 0, INTERLEAVE=inter % gu_cfg.block_n == 0,
-        DEP_BLOCK=triton.next_power_of_2(triton.cdiv(d_kps, gu_cfg.block_n) + 1), F32_DOT=x.device.type != "cuda",
-        num_warps=gu_cfg.num_warps, num_stages=gu_cfg.num_stages,
+    b = _launch(x, residual, norm_weight, eps, w_gate_up, w_down, plan or default_plan(m, hidden, inter, x.device))
+    return (b["out"], b["res"], b["h"], b["gu"]) if intermediates else (b["out"], b["res"])
+
+
+def layer_block(
+    attn: torch.Tensor, w_o: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    w_gate_up: torch.Tensor, w_down: torch.Tensor, next_layer: NextLayer | None = None, plan: BlockPlan | None = None,
+    *, intermediates: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
+    """Everything of a decoder layer after its attention, in one launch: o_proj (attn [M, Q] @ w_o [hidden, Q]^T),
+    the residual add + post-attention norm, the MLP, and with `next_layer` the next layer's residual add + input norm
+    and qkv projection. Returns (next qkv, the next layer's residual stream s' + MLP output) with next_layer, else
+    (MLP output, residual stream) like `mlp_block`; intermediates=True: every buffer by name (tests)."""
+    if attn.dim() != 2 or w_o.dim() != 2:
+        raise ValueError(f"attn must be [M, Q] and w_o [hidden, Q], got {tuple(attn.shape)}, {tuple(w_o.shape)}")
+    m, q_size = attn.shape
+    hidden = residual.shape[-1]
+    _rows(attn, "attn", m, q_size, residual.dtype)
+    _weight(w_o, "o_proj", (hidden, q_size), residual.dtype)
+    y = torch.empty(m, hidden, dtype=attn.dtype, device=attn.device)
+    m, hidden, inter = check_inputs(y, residual, norm_weight, w_gate_up, w_down)
+    if next_layer is not None:
+        _weight(next_layer.norm_weight, "the next norm weight", (hidden,), y.dtype)
+        if next_layer.w_qkv.dim() != 2:
+            raise ValueError(f"the next qkv weight must be [N, {hidden}], got {tuple(next_layer.w_qkv.shape)}")
+        _weight(next_layer.w_qkv, "the next qkv weight", (next_layer.w_qkv.shape[0], hidden), y.dtype)
+    plan = plan or default_plan(m, hidden, inter, y.device, q_size=q_size,
+                                qkv_size=0 if next_layer is None else next_layer.w_qkv.shape[0])
+    b = _launch(y, residual, norm_weight, eps, w_gate_up, w_down, plan, attn=attn, w_o=w_o, next_layer=next_layer)
+    if intermediates:
+        return b
+    return (b["qkv"], b["res2"]) if next_layer is not None else (b["out"], b["res"])
+
+
+def _launch(x, residual, norm_weight, eps, w_gate_up, w_down, plan: BlockPlan, attn=None, w_o=None,
+            next_layer: NextLayer | None = None) -> dict[str, torch.Tensor]:
+    """One launch of the kernel; with attn, x is o_proj's output buffer (written by the block)."""
+    (m, hidden), inter = x.shape, w_down.shape[1]
+    has_o, has_next = attn is not None, next_layer is not None
+    if (has_o and plan.o is None) or (has_next and plan.qkv is None):
+        raise ValueError("the plan has no tiles for o_proj / the next qkv: build it with default_plan(q_size=, "
+                         "qkv_size=)")
+    q_size = attn.shape[1] if has_o else 0
+    n_qkv = next_layer.w_qkv.shape[0] if has_next else 0
+    stages = {"o": (plan.o, hidden, q_size, has_o), "gu": (plan.gate_up, 2 * inter, hidden, True),
+              "d": (plan.down, hidden, inter, True), "q": (plan.qkv, n_qkv, hidden, has_next)}
+    tiles, splits, kps, floats, offsets = {}, {}, {}, {}, {}
+    total = 0
+    for name, (cfg, n, k, used) in stages.items():
+        if not used:
+            tiles[name], splits[name], kps[name], floats[name] = 0, 1, 0, 0
+            cfg = Config(64, 128, 1, 4, 3)
+        else:
+            tiles[name], (splits[name], kps[name]) = triton.cdiv(n, cfg.block_n), _k_split(k, cfg)
+            floats[name] = splits[name] * m * n if splits[name] > 1 else 0
+        offsets[name], total = total, total + floats[name]
+        stages[name] = cfg
+    part, state = workspace(x.device, total + 1, STATE_SLOTS + 2 * tiles["gu"] + sum(tiles[s] for s in "odq"))
+    buf = {"h": torch.empty_like(x), "out": torch.empty_like(x), "res": torch.empty_like(x),
+           "gu": torch.empty(m, 2 * inter, dtype=x.dtype, device=x.device)}
+    if has_o:
+        buf["y"] = x
+    if has_next:
+        buf |= {"h2": torch.empty_like(x), "res2": torch.empty_like(x),
+                "qkv": torch.empty(m, n_qkv, dtype=x.dtype, device=x.device)}
+    o, gu, d, q = (stages[s] for s in ("o", "gu", "d", "q"))
+    dummy = x
+    _layer_block_kernel[(plan.programs,)](
+        attn if has_o else dummy, w_o if has_o else dummy, x, x.stride(0), residual, residual.stride(0), norm_weight,
+        buf["res"], buf["h"], buf["gu"], buf["out"], w_gate_up, w_down,
+        next_layer.norm_weight if has_next else dummy, buf.get("res2", dummy), buf.get("h2", dummy),
+        next_layer.w_qkv if has_next else dummy, buf.get("qkv", dummy), part, state,
+        m, hidden, inter, q_size, n_qkv, eps, next_layer.eps if has_next else eps,
+        tiles["o"], splits["o"], kps["o"], tiles["gu"], splits["gu"], kps["gu"], tiles["d"], splits["d"], kps["d"],
+        tiles["q"], splits["q"], kps["q"], offsets["gu"], offsets["d"], offsets["q"], plan.programs,
+        BLOCK_M=block_m(m), CHUNK_H=min(NORM_CHUNK, triton.next_power_of_2(hidden)),
+        O_N=o.block_n, O_K=o.block_k, GU_N=gu.block_n, GU_K=gu.block_k, D_N=d.block_n, D_K=d.block_k,
+        Q_N=q.block_n, Q_K=q.block_k, O_EVEN_K=not has_o or q_size % o.block_k == 0,
+        GU_EVEN_K=hidden % gu.block_k == 0, D_EVEN_K=inter % d.block_k == 0, Q_EVEN_K=hidden % q.block_k == 0,
+        INTERLEAVE=inter % gu.block_n == 0, DEP_BLOCK=triton.next_power_of_2(triton.cdiv(kps["d"], gu.block_n) + 1),
+        HAS_O=has_o, HAS_NEXT=has_next, F32_DOT=x.device.type != "cuda",
+        num_warps=gu.num_warps, num_stages=gu.num_stages,
     )
-    return (out, res_out, h, gu) if intermediates else (out, res_out)
+    return buf
