@@ -130,9 +130,9 @@ elif [ "$call" = call11 ]; then
   ab_run 330 "$dw8,+dw8b8=SPARROW_DECODE_WARPS=8;SPARROW_DECODE_BLOCK_PAGES=8" ab11
   tests=""
 elif [ "$call" = call17 ]; then
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_mlp_block.py 2>&1 | tail -5 \
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_mlp_block.py 2>&1 | tail -5 \
     | tee "$out/tests.log"
-  timeout 240 python3 -m bench.mlp_block --out-dir "$out" 2>&1 | tee "$out/mlp_block.log"
+  timeout 300 python3 -m bench.mlp_block --out-dir "$out" 2>&1 | tee "$out/mlp_block.log"
   tests=""
 elif [ "$call" = call18 ]; then
   ab_run 330 "+mlpb=SPARROW_LAYER_BLOCK=mlp,+chain=SPARROW_LAYER_BLOCK=chain" ab18

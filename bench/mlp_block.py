@@ -6,11 +6,12 @@ Two spans: `mlp` = the post-attention add + RMSNorm, gate_up, and down with SiLU
 `after` = o_proj, that, then the next layer's add + RMSNorm and qkv projection (6 launches today; the span of
 SPARROW_LAYER_BLOCK=chain). Variants per span: `chain` (the engine's kernels: `engine.linear.Linear` picks cuBLAS or
 a Triton tile per shape, from the shipped table on an H200), `chain-same` (mlp only: the chain on the block's own
-tiles, what persistence alone changes) and `block-<P>x` (the block with P programs per SM). Rows: ms for the stack,
+tiles, what persistence alone changes) and `block-<tile>-<P>x` (the block with its GEMM tiles
+block_n x block_k x stages and P programs per SM). Rows: ms for the stack,
 us per layer, weight GB, floor / time (weight bytes at the measured copy bandwidth), and the largest difference of
 layer 0's output from the chain's.
 
-    python -m bench.mlp_block --models qwen3-1.7b,qwen3-4b,qwen3-8b --m 32,64 --programs 1,2,3,4
+    python -m bench.mlp_block --models qwen3-1.7b,qwen3-4b,qwen3-8b --m 32,64 --programs 2,3,4 --tiles 64x64x3
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def time_variants(variants: dict, plans: dict, common: dict, gb: float, bw: floa
     return rows
 
 
-def measure(name: str, m: int, layers: list[dict], programs: list[int], bw: float) -> list[dict]:
+def measure(name: str, m: int, layers: list[dict], programs: list[int], tiles: list[tuple], bw: float) -> list[dict]:
     from sparrow_sgl.attention.kernels.triton_linear import num_sms
     from sparrow_sgl.attention.kernels.triton_mlp_block import default_plan
 
@@ -136,15 +137,16 @@ def measure(name: str, m: int, layers: list[dict], programs: list[int], bw: floa
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
     res = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
     gb = len(layers) * 3 * h * i * 2 / 1e9
-    plans = {f"block-{p}x": default_plan(m, h, i, x.device, p * num_sms(x.device)) for p in programs}
-    same = default_plan(m, h, i, x.device)
+    sms = num_sms(x.device)
+    grid = [(f"block-{'x'.join(map(str, t))}-{p}x", t, p * sms) for t in tiles for p in programs]
+    plans = {name: default_plan(m, h, i, x.device, n, tile=t) for name, t, n in grid}
+    same = default_plan(m, h, i, x.device, tile=tiles[0])
     variants = {"chain": chain_fn(layers, x, res), "chain-same": chain_fn(layers, x, res, same)}
     variants |= {variant: block_fn(layers, x, res, plan) for variant, plan in plans.items()}
     rows = time_variants(variants, plans, {"model": name, "m": m, "span": "mlp"}, gb, bw, len(layers))
     q, n_qkv = layers[0]["o"].shape[1], layers[0]["qkv"].shape[0]
     attn = torch.randn(m, q, device="cuda", dtype=torch.bfloat16)
-    plans = {f"block-{p}x": default_plan(m, h, i, x.device, p * num_sms(x.device), q_size=q, qkv_size=n_qkv)
-             for p in programs}
+    plans = {name: default_plan(m, h, i, x.device, n, q_size=q, qkv_size=n_qkv, tile=t) for name, t, n in grid}
     variants = {"chain": after_chain_fn(layers, attn, res)}
     variants |= {variant: after_block_fn(layers, attn, res, plan) for variant, plan in plans.items()}
     gb_after = gb + len(layers) * (h * q + n_qkv * h) * 2 / 1e9
@@ -155,20 +157,25 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="qwen3-1.7b,qwen3-4b,qwen3-8b")
     p.add_argument("--m", default="32,64", help="rows of the activations (the graph's padded batch)")
-    p.add_argument("--programs", default="1,2,3,4", help="programs per SM of the block variants")
+    p.add_argument("--programs", default="2,3,4", help="programs per SM of the block variants")
+    p.add_argument("--tiles", default="64x64x3,32x128x3,64x128x2",
+                   help="block_n x block_k x stages of the block's GEMM tiles (the first also for chain-same)")
     p.add_argument("--layers", type=int, default=0, help="layers per stack (default: the model's)")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     require_cuda()
     from sparrow_sgl.hardware import get_model_shape
 
+    tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")]
+    if any(len(t) != 3 for t in tiles):
+        p.error(f"--tiles {args.tiles!r}: give block_n x block_k x stages, e.g. 64x64x3")
     info, bw = device_info(), copy_bandwidth_gbs()
     rows = []
     for name in args.models.split(","):
         shape = get_model_shape(name)
         layers = make_layers(shape, args.layers or shape.num_layers)
         for m in parse_ints(args.m):
-            rows += measure(name, m, layers, parse_ints(args.programs), bw)
+            rows += measure(name, m, layers, parse_ints(args.programs), tiles, bw)
         del layers
         torch.cuda.empty_cache()
     return emit("mlp_block", {"kind": "mlp_block", **info, "copy_bw_gbs": bw, "rows": rows}, args.out_dir)

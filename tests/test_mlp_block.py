@@ -34,7 +34,7 @@ def _torch_reference(x, res, nw, eps, wgu, wd):
 CASES = [  # (m, hidden, inter, gate_up (block_n, block_k, split), down (...), programs)
     (3, 64, 128, (32, 32, 1), (32, 32, 1), 1),
     (3, 64, 128, (32, 32, 2), (16, 32, 4), 5),
-    (5, 96, 192, (128, 32, 1), (32, 64, 2), 3),  # 192 % 128: gate and up tiles not interleaved; ragged K (96)
+    (5, 96, 192, (128, 32, 1), (32, 64, 2), 3),  # 192 % 128: a ragged last gate_up tile; ragged K (96)
     (17, 64, 64, (16, 32, 2), (64, 16, 4), 64),  # more programs than items
 ]
 
@@ -42,20 +42,21 @@ CASES = [  # (m, hidden, inter, gate_up (block_n, block_k, split), down (...), p
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m,hidden,inter,gu,down,programs", CASES)
 def test_block_matches_the_chain(device, m, hidden, inter, gu, down, programs):
-    from sparrow_sgl.attention.kernels.triton_fused import add_rms_norm
+    from sparrow_sgl.attention.kernels.triton_fused import add_rms_norm, silu_mul
     from sparrow_sgl.attention.kernels.triton_linear import Config, linear, workspace
     from sparrow_sgl.attention.kernels.triton_mlp_block import BlockPlan, mlp_block
 
     x, res, nw, wgu, wd = _inputs(m, hidden, inter, device)
     gu_cfg, d_cfg = Config(*gu, 4, 2), Config(*down, 4, 2)
-    out, res_out, h, gate_up = mlp_block(x, res, nw, 1e-6, wgu, wd, BlockPlan(gu_cfg, d_cfg, programs),
-                                         intermediates=True)
+    out, res_out, h, act = mlp_block(x, res, nw, 1e-6, wgu, wd, BlockPlan(gu_cfg, d_cfg, programs),
+                                     intermediates=True)
     h_ref, res_ref = add_rms_norm(x, res, nw, 1e-6)
     assert torch.equal(res_out, res_ref)
     torch.testing.assert_close(h, h_ref, atol=0, rtol=2**-7)  # one bf16 ulp at most: float32 sums in another order
     # given the block's own normed input, each GEMM is the chain's, bit for bit (same tiles, same split order)
-    assert torch.equal(gate_up, linear(h, wgu, None, gu_cfg))
-    assert torch.equal(out, linear(gate_up, wd, None, d_cfg, silu_input=True))
+    assert torch.equal(act, silu_mul(linear(h, wgu, None, gu_cfg)))
+    assert torch.equal(out, linear(act, wd, None, d_cfg))
+    assert torch.equal(out, linear(linear(h, wgu, None, gu_cfg), wd, None, d_cfg, silu_input=True))
     ref_out, _ = _torch_reference(x, res, nw, 1e-6, wgu, wd)
     torch.testing.assert_close(out.float(), ref_out.float(), atol=0.05, rtol=0.05)
     _, state = workspace(x.device, 0, 0)
@@ -121,7 +122,7 @@ def test_model_shapes_in_a_graph(m, hidden, inter):
 def test_layer_block_matches_the_chain(device, with_next):
     """o_proj -> add + norm -> MLP [-> add + the next layer's norm -> its qkv] in one launch: each stage equals the
     chain's kernel on the block's own input (norms within one bf16 ulp: float32 sums in another order)."""
-    from sparrow_sgl.attention.kernels.triton_fused import add_rms_norm
+    from sparrow_sgl.attention.kernels.triton_fused import add_rms_norm, silu_mul
     from sparrow_sgl.attention.kernels.triton_linear import Config, linear, workspace
     from sparrow_sgl.attention.kernels.triton_mlp_block import BlockPlan, NextLayer, layer_block
 
@@ -142,8 +143,8 @@ def test_layer_block_matches_the_chain(device, with_next):
     h_ref, res_ref = add_rms_norm(b["y"], res, nw, 1e-6)
     assert torch.equal(b["res"], res_ref)
     torch.testing.assert_close(b["h"], h_ref, atol=0, rtol=2**-7)
-    assert torch.equal(b["gu"], linear(b["h"], wgu, None, plan.gate_up))
-    assert torch.equal(b["out"], linear(b["gu"], wd, None, plan.down, silu_input=True))
+    assert torch.equal(b["act"], silu_mul(linear(b["h"], wgu, None, plan.gate_up)))
+    assert torch.equal(b["out"], linear(b["act"], wd, None, plan.down))
     if with_next:
         h2_ref, res2_ref = add_rms_norm(b["out"], b["res"], nw2, 1e-5)
         assert torch.equal(b["res2"], res2_ref)

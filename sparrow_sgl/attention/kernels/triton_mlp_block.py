@@ -1,21 +1,24 @@
-"""The decoder's MLP half in one persistent launch: residual add + RMSNorm, the gate_up GEMM, and the down GEMM with
-SiLU x up fused into its load. An experiment towards a persistent decode layer (issue 19), measured by
-`bench/mlp_block.py` against the three-launch chain the engine runs today; the engine does not use it yet.
+"""A decoder layer's work after attention in one persistent launch, an experiment towards a persistent decode layer
+(issue 19): `mlp_block` = the post-attention residual add + RMSNorm, gate_up and down (3 launches in the engine
+today); `layer_block` = o_proj, that, and the next layer's residual add + RMSNorm and qkv projection (6 launches).
+`bench/mlp_block.py` measures both against the engine's kernels; the engine runs them only with
+SPARROW_LAYER_BLOCK=mlp|chain (`engine/fused.py`), until an H200 run says they pay.
 
 Why: at decode batch sizes every kernel of the step pays a ramp and a tail (1.8-5 us a boundary on an H200,
 `bench/results/launch_boundary.json`), ~11 kernels a layer. Here a fixed grid of programs takes work items from
-one queue (an atomic counter) in order: the M norm rows, then the gate_up output tiles (the gate tile and the up
-tile of the same columns next to each other), then the down tiles, K slice by K slice. An item waits (spinning on
-flags in L2) only for items earlier in the queue, which programs already running hold, so no grid size can
-deadlock and the programs need not all be resident; and down tiles of the first K slices start while gate_up tiles
-of the last ones still stream, so the two GEMMs overlap instead of draining between launches.
+one queue (an atomic counter) in order: [o_proj tiles,] the M norm rows, the gate_up items (each streams the gate
+rows and the up rows of the same columns and writes SiLU(gate) * up), the down tiles K slice by K slice[, the next
+norm rows, the qkv tiles]. An item waits (spinning on flags or counters in L2) only for items earlier in the queue,
+which programs already running hold, so no grid size can deadlock and the programs need not all be resident; down
+tiles of the first K slices start while the last gate_up items still stream.
 
-Same arithmetic as the chain: a norm row as `triton_fused._add_rms_norm_kernel` (up to float32 reduction order), a
-GEMM tile as `triton_linear._linear_kernel` (its device functions; split-K partials summed in split order by the
-tile's last program). The queue, the flags and the split tickets live in `triton_linear.workspace`'s counters, zero
-between launches: the last program to leave resets what it used, so CUDA-graph replays need no memset. Reads of
-data another program wrote in this launch (h, gate_up) happen only after their flags, on cache lines no program of
-this launch read before (slices are whole 128-byte lines: `I % 64 == 0` is required).
+Same arithmetic as the engine's kernels: a norm row as `triton_fused._add_rms_norm_kernel` (up to float32
+reduction order), a GEMM tile as `triton_linear._linear_kernel` (its device functions; split-K partials summed in
+split order by the tile's last program), SiLU(gate) * up rounded as the down GEMM's fused load rounds it. The queue,
+flags, counters and split tickets live in `triton_linear.workspace`'s counters, zero between launches: the last
+program to leave resets what it used, so CUDA-graph replays need no memset. Reads of data another program wrote in
+this launch happen only after its flag or counter, on cache lines no program of this launch read before (down's K
+slices are whole 128-byte lines of act: `I % 64 == 0` is required).
 """
 
 from __future__ import annotations
@@ -48,18 +51,21 @@ class BlockPlan:
     qkv: Config | None = None
 
 
-def _tile(n: int, k: int, programs: int) -> Config:
-    return Config(64, 128, fit_split(n, k, 64, 128, programs), 4, 3)
-
-
 def default_plan(m: int, hidden: int, inter: int, device: torch.device, programs: int | None = None,
-                 q_size: int = 0, qkv_size: int = 0) -> BlockPlan:
-    """Two programs per SM; 64 x 128 weight tiles, each GEMM split along K until its items cover the grid.
-    q_size / qkv_size: plan the o_proj / next-qkv stages too."""
-    programs = programs or 2 * num_sms(device)
-    return BlockPlan(_tile(2 * inter, hidden, programs), _tile(hidden, inter, programs), programs,
-                     _tile(hidden, q_size, programs) if q_size else None,
-                     _tile(qkv_size, hidden, programs) if qkv_size else None)
+                 q_size: int = 0, qkv_size: int = 0, tile: tuple[int, int, int] = (64, 64, 3)) -> BlockPlan:
+    """tile = (block_n, block_k, stages) for every stage, 4 warps; each GEMM split along K until its items cover
+    the grid. q_size / qkv_size: plan the o_proj / next-qkv stages too. programs: as many as fit on the GPU at once
+    (more only wait for a slot; fewer leave SMs idle): compiled for sm_90a by Triton 3.6 with 64 x 64 tiles in 3
+    stages the kernel takes 128-168 registers and 60 KB of shared memory at M <= 32 (3 programs per SM), 231
+    registers at M = 64 (2 per SM); 128-deep K tiles in 3 stages need 120 KB (1 per SM)."""
+    programs = programs or (3 if m <= 32 else 2) * num_sms(device)
+    block_n, block_k, stages = tile
+
+    def plan(n: int, k: int) -> Config:
+        return Config(block_n, block_k, fit_split(n, k, block_n, block_k, programs), 4, stages)
+
+    return BlockPlan(plan(inter, hidden), plan(hidden, inter), programs, plan(hidden, q_size) if q_size else None,
+                     plan(qkv_size, hidden) if qkv_size else None)
 
 
 @triton.jit
@@ -144,6 +150,67 @@ def _gemm_item(
 
 
 @triton.jit
+def _store_act(acc_g, acc_u, act_ptr, n, m, M, I, F32_DOT: tl.constexpr):  # noqa: E741
+    """act[m, n] = SiLU(gate) * up from the float32 gate / up sums, rounded as the chain rounds them: gate_up stored
+    in the model dtype (`_store_out`), then SiLU and the product as `_x_tile` (SILU) computes them."""
+    dtype = act_ptr.dtype.element_ty
+    if F32_DOT:  # Triton's interpreter: `_store_out`'s conversion (it truncates there; `_round` would not)
+        g = acc_g.to(dtype).to(tl.float32)
+        u = acc_u.to(dtype).to(tl.float32)
+    else:
+        g = _round(acc_g, dtype)
+        u = _round(acc_u, dtype)
+    act = _round(_round(g / (1.0 + tl.exp(-g)), dtype) * u, dtype)
+    tl.store(act_ptr + m[None, :] * I + n[:, None], act.to(dtype), mask=(n < I)[:, None] & (m < M)[None, :])
+
+
+@triton.jit
+def _gate_up_item(
+    h_ptr, H, w_ptr, act_ptr, part_ptr, ticket_ptr, M, I, tile, split, k_per_split, n_splits,  # noqa: E741
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    """Columns [tile * BLOCK_N, +BLOCK_N) of SiLU(h @ W_gate^T) * (h @ W_up^T): the gate rows and the up rows of
+    gate_up streamed side by side (each as `_linear_kernel` computes its tile), so down reads act [M, I] plainly.
+    1 if this program completed the tile (no split, or its last split to arrive)."""
+    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, BLOCK_K)
+    gate_rows = w_ptr + tl.minimum(n, I - 1).to(tl.int64)[:, None] * H
+    up_rows = gate_rows + I.to(tl.int64) * H
+    x_rows = h_ptr + tl.minimum(m, M - 1).to(tl.int64)[None, :] * H
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, H)
+    acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + kk
+        x = tlin._x_tile(x_rows, k, H, EVEN_K, False)
+        acc_g = tlin._dot(tlin._w_tile(gate_rows, k, H, EVEN_K), x, acc_g, F32_DOT)
+        acc_u = tlin._dot(tlin._w_tile(up_rows, k, H, EVEN_K), x, acc_u, F32_DOT)
+    done = tl.full([], 1, tl.int32)
+    if n_splits == 1:
+        _store_act(acc_g, acc_u, act_ptr, n, m, M, I, F32_DOT)
+    else:
+        mask = (n < I)[:, None] & (m < M)[None, :]
+        offs = m[None, :] * (2 * I) + n[:, None]  # gate partials at n, up partials at I + n
+        tl.store(part_ptr + split.to(tl.int64) * M * 2 * I + offs, acc_g, mask=mask)
+        tl.store(part_ptr + split.to(tl.int64) * M * 2 * I + offs + I, acc_u, mask=mask)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel")
+        done = (ticket == n_splits - 1).to(tl.int32)
+        if done != 0:
+            tl.store(ticket_ptr + tile, 0)
+            tl.debug_barrier()
+            total_g = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            total_u = tl.load(part_ptr + offs + I, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, n_splits):
+                total_g += tl.load(part_ptr + s * M * 2 * I + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                total_u += tl.load(part_ptr + s * M * 2 * I + offs + I, mask=mask, other=0.0, cache_modifier=".cg")
+            _store_act(total_g, total_u, act_ptr, n, m, M, I, F32_DOT)
+    return done
+
+
+@triton.jit
 def _gemm_stage(x_ptr, stride_xm, w_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K, j, splits, k_per_split,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                 F32_DOT: tl.constexpr):
@@ -154,7 +221,7 @@ def _gemm_stage(x_ptr, stride_xm, w_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K,
 
 @triton.jit
 def _layer_block_kernel(
-    attn_ptr, wo_ptr, x_ptr, stride_x, res_ptr, stride_r, norm_w_ptr, res_out_ptr, h_ptr, gu_ptr, out_ptr,
+    attn_ptr, wo_ptr, x_ptr, stride_x, res_ptr, stride_r, norm_w_ptr, res_out_ptr, h_ptr, act_ptr, out_ptr,
     wgu_ptr, wd_ptr, norm2_w_ptr, res2_ptr, h2_ptr, wq_ptr, qkv_ptr, part_ptr, state_ptr,
     M, H, I, Q, NQ, eps, eps2,  # noqa: E741 - I: the intermediate size, as in the GEMM shapes
     o_tiles, o_splits, o_kps, gu_tiles, gu_splits, gu_kps, d_tiles, d_splits, d_kps, q_tiles, q_splits, q_kps,
@@ -162,11 +229,12 @@ def _layer_block_kernel(
     BLOCK_M: tl.constexpr, CHUNK_H: tl.constexpr, O_N: tl.constexpr, O_K: tl.constexpr, GU_N: tl.constexpr,
     GU_K: tl.constexpr, D_N: tl.constexpr, D_K: tl.constexpr, Q_N: tl.constexpr, Q_K: tl.constexpr,
     O_EVEN_K: tl.constexpr, GU_EVEN_K: tl.constexpr, D_EVEN_K: tl.constexpr, Q_EVEN_K: tl.constexpr,
-    INTERLEAVE: tl.constexpr, DEP_BLOCK: tl.constexpr, HAS_O: tl.constexpr, HAS_NEXT: tl.constexpr,
+    DEP_BLOCK: tl.constexpr, HAS_O: tl.constexpr, HAS_NEXT: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
-    """Stages in queue order: [o_proj tiles] -> norm rows -> gate_up tiles -> down tiles -> [next norm rows -> next
-    qkv tiles]. With HAS_O, x_ptr is o_proj's output (written here); bracketed stages only with HAS_O / HAS_NEXT."""
+    """Stages in queue order: [o_proj tiles] -> norm rows -> gate_up tiles (SiLU(gate) * up) -> down tiles (K slice
+    by K slice) -> [next norm rows -> next qkv tiles]. With HAS_O, x_ptr is o_proj's output (written here); the
+    bracketed stages only with HAS_O / HAS_NEXT."""
     queue, left, normed, o_done, d_done, normed2 = (state_ptr + 0, state_ptr + 1, state_ptr + 2, state_ptr + 3,
                                                     state_ptr + 4, state_ptr + 5)
     gu_flags = state_ptr + STATE_SLOTS
@@ -196,15 +264,11 @@ def _layer_block_kernel(
             tl.debug_barrier()
             tl.atomic_add(normed, 1, sem="release")
         elif item < end_gu:
-            slot = (item - end_norm) // gu_splits
-            if INTERLEAVE:  # gate tile i, up tile i, gate tile i + 1, ...: down's K slices complete in order
-                tile = slot // 2 + (slot % 2) * (gu_tiles // 2)
-            else:
-                tile = slot
+            tile = (item - end_norm) // gu_splits
             _wait_count(normed, M)
-            done = _gemm_item(h_ptr, H, wgu_ptr, H, gu_ptr, 2 * I, part_ptr + part_gu, gu_tickets,
-                              M, 2 * I, H, tile, (item - end_norm) % gu_splits, gu_kps, gu_splits,
-                              BLOCK_M, GU_N, GU_K, GU_EVEN_K, False, F32_DOT)
+            done = _gate_up_item(h_ptr, H, wgu_ptr, act_ptr, part_ptr + part_gu, gu_tickets, M, I, tile,
+                                 (item - end_norm) % gu_splits, gu_kps, gu_splits, BLOCK_M, GU_N, GU_K, GU_EVEN_K,
+                                 F32_DOT)
             if done != 0:
                 tl.debug_barrier()
                 tl.atomic_add(gu_flags + tile, 1, sem="release")
@@ -213,10 +277,9 @@ def _layer_block_kernel(
             split = j // d_tiles
             k0 = split * d_kps
             k1 = tl.minimum(k0 + d_kps, I)
-            _wait_flags(gu_flags, k0 // GU_N, (k1 + GU_N - 1) // GU_N, DEP_BLOCK)  # gate columns [k0, k1)
-            _wait_flags(gu_flags, (I + k0) // GU_N, (I + k1 + GU_N - 1) // GU_N, DEP_BLOCK)  # up columns
-            done = _gemm_item(gu_ptr, 2 * I, wd_ptr, I, out_ptr, H, part_ptr + part_d, d_tickets,
-                              M, H, I, j % d_tiles, split, d_kps, d_splits, BLOCK_M, D_N, D_K, D_EVEN_K, True, F32_DOT)
+            _wait_flags(gu_flags, k0 // GU_N, (k1 + GU_N - 1) // GU_N, DEP_BLOCK)  # act[:, k0:k1] is written
+            done = _gemm_item(act_ptr, I, wd_ptr, I, out_ptr, H, part_ptr + part_d, d_tickets,
+                              M, H, I, j % d_tiles, split, d_kps, d_splits, BLOCK_M, D_N, D_K, D_EVEN_K, False, F32_DOT)
             if HAS_NEXT:
                 if done != 0:
                     tl.debug_barrier()
@@ -288,10 +351,10 @@ def mlp_block(
 ) -> tuple[torch.Tensor, ...]:
     """(down(SiLU(gate) * up of RMSNorm(x + residual) * w), x + residual) in one launch; x, residual [M, hidden],
     w_gate_up [2I, hidden] (gate rows, then up rows), w_down [hidden, I]. intermediates=True also returns the normed
-    input and gate_up output (tests)."""
+    input and SiLU(gate) * up (tests)."""
     m, hidden, inter = check_inputs(x, residual, norm_weight, w_gate_up, w_down)
     b = _launch(x, residual, norm_weight, eps, w_gate_up, w_down, plan or default_plan(m, hidden, inter, x.device))
-    return (b["out"], b["res"], b["h"], b["gu"]) if intermediates else (b["out"], b["res"])
+    return (b["out"], b["res"], b["h"], b["act"]) if intermediates else (b["out"], b["res"])
 
 
 def layer_block(
@@ -334,7 +397,7 @@ def _launch(x, residual, norm_weight, eps, w_gate_up, w_down, plan: BlockPlan, a
                          "qkv_size=)")
     q_size = attn.shape[1] if has_o else 0
     n_qkv = next_layer.w_qkv.shape[0] if has_next else 0
-    stages = {"o": (plan.o, hidden, q_size, has_o), "gu": (plan.gate_up, 2 * inter, hidden, True),
+    stages = {"o": (plan.o, hidden, q_size, has_o), "gu": (plan.gate_up, inter, hidden, True),
               "d": (plan.down, hidden, inter, True), "q": (plan.qkv, n_qkv, hidden, has_next)}
     tiles, splits, kps, floats, offsets = {}, {}, {}, {}, {}
     total = 0
@@ -344,12 +407,12 @@ def _launch(x, residual, norm_weight, eps, w_gate_up, w_down, plan: BlockPlan, a
             cfg = Config(64, 128, 1, 4, 3)
         else:
             tiles[name], (splits[name], kps[name]) = triton.cdiv(n, cfg.block_n), _k_split(k, cfg)
-            floats[name] = splits[name] * m * n if splits[name] > 1 else 0
+            floats[name] = splits[name] * m * n * (2 if name == "gu" else 1) if splits[name] > 1 else 0
         offsets[name], total = total, total + floats[name]
         stages[name] = cfg
     part, state = workspace(x.device, total + 1, STATE_SLOTS + 2 * tiles["gu"] + sum(tiles[s] for s in "odq"))
     buf = {"h": torch.empty_like(x), "out": torch.empty_like(x), "res": torch.empty_like(x),
-           "gu": torch.empty(m, 2 * inter, dtype=x.dtype, device=x.device)}
+           "act": torch.empty(m, inter, dtype=x.dtype, device=x.device)}
     if has_o:
         buf["y"] = x
     if has_next:
@@ -359,7 +422,7 @@ def _launch(x, residual, norm_weight, eps, w_gate_up, w_down, plan: BlockPlan, a
     dummy = x
     _layer_block_kernel[(plan.programs,)](
         attn if has_o else dummy, w_o if has_o else dummy, x, x.stride(0), residual, residual.stride(0), norm_weight,
-        buf["res"], buf["h"], buf["gu"], buf["out"], w_gate_up, w_down,
+        buf["res"], buf["h"], buf["act"], buf["out"], w_gate_up, w_down,
         next_layer.norm_weight if has_next else dummy, buf.get("res2", dummy), buf.get("h2", dummy),
         next_layer.w_qkv if has_next else dummy, buf.get("qkv", dummy), part, state,
         m, hidden, inter, q_size, n_qkv, eps, next_layer.eps if has_next else eps,
@@ -369,7 +432,7 @@ def _launch(x, residual, norm_weight, eps, w_gate_up, w_down, plan: BlockPlan, a
         O_N=o.block_n, O_K=o.block_k, GU_N=gu.block_n, GU_K=gu.block_k, D_N=d.block_n, D_K=d.block_k,
         Q_N=q.block_n, Q_K=q.block_k, O_EVEN_K=not has_o or q_size % o.block_k == 0,
         GU_EVEN_K=hidden % gu.block_k == 0, D_EVEN_K=inter % d.block_k == 0, Q_EVEN_K=hidden % q.block_k == 0,
-        INTERLEAVE=inter % gu.block_n == 0, DEP_BLOCK=triton.next_power_of_2(triton.cdiv(kps["d"], gu.block_n) + 1),
+        DEP_BLOCK=triton.next_power_of_2(triton.cdiv(kps["d"], gu.block_n) + 1),
         HAS_O=has_o, HAS_NEXT=has_next, F32_DOT=x.device.type != "cuda",
         num_warps=gu.num_warps, num_stages=gu.num_stages,
     )
