@@ -36,7 +36,8 @@ from sparrow_sgl.attention.kernels.triton_linear import MAX_M, Config, block_m, 
 NORM_CHUNK = 512  # columns of a norm row per step
 # queue, programs that left, norm rows done, o tiles done, down tiles done, next norm rows done; then gate_up flags,
 # gate_up / down / o / qkv split tickets
-STATE_SLOTS = tl.constexpr(6)
+SLOTS = 6
+STATE_SLOTS = tl.constexpr(SLOTS)  # the kernel's view of SLOTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,7 +411,7 @@ def _launch(x, residual, norm_weight, eps, w_gate_up, w_down, plan: BlockPlan, a
             floats[name] = splits[name] * m * n * (2 if name == "gu" else 1) if splits[name] > 1 else 0
         offsets[name], total = total, total + floats[name]
         stages[name] = cfg
-    part, state = workspace(x.device, total + 1, STATE_SLOTS + 2 * tiles["gu"] + sum(tiles[s] for s in "odq"))
+    part, state = workspace(x.device, total + 1, SLOTS + 2 * tiles["gu"] + sum(tiles[s] for s in "odq"))
     buf = {"h": torch.empty_like(x), "out": torch.empty_like(x), "res": torch.empty_like(x),
            "act": torch.empty(m, inter, dtype=x.dtype, device=x.device)}
     if has_o:
