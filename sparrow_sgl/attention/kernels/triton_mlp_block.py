@@ -252,11 +252,12 @@ def _layer_block_kernel(
     item = tl.atomic_add(queue, 1, sem="relaxed")
     while item < n_items:
         if item < end_o:
-            done = _gemm_stage(attn_ptr, Q, wo_ptr, x_ptr, part_ptr, o_tickets, M, H, Q, item, o_splits, o_kps,
-                               BLOCK_M, O_N, O_K, O_EVEN_K, F32_DOT)
-            if done != 0:
-                tl.debug_barrier()
-                tl.atomic_add(o_done, 1, sem="release")
+            if HAS_O:  # (compiled only where the stage exists)
+                done = _gemm_stage(attn_ptr, Q, wo_ptr, x_ptr, part_ptr, o_tickets, M, H, Q, item, o_splits, o_kps,
+                                   BLOCK_M, O_N, O_K, O_EVEN_K, F32_DOT)
+                if done != 0:
+                    tl.debug_barrier()
+                    tl.atomic_add(o_done, 1, sem="release")
         elif item < end_norm:
             if HAS_O:
                 _wait_count(o_done, o_tiles)
@@ -286,14 +287,16 @@ def _layer_block_kernel(
                     tl.debug_barrier()
                     tl.atomic_add(d_done, 1, sem="release")
         elif item < end_norm2:
-            _wait_count(d_done, d_tiles)
-            _norm_row(out_ptr, H, res_out_ptr, H, norm2_w_ptr, h2_ptr, res2_ptr, item - end_d, H, eps2, CHUNK_H)
-            tl.debug_barrier()
-            tl.atomic_add(normed2, 1, sem="release")
+            if HAS_NEXT:
+                _wait_count(d_done, d_tiles)
+                _norm_row(out_ptr, H, res_out_ptr, H, norm2_w_ptr, h2_ptr, res2_ptr, item - end_d, H, eps2, CHUNK_H)
+                tl.debug_barrier()
+                tl.atomic_add(normed2, 1, sem="release")
         else:
-            _wait_count(normed2, M)
-            _gemm_stage(h2_ptr, H, wq_ptr, qkv_ptr, part_ptr + part_q, q_tickets, M, NQ, H, item - end_norm2,
-                        q_splits, q_kps, BLOCK_M, Q_N, Q_K, Q_EVEN_K, F32_DOT)
+            if HAS_NEXT:
+                _wait_count(normed2, M)
+                _gemm_stage(h2_ptr, H, wq_ptr, qkv_ptr, part_ptr + part_q, q_tickets, M, NQ, H, item - end_norm2,
+                            q_splits, q_kps, BLOCK_M, Q_N, Q_K, Q_EVEN_K, F32_DOT)
         item = tl.atomic_add(queue, 1, sem="relaxed")
     # every item is taken; the last program to leave resets the queue, counters and flags for the next launch
     if tl.atomic_add(left, 1, sem="acq_rel") == n_programs - 1:
