@@ -25,6 +25,7 @@ _RULES = (  # (class, lower-case name fragments); first match wins. "attention" 
     ("fused_elementwise", ("_add_rms_norm_kernel", "_qk_norm_rope_kernel", "_silu_mul_kernel")),
     ("attention", ("_sparse_decode_kernel", "_merge_splits_kernel", "batchdecode", "mergestate", "flashinfer")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "splitk", "gemv", "cublas", "_linear_kernel")),
+    ("gemm", ("_layer_block_kernel",)),  # SPARROW_LAYER_BLOCK: GEMMs with their norms (bytes: weights)
 )
 _SELECTION = ("page_scoring", "topk")
 
