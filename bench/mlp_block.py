@@ -48,6 +48,14 @@ def module(weight: torch.Tensor):
     return mod
 
 
+def stack(layer_fn, layers: list):
+    """The callable timed: layer_fn over every layer in order; returns layer 0's output (compared across variants)."""
+    def run() -> torch.Tensor:
+        return [layer_fn(layer) for layer in layers][0]
+
+    return run
+
+
 def chain_fn(layers: list[dict], x: torch.Tensor, res: torch.Tensor, plan=None):
     """The engine's three launches per layer; plan: force the block's tiles (`chain-same`), else the engine's pick."""
     from sparrow_sgl.attention.kernels.triton_linear import linear
@@ -55,31 +63,20 @@ def chain_fn(layers: list[dict], x: torch.Tensor, res: torch.Tensor, plan=None):
 
     mods = [(layer["norm"], module(layer["gate_up"]), module(layer["down"])) for layer in layers]
 
-    def run() -> torch.Tensor:
-        out = None
-        for norm, gu, down in mods:
-            h, _ = fused.add_rms_norm(x, res, norm, EPS)
-            if plan is None:
-                y = down.forward_silu_mul(gu(h))
-            else:
-                y = linear(linear(h, gu.weight, None, plan.gate_up), down.weight, None, plan.down, silu_input=True)
-            out = y if out is None else out
-        return out
+    def layer(norm, gu, down) -> torch.Tensor:
+        h, _ = fused.add_rms_norm(x, res, norm, EPS)
+        if plan is None:
+            return down.forward_silu_mul(gu(h))
+        return linear(linear(h, gu.weight, None, plan.gate_up), down.weight, None, plan.down, silu_input=True)
 
-    return run
+    return stack(lambda mod: layer(*mod), mods)
 
 
 def block_fn(layers: list[dict], x: torch.Tensor, res: torch.Tensor, plan):
     from sparrow_sgl.attention.kernels.triton_mlp_block import mlp_block
 
-    def run() -> torch.Tensor:
-        out = None
-        for layer in layers:
-            y, _ = mlp_block(x, res, layer["norm"], EPS, layer["gate_up"], layer["down"], plan)
-            out = y if out is None else out
-        return out
-
-    return run
+    return stack(lambda layer: mlp_block(x, res, layer["norm"], EPS, layer["gate_up"], layer["down"], plan)[0],
+                 layers)
 
 
 def after_chain_fn(layers: list[dict], attn: torch.Tensor, res: torch.Tensor):
@@ -88,30 +85,22 @@ def after_chain_fn(layers: list[dict], attn: torch.Tensor, res: torch.Tensor):
 
     mods = [layer | {k: module(layer[k]) for k in ("o", "gate_up", "down", "qkv")} for layer in layers]
 
-    def run() -> torch.Tensor:
-        out = None
-        for mod in mods:
-            h, s = fused.add_rms_norm(mod["o"](attn), res, mod["norm"], EPS)
-            h2, _ = fused.add_rms_norm(mod["down"].forward_silu_mul(mod["gate_up"](h)), s, mod["next_norm"], EPS)
-            qkv = mod["qkv"](h2)
-            out = qkv if out is None else out
-        return out
+    def layer(mod: dict) -> torch.Tensor:
+        h, s = fused.add_rms_norm(mod["o"](attn), res, mod["norm"], EPS)
+        h2, _ = fused.add_rms_norm(mod["down"].forward_silu_mul(mod["gate_up"](h)), s, mod["next_norm"], EPS)
+        return mod["qkv"](h2)
 
-    return run
+    return stack(layer, mods)
 
 
 def after_block_fn(layers: list[dict], attn: torch.Tensor, res: torch.Tensor, plan):
     from sparrow_sgl.attention.kernels.triton_mlp_block import NextLayer, layer_block
 
-    def run() -> torch.Tensor:
-        out = None
-        for layer in layers:
-            qkv, _ = layer_block(attn, layer["o"], res, layer["norm"], EPS, layer["gate_up"], layer["down"],
-                                 NextLayer(layer["next_norm"], EPS, layer["qkv"]), plan)
-            out = qkv if out is None else out
-        return out
+    def layer(w: dict) -> torch.Tensor:
+        return layer_block(attn, w["o"], res, w["norm"], EPS, w["gate_up"], w["down"],
+                           NextLayer(w["next_norm"], EPS, w["qkv"]), plan)[0]
 
-    return run
+    return stack(layer, layers)
 
 
 def time_variants(variants: dict, plans: dict, common: dict, gb: float, bw: float, n_layers: int) -> list[dict]:

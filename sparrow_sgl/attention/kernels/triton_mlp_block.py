@@ -111,6 +111,27 @@ def _norm_row(x_ptr, stride_x, res_ptr, stride_r, w_ptr, h_ptr, res_out_ptr, row
 
 
 @triton.jit
+def _last_split(ticket_ptr, n_splits):
+    """After this program stored its partial: 1 if it is the tile's last split to arrive (it then resets the ticket
+    for the next launch), else 0."""
+    tl.debug_barrier()  # every thread's partial stores precede the release
+    done = (tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == n_splits - 1).to(tl.int32)
+    if done != 0:
+        tl.store(ticket_ptr, 0)
+        tl.debug_barrier()
+    return done
+
+
+@triton.jit
+def _split_sum(part_ptr, offs, mask, split_stride, n_splits):
+    """The partials of every split, summed in split order (read at L2, where the other programs stored them)."""
+    total = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    for s in range(1, n_splits):
+        total += tl.load(part_ptr + s * split_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
 def _gemm_item(
     x_ptr, stride_xm, w_ptr, stride_wn, out_ptr, stride_om, part_ptr, ticket_ptr,
     M, N, K, tile, split, k_per_split, n_splits,
@@ -137,16 +158,10 @@ def _gemm_item(
         mask = (n < N)[:, None] & (m < M)[None, :]
         offs = m[None, :] * N + n[:, None]
         tl.store(part_ptr + split.to(tl.int64) * M * N + offs, acc, mask=mask)
-        tl.debug_barrier()
-        ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel")
-        done = (ticket == n_splits - 1).to(tl.int32)
+        done = _last_split(ticket_ptr + tile, n_splits)
         if done != 0:
-            tl.store(ticket_ptr + tile, 0)
-            tl.debug_barrier()
-            total = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in range(1, n_splits):
-                total += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            tlin._store_out(total, out_ptr, stride_om, out_ptr, n, m, M, N, False)
+            tlin._store_out(_split_sum(part_ptr, offs, mask, M * N, n_splits), out_ptr, stride_om, out_ptr, n, m, M,
+                            N, False)
     return done
 
 
@@ -196,18 +211,10 @@ def _gate_up_item(
         offs = m[None, :] * (2 * I) + n[:, None]  # gate partials at n, up partials at I + n
         tl.store(part_ptr + split.to(tl.int64) * M * 2 * I + offs, acc_g, mask=mask)
         tl.store(part_ptr + split.to(tl.int64) * M * 2 * I + offs + I, acc_u, mask=mask)
-        tl.debug_barrier()
-        ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel")
-        done = (ticket == n_splits - 1).to(tl.int32)
+        done = _last_split(ticket_ptr + tile, n_splits)
         if done != 0:
-            tl.store(ticket_ptr + tile, 0)
-            tl.debug_barrier()
-            total_g = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            total_u = tl.load(part_ptr + offs + I, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in range(1, n_splits):
-                total_g += tl.load(part_ptr + s * M * 2 * I + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                total_u += tl.load(part_ptr + s * M * 2 * I + offs + I, mask=mask, other=0.0, cache_modifier=".cg")
-            _store_act(total_g, total_u, act_ptr, n, m, M, I, F32_DOT)
+            _store_act(_split_sum(part_ptr, offs, mask, M * 2 * I, n_splits),
+                       _split_sum(part_ptr, offs + I, mask, M * 2 * I, n_splits), act_ptr, n, m, M, I, F32_DOT)
     return done
 
 
