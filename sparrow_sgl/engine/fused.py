@@ -92,7 +92,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-
 LAYER_BLOCK_ENV = "SPARROW_LAYER_BLOCK"
 LAYER_BLOCK_MODES = ("0", "mlp", "chain")
 

@@ -123,7 +123,7 @@ class Qwen3DecoderLayer(nn.Module):
         norm, mlp = self.post_attention_layernorm, self.mlp
         nxt = None if next_layer is None else NextLayer(
             next_layer.input_layernorm.weight, next_layer.input_layernorm.eps, next_layer.self_attn.qkv_proj.weight)
-        return layer_block(attn_out, self.self_attn.o_proj.weight, residual, norm.weight, norm.eps,
+        return layer_block(attn_out.contiguous(), self.self_attn.o_proj.weight, residual, norm.weight, norm.eps,
                            mlp.gate_up_proj.weight, mlp.down_proj.weight, nxt)
 
 
