@@ -5,6 +5,8 @@ step `Context`. q/k/v and gate/up projections are fused for speed, but `hf_param
 HF parameter names so that loading, `update_weights` and LoRA merging work in HF names. The elementwise chains
 (residual add + RMSNorm, q/k norm + rotary, SiLU x up) are single ops from `engine/fused.py`: Triton kernels on
 CUDA, the plain torch math on CPU; each layer hands its residual stream to the next one's fused add + norm.
+With SPARROW_LAYER_BLOCK=mlp|chain (experimental, `fused.layer_block_mode`) a decode batch runs each layer's
+post-attention norm + MLP, or everything from o_proj to the next layer's qkv, as one persistent launch.
 """
 
 from __future__ import annotations
