@@ -48,8 +48,22 @@ def _sparse_decode_kernel(
     PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
-    row = tl.program_id(0)
-    split = tl.program_id(1)
+    _decode_split(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, block_table_ptr,
+                  stride_btb, seq_lens_ptr, pages_ptr, stride_pb, stride_ph, counts_ptr, stride_cb, stride_ch,
+                  part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, scale, tl.program_id(0),
+                  tl.program_id(1), KV_HEADS, GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_P, SPLITS, PRECISION, PREFETCH)
+
+
+@triton.jit
+def _decode_split(
+    q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, block_table_ptr, stride_btb,
+    seq_lens_ptr, pages_ptr, stride_pb, stride_ph, counts_ptr, stride_cb, stride_ch, part_out_ptr, part_lse_ptr,
+    out_ptr, stride_ob, stride_oh, scale, row, split,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_P: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """One (request x KV head row, split) of the decode: also a work item of `triton_attention_block`."""
     b = row // KV_HEADS
     h = row % KV_HEADS
     seq = tl.load(seq_lens_ptr + b).to(tl.int32)
@@ -109,7 +123,14 @@ def _merge_splits_kernel(
     Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
-    row = tl.program_id(0)  # b * q_heads + head
+    _merge_row(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, tl.program_id(0), Q_HEADS, HEAD_DIM, SPLITS,
+               BLOCK_S)
+
+
+@triton.jit
+def _merge_row(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, row,
+               Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The output of query row `row` (= b * q_heads + head) from its splits' partials and log-sum-exps."""
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, HEAD_DIM)
     lse = tl.load(part_lse_ptr + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
