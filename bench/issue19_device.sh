@@ -33,8 +33,9 @@
 #   call17: a layer's work after attention as one persistent launch with an in-order work queue (bench.mlp_block:
 #          the engine's kernels vs the block at 1-4 programs per SM, the post-attention norm + MLP and o_proj through
 #          the next qkv, 1.7B / 4B / 8B at M = 32 and 64) and its GPU tests (~2-3 min)
-#   call18: the engine with it (SPARROW_LAYER_BLOCK=mlp / chain: +mlpb / +chain) vs the defaults: dense and sparse
-#          rollouts (~5.5 min)
+#          and the sparse attention block's GPU tests (scoring + top-k + decode + merge in one launch)
+#   call18: the engine with them (SPARROW_LAYER_BLOCK=chain: +chain; SPARROW_ATTN_BLOCK=1: +ablock; both) vs
+#          the defaults: dense and sparse rollouts (~8 min; `mlp` alone is left to bench.mlp_block)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
 set -o pipefail
 call=${1:-call2}
@@ -131,15 +132,17 @@ elif [ "$call" = call11 ]; then
   tests=""
 elif [ "$call" = call17 ]; then
   # a kernel that hangs or fails its tests would waste the bench's 300 s: it runs only after they pass
-  if timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_mlp_block.py 2>&1 | tail -5 \
+  if timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_mlp_block.py tests/test_attention_block.py \
+      2>&1 | tail -5 \
       | tee "$out/tests.log"; then
     timeout 300 python3 -m bench.mlp_block --out-dir "$out" 2>&1 | tee "$out/mlp_block.log"
   else
-    echo "call17: tests/test_mlp_block.py failed or timed out: bench.mlp_block not run" | tee -a "$out/tests.log"
+    echo "call17: the blocks' GPU tests failed or timed out: bench.mlp_block not run" | tee -a "$out/tests.log"
   fi
   tests=""
 elif [ "$call" = call18 ]; then
-  ab_run 330 "+mlpb=SPARROW_LAYER_BLOCK=mlp,+chain=SPARROW_LAYER_BLOCK=chain" ab18
+  ab_run 520 "+chain=SPARROW_LAYER_BLOCK=chain,+ablock=SPARROW_ATTN_BLOCK=1,+both=SPARROW_LAYER_BLOCK=chain;SPARROW_ATTN_BLOCK=1" \
+    ab18
   tests=""
 elif [ "$call" = call16 ]; then
   timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pdl.py tests/test_triton_linear.py \

@@ -25,9 +25,10 @@ SM90_REGISTERS, SM90_SHARED, SM90_WARPS = 65536, 232448, 64
 
 
 def compile_resources(jit_fn, constexprs: dict, arg_types: dict, divisible: set[str], num_warps: int = 4,
-                      num_stages: int = 3) -> dict:
+                      num_stages: int = 3, maxnreg: int | None = None) -> dict:
     """Resources of `jit_fn` compiled for sm_90a. arg_types: argument -> Triton type ("*bf16", "i32", "fp32"; any
-    argument not named is "i32"); pointers and `divisible` integers are marked divisible by 16."""
+    argument not named is "i32"); pointers and `divisible` integers are marked divisible by 16. maxnreg: the
+    register cap a launch would pass (Triton's `maxnreg`), spilling what does not fit."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -42,7 +43,7 @@ def compile_resources(jit_fn, constexprs: dict, arg_types: dict, divisible: set[
     source = ASTSource(fn=jit_fn, signature=signature, attrs=attrs,
                        constexprs={(params.index(k),): v for k, v in constexprs.items()})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+                            options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
