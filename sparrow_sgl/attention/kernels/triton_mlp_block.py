@@ -111,27 +111,6 @@ def _norm_row(x_ptr, stride_x, res_ptr, stride_r, w_ptr, h_ptr, res_out_ptr, row
 
 
 @triton.jit
-def _last_split(ticket_ptr, n_splits):
-    """After this program stored its partial: 1 if it is the tile's last split to arrive (it then resets the ticket
-    for the next launch), else 0."""
-    tl.debug_barrier()  # every thread's partial stores precede the release
-    done = (tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == n_splits - 1).to(tl.int32)
-    if done != 0:
-        tl.store(ticket_ptr, 0)
-        tl.debug_barrier()
-    return done
-
-
-@triton.jit
-def _split_sum(part_ptr, offs, mask, split_stride, n_splits):
-    """The partials of every split, summed in split order (read at L2, where the other programs stored them)."""
-    total = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    for s in range(1, n_splits):
-        total += tl.load(part_ptr + s * split_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    return total
-
-
-@triton.jit
 def _gemm_item(
     x_ptr, stride_xm, w_ptr, stride_wn, out_ptr, stride_om, part_ptr, ticket_ptr,
     M, N, K, tile, split, k_per_split, n_splits,
@@ -140,13 +119,9 @@ def _gemm_item(
 ):
     """One (output tile, K split) of x @ W^T, as `_linear_kernel` computes it; 1 if this program completed the
     output tile (no split, or the tile's last split to arrive), else 0."""
-    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.arange(0, BLOCK_M)
+    n, m, w_rows, x_rows, k_start, k_end = tlin._tile_rows(x_ptr, stride_xm, w_ptr, stride_wn, M, N, K, tile, split,
+                                                            k_per_split, BLOCK_M, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + tl.minimum(n, N - 1).to(tl.int64)[:, None] * stride_wn
-    x_rows = x_ptr + tl.minimum(m, M - 1).to(tl.int64)[None, :] * stride_xm
-    k_start = split * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + kk
@@ -158,10 +133,10 @@ def _gemm_item(
         mask = (n < N)[:, None] & (m < M)[None, :]
         offs = m[None, :] * N + n[:, None]
         tl.store(part_ptr + split.to(tl.int64) * M * N + offs, acc, mask=mask)
-        done = _last_split(ticket_ptr + tile, n_splits)
+        done = tlin._last_split(ticket_ptr + tile, n_splits)
         if done != 0:
-            tlin._store_out(_split_sum(part_ptr, offs, mask, M * N, n_splits), out_ptr, stride_om, out_ptr, n, m, M,
-                            N, False)
+            total = tlin._split_sum(part_ptr, offs, mask, M * N, n_splits)
+            tlin._store_out(total, out_ptr, stride_om, out_ptr, n, m, M, N, False)
     return done
 
 
@@ -211,10 +186,10 @@ def _gate_up_item(
         offs = m[None, :] * (2 * I) + n[:, None]  # gate partials at n, up partials at I + n
         tl.store(part_ptr + split.to(tl.int64) * M * 2 * I + offs, acc_g, mask=mask)
         tl.store(part_ptr + split.to(tl.int64) * M * 2 * I + offs + I, acc_u, mask=mask)
-        done = _last_split(ticket_ptr + tile, n_splits)
+        done = tlin._last_split(ticket_ptr + tile, n_splits)
         if done != 0:
-            _store_act(_split_sum(part_ptr, offs, mask, M * 2 * I, n_splits),
-                       _split_sum(part_ptr, offs + I, mask, M * 2 * I, n_splits), act_ptr, n, m, M, I, F32_DOT)
+            _store_act(tlin._split_sum(part_ptr, offs, mask, M * 2 * I, n_splits),
+                       tlin._split_sum(part_ptr, offs + I, mask, M * 2 * I, n_splits), act_ptr, n, m, M, I, F32_DOT)
     return done
 
 
