@@ -1,5 +1,6 @@
 """A sparse layer's decode attention in one persistent launch: page scoring, top-k, the split decode and the merge
-(four launches in the engine today), an experiment of issue 19 beside `triton_mlp_block.py` (same work queue).
+(four launches in the engine today), an experiment of issue 19 beside `triton_mlp_block.py` (the same work
+queue, `triton_queue.py`).
 
 The sparse-only excess of a decode step is mostly latency: the top-k costs 8-10 us a layer at every context length
 and sits between two launch boundaries, scoring and the merge are a few microseconds of work each. Here one grid
@@ -32,7 +33,7 @@ from sparrow_sgl.attention.kernels.triton_decode import (
     plan_splits,
 )
 from sparrow_sgl.attention.kernels.triton_linear import workspace
-from sparrow_sgl.attention.kernels.triton_mlp_block import _wait_count
+from sparrow_sgl.attention.kernels.triton_queue import signal, wait_count
 from sparrow_sgl.attention.kernels.triton_select import TOPK_CHUNK, _score_range, _topk_row, score_tiling
 from sparrow_sgl.attention.pages import to_hnd
 from sparrow_sgl.config import SparsityConfig
@@ -84,29 +85,26 @@ def _attention_block_kernel(
                     _score_range(q_ptr, stride_qb, stride_qh, sum_ptr, sum_ptr, sum_ptr, stride_sp, stride_sh,
                                  count_ptr, bt_row, score_row, b, h, start, n_pages, GROUP, SCORE_G, HEAD_DIM, SINK,
                                  LOCAL, SCORE_P, PAGES_PER_PROG, False, DIVIDE)
-                tl.debug_barrier()  # every thread's score stores precede the release
-                tl.atomic_add(scored + row, 1, sem="release")
+                signal(scored + row)
             else:
-                _wait_count(scored + row, chunks)
+                wait_count(scored + row, chunks)
                 k = tl.minimum(tl.load(budget_pages_ptr + b).to(tl.int32), n_pages)
                 _topk_row(score_row, n_pages, k, seq, pages_ptr + b * stride_pb + h * stride_ph, k_cols, bt_row,
                           pages_ptr, pages_ptr, row, h, KV_HEADS, PAGE, BLOCK_N, False)
-                tl.debug_barrier()
-                tl.atomic_add(selected + row, 1, sem="release")
+                signal(selected + row)
         else:
             row = (item - end_select) // attend_items
             part = (item - end_select) % attend_items
             if part < SPLITS:
-                _wait_count(selected + row, 1)
+                wait_count(selected + row, 1)
                 _decode_split(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt,
                               block_table_ptr, stride_btb, seq_lens_ptr, pages_ptr, stride_pb, stride_ph, counts_ptr,
                               stride_cb, stride_ch, part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, scale,
                               row, part, KV_HEADS, GROUP, DECODE_G, HEAD_DIM, PAGE, BLOCK_P, SPLITS, PRECISION,
                               PREFETCH, True)
-                tl.debug_barrier()
-                tl.atomic_add(split_done + row, 1, sem="release")
+                signal(split_done + row)
             else:
-                _wait_count(split_done + row, SPLITS)
+                wait_count(split_done + row, SPLITS)
                 for g in tl.static_range(GROUP):  # the row's query heads
                     _merge_row(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh,
                                (row // KV_HEADS) * KV_HEADS * GROUP + (row % KV_HEADS) * GROUP + g,

@@ -184,6 +184,14 @@ def fit_split(n: int, k: int, block_n: int, block_k: int, programs: int) -> int:
     return triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))
 
 
+def k_splits(k: int, config: Config) -> tuple[int, int]:
+    """(splits, K per split) of a launch: config.split_k rounded so that no split is empty and each is whole K
+    blocks (the PDL prologue loads a first tile)."""
+    k_blocks = triton.cdiv(k, config.block_k)
+    blocks_per_split = triton.cdiv(k_blocks, max(config.split_k, 1))
+    return triton.cdiv(k_blocks, blocks_per_split), blocks_per_split * config.block_k
+
+
 def workspace_bytes(m: int, n: int, config: Config) -> int:
     return 0 if config.split_k == 1 else config.split_k * m * n * 4
 
@@ -257,10 +265,8 @@ def linear(
     if m == 0:
         return out
     config = config or default_config(m, n, k, x.device)
-    tiles, k_blocks = triton.cdiv(n, config.block_n), triton.cdiv(k, config.block_k)
-    blocks_per_split = triton.cdiv(k_blocks, max(config.split_k, 1))
-    split = triton.cdiv(k_blocks, blocks_per_split)  # no empty split (the PDL prologue loads a first tile)
-    k_per_split = blocks_per_split * config.block_k
+    tiles = triton.cdiv(n, config.block_n)
+    split, k_per_split = k_splits(k, config)
     part, counters = workspace(x.device, split * m * n if split > 1 else 0, tiles if split > 1 else 0)
     shape = dict(BLOCK_M=block_m(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
                  HAS_BIAS=bias is not None, SILU=silu_input, PDL=pdl, F32_DOT=x.device.type != "cuda",

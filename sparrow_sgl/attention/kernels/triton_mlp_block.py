@@ -31,7 +31,8 @@ import triton.language as tl
 
 from sparrow_sgl.attention.kernels import triton_linear as tlin
 from sparrow_sgl.attention.kernels.triton_fused import _round
-from sparrow_sgl.attention.kernels.triton_linear import MAX_M, Config, block_m, fit_split, num_sms, workspace
+from sparrow_sgl.attention.kernels.triton_linear import MAX_M, Config, block_m, fit_split, k_splits, num_sms, workspace
+from sparrow_sgl.attention.kernels.triton_queue import signal, wait_count, wait_flags
 
 NORM_CHUNK = 512  # columns of a norm row per step
 # queue, programs that left, norm rows done, o tiles done, down tiles done, next norm rows done; then gate_up flags,
@@ -67,23 +68,6 @@ def default_plan(m: int, hidden: int, inter: int, device: torch.device, programs
 
     return BlockPlan(plan(inter, hidden), plan(hidden, inter), programs, plan(hidden, q_size) if q_size else None,
                      plan(qkv_size, hidden) if qkv_size else None)
-
-
-@triton.jit
-def _wait_count(ptr, target):
-    seen = tl.atomic_add(ptr, 0, sem="acquire")
-    while seen < target:
-        seen = tl.atomic_add(ptr, 0, sem="acquire")
-
-
-@triton.jit
-def _wait_flags(flags_ptr, first, last, BLOCK: tl.constexpr):
-    """Until flags[first:last] are all set (last - first <= BLOCK)."""
-    idx = first + tl.arange(0, BLOCK)
-    valid = idx < last
-    ready = tl.min(tl.where(valid, tl.atomic_add(flags_ptr + idx, 0, mask=valid, sem="acquire"), 1), 0)
-    while ready == 0:
-        ready = tl.min(tl.where(valid, tl.atomic_add(flags_ptr + idx, 0, mask=valid, sem="acquire"), 1), 0)
 
 
 @triton.jit
@@ -163,14 +147,10 @@ def _gate_up_item(
     """Columns [tile * BLOCK_N, +BLOCK_N) of SiLU(h @ W_gate^T) * (h @ W_up^T): the gate rows and the up rows of
     gate_up streamed side by side (each as `_linear_kernel` computes its tile), so down reads act [M, I] plainly.
     1 if this program completed the tile (no split, or its last split to arrive)."""
-    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.arange(0, BLOCK_M)
-    kk = tl.arange(0, BLOCK_K)
-    gate_rows = w_ptr + tl.minimum(n, I - 1).to(tl.int64)[:, None] * H
+    n, m, gate_rows, x_rows, k_start, k_end = tlin._tile_rows(h_ptr, H, w_ptr, H, M, I, H, tile, split, k_per_split,
+                                                               BLOCK_M, BLOCK_N)
     up_rows = gate_rows + I.to(tl.int64) * H
-    x_rows = h_ptr + tl.minimum(m, M - 1).to(tl.int64)[None, :] * H
-    k_start = split * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, H)
+    kk = tl.arange(0, BLOCK_K)
     acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -238,45 +218,40 @@ def _layer_block_kernel(
                 done = _gemm_stage(attn_ptr, Q, wo_ptr, x_ptr, part_ptr, o_tickets, M, H, Q, item, o_splits, o_kps,
                                    BLOCK_M, O_N, O_K, O_EVEN_K, F32_DOT)
                 if done != 0:
-                    tl.debug_barrier()
-                    tl.atomic_add(o_done, 1, sem="release")
+                    signal(o_done)
         elif item < end_norm:
             if HAS_O:
-                _wait_count(o_done, o_tiles)
+                wait_count(o_done, o_tiles)
             _norm_row(x_ptr, stride_x, res_ptr, stride_r, norm_w_ptr, h_ptr, res_out_ptr, item - end_o, H, eps,
                       CHUNK_H)
-            tl.debug_barrier()
-            tl.atomic_add(normed, 1, sem="release")
+            signal(normed)
         elif item < end_gu:
             tile = (item - end_norm) // gu_splits
-            _wait_count(normed, M)
+            wait_count(normed, M)
             done = _gate_up_item(h_ptr, H, wgu_ptr, act_ptr, part_ptr + part_gu, gu_tickets, M, I, tile,
                                  (item - end_norm) % gu_splits, gu_kps, gu_splits, BLOCK_M, GU_N, GU_K, GU_EVEN_K,
                                  F32_DOT)
             if done != 0:
-                tl.debug_barrier()
-                tl.atomic_add(gu_flags + tile, 1, sem="release")
+                signal(gu_flags + tile)
         elif item < end_d:
             j = item - end_gu
             split = j // d_tiles
             k0 = split * d_kps
             k1 = tl.minimum(k0 + d_kps, I)
-            _wait_flags(gu_flags, k0 // GU_N, (k1 + GU_N - 1) // GU_N, DEP_BLOCK)  # act[:, k0:k1] is written
+            wait_flags(gu_flags, k0 // GU_N, (k1 + GU_N - 1) // GU_N, DEP_BLOCK)  # act[:, k0:k1] is written
             done = _gemm_item(act_ptr, I, wd_ptr, I, out_ptr, H, part_ptr + part_d, d_tickets,
                               M, H, I, j % d_tiles, split, d_kps, d_splits, BLOCK_M, D_N, D_K, D_EVEN_K, False, F32_DOT)
             if HAS_NEXT:
                 if done != 0:
-                    tl.debug_barrier()
-                    tl.atomic_add(d_done, 1, sem="release")
+                    signal(d_done)
         elif item < end_norm2:
             if HAS_NEXT:
-                _wait_count(d_done, d_tiles)
+                wait_count(d_done, d_tiles)
                 _norm_row(out_ptr, H, res_out_ptr, H, norm2_w_ptr, h2_ptr, res2_ptr, item - end_d, H, eps2, CHUNK_H)
-                tl.debug_barrier()
-                tl.atomic_add(normed2, 1, sem="release")
+                signal(normed2)
         else:
             if HAS_NEXT:
-                _wait_count(normed2, M)
+                wait_count(normed2, M)
                 _gemm_stage(h2_ptr, H, wq_ptr, qkv_ptr, part_ptr + part_q, q_tickets, M, NQ, H, item - end_norm2,
                             q_splits, q_kps, BLOCK_M, Q_N, Q_K, Q_EVEN_K, F32_DOT)
         item = tl.atomic_add(queue, 1, sem="relaxed")
@@ -287,13 +262,6 @@ def _layer_block_kernel(
         for f0 in range(0, gu_tiles, 1024):
             idx = f0 + tl.arange(0, 1024)
             tl.store(gu_flags + idx, tl.zeros([1024], tl.int32), mask=idx < gu_tiles)
-
-
-def _k_split(k: int, config: Config) -> tuple[int, int]:
-    """(splits, K per split) as `triton_linear.linear` rounds them: no empty split, whole K blocks."""
-    k_blocks = triton.cdiv(k, config.block_k)
-    per = triton.cdiv(k_blocks, max(config.split_k, 1))
-    return triton.cdiv(k_blocks, per), per * config.block_k
 
 
 def _rows(t: torch.Tensor, name: str, m: int, cols: int, dtype: torch.dtype) -> None:
@@ -392,7 +360,7 @@ def _launch(x, residual, norm_weight, eps, w_gate_up, w_down, plan: BlockPlan, a
             tiles[name], splits[name], kps[name], floats[name] = 0, 1, 0, 0
             cfg = Config(64, 128, 1, 4, 3)
         else:
-            tiles[name], (splits[name], kps[name]) = triton.cdiv(n, cfg.block_n), _k_split(k, cfg)
+            tiles[name], (splits[name], kps[name]) = triton.cdiv(n, cfg.block_n), k_splits(k, cfg)
             floats[name] = splits[name] * m * n * (2 if name == "gu" else 1) if splits[name] > 1 else 0
         offsets[name], total = total, total + floats[name]
         stages[name] = cfg
