@@ -59,7 +59,7 @@ def default_plan(m: int, hidden: int, inter: int, device: torch.device, programs
     the grid. q_size / qkv_size: plan the o_proj / next-qkv stages too. programs: as many as fit on the GPU at once
     (more only wait for a slot; fewer leave SMs idle): compiled for sm_90a by Triton 3.6 with 64 x 64 tiles in 3
     stages the kernel takes 125-165 registers and 60 KB of shared memory at M <= 32 (3 programs per SM),
-    180-255 registers at M = 64 (2 per SM); 128-deep K tiles in 3 stages need 120 KB (1 per SM)."""
+    242-252 registers at M = 64 (2 per SM); 128-deep K tiles in 3 stages need 120 KB (1 per SM)."""
     programs = programs or (3 if m <= 32 else 2) * num_sms(device)
     block_n, block_k, stages = tile
 
