@@ -25,15 +25,15 @@ from bench.common import copy_bandwidth_gbs, device_info, emit, graph_time_us, p
 EPS = 1e-6
 
 
-def make_layers(shape, layers: int) -> list[dict]:
+def make_layers(shape, layers: int, device: str = "cuda") -> list[dict]:
     h, i = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
 
     def w(*size):
-        return 0.02 * torch.randn(*size, device="cuda", dtype=torch.bfloat16)
+        return 0.02 * torch.randn(*size, device=device, dtype=torch.bfloat16)
 
     def norm():
-        return (1 + 0.1 * torch.randn(h, device="cuda")).to(torch.bfloat16)
+        return (1 + 0.1 * torch.randn(h, device=device)).to(torch.bfloat16)
 
     return [{"norm": norm(), "gate_up": w(2 * i, h), "down": w(h, i), "o": w(h, q), "next_norm": norm(),
              "qkv": w(q + 2 * kv, h)} for _ in range(layers)]
@@ -123,8 +123,9 @@ def measure(name: str, m: int, layers: list[dict], programs: list[int], tiles: l
     from sparrow_sgl.attention.kernels.triton_mlp_block import default_plan
 
     h, i = layers[0]["down"].shape
-    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
-    res = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    device = layers[0]["down"].device
+    x = torch.randn(m, h, device=device, dtype=torch.bfloat16)
+    res = torch.randn(m, h, device=device, dtype=torch.bfloat16)
     gb = len(layers) * 3 * h * i * 2 / 1e9
     sms = num_sms(x.device)
     grid = [(f"block-{'x'.join(map(str, t))}-{p}x", t, p * sms) for t in tiles for p in programs]
@@ -134,7 +135,7 @@ def measure(name: str, m: int, layers: list[dict], programs: list[int], tiles: l
     variants |= {variant: block_fn(layers, x, res, plan) for variant, plan in plans.items()}
     rows = time_variants(variants, plans, {"model": name, "m": m, "span": "mlp"}, gb, bw, len(layers))
     q, n_qkv = layers[0]["o"].shape[1], layers[0]["qkv"].shape[0]
-    attn = torch.randn(m, q, device="cuda", dtype=torch.bfloat16)
+    attn = torch.randn(m, q, device=device, dtype=torch.bfloat16)
     plans = {name: default_plan(m, h, i, x.device, n, q_size=q, qkv_size=n_qkv, tile=t) for name, t, n in grid}
     variants = {"chain": after_chain_fn(layers, attn, res)}
     variants |= {variant: after_block_fn(layers, attn, res, plan) for variant, plan in plans.items()}
