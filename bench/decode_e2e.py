@@ -80,6 +80,20 @@ def parse_env_variants(text: str) -> dict[str, dict[str, str]]:
     return out
 
 
+def check_variants(text: str) -> None:
+    """--variants names known variants, and a sparse one comes with a dense baseline and a shipped sparse variant
+    (speedups are against the best dense one): refused before any GPU time is spent, not after the timing."""
+    names = [v for v in text.split(",") if v]
+    unknown = [v for v in names if v not in DENSE_VARIANTS and v not in SPARSE_VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {sorted(DENSE_VARIANTS | SPARSE_VARIANTS)}")
+    sparse = [v for v in names if v in SPARSE_VARIANTS]
+    if sparse and not any(v in DENSE_VARIANTS for v in names):
+        raise SystemExit(f"--variants {text!r}: the sparse variants' speedups need a dense baseline; add dense-triton")
+    if sparse and all(is_what_if(v) for v in sparse):
+        raise SystemExit(f"--variants {text!r}: {sparse} are what-if variants; add a shipped one (sparse-triton-bf16c)")
+
+
 def with_suffix(variant: str, suffix: str) -> str:
     """'sparse-triton@0.80' + '+w8' -> 'sparse-triton+w8@0.80' (the preset tag stays last)."""
     head, sep, tail = variant.partition(PRESET_SEP)
@@ -485,6 +499,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> list[dict]:
     args = args or build_parser().parse_args(argv)
+    check_variants(args.variants)
     require_cuda()
     info = device_info()
     bw = copy_bandwidth_gbs()

@@ -20,13 +20,11 @@ CLASSES = ("dense_attention", "sparse_attention", "page_scoring", "topk", "gemm"
            "kv_append", "other")
 _RULES = (  # (class, lower-case name fragments); first match wins. "attention" is split by `classify`.
     ("kv_append", ("_qkv_append_decode_kernel", "_append_kv_decode_kernel", "_append_decode_kernel")),
-    ("sparse_attention", ("_attention_block_kernel",)),  # SPARROW_ATTN_BLOCK: selection + sparse decode in one
     ("page_scoring", ("_score_pages_kernel", "_select_pages_kernel", "_score_heads_kernel")),  # one-launch: + top-k
     ("topk", ("_topk_pages_kernel", "topk", "radix", "sort")),
     ("fused_elementwise", ("_add_rms_norm_kernel", "_qk_norm_rope_kernel", "_silu_mul_kernel")),
     ("attention", ("_sparse_decode_kernel", "_merge_splits_kernel", "batchdecode", "mergestate", "flashinfer")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "splitk", "gemv", "cublas", "_linear_kernel")),
-    ("gemm", ("_layer_block_kernel",)),  # SPARROW_LAYER_BLOCK: GEMMs with their norms (bytes: weights)
 )
 _SELECTION = ("page_scoring", "topk")
 

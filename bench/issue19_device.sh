@@ -30,13 +30,11 @@
 #          layers of the sparse step (0.86 preset; 4B and 8B: 1.7B's group 2 stays on CUDA cores either way)
 #   call16: programmatic dependent launch of every decode kernel (SPARROW_PDL=1: wait, then release the next grid)
 #          and of the GEMMs alone (SPARROW_LINEAR_PDL=1, now releasing after the wait) vs the defaults; PDL GPU tests
-#   call17: a layer's work after attention as one persistent launch with an in-order work queue (bench.mlp_block:
-#          the engine's kernels vs the block at 1-4 programs per SM, the post-attention norm + MLP and o_proj through
-#          the next qkv, 1.7B / 4B / 8B at M = 32 and 64) and its GPU tests (~2-3 min)
-#          and the sparse attention block's GPU tests (scoring + top-k + decode + merge in one launch)
-#   call18: the engine with them (SPARROW_LAYER_BLOCK=chain: +chain; SPARROW_ATTN_BLOCK=1: +ablock; both) vs
-#          the defaults: dense and sparse rollouts (~8 min; `mlp` alone is left to bench.mlp_block)
-# usage (repo root, .gpu carried): bash bench/issue19_device.sh call1|call2|call3|call4|call5
+#   call17 / call18 (session 13): the persistent layer and attention blocks' GPU tests, bench.mlp_block, and their
+#          rollout A/B; both blocks lost and were removed (NOTES "Session 13"; the code and these calls: commit 6ccdfbb)
+#   call19: the whole GPU test suite (pytest -m gpu) on the shipped kernels, its full log -> $OUT/tests.log
+#   call20: decode_e2e with the shipped defaults, --profile and --drain (the results committed; no +old variant)
+# usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
 models=qwen3-1.7b,qwen3-4b,qwen3-8b
@@ -130,19 +128,16 @@ elif [ "$call" = call11 ]; then
   dw8="+dw8=SPARROW_DECODE_WARPS=8,+dw8w16=SPARROW_DECODE_WARPS=8;SPARROW_DECODE_WAVES=16"
   ab_run 330 "$dw8,+dw8b8=SPARROW_DECODE_WARPS=8;SPARROW_DECODE_BLOCK_PAGES=8" ab11
   tests=""
-elif [ "$call" = call17 ]; then
-  # a kernel that hangs or fails its tests would waste the bench's 300 s: it runs only after they pass
-  if timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_mlp_block.py tests/test_attention_block.py \
-      2>&1 | tail -5 \
-      | tee "$out/tests.log"; then
-    timeout 300 python3 -m bench.mlp_block --out-dir "$out" 2>&1 | tee "$out/mlp_block.log"
-  else
-    echo "call17: the blocks' GPU tests failed or timed out: bench.mlp_block not run" | tee -a "$out/tests.log"
-  fi
+elif [ "$call" = call19 ]; then
+  timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests > "$out/tests.log" 2>&1
+  tail -15 "$out/tests.log"
   tests=""
-elif [ "$call" = call18 ]; then
-  ab_run 520 "+chain=SPARROW_LAYER_BLOCK=chain,+ablock=SPARROW_ATTN_BLOCK=1,+both=SPARROW_LAYER_BLOCK=chain;SPARROW_ATTN_BLOCK=1" \
-    ab18
+elif [ "$call" = call20 ]; then
+  timeout 420 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton-bf16c,sparse-triton --unfused '' --wall-reps 1 --profile --drain \
+    --profile-variants dense-triton,sparse-triton-bf16c --profile-contexts 2k,32k 2>&1 | grep -v "it/s]" \
+    | grep -v '^{' | tee "$out/e2e.log"
+  cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
   tests=""
 elif [ "$call" = call16 ]; then
   timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pdl.py tests/test_triton_linear.py \

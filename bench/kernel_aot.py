@@ -1,12 +1,12 @@
 """Registers, spills, shared memory and resident programs per SM of a Triton kernel, compiled ahead of time for an
 H100/H200 (sm_90a) on a machine without a GPU: Triton lowers to PTX and its bundled ptxas reports the resources.
-For checking a new kernel's occupancy before spending device time (the numbers of `bench/results/NOTES.md`, session
-12). The arguments get the launcher's divisibility-by-16 hints (pointers, and the integer arguments named in
-`--divisible`), without which Triton cannot vectorise the loads and the counts mean nothing.
+For checking a kernel's occupancy before spending device time (`bench/results/NOTES.md`, sessions 12-13; the
+decode kernel's count matched the H200's own). Pointers and the size / stride arguments get the launcher's
+divisibility-by-16 hints, without which Triton cannot vectorise the loads and the counts mean nothing.
 
 Use the Triton of the device (3.6 on the lent H200): `pip install --no-deps --target /tmp/tri36 triton==3.6.0`, then
 
-    PYTHONPATH=/tmp/tri36 python -m bench.kernel_aot --kernel mlp_block --tiles 64x64x3,64x128x3 --m 32,64
+    PYTHONPATH=/tmp/tri36 python -m bench.kernel_aot --kernel linear --tiles 64x128x3 --m 32,64
 
 Prints one JSON line per configuration.
 """
@@ -61,15 +61,10 @@ def compile_resources(jit_fn, constexprs: dict, arg_types: dict, divisible: set[
             "shared_bytes": shared, "programs_per_sm": per_sm}
 
 
-def mlp_block_rows(tiles: list[tuple[int, int, int]], rows: list[int]) -> list[dict]:
-    """`triton_mlp_block._layer_block_kernel` (mlp and chain spans) and, beside it, `triton_linear._linear_kernel`."""
-    from sparrow_sgl.attention.kernels import triton_linear, triton_mlp_block
+def linear_rows(tiles: list[tuple[int, int, int]], rows: list[int]) -> list[dict]:
+    """`triton_linear._linear_kernel` (the small-M GEMM), plain and with the SiLU x up load of the down projection."""
+    from sparrow_sgl.attention.kernels import triton_linear
 
-    block = triton_mlp_block._layer_block_kernel
-    block_types = {p: "*bf16" for p in inspect.signature(block.fn).parameters if p.endswith("_ptr")}
-    block_types |= {"part_ptr": "*fp32", "state_ptr": "*i32", "eps": "fp32", "eps2": "fp32"}
-    block_div = {"stride_x", "stride_r", "M", "H", "I", "Q", "NQ", "o_kps", "gu_kps", "d_kps", "q_kps", "part_gu",
-                 "part_d", "part_q"}
     linear = triton_linear._linear_kernel
     linear_types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32",
                     "counter_ptr": "*i32"}
@@ -78,12 +73,6 @@ def mlp_block_rows(tiles: list[tuple[int, int, int]], rows: list[int]) -> list[d
     for block_n, block_k, stages in tiles:
         for m in rows:
             block_m = max(16, 1 << (m - 1).bit_length())
-            for has_o in (False, True):
-                const = dict(BLOCK_M=block_m, CHUNK_H=512, DEP_BLOCK=32, HAS_O=has_o, HAS_NEXT=has_o, F32_DOT=False)
-                for stage in ("O", "GU", "D", "Q"):
-                    const |= {f"{stage}_N": block_n, f"{stage}_K": block_k, f"{stage}_EVEN_K": True}
-                row = compile_resources(block, const, block_types, block_div, 4, stages)
-                out.append({**row, "span": "after" if has_o else "mlp", "m": m, "tile": [block_n, block_k, stages]})
             for silu in (False, True):
                 const = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=True, HAS_BIAS=False,
                              SILU=silu, PDL=False, EARLY_W=False, F32_DOT=False)
@@ -94,7 +83,7 @@ def mlp_block_rows(tiles: list[tuple[int, int, int]], rows: list[int]) -> list[d
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernel", default="mlp_block", choices=["mlp_block"])
+    p.add_argument("--kernel", default="linear", choices=["linear"])
     p.add_argument("--tiles", default="64x64x3", help="block_n x block_k x stages, comma-separated")
     p.add_argument("--m", default="32", help="activation rows (the padded decode batch), comma-separated")
     args = p.parse_args(argv)
@@ -103,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(f"--tiles {args.tiles!r}: give block_n x block_k x stages, e.g. 64x64x3")
     if os.environ.get("TRITON_INTERPRET") == "1":
         p.error("TRITON_INTERPRET=1 replaces the kernels with the interpreter's: unset it to compile")
-    rows = mlp_block_rows(tiles, [int(m) for m in args.m.split(",")])
+    rows = linear_rows(tiles, [int(m) for m in args.m.split(",")])
     for row in rows:
         print(json.dumps(row), flush=True)
     return rows

@@ -37,8 +37,6 @@ STEP_KERNELS = (  # (module, Triton kernel) of a decode step's launches
     ("sparrow_sgl.attention.kernels.triton_linear", "_linear_kernel"),
     ("sparrow_sgl.attention.kernels.triton_qkv_append", "_qkv_append_decode_kernel"),
     ("sparrow_sgl.attention.kernels.triton_fused", "_add_rms_norm_kernel"),
-    ("sparrow_sgl.attention.kernels.triton_mlp_block", "_layer_block_kernel"),
-    ("sparrow_sgl.attention.kernels.triton_attention_block", "_attention_block_kernel"),
 )
 
 

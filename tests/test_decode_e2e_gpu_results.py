@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.decode_e2e import append_rows, interp_extrapolate, rollout_seconds, summarize
+from bench.decode_e2e import append_rows, check_variants, interp_extrapolate, main, rollout_seconds, summarize
 from sparrow_sgl.config import Schedule
 from sparrow_sgl.costmodel import MeasuredCost, load_decode_rows
 from sparrow_sgl.schedule import load_preset
@@ -72,3 +72,18 @@ def test_committed_gpu_results_load_into_the_measured_cost_model():
         batch = cost.batches[-1]
         speedup = cost.speedup(load_preset(f"{model}-0.86"), [32768], batch)
         assert 1.0 < speedup < 10.0, (model, speedup)
+
+
+@pytest.mark.parametrize("variants, message", [
+    ("sparse-triton-bf16c", "need a dense baseline"),
+    ("dense-triton,sparse-triton-bf16c+fidense", "what-if variants"),
+    ("dense-triton,sparse-tirton", "unknown ['sparse-tirton']"),
+])
+def test_variant_lists_that_cannot_give_a_speedup_are_refused_before_timing(variants, message):
+    with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
+        main(["--variants", variants])  # refused before require_cuda: no GPU needed to see the error
+
+
+def test_usual_variant_lists_pass():
+    for variants in ("", "dense-triton", "dense-triton,sparse-triton-bf16c", "dense-fi,sparse-triton,sparse-fi"):
+        check_variants(variants)

@@ -26,8 +26,6 @@ def test_kernel_names_map_to_their_classes():
     assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64") == "gemm"
     assert kernel_class("void cublasLt::splitKreduce_kernel<32, 16, int, float>") == "gemm"
     assert kernel_class("_linear_kernel") == "gemm"  # the small-M Triton GEMM (engine/linear.py)
-    assert kernel_class("_layer_block_kernel") == "gemm"  # SPARROW_LAYER_BLOCK: GEMMs with their norms
-    assert kernel_class("_attention_block_kernel") == "sparse_attention"  # SPARROW_ATTN_BLOCK
     assert kernel_class("void flashinfer::BatchDecodeWithPagedKVCacheKernel<...>") == "attention"
     assert kernel_class("_select_pages_kernel") == "page_scoring"
     assert kernel_class("_append_decode_kernel") == "kv_append"

@@ -61,19 +61,6 @@ def select_launches() -> int:
     return int(value)
 
 
-ATTN_BLOCK_ENV = "SPARROW_ATTN_BLOCK"
-
-
-def attention_block_on() -> bool:
-    """SPARROW_ATTN_BLOCK=1 (experimental, off until measured on a GPU): a sparse layer's scoring, top-k, decode
-    and merge run as one persistent launch (`triton_attention_block.py`) where the step uses the Triton kernels and
-    the centroid scorer; read while a step is captured."""
-    value = os.environ.get(ATTN_BLOCK_ENV, "").strip() or "0"
-    if value not in ("0", "1"):
-        raise ValueError(f"{ATTN_BLOCK_ENV}={value!r}: choose 1 (one launch) or 0 (the separate kernels)")
-    return value == "1"
-
-
 def fused_append() -> bool:
     """q/k norm + rotary fused with the KV append (one launch per layer) unless SPARROW_FUSED_APPEND=0; read while
     a step is captured, like fused.py's switch."""
@@ -358,12 +345,6 @@ class DecodeStep:
             return triton_attend_pages(q, layer.k_cache, layer.v_cache, self.block_table, self.seq_lens,
                                        self.dense_pages, self.dense_counts, cfg, layer.scale)
         use_centroid = centroid is not None and cfg.scorer == "centroid"
-        if attention_block_on() and self.fi_sparse is None and cfg.scorer == "centroid":
-            from sparrow_sgl.attention.kernels.triton_attention_block import attention_block
-
-            return attention_block(q, layer.k_cache, layer.v_cache, self.block_table, self.seq_lens, self.budget_pages,
-                                   self.sparse_counts, cfg, centroid if use_centroid else summaries.key_sum, self.pages,
-                                   self.scores, count=None if use_centroid else summaries.count, scale=layer.scale)
         select_pages_into(
             q, self.block_table, self.seq_lens, self.budget_pages, cfg, self.pages,
             key_sum=centroid if use_centroid else summaries.key_sum, count=None if use_centroid else summaries.count,

@@ -90,20 +90,3 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return fused(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-LAYER_BLOCK_ENV = "SPARROW_LAYER_BLOCK"
-LAYER_BLOCK_MODES = ("0", "mlp", "chain")
-
-
-def layer_block_mode(x: torch.Tensor) -> str:
-    """SPARROW_LAYER_BLOCK for this decode batch: "mlp" (each layer's post-attention norm + MLP in one persistent
-    launch), "chain" (o_proj through the next layer's qkv in one), or "0" (default: the separate kernels; also for
-    CPU, prefill-sized batches of > 64 rows and autograd). Opt-in until an H200 run measures it (issue 19)."""
-    mode = os.environ.get(LAYER_BLOCK_ENV, "").strip().lower() or "0"
-    if mode not in LAYER_BLOCK_MODES:
-        raise ValueError(f"{LAYER_BLOCK_ENV}={mode!r}: choose one of {LAYER_BLOCK_MODES}")
-    if (mode == "0" or not use_fused(x) or x.dtype not in (torch.bfloat16, torch.float16) or not 0 < x.shape[0] <= 64
-            or torch.is_grad_enabled()):
-        return "0"
-    return mode

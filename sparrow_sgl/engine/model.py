@@ -5,8 +5,6 @@ step `Context`. q/k/v and gate/up projections are fused for speed, but `hf_param
 HF parameter names so that loading, `update_weights` and LoRA merging work in HF names. The elementwise chains
 (residual add + RMSNorm, q/k norm + rotary, SiLU x up) are single ops from `engine/fused.py`: Triton kernels on
 CUDA, the plain torch math on CPU; each layer hands its residual stream to the next one's fused add + norm.
-With SPARROW_LAYER_BLOCK=mlp|chain (experimental, `fused.layer_block_mode`) a decode batch runs each layer's
-post-attention norm + MLP, or everything from o_proj to the next layer's qkv, as one persistent launch.
 """
 
 from __future__ import annotations
@@ -71,11 +69,8 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """q/k norm + rotary happen in the attention layer, so the CUDA decode step can fuse them with the KV append."""
-        return self.o_proj(self.attend(self.qkv_proj(x), cos, sin))
-
-    def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The attention output [T, q_heads * head_dim] (before o_proj) for the qkv projection of the step."""
-        return self.attn.forward_qkv(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin).flatten(1)
+        out = self.attn.forward_qkv(self.qkv_proj(x), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin)
+        return self.o_proj(out.flatten(1))
 
 
 class Qwen3MLP(nn.Module):
@@ -102,31 +97,8 @@ class Qwen3DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(MLP output, residual stream before it): the residual add is fused into the next layer's norm."""
         h, residual = self.input_layernorm(x, residual)
-        attn = self.self_attn(h, cos, sin)
-        if fused.layer_block_mode(attn) == "mlp" and self.block_applies():
-            from sparrow_sgl.attention.kernels.triton_mlp_block import mlp_block
-
-            norm, mlp = self.post_attention_layernorm, self.mlp
-            return mlp_block(attn, residual, norm.weight, norm.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight)
-        h, residual = self.post_attention_layernorm(attn, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin), residual)
         return self.mlp(h), residual
-
-    def block_applies(self) -> bool:
-        """Whether this layer's weights fit `triton_mlp_block` (no biases, an intermediate size of whole lines)."""
-        attn = self.self_attn
-        return attn.qkv_proj.bias is None and attn.o_proj.bias is None and self.mlp.intermediate_size % 64 == 0
-
-    def block_after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor,
-                              next_layer: Qwen3DecoderLayer | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """o_proj, the post-attention norm, the MLP and (with next_layer) its input norm and qkv projection in one
-        persistent launch: (next qkv, its residual stream), or (MLP output, residual stream) after the last layer."""
-        from sparrow_sgl.attention.kernels.triton_mlp_block import NextLayer, layer_block
-
-        norm, mlp = self.post_attention_layernorm, self.mlp
-        nxt = None if next_layer is None else NextLayer(
-            next_layer.input_layernorm.weight, next_layer.input_layernorm.eps, next_layer.self_attn.qkv_proj.weight)
-        return layer_block(attn_out.contiguous(), self.self_attn.o_proj.weight, residual, norm.weight, norm.eps,
-                           mlp.gate_up_proj.weight, mlp.down_proj.weight, nxt)
 
 
 class Qwen3Model(nn.Module):
@@ -165,24 +137,10 @@ class Qwen3ForCausalLM(nn.Module):
         """Packed input_ids/positions [T] -> final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
-        layers = self.model.layers
-        if fused.layer_block_mode(x) == "chain" and all(layer.block_applies() for layer in layers):
-            return self._forward_chained(x, cos, sin)
         residual = None
-        for layer in layers:
+        for layer in self.model.layers:
             x, residual = layer(x, residual, cos, sin)
         return self.model.norm(x, residual)[0]
-
-    def _forward_chained(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """SPARROW_LAYER_BLOCK=chain: per layer the attention kernels, then one persistent launch from o_proj to the
-        next layer's qkv projection (`Qwen3DecoderLayer.block_after_attention`)."""
-        layers = self.model.layers
-        h, residual = layers[0].input_layernorm(x, None)
-        qkv = layers[0].self_attn.qkv_proj(h)
-        for i, layer in enumerate(layers):
-            next_layer = layers[i + 1] if i + 1 < len(layers) else None
-            qkv, residual = layer.block_after_attention(layer.self_attn.attend(qkv, cos, sin), residual, next_layer)
-        return self.model.norm(qkv, residual)[0]  # after the last layer: its MLP output
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

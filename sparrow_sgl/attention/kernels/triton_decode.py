@@ -24,15 +24,10 @@ from sparrow_sgl.config import SparsityConfig
 
 
 @triton.jit
-def _page_ids(page_list, bt_row, entry, count, AT_L2: tl.constexpr):
-    """(valid, logical page, physical page) of list entries `entry` of a row holding `count` entries. AT_L2: the list
-    was written earlier in the same launch by another program (`triton_attention_block`): read it at L2, never from
-    a line this SM cached before (a line can hold the end of one row and the start of the next)."""
+def _page_ids(page_list, bt_row, entry, count):
+    """(valid, logical page, physical page) of list entries `entry` of a row holding `count` entries."""
     ok = entry < count
-    if AT_L2:
-        logical = tl.load(page_list + entry, mask=ok, other=0, cache_modifier=".cg")
-    else:
-        logical = tl.load(page_list + entry, mask=ok, other=0)
+    logical = tl.load(page_list + entry, mask=ok, other=0)
     phys = tl.load(bt_row + logical, mask=ok, other=0).to(tl.int64)
     return ok, logical, phys
 
@@ -53,24 +48,8 @@ def _sparse_decode_kernel(
     PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
-    _decode_split(q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, block_table_ptr,
-                  stride_btb, seq_lens_ptr, pages_ptr, stride_pb, stride_ph, counts_ptr, stride_cb, stride_ch,
-                  part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, scale, tl.program_id(0),
-                  tl.program_id(1), KV_HEADS, GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_P, SPLITS, PRECISION, PREFETCH,
-                  False)
-
-
-@triton.jit
-def _decode_split(
-    q_ptr, stride_qb, stride_qh, k_ptr, v_ptr, stride_kp, stride_kh, stride_kt, block_table_ptr, stride_btb,
-    seq_lens_ptr, pages_ptr, stride_pb, stride_ph, counts_ptr, stride_cb, stride_ch, part_out_ptr, part_lse_ptr,
-    out_ptr, stride_ob, stride_oh, scale, row, split,
-    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_P: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    PREFETCH: tl.constexpr, AT_L2: tl.constexpr,
-):
-    """One (request x KV head row, split) of the decode: also a work item of `triton_attention_block` (AT_L2: the
-    page list was written in the same launch, `_page_ids`)."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
     b = row // KV_HEADS
     h = row % KV_HEADS
     seq = tl.load(seq_lens_ptr + b).to(tl.int32)
@@ -91,13 +70,13 @@ def _decode_split(
     bt_row = block_table_ptr + b * stride_btb
     step = SPLITS * BLOCK_P
     if PREFETCH:  # the next chunk's page ids load while this chunk's K/V stream in (off the dependent chain)
-        ok_next, logical_next, phys_next = _page_ids(page_list, bt_row, first + tok // PAGE, count, AT_L2)
+        ok_next, logical_next, phys_next = _page_ids(page_list, bt_row, first + tok // PAGE, count)
     for e in range(first, count, step):
         if PREFETCH:
             ok, logical, phys = ok_next, logical_next, phys_next
-            ok_next, logical_next, phys_next = _page_ids(page_list, bt_row, e + step + tok // PAGE, count, AT_L2)
+            ok_next, logical_next, phys_next = _page_ids(page_list, bt_row, e + step + tok // PAGE, count)
         else:
-            ok, logical, phys = _page_ids(page_list, bt_row, e + tok // PAGE, count, AT_L2)
+            ok, logical, phys = _page_ids(page_list, bt_row, e + tok // PAGE, count)
         ok = ok & (logical * PAGE + in_page < seq)
         offs = phys * stride_kp + h * stride_kh + in_page * stride_kt
         k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=ok[:, None], other=0.0)
@@ -130,29 +109,13 @@ def _merge_splits_kernel(
     Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
-    _merge_row(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, tl.program_id(0), Q_HEADS, HEAD_DIM, SPLITS,
-               BLOCK_S, False)
-
-
-@triton.jit
-def _merge_row(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, row,
-               Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-               AT_L2: tl.constexpr):
-    """The output of query row `row` (= b * q_heads + head) from its splits' partials and log-sum-exps (AT_L2: they
-    were written in the same launch: read at L2, as `_page_ids`)."""
+    row = tl.program_id(0)  # b * q_heads + head
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, HEAD_DIM)
-    if AT_L2:
-        lse = tl.load(part_lse_ptr + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"), cache_modifier=".cg")
-    else:
-        lse = tl.load(part_lse_ptr + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
+    lse = tl.load(part_lse_ptr + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.where(lse > float("-inf"), tl.exp(lse - m), 0.0)
-    if AT_L2:
-        parts = tl.load(part_out_ptr + (row * SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=(s < SPLITS)[:, None],
-                        cache_modifier=".cg")
-    else:
-        parts = tl.load(part_out_ptr + (row * SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=(s < SPLITS)[:, None])
+    parts = tl.load(part_out_ptr + (row * SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=(s < SPLITS)[:, None])
     out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
     b = row // Q_HEADS
     tl.store(out_ptr + b * stride_ob + (row % Q_HEADS) * stride_oh + d, out.to(out_ptr.dtype.element_ty))

@@ -99,41 +99,6 @@ def _store_out(acc, out_ptr, stride_om, b_ptr, n, m, M, N, HAS_BIAS: tl.constexp
     tl.store(out_ptr + m[None, :] * stride_om + n[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _tile_rows(x_ptr, stride_xm, w_ptr, stride_wn, M, N, K, tile, split, k_per_split,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(n, m, weight rows, x rows, k_start, k_end) of one (output tile, K split). The rows are clamped: the weight
-    stream needs no mask, and rows past N or M are computed and dropped at the store."""
-    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.arange(0, BLOCK_M)
-    w_rows = w_ptr + tl.minimum(n, N - 1).to(tl.int64)[:, None] * stride_wn
-    x_rows = x_ptr + tl.minimum(m, M - 1).to(tl.int64)[None, :] * stride_xm
-    k_start = split * k_per_split
-    return n, m, w_rows, x_rows, k_start, tl.minimum(k_start + k_per_split, K)
-
-
-@triton.jit
-def _last_split(ticket_ptr, n_splits):
-    """After this program stored its split-K partial: 1 if it is the tile's last split to arrive (it then resets the
-    ticket for the next launch: graph replays need no memset), else 0."""
-    tl.debug_barrier()  # every thread's partial stores precede the release
-    done = (tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == n_splits - 1).to(tl.int32)
-    if done != 0:
-        tl.store(ticket_ptr, 0)
-        tl.debug_barrier()
-    return done
-
-
-@triton.jit
-def _split_sum(part_ptr, offs, mask, split_stride, n_splits):
-    """The partials of every split, summed in split order (.cg: read at L2, where the other programs stored them,
-    never a stale L1 line)."""
-    total = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    for s in range(1, n_splits):
-        total += tl.load(part_ptr + s * split_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    return total
-
-
 @triton.jit(do_not_specialize=["n_splits"])  # one compile serves split-K 1 and > 1
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, counter_ptr,
@@ -144,9 +109,14 @@ def _linear_kernel(
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    n, m, w_rows, x_rows, k_start, k_end = _tile_rows(x_ptr, stride_xm, w_ptr, stride_wn, M, N, K, tile, split,
-                                                       k_per_split, BLOCK_M, BLOCK_N)
+    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
     kk = tl.arange(0, BLOCK_K)
+    # clamped rows: the weight stream needs no mask; rows past N or M are computed and dropped at the store
+    w_rows = w_ptr + tl.minimum(n, N - 1).to(tl.int64)[:, None] * stride_wn
+    x_rows = x_ptr + tl.minimum(m, M - 1).to(tl.int64)[None, :] * stride_xm
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     if EARLY_W:
         w = _w_tile(w_rows, k_start + kk, K, EVEN_K)  # weights do not depend on the previous kernel
@@ -164,9 +134,16 @@ def _linear_kernel(
         mask = (n < N)[:, None] & (m < M)[None, :]
         offs = m[None, :] * N + n[:, None]
         tl.store(part_ptr + split.to(tl.int64) * M * N + offs, acc, mask=mask)
-        if _last_split(counter_ptr + tile, n_splits) != 0:  # every partial of the tile is written
-            _store_out(_split_sum(part_ptr, offs, mask, M * N, n_splits), out_ptr, stride_om, b_ptr, n, m, M, N,
-                       HAS_BIAS)
+        tl.debug_barrier()  # every thread's partial stores precede the release below
+        ticket = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+        if ticket == n_splits - 1:  # the tile's last program: every partial is written
+            tl.store(counter_ptr + tile, 0)  # ready for the next launch (graph replay)
+            tl.debug_barrier()
+            # .cg: read at L2, where the other programs stored (never a stale L1 line)
+            total = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, n_splits):
+                total += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            _store_out(total, out_ptr, stride_om, b_ptr, n, m, M, N, HAS_BIAS)
 
 
 def block_m(m: int) -> int:
@@ -182,14 +159,6 @@ def fit_split(n: int, k: int, block_n: int, block_k: int, programs: int) -> int:
     k_blocks = triton.cdiv(k, block_k)
     split = min(max(triton.cdiv(programs, triton.cdiv(n, block_n)), 1), k_blocks)
     return triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))
-
-
-def k_splits(k: int, config: Config) -> tuple[int, int]:
-    """(splits, K per split) of a launch: config.split_k rounded so that no split is empty and each is whole K
-    blocks (the PDL prologue loads a first tile)."""
-    k_blocks = triton.cdiv(k, config.block_k)
-    blocks_per_split = triton.cdiv(k_blocks, max(config.split_k, 1))
-    return triton.cdiv(k_blocks, blocks_per_split), blocks_per_split * config.block_k
 
 
 def workspace_bytes(m: int, n: int, config: Config) -> int:
@@ -265,8 +234,10 @@ def linear(
     if m == 0:
         return out
     config = config or default_config(m, n, k, x.device)
-    tiles = triton.cdiv(n, config.block_n)
-    split, k_per_split = k_splits(k, config)
+    tiles, k_blocks = triton.cdiv(n, config.block_n), triton.cdiv(k, config.block_k)
+    blocks_per_split = triton.cdiv(k_blocks, max(config.split_k, 1))
+    split = triton.cdiv(k_blocks, blocks_per_split)  # no empty split (the PDL prologue loads a first tile)
+    k_per_split = blocks_per_split * config.block_k
     part, counters = workspace(x.device, split * m * n if split > 1 else 0, tiles if split > 1 else 0)
     shape = dict(BLOCK_M=block_m(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
                  HAS_BIAS=bias is not None, SILU=silu_input, PDL=pdl, F32_DOT=x.device.type != "cuda",
