@@ -23,6 +23,7 @@ from typing import Any
 
 from rewards.code_formats import CODECONTESTS_SPLITS
 from rewards.labels import parse_label
+from rewards.rows import read_rows, to_dataset, with_prompt
 
 STDIO_INSTRUCTION = ("Read the input from standard input and write the answer to standard output. "
                      "Reply with the whole program in a ```python block.")
@@ -80,8 +81,6 @@ def _kodcode_row(row: dict) -> tuple[str, dict]:
 
 def _load(path: str | Path, required: tuple[str, ...], make: Callable[[dict], tuple[str, dict]],
           skip_invalid: bool):
-    from rewards.datasets import _dataset, _with, read_rows  # rewards.datasets re-exports this module
-
     path = Path(path)
     rows, dropped = [], []
     for i, row in enumerate(read_rows(path)):
@@ -96,11 +95,11 @@ def _load(path: str | Path, required: tuple[str, ...], make: Callable[[dict], tu
                 raise ValueError(f"{path}: row {i}: {e}") from e
             dropped.append(f"row {i}: {e}")
             continue
-        rows.append(_with(row, prompt, label))
+        rows.append(with_prompt(row, prompt, label))
     if dropped:
         warnings.warn(f"{path}: dropped {len(dropped)} row(s) whose tests cannot be used, e.g. {dropped[0][:200]}",
                       stacklevel=3)
-    return _dataset(rows, path, ("prompt", "label"))
+    return to_dataset(rows, path, ("prompt", "label"))
 
 
 def load_taco(path: str | Path, skip_invalid: bool = True):
@@ -159,8 +158,6 @@ def detect_format(row: dict) -> str:
 def load_code_dataset(path: str | Path, format: str | None = None, **kw: Any):
     """Any supported code dataset; `format` one of taco, apps, livecodebench, codecontests, mbpp, kodcode."""
     if format is None:
-        from rewards.datasets import read_rows
-
         rows = read_rows(path)
         if not rows:
             raise ValueError(f"{path}: no rows")

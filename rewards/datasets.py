@@ -10,56 +10,26 @@ Files: `.jsonl` / `.json` (JSON lines, optionally `.gz`) or `.parquet`. Nothing 
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 from typing import Any
 
+from rewards.code_datasets import (
+    load_apps,
+    load_code_dataset,
+    load_codecontests,
+    load_kodcode,
+    load_livecodebench,
+    load_mbpp,
+    load_taco,
+)
 from rewards.labels import parse_label
 from rewards.math import extract_answer
+from rewards.rows import read_rows, to_dataset, with_prompt
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CODE_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python block."
-
-
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a JSON-lines file (`.gz` allowed) or a parquet file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-    return rows
-
-
-def _dataset(rows: list[dict], path: Path, required: tuple[str, ...]):
-    from datasets import Dataset
-
-    for i, row in enumerate(rows):
-        missing = [k for k in required if k not in row]
-        if missing:
-            raise ValueError(f"{path}: row {i} lacks field(s) {missing}; it has {sorted(row)}")
-    return Dataset.from_list(rows)
-
-
-def _with(row: dict, prompt: str, label: dict) -> dict:
-    out = dict(row)
-    if "prompt" in out:
-        out["original_prompt"] = out.pop("prompt")
-    out.update(prompt=prompt, label=json.dumps(label))
-    return out
 
 
 def _math_rows(path: Path) -> list[dict]:
@@ -70,7 +40,7 @@ def _math_rows(path: Path) -> list[dict]:
     out = []
     for row in rows:
         answer = extract_answer(row["answer"]) or row["answer"].strip()
-        out.append(_with(row, row["question"], {"kind": "math", "answer": answer}))
+        out.append(with_prompt(row, row["question"], {"kind": "math", "answer": answer}))
     return out
 
 
@@ -79,13 +49,13 @@ def load_gsm8k(split: str = "test", path: str | Path | None = None):
     path = Path(path) if path else DATA_DIR / "gsm8k" / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"GSM8K {split!r} not found at {path} (bundled: test only; pass path=)")
-    return _dataset(_math_rows(path), path, ("prompt", "label"))
+    return to_dataset(_math_rows(path), path, ("prompt", "label"))
 
 
 def load_math500(path: str | Path | None = None):
     """MATH-500 (`question`, `answer` = solution with \\boxed{}); the label carries the extracted answer."""
     path = Path(path) if path else DATA_DIR / "math500" / "test.jsonl"
-    return _dataset(_math_rows(path), path, ("prompt", "label"))
+    return to_dataset(_math_rows(path), path, ("prompt", "label"))
 
 
 def load_humaneval(path: str | Path | None = None):
@@ -99,8 +69,8 @@ def load_humaneval(path: str | Path | None = None):
             raise ValueError(f"{path}: row {i} lacks field(s) {missing}")
         question = f"{CODE_INSTRUCTION}\n\n```python\n{row['prompt']}```"
         label = {"kind": "code", "tests": row["test"], "entry_point": row["entry_point"], "prefix": row["prompt"]}
-        out.append(_with(row, question, label))
-    return _dataset(out, path, ("prompt", "label"))
+        out.append(with_prompt(row, question, label))
+    return to_dataset(out, path, ("prompt", "label"))
 
 
 def load_prompt_label(path: str | Path):
@@ -110,7 +80,7 @@ def load_prompt_label(path: str | Path):
     for row in rows:
         if isinstance(row.get("label"), dict):
             row["label"] = json.dumps(row["label"])
-    return _dataset(rows, path, ("prompt", "label"))
+    return to_dataset(rows, path, ("prompt", "label"))
 
 
 def format_prompt(tokenizer: Any, question: str, thinking: bool | None = None,
@@ -134,16 +104,6 @@ def with_chat_prompts(dataset, tokenizer: Any, thinking: bool | None = None, ins
 
     return dataset.map(fmt)
 
-
-from rewards.code_datasets import (  # noqa: E402  (they use the helpers above)
-    load_apps,
-    load_code_dataset,
-    load_codecontests,
-    load_kodcode,
-    load_livecodebench,
-    load_mbpp,
-    load_taco,
-)
 
 __all__ = ["read_rows", "load_gsm8k", "load_math500", "load_humaneval", "load_prompt_label", "format_prompt",
            "with_chat_prompts", "load_taco", "load_apps", "load_livecodebench", "load_codecontests", "load_mbpp",
