@@ -33,7 +33,8 @@
 #   call17 / call18 (session 13): the persistent layer and attention blocks' GPU tests, bench.mlp_block, and their
 #          rollout A/B; both blocks lost and were removed (NOTES "Session 13"; the code and these calls: commit 6ccdfbb)
 #   call19: the whole GPU test suite (pytest -m gpu) on the shipped kernels, its full log -> $OUT/tests.log
-#   call20: decode_e2e with the shipped defaults, --profile and --drain (the results committed; no +old variant)
+#   call20: decode_e2e with the shipped defaults (float32 key sums; the bf16 centroid copy timed beside them), --profile
+#          and --drain on the shipped variants (the results committed; no +old variant)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -134,8 +135,8 @@ elif [ "$call" = call19 ]; then
   tests=""
 elif [ "$call" = call20 ]; then
   timeout 420 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
-    --variants dense-triton,sparse-triton-bf16c,sparse-triton --unfused '' --wall-reps 1 --profile --drain \
-    --profile-variants dense-triton,sparse-triton-bf16c --profile-contexts 2k,32k 2>&1 | grep -v "it/s]" \
+    --variants dense-triton,sparse-triton,sparse-triton-bf16c --unfused '' --wall-reps 1 --profile --drain \
+    --profile-variants dense-triton,sparse-triton --profile-contexts 2k,32k 2>&1 | grep -v "it/s]" \
     | grep -v '^{' | tee "$out/e2e.log"
   cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
   tests=""

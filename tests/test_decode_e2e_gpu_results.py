@@ -41,9 +41,9 @@ def test_summary_marks_the_best_variants_and_compares_with_the_bytes_limit():
     rows, preset = _rows()
     dense = Schedule.dense(bin_tokens=preset.bin_tokens)
     summary = summarize("qwen3-1.7b", rows, preset, dense, 4, 32768, limit=3.0, base={"model": "qwen3-1.7b"})
-    assert {r["variant"] for r in rows if r["kind"] == "decode_step"} == {"dense-fi", "sparse-fi"}
+    assert {r["variant"] for r in rows if r["kind"] == "decode_step"} == {"dense-fi", "sparse-triton"}  # shipped
     best = next(s for s in summary if s["best"])
-    assert best["variant"] == "sparse-fi" and best["rollout_speedup"] > 1
+    assert best["variant"] == "sparse-triton" and best["rollout_speedup"] > 1
     assert best["ratio_to_bytes_limit"] == pytest.approx(best["rollout_speedup"] / 3.0, abs=1e-3)
     sparse32 = next(r for r in rows if r["variant"] == "sparse-fi" and r["context"] == 32768)
     assert sparse32["speedup"] == pytest.approx((1 + 32.768) / (1 + 8.192), abs=1e-3)
@@ -87,3 +87,23 @@ def test_variant_lists_that_cannot_give_a_speedup_are_refused_before_timing(vari
 def test_usual_variant_lists_pass():
     for variants in ("", "dense-triton", "dense-triton,sparse-triton-bf16c", "dense-fi,sparse-triton,sparse-fi"):
         check_variants(variants)
+
+
+def test_the_shipped_sparse_variant_stands_for_the_engine_even_when_an_opt_in_is_faster():
+    rows, preset = _rows()
+    for r in [r for r in rows if r["variant"] == "sparse-triton"]:
+        rows.append(r | {"variant": "sparse-triton-bf16c", "step_ms": r["step_ms"] - 0.5})
+    dense = Schedule.dense(bin_tokens=preset.bin_tokens)
+    summary = summarize("qwen3-1.7b", rows, preset, dense, 4, 32768, limit=3.0, base={"model": "qwen3-1.7b"})
+    assert {r["variant"] for r in rows if r["kind"] == "decode_step"} == {"dense-fi", "sparse-triton"}
+    assert [s["variant"] for s in summary if s["best"]] == ["sparse-triton"]
+    by = {s["variant"]: s["rollout_speedup"] for s in summary}
+    assert by["sparse-triton-bf16c"] > by["sparse-triton"]  # reported beside it, not as the engine
+
+
+def test_without_the_shipped_variant_the_fastest_stands_in():
+    rows, preset = _rows()
+    rows = [r for r in rows if r["variant"] != "sparse-triton"]
+    summarize("qwen3-1.7b", rows, preset, Schedule.dense(bin_tokens=preset.bin_tokens), 4, 32768, limit=3.0,
+              base={"model": "qwen3-1.7b"})
+    assert {r["variant"] for r in rows if r["kind"] == "decode_step"} == {"dense-fi", "sparse-fi"}
