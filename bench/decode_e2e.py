@@ -99,7 +99,7 @@ def check_variants(text: str) -> None:
     if sparse and not any(v in DENSE_VARIANTS for v in names):
         raise SystemExit(f"--variants {text!r}: the sparse variants' speedups need a dense baseline; add dense-triton")
     if sparse and all(is_what_if(v) for v in sparse):
-        raise SystemExit(f"--variants {text!r}: {sparse} are what-if variants; add a shipped one (sparse-triton-bf16c)")
+        raise SystemExit(f"--variants {text!r}: {sparse} are what-if variants; add the shipped one ({SHIPPED_SPARSE})")
 
 
 def with_suffix(variant: str, suffix: str) -> str:
@@ -484,19 +484,19 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--margin-gib", type=float, default=4.0, help="GPU memory left for activations and graphs")
     p.add_argument("--reps", type=int, default=10, help="timed graph replays per point (median)")
     p.add_argument("--wall-reps", type=int, default=3, help="host-inclusive decode calls per point (mean)")
-    p.add_argument("--unfused", default="dense-triton,sparse-triton-bf16c",
+    p.add_argument("--unfused", default="dense-triton,sparse-triton",
                    help="variants re-timed with the unfused elementwise ops (SPARROW_FUSED_OPS=0), '' for none")
     p.add_argument("--variants", default="", help="comma list of variants to time ('' = all that can run)")
     p.add_argument("--env-variants", default="",
                    help="kernel settings timed as variants: '+NAME=ENV=VALUE[;ENV=VALUE],...' (e.g. "
                         "'+w8=SPARROW_DECODE_WAVES=8'), each over the --env-base variants, graphs captured under it")
-    p.add_argument("--env-base", default="dense-triton,sparse-triton-bf16c,sparse-triton-bf16c@0.80")
+    p.add_argument("--env-base", default="dense-triton,sparse-triton,sparse-triton@0.80")
     p.add_argument("--presets", default="0.86", help="tau of the qwen3-*-<tau> presets timed, first = the main one")
     p.add_argument("--results-dir", default=None, help="where decode_e2e.json is extended (default bench/results)")
     p.add_argument("--profile", action="store_true",
                    help="also time each variant's kernels by class (torch.profiler) -> decode_profile.json")
     p.add_argument("--profile-contexts", default="2k,16k,32k")
-    p.add_argument("--profile-variants", default="dense-triton,sparse-triton-bf16c,sparse-triton",
+    p.add_argument("--profile-variants", default="dense-triton,sparse-triton,sparse-triton-bf16c",
                    help="variants profiled, each with its suffixed forms (+fidense, ...); first preset only")
     p.add_argument("--profile-steps", type=int, default=5, help="graph replays under the profiler")
     p.add_argument("--drain", action="store_true",
