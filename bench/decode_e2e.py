@@ -89,8 +89,8 @@ def parse_env_variants(text: str) -> dict[str, dict[str, str]]:
 
 
 def check_variants(text: str) -> None:
-    """--variants names known variants, and a sparse one comes with a dense baseline and a shipped sparse variant
-    (speedups are against the best dense one): refused before any GPU time is spent, not after the timing."""
+    """--variants names known variants, and sparse ones come with a dense baseline (speedups are against the
+    fastest dense one) and are not only what-ifs: refused before any GPU time is spent, not after the timing."""
     names = [v for v in text.split(",") if v]
     unknown = [v for v in names if v not in DENSE_VARIANTS and v not in SPARSE_VARIANTS]
     if unknown:
