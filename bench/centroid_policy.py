@@ -49,14 +49,14 @@ def tail(values: torch.Tensor, q: float = 0.05) -> float:
     return round(float(torch.quantile(values.double(), q)), 5)
 
 
-def compare(model, input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask: torch.Tensor, schedule: Schedule,
-            dense: torch.Tensor) -> dict:
+def compare(model, prompts: list[list[int]], responses: list[list[int]], schedule: Schedule,
+            dense: torch.Tensor, mask: torch.Tensor) -> dict:
     """Acceptance-rate tails of the float32- and bf16-centroid sparse policies over the masked response tokens."""
-    from distill.sparse_forward import sparse_token_logprobs
+    from distill.sparse_forward import response_logprobs
 
-    _, exact = sparse_token_logprobs(model, input_ids, prompt_lens, schedule, keep_dist=True)
+    _, _, exact = response_logprobs(model, prompts, responses, schedule, return_full=True)
     with bf16_centroids():
-        _, rounded = sparse_token_logprobs(model, input_ids, prompt_lens, schedule, keep_dist=True)
+        _, _, rounded = response_logprobs(model, prompts, responses, schedule, return_full=True)
     a_exact = acceptance_rate(dense, exact)[mask]
     a_rounded = acceptance_rate(dense, rounded)[mask]
     a_between = acceptance_rate(exact, rounded)[mask]
@@ -68,30 +68,23 @@ def compare(model, input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask: tor
 
 
 def trajectories(engine, prompts: list[list[int]], samples: int, max_new_tokens: int, seed: int):
-    """Dense samples (temperature 1) packed right-padded: ids [B, T], prompt lengths [B], response mask [B, T]."""
+    """Dense samples (temperature 1): (prompt ids, response ids), one pair per sample."""
     from sparrow_sgl.engine import SamplingParams
 
     params = SamplingParams(temperature=1.0, seed=seed, max_new_tokens=max_new_tokens, n=samples)
     outs = engine.generate(prompts, params, schedule="dense", progress=False)
-    rows = [(p, o.token_ids) for p, o in zip([p for p in prompts for _ in range(samples)], outs)]
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, (p, r) in enumerate(rows):
-        ids[i, :len(p) + len(r)] = torch.tensor(p + list(r))
-        mask[i, len(p) + 1:len(p) + len(r)] = True  # response token 0 comes from the dense prefill
-    return ids, torch.tensor([len(p) for p, _ in rows]), mask
+    return [list(o.prompt_ids) for o in outs], [list(o.token_ids) for o in outs]
 
 
 def load_prompts(args, engine) -> list[list[int]]:
-    from sparrow_sgl.rl.tasks import ChainTask, encode_prompt
+    from sparrow_sgl.rl.tasks import ChainTask, JsonlMathTask, encode_prompt
 
     if args.prompts:
-        from sparrow_sgl.rl.tasks import JsonlMathTask
-
         task = JsonlMathTask(args.prompts)
     else:
-        task = ChainTask(num_vars=[5, 8], hops=4, filler=[0, 4], seed=args.seed)  # the demo's task
+        from sparrow_sgl.demo import PROFILES
+
+        task = ChainTask(**PROFILES["pretrained"].task, seed=args.seed)  # the demo checkpoint's task
     return [encode_prompt(engine.tokenizer, task.sample(i).prompt) for i in range(args.num_prompts)]
 
 
@@ -112,19 +105,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from sparrow_sgl.engine import Engine
 
     engine = Engine(EngineConfig(model=args.model, device="cpu", page_size=args.page_size, kv_gb=0.05, seed=args.seed))
-    ids, prompt_lens, mask = trajectories(engine, load_prompts(args, engine), args.samples, args.max_new_tokens,
-                                          args.seed)
+    prompts, responses = trajectories(engine, load_prompts(args, engine), args.samples, args.max_new_tokens,
+                                      args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     rows = []
     with torch.no_grad():
-        from distill.sparse_forward import sparse_token_logprobs
+        from distill.sparse_forward import response_logprobs
 
-        _, dense = sparse_token_logprobs(model, ids, prompt_lens, None, keep_dist=True)
+        _, mask, dense = response_logprobs(model, prompts, responses, None, return_full=True)
+        mask[:, 0] = False  # response token 0 comes from the dense prefill under every policy
         for budget in (int(b) for b in args.budgets.split(",")):
             schedule = Schedule.fixed(budget, page_size=args.page_size, bin_tokens=1 << 20)
             row = {"kind": "centroid_policy", "model": args.model, "budget": budget, "page_size": args.page_size,
-                   "sequences": int(ids.shape[0]), "max_len": int(ids.shape[1])}
-            row |= compare(model, ids, prompt_lens, mask, schedule, dense)
+                   "sequences": len(prompts), "max_response": max(map(len, responses))}
+            row |= compare(model, prompts, responses, schedule, dense, mask)
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
