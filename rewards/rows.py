@@ -6,6 +6,10 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -29,7 +33,8 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def to_dataset(rows: list[dict], path: Path, required: tuple[str, ...]):
+def to_dataset(rows: list[dict], path: str | Path, required: tuple[str, ...]) -> Dataset:
+    """The rows as a `datasets.Dataset`; a row missing a `required` field is a ValueError naming the file and row."""
     from datasets import Dataset
 
     for i, row in enumerate(rows):
@@ -40,6 +45,7 @@ def to_dataset(rows: list[dict], path: Path, required: tuple[str, ...]):
 
 
 def with_prompt(row: dict, prompt: str, label: dict) -> dict:
+    """A copy of the row with `prompt` and the JSON `label` set (a clashing prompt is kept as `original_prompt`)."""
     out = dict(row)
     if "prompt" in out:
         out["original_prompt"] = out.pop("prompt")
