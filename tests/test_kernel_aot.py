@@ -1,5 +1,5 @@
-"""bench.kernel_aot compiles the small-M GEMM for sm_90a without a GPU and reports
-their resources (a subprocess: this test session may run Triton's interpreter, which replaces the kernels)."""
+"""bench.kernel_aot compiles the small-M GEMM for sm_90a without a GPU and reports its resources (a subprocess:
+this test session may run Triton's interpreter, which replaces the kernels)."""
 
 from __future__ import annotations
 
