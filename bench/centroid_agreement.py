@@ -1,7 +1,7 @@
 """Does page selection stay identical with bf16 centroids instead of float32 key sums? (CPU, torch reference.)
 
 Random keys (plain, and with a few large shared channels as real keys have), one selection per (request, KV head)
-with the float32 sums and one with the sums rounded to bf16 centroids (what `SPARROW_BF16_CENTROIDS=1` scores).
+with the float32 sums and one with the sums rounded to bf16 centroids (the "centroid-bf16" scorer).
 Prints JSON rows: the share of rows whose selected page set is identical, and the share of selected pages swapped.
 
     python -m bench.centroid_agreement

@@ -1,8 +1,8 @@
 """How far do bf16 centroids move the sparse policy? Teacher-forced, on a trained checkpoint (CPU).
 
-The GPU engine can score pages from a bf16 copy of the centroids (`SPARROW_BF16_CENTROIDS=1`: half the scoring
-bytes, +7-8% rollout speed on an H200) instead of the float32 key sums the reference scores; near-ties then pick
-other pages (`bench.centroid_agreement`: 0.1-0.6% of pages on random keys). This measures what that does to the
+The "centroid-bf16" scorer rounds each page centroid to bf16 (the GPU engine then scores a bf16 copy: half the
+scoring bytes, +7-8% rollout speed on an H200) where the presets' "centroid" scores the float32 sums; near-ties then
+pick other pages (`bench.centroid_agreement`: 0.1-0.6% of pages on random keys). This measures what that does to the
 policy: on the same trajectories (sampled densely from the checkpoint), three teacher-forced passes — dense, sparse
 with float32 centroids, sparse with the centroids rounded to bf16 — and per budget the lower tail (5th percentile)
 of the acceptance rate of each sparse policy against dense, and of the two sparse policies against each other.
@@ -17,32 +17,15 @@ Prints one JSON line per budget (`kind: centroid_policy`).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
-from collections.abc import Iterator
 
 import torch
 
-from sparrow_sgl.attention.pages import PageSummaries
 from sparrow_sgl.config import Schedule
 from sparrow_sgl.mismatch import acceptance_rate
 
 DEMO_MODEL = "sparrow_sgl/data/demo_model"
-
-
-@contextlib.contextmanager
-def bf16_centroids() -> Iterator[None]:
-    """Every page centroid the reference scores is rounded to bf16 (what the GPU engine's copy holds)."""
-    exact = PageSummaries.centroid
-
-    def rounded(self, pages=None):
-        return exact(self, pages).to(torch.bfloat16).float()
-
-    PageSummaries.centroid = rounded
-    try:
-        yield
-    finally:
-        PageSummaries.centroid = exact
 
 
 def tail(values: torch.Tensor, q: float = 0.05) -> float:
@@ -55,8 +38,8 @@ def compare(model, prompts: list[list[int]], responses: list[list[int]], schedul
     from distill.sparse_forward import response_logprobs
 
     _, _, exact = response_logprobs(model, prompts, responses, schedule, return_full=True)
-    with bf16_centroids():
-        _, _, rounded = response_logprobs(model, prompts, responses, schedule, return_full=True)
+    bf16 = dataclasses.replace(schedule, scorer="centroid-bf16")
+    _, _, rounded = response_logprobs(model, prompts, responses, bf16, return_full=True)
     a_exact = acceptance_rate(dense, exact)[mask]
     a_rounded = acceptance_rate(dense, rounded)[mask]
     a_between = acceptance_rate(exact, rounded)[mask]

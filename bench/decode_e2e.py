@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from bench.common import copy_bandwidth_gbs, device_info, parse_ints, require_cuda, results_dir, time_us
+from sparrow_sgl.config import Schedule
 from sparrow_sgl.jsonio import write_json_atomic
 
 PAGE = 16
@@ -60,10 +61,16 @@ DENSE_VARIANTS = {"dense-fi": "flashinfer", "dense-triton": "triton"}
 UNFUSED = "+unfused"  # suffix of the variants re-timed with the unfused elementwise ops (SPARROW_FUSED_OPS=0)
 WHAT_IF = ("+1launch", "+fidense")  # suffixes of what-if variants timed beside the shipped ones (never the best)
 PRESET_SEP = "@"  # "sparse-triton@0.80": the variant under the model's 0.80 preset (no suffix: the first preset)
-# The engine's defaults (engine/cuda_graph.py): Triton kernels, pages scored from the float32 key sums. Faster opt-ins
-# (the bf16 centroid copy: SPARROW_BF16_CENTROIDS=1) are timed beside it but never stand for the engine, so the
-# cost model predicts what a user runs (bench/results/NOTES.md, session 13).
+# The engine's defaults (engine/cuda_graph.py): Triton kernels, pages scored from the float32 key sums (the presets'
+# "centroid" scorer). Opt-ins (the "centroid-bf16" scorer, which scores a bf16 centroid copy) are timed beside it but
+# never stand for the engine, so the cost model predicts what a user runs (bench/results/NOTES.md, session 13).
 SHIPPED_SPARSE = "sparse-triton"
+
+
+def with_scorer(schedule: Schedule, bf16c: bool) -> Schedule:
+    """The schedule a variant runs: the bf16-centroid variants score with "centroid-bf16", the engine's own scorer
+    for its bf16 centroid copy (the copy is scored only under that scorer)."""
+    return dataclasses.replace(schedule, scorer="centroid-bf16") if bf16c else schedule
 
 
 def is_what_if(variant: str) -> bool:
@@ -229,6 +236,7 @@ def bytes_terms(model_name: str, batch: int, context: int, schedule, summary_byt
 
 
 def measure(runner, tokens, positions, block_tables, schedule, sparsity, reps: int, wall_reps: int) -> dict:
+    sparsity = dataclasses.replace(sparsity, scorer=schedule.scorer)  # the variant's scorer (`with_scorer`)
     runner.decode(tokens, positions, block_tables, schedule, sparsity, table_key="bench")  # captures on first use
     torch.cuda.synchronize()
     step = runner.last_step
@@ -247,7 +255,6 @@ def measure(runner, tokens, positions, block_tables, schedule, sparsity, reps: i
 def run_model(name: str, args, bw: float, info: dict) -> tuple[list[dict], list[dict]]:
     """(decode_e2e rows, decode_profile rows) of one model."""
     from sparrow_sgl.attention.kernels import dispatch
-    from sparrow_sgl.config import Schedule
     from sparrow_sgl.costmodel import bytes_limit_speedup
     from sparrow_sgl.engine.cuda_graph import GraphDecodeRunner
     from sparrow_sgl.hardware import get_model_shape
@@ -285,7 +292,7 @@ def run_model(name: str, args, bw: float, info: dict) -> tuple[list[dict], list[
     variants = {v: (dense, runner(be, be)) for v, be in DENSE_VARIANTS.items() if (fi or be == "triton") and wanted(v)}
     for p in presets:
         suffix = "" if p is preset else PRESET_SEP + p.name.rsplit("-", 1)[-1]
-        variants |= {v + suffix: (p, runner(*cfg)) for v, cfg in SPARSE_VARIANTS.items()
+        variants |= {v + suffix: (with_scorer(p, cfg[2]), runner(*cfg)) for v, cfg in SPARSE_VARIANTS.items()
                      if (fi or "fi" not in v) and wanted(v)}
     base = {"kind": "decode_step", "model": name, "gpu": info.get("gpu"), "batch": batch, "torch": info["torch"],
             "date": info["date"], "copy_bw_gbs": bw, "page_size": PAGE, "dtype": "bfloat16"}

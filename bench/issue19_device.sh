@@ -35,6 +35,8 @@
 #   call19: the whole GPU test suite (pytest -m gpu) on the shipped kernels, its full log -> $OUT/tests.log
 #   call20: decode_e2e with the shipped defaults (float32 key sums; the bf16 centroid copy timed beside them), --profile
 #          and --drain on the shipped variants (the results committed; no +old variant)
+#   call21 (session 14): the "centroid-bf16" scorer's GPU tests (the bf16 copy, the in-kernel rounding, the engine
+#          against its reference), then call20's run, where sparse-triton-bf16c now runs that scorer's schedules
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -61,6 +63,14 @@ ab_run() {  # ab_run SECONDS SETTINGS NAME: decode_e2e A/B of env settings over 
     --env-base dense-triton,sparse-triton-bf16c,sparse-triton-bf16c@0.80 --unfused '' --wall-reps 0 \
     --results-dir "/tmp/$3" 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
   cp "/tmp/$3/decode_e2e.json" "$out/decode_e2e_ab.json"
+}
+# call20's run: the shipped variants and the bf16-centroid one in one process, --profile --drain (committed rows)
+shipped_rows() {
+  timeout "$1" python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton,sparse-triton-bf16c --unfused '' --wall-reps 1 --profile --drain \
+    --profile-variants dense-triton,sparse-triton --profile-contexts 2k,32k 2>&1 | grep -v "it/s]" \
+    | grep -v '^{' | tee "$out/e2e.log"
+  cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
 }
 if [ "$call" = call1 ]; then
   timeout 330 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
@@ -134,11 +144,13 @@ elif [ "$call" = call19 ]; then
   tail -15 "$out/tests.log"
   tests=""
 elif [ "$call" = call20 ]; then
-  timeout 420 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
-    --variants dense-triton,sparse-triton,sparse-triton-bf16c --unfused '' --wall-reps 1 --profile --drain \
-    --profile-variants dense-triton,sparse-triton --profile-contexts 2k,32k 2>&1 | grep -v "it/s]" \
-    | grep -v '^{' | tee "$out/e2e.log"
-  cp bench/results/decode_e2e.json bench/results/decode_profile.json "$out/"
+  shipped_rows 420
+  tests=""
+elif [ "$call" = call21 ]; then
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode_gpu.py \
+    tests/test_qkv_append_gpu.py tests/test_kernels_gpu.py tests/test_attention.py > "$out/tests.log" 2>&1
+  tail -15 "$out/tests.log"
+  shipped_rows 300
   tests=""
 elif [ "$call" = call16 ]; then
   timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pdl.py tests/test_triton_linear.py \

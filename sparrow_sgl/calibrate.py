@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparrow_sgl.config import ConfigError, Schedule, check_device
+from sparrow_sgl.config import SCORERS, ConfigError, Schedule, check_device
 from sparrow_sgl.jsonio import read_json, read_jsonl, write_json_atomic
 from sparrow_sgl.mismatch import BinStat
 
@@ -484,7 +484,7 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", help="engine device: cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="engine dtype: auto | float32 | bfloat16 | float16")
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--scorer", choices=("centroid", "quest"), default="centroid")
+    p.add_argument("--scorer", choices=SCORERS, default="centroid")
     p.add_argument("--kv-gb", type=float, default=None, help="embedded engine KV cache size in GiB")
     p.add_argument("--sglang-url", help="--engine sglang: a running `sparrow serve` (default: start one on --model)")
     p.add_argument("--sglang-dense-url", help="--engine sglang: a `sparrow serve --dense` baseline for --noise-floor")

@@ -19,7 +19,8 @@ from sparrow_sgl.jsonio import read_json, write_json_atomic
 
 __all__ = ["ConfigError", "SparsityConfig", "Schedule", "EngineConfig", "budget_pages"]
 
-SCORERS = ("centroid", "quest")
+SCORERS = ("centroid", "centroid-bf16", "quest")
+CENTROID_SCORERS = ("centroid", "centroid-bf16")
 KV_LAYOUTS = ("NHD", "HND")
 
 
@@ -36,7 +37,9 @@ class SparsityConfig:
 
     page_size: tokens per KV page (the unit of selection).
     sink_pages / local_pages: first and last pages of a sequence that are always attended.
-    scorer: "centroid" (mean key of the page, the paper's choice) or "quest" (per-channel min/max upper bound).
+    scorer: "centroid" (mean key of the page, the paper's choice), "centroid-bf16" (that mean rounded to bf16 before
+        it is scored: every path selects the same pages, and the GPU engine scores from a bf16 copy, half the bytes
+        of the float32 sums) or "quest" (per-channel min/max upper bound).
     dense_layers: layer indices that always attend densely.
     kv_layout: "NHD" caches are [pages, page_size, kv_heads, head_dim]; "HND" are [pages, kv_heads, page_size, dim].
     """
@@ -71,6 +74,11 @@ class SparsityConfig:
     def min_budget(self) -> int:
         """Smallest budget in tokens: the sink and local pages."""
         return self.reserved_pages * self.page_size
+
+    @property
+    def bf16_centroids(self) -> bool:
+        """Whether page centroids are rounded to bf16 before scoring ("centroid-bf16")."""
+        return self.scorer == "centroid-bf16"
 
     def is_dense_layer(self, layer: int | None) -> bool:
         return layer is not None and layer in self.dense_layers

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from sparrow_sgl.attention import PageSummaries, select_pages, sparse_decode
-from sparrow_sgl.config import SparsityConfig
+from sparrow_sgl.attention import PageSummaries, score_pages, select_pages, sparse_decode
+from sparrow_sgl.config import ConfigError, SparsityConfig
 
 
 def make_paged(seq_lens, kv_heads, head_dim, page_size, layout="NHD", seed=0, dtype=torch.float32):
@@ -99,6 +99,27 @@ def test_planted_page_always_selected_and_reserved_pages_kept():
                     assert planted[b] in chosen, f"{scorer}: planted page not selected"
                     assert 0 in chosen, "sink page dropped"
                     assert {n_pages - 1, n_pages - 2} <= chosen, "local pages dropped"
+
+
+def test_bf16_centroid_scorer_scores_the_rounded_centroid():
+    """"centroid-bf16" = the group's mean query dotted with bf16(float32 sum / count); it can reorder pages."""
+    torch.manual_seed(0)
+    cfg = SparsityConfig(page_size=4, scorer="centroid-bf16")
+    k_cache = torch.randn(12, 4, 2, 32)
+    table, lens = torch.arange(12).view(2, 6), torch.tensor([23, 17])
+    summaries = PageSummaries.from_cache(k_cache, table, lens, cfg)
+    q = torch.randn(2, 4, 32)
+    got = score_pages(q, summaries, table, cfg)
+    centroids = summaries.centroid(table.long()).to(torch.bfloat16).float()  # [batch, pages, kv_heads, dim]
+    want = torch.einsum("bhd,bphd->bhp", q.view(2, 2, 2, 32).mean(2), centroids)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    fp32 = score_pages(q, summaries, table, SparsityConfig(page_size=4))
+    assert 0 < float((fp32 - got).abs().max()) < 0.05
+
+
+def test_unknown_scorer_names_the_choices():
+    with pytest.raises(ConfigError, match="centroid-bf16"):
+        SparsityConfig(scorer="centroid_bf16")
 
 
 def test_budget_differs_per_request():

@@ -108,3 +108,16 @@ def test_without_the_shipped_variant_the_fastest_stands_in():
     summarize("qwen3-1.7b", rows, preset, Schedule.dense(bin_tokens=preset.bin_tokens), 4, 32768, limit=3.0,
               base={"model": "qwen3-1.7b"})
     assert {r["variant"] for r in rows if r["kind"] == "decode_step"} == {"dense-fi", "sparse-fi"}
+
+
+def test_bf16_centroid_variants_run_the_centroid_bf16_scorer():
+    """The engine scores its bf16 centroid copy only under the "centroid-bf16" scorer: those variants' schedules
+    must carry it (and the others keep the preset's)."""
+    from bench.decode_e2e import SPARSE_VARIANTS, with_scorer
+
+    preset = load_preset("qwen3-4b-0.86")
+    for name, (_, _, bf16c, _) in SPARSE_VARIANTS.items():
+        schedule = with_scorer(preset, bf16c)
+        assert schedule.scorer == ("centroid-bf16" if "bf16c" in name else "centroid"), name
+        assert schedule.budgets == preset.budgets
+    assert preset.scorer == "centroid"

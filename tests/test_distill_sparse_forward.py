@@ -80,7 +80,7 @@ def _trajectories(vocab: int, seed: int = 0):
     return prompts, responses
 
 
-@pytest.mark.parametrize("scorer", ["centroid", "quest"])
+@pytest.mark.parametrize("scorer", ["centroid", "centroid-bf16", "quest"])
 def test_sparse_forward_matches_step_by_step_sparse_decode(model, scorer):
     schedule = Schedule(budgets=[None, 48, 64], bin_tokens=32, scorer=scorer)  # dense, then 3 and 4 pages
     prompts, responses = _trajectories(model.config.vocab_size)

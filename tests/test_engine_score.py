@@ -15,7 +15,7 @@ def engine(tiny_model_dir):
     return make_engine(tiny_model_dir)
 
 
-@pytest.mark.parametrize("scorer", ["centroid", "quest"])
+@pytest.mark.parametrize("scorer", ["centroid", "centroid-bf16", "quest"])
 def test_score_reproduces_sparse_rollout_logprobs(tiny_model_dir, scorer):
     engine = make_engine(tiny_model_dir, scorer=scorer)
     prompts = random_prompts([30, 52, 9], seed=11)

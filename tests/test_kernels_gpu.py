@@ -195,7 +195,7 @@ def _kernel_test(fn):
 
 @_kernel_test
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("scorer", ["centroid", "quest"])
+@pytest.mark.parametrize("scorer", ["centroid", "centroid-bf16", "quest"])
 def test_triton_selection_matches_reference(device, layout, scorer):
     from sparrow_sgl.attention.kernels.triton_select import triton_select_pages
 
@@ -207,6 +207,37 @@ def test_triton_selection_matches_reference(device, layout, scorer):
         got = triton_select_pages(q, summaries, block_table, seq_lens, budget, cfg)
         assert got.pages.shape == ref.pages.shape
         assert_same_up_to_ties(got, ref, reference_scores(q, summaries, block_table, seq_lens, cfg))
+
+
+@_kernel_test
+@pytest.mark.parametrize("all_heads", [False, True])
+def test_bf16_centroid_scorer_scores_the_rounded_centroid_on_every_path(device, all_heads):
+    """"centroid-bf16" from the float32 sums (rounded in the kernel) and from a bf16 centroid copy (the engine's)
+    give the reference's scores and bit-identical page lists; the float32 "centroid" scorer's scores differ."""
+    from sparrow_sgl.attention.kernels.triton_select import select_pages_into
+
+    cfg = SparsityConfig(kv_layout="HND", scorer="centroid-bf16")
+    q, k, _, block_table, seq_lens = make_problem("HND", seq=(100, 300, 17, 1000, 64), device=device)
+    summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
+    copy = summaries.centroid().to(torch.bfloat16)
+    limit = torch.tensor([3, 9, 2, 20, 4], dtype=torch.int32, device=device)
+    runs = []
+    for key_sum, count in ((summaries.key_sum, summaries.count), (copy, None)):
+        pages = torch.full((5, 2, 32), -5, dtype=torch.int32, device=device)
+        scores = select_pages_into(q, block_table, seq_lens, limit, cfg, pages, key_sum=key_sum, count=count,
+                                   one_launch=False, all_heads=all_heads)
+        runs.append((pages, scores))
+    (pages_sums, scores_sums), (pages_copy, scores_copy) = runs
+    assert torch.equal(pages_sums, pages_copy)
+    ref = reference_scores(q, summaries, block_table, seq_lens, cfg)
+    fp32 = reference_scores(q, summaries, block_table, seq_lens, SparsityConfig(kv_layout="HND"))
+    exists = torch.isfinite(ref)
+    for got in (scores_sums, scores_copy):
+        torch.testing.assert_close(got[exists], ref[exists], rtol=1e-5, atol=1e-5)
+    assert float((fp32[exists] - ref[exists]).abs().max()) > 1e-4, "bf16 rounding should move some scores"
+    want = select_pages(q, summaries, block_table, seq_lens, (limit * 16).tolist(), cfg)
+    got = Selection(pages=pages_sums[..., : want.pages.shape[2]].long(), valid=want.valid, n_pages=want.n_pages)
+    assert_same_up_to_ties(got, want, ref, rtol=1e-6)
 
 
 @_kernel_test

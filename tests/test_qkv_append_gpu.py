@@ -156,8 +156,8 @@ def test_engine_decodes_the_same_with_and_without_the_fused_append(tiny_model_fa
     from sparrow_sgl.attention.kernels import triton_qkv_append
 
     shape = {"head_dim": 128, "num_attention_heads": 8 if "group4" in case else 4}  # 2 KV heads
-    dtype, scorer = ("float32" if case == "f32" else "bfloat16"), ("quest" if "quest" in case else "centroid")
-    monkeypatch.setenv("SPARROW_BF16_CENTROIDS", "1" if case == "bf16-centroids" else "0")
+    dtype = "float32" if case == "f32" else "bfloat16"
+    scorer = "quest" if "quest" in case else "centroid-bf16" if case == "bf16-centroids" else "centroid"
     prompts = random_prompts([200, 90, 310], seed=8)  # a padded batch of 4
     params = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
     calls = []

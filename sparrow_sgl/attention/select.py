@@ -1,7 +1,8 @@
 """Page selection for one decode step: score every page, keep sink and local pages, fill the budget by top score.
 
 Selection is per (request, KV head). With GQA the query heads of a group share one page list:
-- centroid scorer: the page centroid dotted with the mean query of the group (the paper's choice);
+- centroid scorer: the page centroid dotted with the mean query of the group (the paper's choice); centroid-bf16
+  rounds the centroid (float32 sum / count, rounded to nearest) to bf16 first, so a bf16 copy of it scores the same;
 - quest scorer: Quest's per-channel upper bound sum_d max(q_d * min_d, q_d * max_d), maximised over the group's
   heads so that the list covers every head of the group.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sparrow_sgl.attention.pages import PageSummaries
-from sparrow_sgl.config import SparsityConfig
+from sparrow_sgl.config import CENTROID_SCORERS, SparsityConfig
 
 
 @dataclass
@@ -55,8 +56,10 @@ def score_pages(
         raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
     qg = q.float().view(batch, kv_heads, q_heads // kv_heads, head_dim)
     pages = block_table.long().clamp(min=0)
-    if cfg.scorer == "centroid":
+    if cfg.scorer in CENTROID_SCORERS:
         centroids = summaries.centroid(pages)  # [batch, max_pages, kv_heads, head_dim]
+        if cfg.bf16_centroids:
+            centroids = centroids.to(torch.bfloat16).float()
         return torch.einsum("bhd,bphd->bhp", qg.mean(2), centroids)
     if not summaries.has_minmax:
         raise ValueError("the quest scorer needs page summaries with key_min/key_max (allocated with minmax=True)")

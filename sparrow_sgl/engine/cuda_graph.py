@@ -35,7 +35,7 @@ from sparrow_sgl.engine.context import Context, reset_context, set_context
 
 MODE_ENV = "SPARROW_GPU_DECODE"
 MODES = ("graph", "eager", "off")
-CENTROID_ENV = "SPARROW_BF16_CENTROIDS"
+REMOVED_CENTROID_ENV = "SPARROW_BF16_CENTROIDS"  # replaced by the "centroid-bf16" scorer (session 14)
 SELECT_ENV = "SPARROW_SELECT_LAUNCHES"
 APPEND_ENV = "SPARROW_FUSED_APPEND"
 GRAPH_BATCHES_ENV = "SPARROW_GRAPH_BATCHES"
@@ -344,7 +344,7 @@ class DecodeStep:
                 return self.fi_dense.run(q, layer.k_cache, layer.v_cache)
             return triton_attend_pages(q, layer.k_cache, layer.v_cache, self.block_table, self.seq_lens,
                                        self.dense_pages, self.dense_counts, cfg, layer.scale)
-        use_centroid = centroid is not None and cfg.scorer == "centroid"
+        use_centroid = centroid is not None and cfg.bf16_centroids
         select_pages_into(
             q, self.block_table, self.seq_lens, self.budget_pages, cfg, self.pages,
             key_sum=centroid if use_centroid else summaries.key_sum, count=None if use_centroid else summaries.count,
@@ -404,10 +404,9 @@ class GraphDecodeRunner:
         self.bin_tokens = torch.ones(1, dtype=torch.int32, device=self.device)
         self.host_table, self.host_bin_tokens = np.zeros(MAX_BINS, dtype=np.int32), 1
         self.centroids: list[torch.Tensor] | None = None
-        if bf16_centroids:  # a half-size copy of the centroids for the scorer, kept by the append kernel
-            self.centroids = [torch.zeros_like(a.summaries.key_sum, dtype=torch.bfloat16) for a in layers]
-            self.refresh_centroids()
         self.steps: dict[StepKey, DecodeStep] = {}
+        if bf16_centroids:
+            self.keep_bf16_centroids()
         self.last_step: DecodeStep | None = None
         self._pool = None
         self._workspace: torch.Tensor | None = None
@@ -419,6 +418,19 @@ class GraphDecodeRunner:
         if self._workspace is None:
             self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         return self._workspace
+
+    @torch.inference_mode()
+    def keep_bf16_centroids(self) -> None:
+        """Keep a bf16 copy of every page centroid for the "centroid-bf16" scorer (half the bytes of the float32
+        sums), written by the KV-append kernels from then on. Steps captured before it existed do not update it, so
+        they are dropped and captured again."""
+        if self.centroids is not None:
+            return
+        self.centroids = [torch.zeros_like(a.summaries.key_sum, dtype=torch.bfloat16)
+                          for a in self.model.attention_layers]
+        self.refresh_centroids()
+        self.steps.clear()
+        self.last_step = None
 
     @torch.inference_mode()
     def refresh_centroids(self, pages: torch.Tensor | None = None) -> None:
@@ -472,6 +484,8 @@ class GraphDecodeRunner:
         if not schedule.is_dense:
             table, k_cols = budget_table(schedule, width)
             self._load_schedule(table, schedule.bin_tokens)
+        if sparsity.bf16_centroids and not schedule.is_dense:
+            self.keep_bf16_centroids()
         key = StepKey.of(n, width, k_cols, sparsity, topk)
         step = self.steps.get(key)
         if step is None:
@@ -535,5 +549,7 @@ def make_gpu_decoder(model, device: torch.device) -> GraphDecodeRunner | None:
     head_dim = model.attention_layers[0].head_dim
     if head_dim & (head_dim - 1) or head_dim < 16:
         return None
-    bf16 = os.environ.get(CENTROID_ENV, "") == "1"
-    return GraphDecodeRunner(model, device, use_graphs=decode_mode() == "graph", bf16_centroids=bf16)
+    if os.environ.get(REMOVED_CENTROID_ENV, "").strip() not in ("", "0"):
+        raise ValueError(f"{REMOVED_CENTROID_ENV} is gone: give the schedule (or EngineConfig) scorer='centroid-bf16' "
+                         "instead, which the torch reference, calibration and SGLang honour too")
+    return GraphDecodeRunner(model, device, use_graphs=decode_mode() == "graph")

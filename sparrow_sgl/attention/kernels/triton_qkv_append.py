@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from sparrow_sgl.attention.kernels.pdl import launch_options, pdl_enter, pdl_on
+from sparrow_sgl.attention.kernels.triton_centroid import page_mean, store_centroid
 from sparrow_sgl.attention.kernels.triton_fused import _norm_rope, _norm_rope_head, check_qkv
 from sparrow_sgl.attention.kernels.triton_summaries import check_cache_append
 from sparrow_sgl.attention.pages import PageSummaries
@@ -73,9 +74,8 @@ def _qkv_append_decode_kernel(
                 tl.store(max_ptr + offs, tl.where(fresh, key, tl.maximum(old_max, key)))
             new_count = tl.where(fresh, 1, old_count + 1)
             if CENTROID:
-                centroid = new_sum / new_count.to(tl.float32)
                 dst = centroid_ptr + page * stride_ep + kh * stride_eh + d
-                tl.store(dst, centroid.to(centroid_ptr.dtype.element_ty))
+                store_centroid(dst, page_mean(new_sum, new_count.to(tl.float32)), None)
             tl.debug_barrier()  # every thread's count read precedes the release below
             ticket = tl.atomic_add(tickets_ptr + t, 1, sem="acq_rel")
             if ticket == KV_HEADS - 1:

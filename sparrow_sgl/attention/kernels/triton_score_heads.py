@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparrow_sgl.attention.kernels.triton_centroid import bf16_centroid
+
 HEADS_ENV = "SPARROW_SCORE_HEADS"
 PAGES_ENV = "SPARROW_SCORE_HEADS_PAGES"  # pages per program of the all-heads launch (a power of two, 8-512)
 DEFAULT_PAGES = 128
@@ -46,7 +48,7 @@ def _score_heads_kernel(
     scores_ptr, stride_ob, stride_oh,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     SINK: tl.constexpr, LOCAL: tl.constexpr, BLOCK_P: tl.constexpr, PAGES_PER_PROG: tl.constexpr,
-    DIVIDE: tl.constexpr,
+    DIVIDE: tl.constexpr, ROUND: tl.constexpr,
 ):
     b = tl.program_id(0)
     start = tl.program_id(1) * PAGES_PER_PROG
@@ -67,8 +69,11 @@ def _score_heads_kernel(
             phys = tl.load(bt_row + idx, mask=exists, other=0).to(tl.int64)
             offs = phys[:, None, None] * stride_sp + h[None, :, None] * stride_sh + d[None, None, :]
             summary = tl.load(sum_ptr + offs, mask=exists[:, None, None], other=0.0).to(tl.float32)
+            if ROUND:  # centroid-bf16 from the sums (triton_centroid)
+                count = tl.load(count_ptr + phys, mask=exists, other=1)
+                summary = bf16_centroid(summary, tl.maximum(count, 1).to(tl.float32)[:, None, None])
             score = tl.sum(summary * q_mean[None, :, :], 2)  # [BLOCK_P, KV_HEADS]
-            if DIVIDE:
+            if DIVIDE and not ROUND:
                 count = tl.load(count_ptr + phys, mask=exists, other=1)
                 score = score / tl.maximum(count, 1).to(tl.float32)[:, None]
             forced = (idx < SINK) | (idx >= n_pages - LOCAL)
@@ -91,10 +96,12 @@ def score_pages_all_heads(
     pages_per_prog: int | None = None,
     block_p: int = 8,
     num_warps: int = 4,
+    bf16: bool = False,
 ) -> torch.Tensor:
     """Centroid scores of every page into scores [batch, kv_heads, width] (graph-capturable, no allocation).
 
     key_sum: [pages, kv_heads, D] float32 sums (count given) or centroids in any float dtype (count None);
+    bf16: the centroid-bf16 scorer (sums given: each centroid rounded to bf16 before scoring);
     pages_per_prog None: `all_heads_pages()`."""
     batch, q_heads, head_dim = q.shape
     kv_heads = key_sum.shape[1]
@@ -116,6 +123,7 @@ def score_pages_all_heads(
         scores, scores.stride(0), scores.stride(1),
         KV_HEADS=kv_heads, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim, PAGE=page_size, SINK=sink_pages,
         LOCAL=local_pages, BLOCK_P=block_p, PAGES_PER_PROG=pages_per_prog, DIVIDE=count is not None,
+        ROUND=bf16 and count is not None,
         num_warps=num_warps,
     )
     return scores

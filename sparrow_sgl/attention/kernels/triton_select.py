@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from sparrow_sgl.attention.kernels.pdl import launch_options, pdl_enter, pdl_on
+from sparrow_sgl.attention.kernels.triton_centroid import bf16_centroid
 from sparrow_sgl.attention.pages import PageSummaries
 from sparrow_sgl.attention.select import Selection, budget_pages_tensor
 from sparrow_sgl.config import SparsityConfig
@@ -53,6 +54,7 @@ def _score_range(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     SINK: tl.constexpr, LOCAL: tl.constexpr,
     BLOCK_P: tl.constexpr, PAGES_PER_PROG: tl.constexpr, QUEST: tl.constexpr, DIVIDE: tl.constexpr,
+    ROUND: tl.constexpr,
 ):
     """Scores of pages [start, start + PAGES_PER_PROG) of one (request, KV head) row into score_row."""
     d = tl.arange(0, HEAD_DIM)
@@ -75,8 +77,11 @@ def _score_range(
                 score = tl.maximum(score, upper)
         else:
             ksum = tl.load(sum_ptr + offs, mask=exists[:, None], other=0.0).to(tl.float32)
+            if ROUND:  # centroid-bf16 from the sums: the centroid correctly rounded, then to bf16, as the reference
+                count = tl.load(count_ptr + phys, mask=exists, other=1)
+                ksum = bf16_centroid(ksum, tl.maximum(count, 1).to(tl.float32)[:, None])
             score = tl.sum(ksum * q_mean[None, :], 1)
-            if DIVIDE:
+            if DIVIDE and not ROUND:
                 count = tl.load(count_ptr + phys, mask=exists, other=1)
                 score = score / tl.maximum(count, 1).to(tl.float32)
         forced = (idx < SINK) | (idx >= n_pages - LOCAL)
@@ -180,7 +185,7 @@ def _select_pages_kernel(
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
     BLOCK_P: tl.constexpr, PAGES_PER_PROG: tl.constexpr, QUEST: tl.constexpr, DIVIDE: tl.constexpr,
-    BLOCK_N: tl.constexpr, WRITE_CSR: tl.constexpr, PDL: tl.constexpr,
+    ROUND: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_CSR: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     row = tl.program_id(0)
@@ -197,7 +202,7 @@ def _select_pages_kernel(
         if start < n_pages:
             _score_range(q_ptr, stride_qb, stride_qh, sum_ptr, min_ptr, max_ptr, stride_sp, stride_sh, count_ptr,
                          bt_row, score_row, b, h, start, n_pages, GROUP, BLOCK_G, HEAD_DIM, SINK, LOCAL, BLOCK_P,
-                         PAGES_PER_PROG, QUEST, DIVIDE)
+                         PAGES_PER_PROG, QUEST, DIVIDE, ROUND)
         tl.debug_barrier()  # every thread's score stores precede the release below
         ticket = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel")
         if ticket == arrivals - 1:  # the row's last program: every score of the row is written
@@ -222,7 +227,7 @@ def _score_pages_kernel(
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
     BLOCK_P: tl.constexpr, PAGES_PER_PROG: tl.constexpr, QUEST: tl.constexpr, DIVIDE: tl.constexpr,
-    PDL: tl.constexpr,
+    ROUND: tl.constexpr, PDL: tl.constexpr,
 ):
     """Two-launch baseline, launch 1: scores only."""
     pdl_enter(PDL)
@@ -235,7 +240,7 @@ def _score_pages_kernel(
     if start < n_pages:
         _score_range(q_ptr, stride_qb, stride_qh, sum_ptr, min_ptr, max_ptr, stride_sp, stride_sh, count_ptr,
                      block_table_ptr + b * stride_btb, scores_ptr + b * stride_ob + h * stride_oh, b, h, start,
-                     n_pages, GROUP, BLOCK_G, HEAD_DIM, SINK, LOCAL, BLOCK_P, PAGES_PER_PROG, QUEST, DIVIDE)
+                     n_pages, GROUP, BLOCK_G, HEAD_DIM, SINK, LOCAL, BLOCK_P, PAGES_PER_PROG, QUEST, DIVIDE, ROUND)
 
 
 @triton.jit
@@ -468,7 +473,8 @@ def select_pages_into(
                  count if count is not None else seq_lens)
     shape = dict(KV_HEADS=kv_heads, GROUP=group, BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=head_dim,
                  PAGE=cfg.page_size, SINK=cfg.sink_pages, LOCAL=cfg.local_pages, BLOCK_P=block_p,
-                 PAGES_PER_PROG=ppp, QUEST=quest, DIVIDE=count is not None)
+                 PAGES_PER_PROG=ppp, QUEST=quest, DIVIDE=count is not None,
+                 ROUND=cfg.bf16_centroids and count is not None)
     grid = (rows, triton.cdiv(max_pages, ppp))
     pdl = pdl_on(q.device)
     indices, row_start, last_len = csr if csr is not None else (pages_out, pages_out, pages_out)
@@ -491,7 +497,7 @@ def select_pages_into(
         from sparrow_sgl.attention.kernels.triton_score_heads import score_pages_all_heads
 
         score_pages_all_heads(q, block_table, seq_lens, summaries[0], count, scores, page_size=cfg.page_size,
-                              sink_pages=cfg.sink_pages, local_pages=cfg.local_pages)
+                              sink_pages=cfg.sink_pages, local_pages=cfg.local_pages, bf16=cfg.bf16_centroids)
     else:
         _score_pages_kernel[grid](
             q, q.stride(0), q.stride(1), *summaries,

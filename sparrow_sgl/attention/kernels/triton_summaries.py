@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparrow_sgl.attention.kernels.triton_centroid import page_mean, store_centroid
 from sparrow_sgl.attention.pages import PageSummaries
 
 
@@ -120,9 +121,8 @@ def _append_kv_decode_kernel(
     new_count = tl.where(fresh, 1, old_count + 1)
     tl.store(count_ptr + page, new_count, mask=live)
     if CENTROID:
-        centroid = new_sum / new_count.to(tl.float32)
         dst = centroid_ptr + page * stride_ep + hh[:, None] * stride_eh + d[None, :]
-        tl.store(dst, centroid.to(centroid_ptr.dtype.element_ty), mask=mask)
+        store_centroid(dst, page_mean(new_sum, new_count.to(tl.float32)), mask)
 
 
 def check_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, summaries: PageSummaries, pages: torch.Tensor,
