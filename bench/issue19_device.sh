@@ -37,6 +37,7 @@
 #          and --drain on the shipped variants (the results committed; no +old variant)
 #   call21 (session 14): the "centroid-bf16" scorer's GPU tests (the bf16 copy, the in-kernel rounding, the engine
 #          against its reference), then call20's run, where sparse-triton-bf16c now runs that scorer's schedules
+#   call22: scoring tiles (SPARROW_SCORE_TILE, all-heads) on the shipped float32 key sums, A/B vs the shipped default
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -145,6 +146,15 @@ elif [ "$call" = call19 ]; then
   tests=""
 elif [ "$call" = call20 ]; then
   shipped_rows 420
+  tests=""
+elif [ "$call" = call22 ]; then
+  # the scoring tile for the shipped float32 key sums (every earlier tile sweep ran on the bf16 copy)
+  settings="+t64=SPARROW_SCORE_TILE=128x64x4,+t32=SPARROW_SCORE_TILE=128x32x4,+t128w8=SPARROW_SCORE_TILE=128x128x8"
+  settings="$settings,+t64p=SPARROW_SCORE_TILE=64x64x4,+sh32=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=32"
+  timeout 400 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton --env-variants "$settings" --env-base sparse-triton,sparse-triton@0.80 \
+    --unfused '' --wall-reps 0 --results-dir /tmp/ab22 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
+  cp /tmp/ab22/decode_e2e.json "$out/decode_e2e_ab.json"
   tests=""
 elif [ "$call" = call21 ]; then
   timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode_gpu.py \
