@@ -38,6 +38,7 @@
 #   call21 (session 14): the "centroid-bf16" scorer's GPU tests (the bf16 copy, the in-kernel rounding, the engine
 #          against its reference), then call20's run, where sparse-triton-bf16c now runs that scorer's schedules
 #   call22: scoring tiles (SPARROW_SCORE_TILE, all-heads) on the shipped float32 key sums, A/B vs the shipped default
+#   call23: all-heads scoring of the float32 sums at 8 / 16 / 32 / 64 pages per program
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -155,6 +156,16 @@ elif [ "$call" = call22 ]; then
     --variants dense-triton,sparse-triton --env-variants "$settings" --env-base sparse-triton,sparse-triton@0.80 \
     --unfused '' --wall-reps 0 --results-dir /tmp/ab22 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
   cp /tmp/ab22/decode_e2e.json "$out/decode_e2e_ab.json"
+  tests=""
+elif [ "$call" = call23 ]; then
+  # call22's winner (all-heads scoring, 32 pages per program) at 8 / 16 / 32 / 64 pages per program
+  settings="+sh8=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=8,+sh16=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=16"
+  settings="$settings,+sh32=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=32"
+  settings="$settings,+sh64=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=64"
+  timeout 300 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton --env-variants "$settings" --env-base sparse-triton,sparse-triton@0.80 \
+    --unfused '' --wall-reps 0 --results-dir /tmp/ab23 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
+  cp /tmp/ab23/decode_e2e.json "$out/decode_e2e_ab.json"
   tests=""
 elif [ "$call" = call21 ]; then
   timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode_gpu.py \
