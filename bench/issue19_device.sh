@@ -38,7 +38,8 @@
 #   call21 (session 14): the "centroid-bf16" scorer's GPU tests (the bf16 copy, the in-kernel rounding, the engine
 #          against its reference), then call20's run, where sparse-triton-bf16c now runs that scorer's schedules
 #   call22: scoring tiles (SPARROW_SCORE_TILE, all-heads) on the shipped float32 key sums, A/B vs the shipped default
-#   call23: all-heads scoring of the float32 sums at 8 / 16 / 32 / 64 pages per program
+#   call23: all-heads scoring of the float32 sums at 8 / 16 / 32 / 64 pages per program (16 adopted)
+#   call24: the whole GPU suite on session 14's final tree, then call20's run (the committed rows)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -166,6 +167,13 @@ elif [ "$call" = call23 ]; then
     --variants dense-triton,sparse-triton --env-variants "$settings" --env-base sparse-triton,sparse-triton@0.80 \
     --unfused '' --wall-reps 0 --results-dir /tmp/ab23 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
   cp /tmp/ab23/decode_e2e.json "$out/decode_e2e_ab.json"
+  tests=""
+elif [ "$call" = call24 ]; then
+  # the final tree of session 14 (all-heads scoring at 16 pages per program by default): the whole GPU suite, then
+  # call20's run -> the committed rows
+  timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests > "$out/tests.log" 2>&1
+  tail -15 "$out/tests.log"
+  shipped_rows 170
   tests=""
 elif [ "$call" = call21 ]; then
   timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode_gpu.py \

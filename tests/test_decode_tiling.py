@@ -1,6 +1,7 @@
-"""Issue 19's kernel options against the torch reference: the all-heads scoring launch (SPARROW_SCORE_HEADS=1) and
-the decode split / tile settings (SPARROW_DECODE_WAVES, SPARROW_DECODE_BLOCK_PAGES). GPU (`-m gpu`); the scoring test
-also on the CPU Triton interpreter with SPARROW_TRITON_INTERPRET=1 (as tests/test_kernels_gpu.py)."""
+"""Issue 19's kernel options against the torch reference: the all-heads scoring launch (the engine's default;
+SPARROW_SCORE_HEADS=0 opts out) and the decode split / tile settings (SPARROW_DECODE_WAVES, SPARROW_DECODE_BLOCK_PAGES).
+GPU (`-m gpu`); the scoring test also on the CPU Triton interpreter with SPARROW_TRITON_INTERPRET=1 (as
+tests/test_kernels_gpu.py)."""
 
 from __future__ import annotations
 
@@ -106,6 +107,20 @@ def test_decode_pipeline_settings_write_the_same_bits(monkeypatch):
             assert torch.equal(triton_attend_pages(q, k, v, block_table, seq_lens, pages, counts, cfg), base)
     monkeypatch.setenv(DECODE_WARPS_ENV, "8")  # another thread layout may sum in another order: close, not equal
     assert rel_err(triton_attend_pages(q, k, v, block_table, seq_lens, pages, counts, cfg), ref) < 2e-2
+
+
+@needs_triton
+def test_all_heads_scoring_is_the_engine_default(monkeypatch):
+    from sparrow_sgl.attention.kernels.triton_score_heads import HEADS_ENV, PAGES_ENV, all_heads_pages, use_all_heads
+
+    monkeypatch.delenv(HEADS_ENV, raising=False)
+    monkeypatch.delenv(PAGES_ENV, raising=False)
+    assert use_all_heads() and all_heads_pages() == 16
+    monkeypatch.setenv(HEADS_ENV, "0")
+    assert not use_all_heads()
+    monkeypatch.setenv(HEADS_ENV, "yes")
+    with pytest.raises(ValueError, match=HEADS_ENV):
+        use_all_heads()
 
 
 @needs_triton
