@@ -65,6 +65,9 @@ PRESET_SEP = "@"  # "sparse-triton@0.80": the variant under the model's 0.80 pre
 # "centroid" scorer). Opt-ins (the "centroid-bf16" scorer, which scores a bf16 centroid copy) are timed beside it but
 # never stand for the engine, so the cost model predicts what a user runs (bench/results/NOTES.md, session 13).
 SHIPPED_SPARSE = "sparse-triton"
+# The engine running a "centroid-bf16" schedule: its rows are that scorer's cost-model input (`decode_step` rows
+# tagged with the scorer; `MeasuredCost` keeps one scorer's sparse rows).
+SHIPPED_BF16_SCORER = "sparse-triton-bf16c"
 
 
 def with_scorer(schedule: Schedule, bf16c: bool) -> Schedule:
@@ -390,6 +393,7 @@ def measure_group(variants, *, name, base, batch, tokens, block_tables, sparsity
                           "fused_ops": not vname.endswith(UNFUSED),
                           "schedule": schedule.name, "dense_backend": runner.dense_backend,
                           "sparse_backend": None if schedule.is_dense else runner.sparse_backend,
+                          "scorer": None if schedule.is_dense else schedule.scorer,
                           "centroids": "bf16" if bf16c else "float32-sum"} | m
             row |= {"tokens_per_s": round(batch / (m["step_ms"] / 1e3), 1), "bytes_gb": round(nbytes / 1e9, 4),
                     "floor_ms": round(nbytes / (bw * 1e9) * 1e3, 4)}
@@ -407,8 +411,9 @@ def measure_group(variants, *, name, base, batch, tokens, block_tables, sparsity
 def summarize(name, rows, preset, dense, batch, max_context, limit, base, what_if=False) -> list[dict]:
     """Per-context speedups vs the best dense variant, rollout speedups, and the kind of each step row.
 
-    The fastest dense variant (the baseline) and the shipped sparse one (the fastest other than a what-if where the
-    shipped one was not timed) become `decode_step` rows (the cost model's input); the others, and every what-if row
+    The fastest dense variant (the baseline), the shipped sparse one (the fastest other than a what-if where the
+    shipped one was not timed) and the engine under the "centroid-bf16" scorer (`SHIPPED_BF16_SCORER`) become
+    `decode_step` rows (the cost model's input, told apart by their `scorer`); the others, and every what-if row
     (e.g. the unfused baseline), `decode_step_variant`."""
     by_variant: dict[str, list[dict]] = {}
     for r in rows:
@@ -421,8 +426,10 @@ def summarize(name, rows, preset, dense, batch, max_context, limit, base, what_i
     shipped = [v for v in sparse_names if is_shipped(v)]
     best_sparse = shipped[0] if shipped else min((v for v in sparse_names if not is_what_if(v)), key=totals.get)
     dense_at = {r["context"]: r for r in by_variant[best_dense]}
+    cost_rows = {best_dense, best_sparse} | {v for v in sparse_names if base_variant(v) == SHIPPED_BF16_SCORER
+                                             and not v.endswith(UNFUSED)}
     for r in rows:
-        if what_if or r["variant"] not in (best_dense, best_sparse):
+        if what_if or r["variant"] not in cost_rows:
             r["kind"] = "decode_step_variant"
         if r["variant"].startswith("sparse"):
             d = dense_at[r["context"]]
@@ -449,12 +456,13 @@ def summarize(name, rows, preset, dense, batch, max_context, limit, base, what_i
 def append_rows(path: Path, rows: list[dict], supersede: bool = False) -> None:
     """Extend the flat JSON list at `path` (what `costmodel.load_decode_rows` reads).
 
-    supersede: earlier `decode_step` rows of the same model, GPU and batch as `rows` become
-    `decode_step_superseded` (kept, but no longer averaged into the measured cost model, which should time the
-    engine as it ships now); rows of other GPUs or batches stay the cost model's input."""
+    supersede: earlier `decode_step` rows of the same model, GPU, batch and kind (dense, or sparse of one scorer) as
+    `rows` become `decode_step_superseded` (kept, but no longer averaged into the measured cost model, which should
+    time the engine as it ships now); rows of other GPUs, batches or scorers stay the cost model's input."""
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(path.read_text()) if path.is_file() else []
-    key = lambda r: (r.get("model"), r.get("gpu"), r.get("batch"))
+    key = lambda r: (r.get("model"), r.get("gpu"), r.get("batch"),
+                     "dense" if r.get("budget") is None else r.get("scorer") or "centroid")
     fresh = {key(r) for r in rows if r.get("kind") == "decode_step"} if supersede else set()
     for r in existing:
         if r.get("kind") == "decode_step" and key(r) in fresh:

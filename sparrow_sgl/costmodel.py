@@ -266,6 +266,7 @@ class DecodeRow:
     budget: int | None
     step_ms: float
     gpu: str = ""
+    scorer: str = "centroid"  # the page scorer of a sparse row (rows written before session 14: the float32 one)
 
 
 def load_decode_rows(paths: str | Path | Iterable[str | Path]) -> list[DecodeRow]:
@@ -289,6 +290,7 @@ def load_decode_rows(paths: str | Path | Iterable[str | Path]) -> list[DecodeRow
                         budget=None if budget is None else int(budget),
                         step_ms=float(obj["step_ms"]),
                         gpu=str(obj.get("gpu", "")),
+                        scorer=str(obj.get("scorer") or "centroid"),
                     )
                 )
             except (KeyError, TypeError, ValueError) as e:
@@ -320,21 +322,28 @@ def _json_objects(path: Path) -> list[dict]:
 
 
 class MeasuredCost(CostModel):
-    """Per-step decode time interpolated from benchmark rows of one model (and GPU)."""
+    """Per-step decode time interpolated from benchmark rows of one model (and GPU): dense rows, and the sparse rows
+    of one page scorer (a schedule's `scorer`: "centroid-bf16" steps read half the scoring bytes)."""
 
-    def __init__(self, rows: Sequence[DecodeRow], model: str | None = None, gpu: str | None = None):
+    def __init__(self, rows: Sequence[DecodeRow], model: str | None = None, gpu: str | None = None,
+                 scorer: str = "centroid"):
         if model:
             rows = [r for r in rows if r.model == model]
         if gpu:
             rows = [r for r in rows if gpu.lower() in r.gpu.lower()]
         if not rows:
             raise ConfigError(f"no decode_step rows for model={model!r} gpu={gpu!r}")
-        self.rows = list(rows)
+        scorers = sorted({r.scorer for r in rows if r.budget is not None})
+        if scorers and scorer not in scorers:
+            raise ConfigError(f"no sparse decode_step rows with scorer {scorer!r} for model={model!r} gpu={gpu!r}; "
+                              f"measured: {scorers}")
+        self.rows = [r for r in rows if r.budget is None or r.scorer == scorer]
         self.batches = sorted({r.batch for r in self.rows})
 
     @classmethod
-    def from_json(cls, paths, model: str | None = None, gpu: str | None = None) -> MeasuredCost:
-        return cls(load_decode_rows(paths), model=model, gpu=gpu)
+    def from_json(cls, paths, model: str | None = None, gpu: str | None = None,
+                  scorer: str = "centroid") -> MeasuredCost:
+        return cls(load_decode_rows(paths), model=model, gpu=gpu, scorer=scorer)
 
     def nearest_batch(self, batch: int) -> int:
         return min(self.batches, key=lambda b: (abs(math.log(b / batch)), b))
@@ -452,15 +461,17 @@ def make_cost_model(
     gpu: str | None = None,
     kernels: str | Path | Sequence[str | Path] | None = None,
     summary_bytes: int = 2,
+    scorer: str = "centroid",
 ) -> CostModel:
-    """Measured decode steps, else measured attention kernels + analytic linear layers, else purely analytic."""
+    """Measured decode steps (the sparse ones of `scorer`), else measured attention kernels + analytic linear layers,
+    else purely analytic."""
     if kernels:
         if model is None:
             raise ConfigError("the kernel-measured cost model needs a model shape: a Qwen3 name or a model dir")
         return KernelCost.from_json(model, kernels, hardware, gpu)
     if measured:
         name = model if isinstance(model, str) else (model.name if model else None)
-        return MeasuredCost.from_json(measured, model=name, gpu=gpu)
+        return MeasuredCost.from_json(measured, model=name, gpu=gpu, scorer=scorer)
     if model is None:
         raise ConfigError("the analytic cost model needs a model: a Qwen3 shape name or a model dir")
     return AnalyticCost(model, hardware, summary_bytes=summary_bytes)

@@ -274,7 +274,8 @@ def _cost_model(schedule: Schedule, args):
 
     model = args.model or schedule.model or None
     try:
-        return make_cost_model(model, args.hardware, args.measured, args.gpu, args.kernels, args.summary_bytes)
+        return make_cost_model(model, args.hardware, args.measured, args.gpu, args.kernels, args.summary_bytes,
+                               scorer=schedule.scorer)
     except ConfigError as e:
         if args.model or args.measured or args.kernels:
             raise

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bench.decode_e2e import append_rows, check_variants, interp_extrapolate, main, rollout_seconds, summarize
-from sparrow_sgl.config import Schedule
+from sparrow_sgl.config import ConfigError, Schedule
 from sparrow_sgl.costmodel import MeasuredCost, load_decode_rows
 from sparrow_sgl.schedule import load_preset
 
@@ -75,6 +75,30 @@ def test_committed_gpu_results_load_into_the_measured_cost_model():
         assert 1.0 < speedup < 10.0, (model, speedup)
 
 
+def test_the_measured_cost_model_reads_the_rows_of_the_schedules_scorer():
+    """H200 rows of both scorers are committed: "centroid-bf16" steps are faster, so its predicted speedup is larger;
+    a scorer with no sparse rows is a clear error naming the measured ones."""
+    for model in ("qwen3-1.7b", "qwen3-4b", "qwen3-8b"):
+        preset = load_preset(f"{model}-0.86")
+        fp32 = MeasuredCost.from_json(RESULTS, model=model, gpu="H200")
+        bf16 = MeasuredCost.from_json(RESULTS, model=model, gpu="H200", scorer="centroid-bf16")
+        assert {r.scorer for r in bf16.rows if r.budget is not None} == {"centroid-bf16"}
+        assert bf16.speedup(preset, [32768], 25) > fp32.speedup(preset, [32768], 25) > 1.0
+        with pytest.raises(ConfigError, match="no sparse decode_step rows with scorer 'quest'.*measured"):
+            MeasuredCost.from_json(RESULTS, model=model, gpu="H200", scorer="quest")
+
+
+def test_superseding_keeps_the_other_scorers_rows(tmp_path):
+    path = tmp_path / "rows.json"
+    row = {"kind": "decode_step", "model": "m", "gpu": "g", "batch": 4, "context": 1024, "step_ms": 1.0}
+    old = [row | {"budget": None}, row | {"budget": 512, "scorer": "centroid"},
+           row | {"budget": 512, "scorer": "centroid-bf16"}]
+    append_rows(path, old)
+    append_rows(path, [row | {"budget": 512, "scorer": "centroid-bf16", "step_ms": 0.9}], supersede=True)
+    kinds = [r["kind"] for r in json.loads(path.read_text())]
+    assert kinds == ["decode_step", "decode_step", "decode_step_superseded", "decode_step"]
+
+
 @pytest.mark.parametrize("variants, message", [
     ("sparse-triton-bf16c", "need a dense baseline"),
     ("dense-triton,sparse-triton-bf16c+fidense", "what-if variants"),
@@ -96,7 +120,9 @@ def test_the_shipped_sparse_variant_stands_for_the_engine_even_when_an_opt_in_is
         rows.append(r | {"variant": "sparse-triton-bf16c", "step_ms": r["step_ms"] - 0.5})
     dense = Schedule.dense(bin_tokens=preset.bin_tokens)
     summary = summarize("qwen3-1.7b", rows, preset, dense, 4, 32768, limit=3.0, base={"model": "qwen3-1.7b"})
-    assert {r["variant"] for r in rows if r["kind"] == "decode_step"} == {"dense-fi", "sparse-triton"}
+    # the bf16-centroid engine's rows are the cost model's rows for the "centroid-bf16" scorer, not the shipped ones
+    assert {r["variant"] for r in rows if r["kind"] == "decode_step"} == {"dense-fi", "sparse-triton",
+                                                                          "sparse-triton-bf16c"}
     assert [s["variant"] for s in summary if s["best"]] == ["sparse-triton"]
     by = {s["variant"]: s["rollout_speedup"] for s in summary}
     assert by["sparse-triton-bf16c"] > by["sparse-triton"]  # reported beside it, not as the engine

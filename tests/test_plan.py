@@ -1,5 +1,7 @@
+import dataclasses
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,6 +133,24 @@ def test_cli_explains_a_paper_preset(capsys):
     assert "38000-40000" in text and "8192 (512p)" in text
     assert "predicted rollout speedup vs dense" in text and "bytes limit" in text
     assert main(["plan"]) == 2  # neither a table nor a preset: a clear error, no traceback
+
+
+def test_cli_measured_prediction_follows_the_schedules_scorer(tmp_path, capsys):
+    """`--measured` reads the sparse rows of the schedule's own scorer: the bf16-centroid copy of a preset, timed
+    faster on the H200, predicts a larger speedup than the preset itself."""
+    from sparrow_sgl.schedule import load_preset
+
+    results = Path(__file__).resolve().parents[1] / "bench" / "results" / "decode_e2e.json"
+    bf16 = tmp_path / "bf16.json"
+    dataclasses.replace(load_preset("qwen3-4b-0.86"), scorer="centroid-bf16").save(bf16)
+
+    def predicted(preset: str) -> float:
+        assert main(["plan", "--preset", preset, "--measured", str(results), "--gpu", "H200", "--batch", "25",
+                     "--lengths", "32768"]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("predicted rollout speedup"))
+        return float(line.split(":")[1].split("x")[0])
+
+    assert predicted(str(bf16)) > predicted("qwen3-4b-0.86") > 1.0
 
 
 def test_cli_drain_predicts_less_than_a_steady_batch(capsys):
