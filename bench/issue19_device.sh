@@ -67,6 +67,18 @@ ab_run() {  # ab_run SECONDS SETTINGS NAME: decode_e2e A/B of env settings over 
     --results-dir "/tmp/$3" 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
   cp "/tmp/$3/decode_e2e.json" "$out/decode_e2e_ab.json"
 }
+gpu_suite() {  # gpu_suite SECONDS: the whole GPU test suite, its full log -> $out/tests.log
+  timeout "$1" python3 -m pytest -q -m gpu -p no:cacheprovider tests > "$out/tests.log" 2>&1
+  tail -15 "$out/tests.log"
+}
+ab_shipped() {  # ab_shipped SECONDS SETTINGS NAME: A/B of env settings over the shipped sparse variant -> $out
+  # (its base as in session 14's calls 22-23: the per-head scoring launch, the default until call23)
+  SPARROW_SCORE_HEADS=0 timeout "$1" python3 -m bench.decode_e2e --models $models --contexts $contexts \
+    --presets 0.86,0.80 --variants dense-triton,sparse-triton --env-variants "$2" \
+    --env-base sparse-triton,sparse-triton@0.80 --unfused '' --wall-reps 0 --results-dir "/tmp/$3" 2>&1 \
+    | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
+  cp "/tmp/$3/decode_e2e.json" "$out/decode_e2e_ab.json"
+}
 # call20's run: the shipped variants and the bf16-centroid one in one process, --profile --drain (committed rows)
 shipped_rows() {
   timeout "$1" python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
@@ -143,8 +155,7 @@ elif [ "$call" = call11 ]; then
   ab_run 330 "$dw8,+dw8b8=SPARROW_DECODE_WARPS=8;SPARROW_DECODE_BLOCK_PAGES=8" ab11
   tests=""
 elif [ "$call" = call19 ]; then
-  timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests > "$out/tests.log" 2>&1
-  tail -15 "$out/tests.log"
+  gpu_suite 420
   tests=""
 elif [ "$call" = call20 ]; then
   shipped_rows 420
@@ -152,27 +163,18 @@ elif [ "$call" = call20 ]; then
 elif [ "$call" = call22 ]; then
   # the scoring tile for the shipped float32 key sums (every earlier tile sweep ran on the bf16 copy)
   settings="+t64=SPARROW_SCORE_TILE=128x64x4,+t32=SPARROW_SCORE_TILE=128x32x4,+t128w8=SPARROW_SCORE_TILE=128x128x8"
-  settings="$settings,+t64p=SPARROW_SCORE_TILE=64x64x4,+sh32=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=32"
-  timeout 400 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
-    --variants dense-triton,sparse-triton --env-variants "$settings" --env-base sparse-triton,sparse-triton@0.80 \
-    --unfused '' --wall-reps 0 --results-dir /tmp/ab22 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
-  cp /tmp/ab22/decode_e2e.json "$out/decode_e2e_ab.json"
+  ab_shipped 400 "$settings,+t64p=SPARROW_SCORE_TILE=64x64x4,+sh32=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=32" ab22
   tests=""
 elif [ "$call" = call23 ]; then
   # call22's winner (all-heads scoring, 32 pages per program) at 8 / 16 / 32 / 64 pages per program
   settings="+sh8=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=8,+sh16=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=16"
   settings="$settings,+sh32=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=32"
-  settings="$settings,+sh64=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=64"
-  timeout 300 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
-    --variants dense-triton,sparse-triton --env-variants "$settings" --env-base sparse-triton,sparse-triton@0.80 \
-    --unfused '' --wall-reps 0 --results-dir /tmp/ab23 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
-  cp /tmp/ab23/decode_e2e.json "$out/decode_e2e_ab.json"
+  ab_shipped 300 "$settings,+sh64=SPARROW_SCORE_HEADS=1;SPARROW_SCORE_HEADS_PAGES=64" ab23
   tests=""
 elif [ "$call" = call24 ]; then
   # the final tree of session 14 (all-heads scoring at 16 pages per program by default): the whole GPU suite, then
   # call20's run -> the committed rows
-  timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests > "$out/tests.log" 2>&1
-  tail -15 "$out/tests.log"
+  gpu_suite 400
   shipped_rows 170
   tests=""
 elif [ "$call" = call21 ]; then

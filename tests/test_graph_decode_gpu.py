@@ -68,6 +68,13 @@ def test_no_gpu_decoder_on_cpu(tiny_model_dir):
     assert make_gpu_decoder(engine.model, engine.device) is None and engine.runner.gpu_decoder() is None
 
 
+def test_the_removed_bf16_centroid_switch_names_its_replacement(tiny_model_dir, monkeypatch):
+    engine = Engine(EngineConfig(model=str(tiny_model_dir), num_kv_pages=64, page_size=4))
+    monkeypatch.setenv("SPARROW_BF16_CENTROIDS", "1")
+    with pytest.raises(ValueError, match="scorer='centroid-bf16'"):
+        make_gpu_decoder(engine.model, engine.device)
+
+
 # ---------------------------------------------------------------- the fused append kernel (GPU or interpreter)
 
 @pytest.mark.parametrize("device", [

@@ -542,6 +542,9 @@ class GraphDecodeRunner:
 
 def make_gpu_decoder(model, device: torch.device) -> GraphDecodeRunner | None:
     """The engine's GPU decode runner, or None where it does not apply (CPU, `off`, no Triton, odd head_dim)."""
+    if os.environ.get(REMOVED_CENTROID_ENV, "").strip() not in ("", "0"):
+        raise ValueError(f"{REMOVED_CENTROID_ENV} is gone: give the schedule (or EngineConfig) scorer='centroid-bf16' "
+                         "instead, which the torch reference, calibration and SGLang honour too")
     if device.type != "cuda" or decode_mode() == "off" or not dispatch.installed("triton"):
         return None
     if os.environ.get(dispatch.ENV_VAR, "").strip().lower() == "torch":
@@ -549,7 +552,4 @@ def make_gpu_decoder(model, device: torch.device) -> GraphDecodeRunner | None:
     head_dim = model.attention_layers[0].head_dim
     if head_dim & (head_dim - 1) or head_dim < 16:
         return None
-    if os.environ.get(REMOVED_CENTROID_ENV, "").strip() not in ("", "0"):
-        raise ValueError(f"{REMOVED_CENTROID_ENV} is gone: give the schedule (or EngineConfig) scorer='centroid-bf16' "
-                         "instead, which the torch reference, calibration and SGLang honour too")
     return GraphDecodeRunner(model, device, use_graphs=decode_mode() == "graph")

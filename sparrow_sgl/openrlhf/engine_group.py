@@ -14,9 +14,20 @@ from sparrow_sgl.config import Schedule
 from sparrow_sgl.schedule import resolve_schedule, with_bin_width
 
 
+def engine_name(index: int) -> str:
+    """The Ray actor name of rollout engine `index` (factory.create_engines names them)."""
+    return f"sparrow-engine-{index}"
+
+
+def engine_handles(num_engines: int) -> list:
+    """The engine actors of this job, from any of its actors (the experience maker has no handles of its own)."""
+    import ray
+
+    return [ray.get_actor(engine_name(i)) for i in range(num_engines)]
+
+
 def call_all(num_engines: int, method: str, *args, timeout_s: float) -> list:
     """`method(*args)` on every engine (found by name), each answer awaited at most `timeout_s` (SyncError)."""
-    from sparrow_sgl.openrlhf.factory import engine_handles
     from sparrow_sgl.openrlhf.weight_sync import wait
 
     refs = [getattr(h, method).remote(*args) for h in engine_handles(num_engines)]
@@ -31,8 +42,6 @@ class EngineGroup:
         self._adapter: str | None = None
 
     def _handles(self) -> list:
-        from sparrow_sgl.openrlhf.factory import engine_handles
-
         return engine_handles(self.num_engines)
 
     def _all(self, method: str, *args) -> list:

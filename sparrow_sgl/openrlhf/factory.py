@@ -9,6 +9,7 @@ import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from sparrow_sgl.openrlhf.engine_group import engine_name
 from sparrow_sgl.openrlhf.flags import SGLangFlags, SparrowFlags, to_dict
 
 
@@ -22,15 +23,6 @@ class DriverConfig:
 
 
 _config: DriverConfig | None = None
-
-
-def engine_name(index: int) -> str:
-    return f"sparrow-engine-{index}"
-
-
-def engine_handles(num_engines: int) -> list:
-    """The engine actors of this job, from any of its actors (the experience maker has no handles of its own)."""
-    return [ray.get_actor(engine_name(i)) for i in range(num_engines)]
 
 
 def configure(sparrow: SparrowFlags, sgl: SGLangFlags, out_dir: str, load_enable: bool = False,

@@ -25,7 +25,8 @@ import torch
 from sparrow_sgl.openrlhf import batcher as batching
 from sparrow_sgl.openrlhf.batcher import Batcher
 from sparrow_sgl.openrlhf.flags import SGLangFlags, SparrowFlags
-from sparrow_sgl.openrlhf.tails import TOPK_KEY  # response-dict key carrying [ids, logprobs] per generated token
+
+TOPK_KEY = "sparrow_topk"  # response-dict key carrying [ids, logprobs] per generated token (read by tails.py)
 
 
 # -- vLLM's RequestOutput, as far as OpenRLHF reads it (agent.py:245-262) ------------------------------------------
@@ -79,10 +80,13 @@ class SparrowRolloutActor:
                  max_model_len: int | None, out_dir: str, agent_func_path: str | None = None,
                  remote_rm_url=None, enable_sleep: bool = False, schedule: dict | None = None,
                  gpu_memory_utilization: float | None = None, batch_samples: tuple[int, int] = (0, 0)) -> None:
+        from sparrow_sgl.openrlhf import shims
         from sparrow_sgl.openrlhf.flags import from_dicts
-        from sparrow_sgl.openrlhf.patches import apply_worker
 
-        apply_worker()
+        # The worker patches reach this process through Ray's worker_process_setup_hook (train_ppo_ray); an actor
+        # started without that hook needs only the import shims for OpenRLHF's executor (the other patches are the
+        # trainer's and the experience maker's).
+        shims.install()
         self.index = index
         self.sparrow, self.sgl = from_dicts(sparrow, sglang)
         self.events = Path(out_dir) / f"engine_{index}.jsonl"

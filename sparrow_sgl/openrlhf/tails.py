@@ -24,8 +24,8 @@ import logging
 import torch
 
 from sparrow_sgl.mismatch import BinStat, acceptance_rate_vs_dense_topk, min_tail, tail_by_bin
+from sparrow_sgl.openrlhf.rollout_actor import TOPK_KEY
 
-TOPK_KEY = "sparrow_topk"
 log = logging.getLogger(__name__)
 
 
