@@ -21,6 +21,8 @@ from sparrow_sgl.engine.kv_cache import bytes_per_page
 
 def test_centroid_engine_keeps_no_minmax_and_fits_more_pages(tiny_model_dir):
     assert bytes_per_page(4, 2, 16, 16, torch.bfloat16, minmax=False) < bytes_per_page(4, 2, 16, 16, torch.bfloat16)
+    with_copy = bytes_per_page(4, 2, 16, 16, torch.bfloat16, minmax=False, centroid_copy=True)
+    assert with_copy - bytes_per_page(4, 2, 16, 16, torch.bfloat16, minmax=False) == 4 * 2 * 16 * 2  # bf16 centroids
     centroid = make_engine(tiny_model_dir, num_kv_pages=None, kv_gb=0.001)
     quest = make_engine(tiny_model_dir, num_kv_pages=None, kv_gb=0.001, scorer="quest")
     assert centroid.kv_cache.num_pages > quest.kv_cache.num_pages

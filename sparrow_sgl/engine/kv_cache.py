@@ -12,12 +12,14 @@ _SUMMARY_FIELDS = ("key_sum", "count", "key_min", "key_max")
 
 
 def bytes_per_page(
-    num_layers: int, kv_heads: int, page_size: int, head_dim: int, dtype: torch.dtype, minmax: bool = True
+    num_layers: int, kv_heads: int, page_size: int, head_dim: int, dtype: torch.dtype, minmax: bool = True,
+    centroid_copy: bool = False,
 ) -> int:
     """Bytes one page takes over all layers: K and V plus the float32 summaries (sum and count; min and max only
-    with `minmax`, i.e. for the quest scorer)."""
+    with `minmax`, i.e. for the quest scorer), plus the GPU decoder's bf16 centroid copy with `centroid_copy` (the
+    centroid-bf16 scorer)."""
     kv = 2 * kv_heads * page_size * head_dim * dtype.itemsize
-    summaries = (3 if minmax else 1) * kv_heads * head_dim * 4 + 4
+    summaries = (3 if minmax else 1) * kv_heads * head_dim * 4 + 4 + (kv_heads * head_dim * 2 if centroid_copy else 0)
     return num_layers * (kv + summaries)
 
 
