@@ -10,8 +10,9 @@ with SPARROW_FUSED_OPS=0 (the unfused torch elementwise ops of the phase-2 engin
 Step times are integrated over a rollout whose sequences grow from 1 to `--max-context` tokens -> rollout speedup,
 printed next to the bytes-limit speedup of the cost model (weights + KV + summaries) and their ratio. Rows go to
 `bench/results/decode_e2e.json` (a flat JSON list) in the cost model's `decode_step` format (the fastest dense
-variant, the baseline, and the sparse variant the engine ships, `SHIPPED_SPARSE`; earlier `decode_step` rows of the
-same model become `decode_step_superseded`), plus one `decode_rollout` summary row per model and variant.
+variant, the baseline, the sparse variant the engine ships, `SHIPPED_SPARSE`, and the engine under the centroid-bf16
+scorer, each sparse row tagged with its `scorer`; earlier `decode_step` rows of the same model, GPU, batch and scorer
+become `decode_step_superseded`), plus one `decode_rollout` summary row per model and variant.
 
     python -m bench.decode_e2e                                  # 1.7B, 4B, 8B, contexts 1K..32K
     python -m bench.decode_e2e --models qwen3-1.7b --contexts 2k,16k,32k --reps 5

@@ -443,7 +443,7 @@ class GraphDecodeRunner:
                 centroid.copy_(s.centroid())
             else:
                 p = pages.to(device=centroid.device, dtype=torch.long)
-                centroid[p] = (s.key_sum[p] / s.count[p].clamp(min=1)[:, None, None].float()).to(centroid.dtype)
+                centroid[p] = s.centroid(p).to(centroid.dtype)
 
     @torch.inference_mode()
     def decode(self, token_ids, positions, block_tables, schedule: Schedule, sparsity: SparsityConfig,

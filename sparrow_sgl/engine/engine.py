@@ -119,7 +119,7 @@ class Engine:
         shape = (hf.num_hidden_layers, hf.num_key_value_heads, cfg.page_size, head_dim)
         minmax = cfg.scorer == "quest"  # centroid engines keep no min/max summaries: more pages fit
         # a centroid-bf16 engine's GPU decoder keeps a bf16 centroid copy beside the pool: planned with it
-        page_bytes = bytes_per_page(*shape, self.dtype, minmax=minmax, centroid_copy=cfg.scorer == "centroid-bf16")
+        page_bytes = bytes_per_page(*shape, self.dtype, minmax=minmax, centroid_copy=cfg.sparsity().bf16_centroids)
         num_pages = num_pages or plan_num_pages(cfg, page_bytes)
         cache = KVCache(
             hf.num_hidden_layers, num_pages, hf.num_key_value_heads, cfg.page_size, head_dim, self.dtype, self.device,
