@@ -40,6 +40,8 @@
 #   call22: scoring tiles (SPARROW_SCORE_TILE, all-heads) on the shipped float32 key sums, A/B vs the shipped default
 #   call23: all-heads scoring of the float32 sums at 8 / 16 / 32 / 64 pages per program (16 adopted)
 #   call24: the whole GPU suite on session 14's final tree, then call20's run (the committed rows)
+#   call25 (session 15): the bf16 prefilter's GPU tests (exact selection with the bf16 copy), then its A/B against
+#          the shipped defaults (SPARROW_SCORE_PREFILTER=1) with the kernel profile at 2K / 32K
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -78,6 +80,14 @@ ab_shipped() {  # ab_shipped SECONDS SETTINGS NAME: A/B of env settings over the
     --env-base sparse-triton,sparse-triton@0.80 --unfused '' --wall-reps 0 --results-dir "/tmp/$3" 2>&1 \
     | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
   cp "/tmp/$3/decode_e2e.json" "$out/decode_e2e_ab.json"
+}
+ab_profiled() {  # ab_profiled SECONDS SETTINGS NAME: A/B of env settings over the shipped defaults, profiled -> $out
+  timeout "$1" python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton --env-variants "$2" --env-base sparse-triton,sparse-triton@0.80 \
+    --unfused '' --wall-reps 0 --profile --profile-variants sparse-triton --profile-contexts 2k,16k,32k \
+    --results-dir "/tmp/$3" 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
+  cp "/tmp/$3/decode_e2e.json" "$out/decode_e2e_ab.json"
+  cp "/tmp/$3/decode_profile.json" "$out/decode_profile_ab.json"
 }
 # call20's run: the shipped variants and the bf16-centroid one in one process, --profile --drain (committed rows)
 shipped_rows() {
@@ -176,6 +186,12 @@ elif [ "$call" = call24 ]; then
   # call20's run -> the committed rows
   gpu_suite 400
   shipped_rows 170
+  tests=""
+elif [ "$call" = call25 ]; then
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_prefilter_select.py \
+    tests/test_graph_decode_gpu.py tests/test_decode_tiling.py tests/test_kernels_gpu.py > "$out/tests.log" 2>&1
+  tail -15 "$out/tests.log"
+  ab_profiled 360 "+pf=SPARROW_SCORE_PREFILTER=1,+pf32=SPARROW_SCORE_PREFILTER=1;SPARROW_SCORE_HEADS_PAGES=32" ab25
   tests=""
 elif [ "$call" = call21 ]; then
   timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode_gpu.py \
