@@ -287,7 +287,7 @@ def run_model(name: str, args, bw: float, info: dict) -> tuple[list[dict], list[
         if not fi:
             dense_be, sparse_be = "triton", "triton"
         r = GraphDecodeRunner(model, "cuda", dense_backend=dense_be, sparse_backend=sparse_be,
-                              one_launch_select=one_launch, centroid_copy=pool.centroids)
+                              one_launch_select=one_launch)
         r.centroids = pool.centroids if bf16c else None
         return r
 

@@ -40,8 +40,9 @@
 #   call22: scoring tiles (SPARROW_SCORE_TILE, all-heads) on the shipped float32 key sums, A/B vs the shipped default
 #   call23: all-heads scoring of the float32 sums at 8 / 16 / 32 / 64 pages per program (16 adopted)
 #   call24: the whole GPU suite on session 14's final tree, then call20's run (the committed rows)
-#   call25 (session 15): the bf16 prefilter's GPU tests (exact selection with the bf16 copy), then its A/B against
-#          the shipped defaults (SPARROW_SCORE_PREFILTER=1) with the kernel profile at 2K / 32K
+#   call25 (session 15; ran on commit 60f9677, the prefilter since removed): the bf16 prefilter's GPU tests (exact
+#          selection with the bf16 copy), then its A/B against the shipped defaults (SPARROW_SCORE_PREFILTER=1) with
+#          the kernel profile at 2K / 16K / 32K
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}

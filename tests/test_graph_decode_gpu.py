@@ -255,29 +255,3 @@ def test_select_launches_env_is_validated(monkeypatch):
         select_launches()
     monkeypatch.delenv("SPARROW_SELECT_LAUNCHES")
     assert select_launches() == 2
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_bf16_prefilter_decodes_what_the_float32_sums_decode(tiny_model_factory, monkeypatch, dtype):
-    """SPARROW_SCORE_PREFILTER=1 (the "centroid" scorer's pages narrowed by the bf16 copy, undecided ones rescored
-    from the float32 sums) selects the same pages: the same tokens and log-probs as the float32 scoring launch. The
-    engine keeps the copy (the reference's centroids rounded to bf16) from the first sparse step."""
-    model_dir = tiny_model_factory(head_dim=128)
-    prompts = random_prompts([120, 52, 300, 440], seed=11)
-    runs = {}
-    for prefilter in ("0", "1"):
-        monkeypatch.setenv("SPARROW_SCORE_PREFILTER", prefilter)
-        engine, runs[prefilter] = _generate(model_dir, monkeypatch, dtype, 16, _mixed_schedule(16), prompts, "graph",
-                                            max_new=48)
-        gpu = engine.runner.gpu_decoder()
-        assert (gpu.centroids is not None) == (prefilter == "1")
-        assert all((step.bounds is not None) == (prefilter == "1") for step in gpu.steps.values() if step.key.sparse)
-    for attn, centroid in zip(engine.model.attention_layers, gpu.centroids):
-        used = attn.summaries.count > 0
-        assert torch.equal(centroid[used], attn.summaries.centroid()[used].to(torch.bfloat16))
-    for got, want in zip(runs["1"], runs["0"]):
-        assert got.token_ids == want.token_ids
-        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-6, rtol=0)
-        assert got.meta["kv_tokens_mean"] == want.meta["kv_tokens_mean"]

@@ -39,7 +39,6 @@ REMOVED_CENTROID_ENV = "SPARROW_BF16_CENTROIDS"  # replaced by the "centroid-bf1
 SELECT_ENV = "SPARROW_SELECT_LAUNCHES"
 APPEND_ENV = "SPARROW_FUSED_APPEND"
 GRAPH_BATCHES_ENV = "SPARROW_GRAPH_BATCHES"
-PREFILTER_ENV = "SPARROW_SCORE_PREFILTER"
 # Powers of two. Finer sizes (steps of 8, as vLLM's and SGLang's lists) measured 4-5% slower sparse rollouts on an
 # H200 for 1.7B (34 -> 40 rows) and 8B (24 rows): the decode split plan (triton_decode.plan_splits) then puts just
 # over 8 programs per SM and a tail wave runs alone; idle padding rows exit at once (bench/results/NOTES.md, session 7)
@@ -60,22 +59,6 @@ def select_launches() -> int:
     if value not in ("1", "2"):
         raise ValueError(f"{SELECT_ENV}={value!r}: choose 1 (fused score + top-k) or 2 (two launches)")
     return int(value)
-
-
-def use_prefilter() -> bool:
-    """Whether the centroid scorer's pages are scored through the bf16 prefilter (`triton_prefilter`: the bf16
-    centroid copy with error bounds, the undecided pages rescored from the float32 sums; the same selection):
-    `SPARROW_SCORE_PREFILTER`, 1 or 0 (default 0)."""
-    text = os.environ.get(PREFILTER_ENV, "").strip() or "0"
-    if text not in ("0", "1"):
-        raise ValueError(f"{PREFILTER_ENV}={text!r}: choose 1 (bf16 prefilter, exact rescoring) or 0 (float32 sums)")
-    return text == "1"
-
-
-def keeps_centroid_copy(cfg: SparsityConfig) -> bool:
-    """Whether the GPU decoder keeps a bf16 centroid copy for this scorer: "centroid-bf16" scores it, and the
-    "centroid" scorer's bf16 prefilter narrows the float32 scoring with it."""
-    return cfg.bf16_centroids or (cfg.scorer == "centroid" and use_prefilter())
 
 
 def fused_append() -> bool:
@@ -178,11 +161,6 @@ class DecodeStep:
             self.pages = torch.zeros(bs, runner.kv_heads, key.k_cols, dtype=torch.int32, device=dev)
             self.scores = torch.zeros(bs, runner.kv_heads, width, dtype=torch.float32, device=dev)
             self.counters = torch.zeros(bs * runner.kv_heads, dtype=torch.int32, device=dev)  # per-row tickets
-        self.bounds = self.rescored = None
-        if key.sparse and runner.prefilters(cfg):
-            self.bounds = torch.zeros_like(self.scores)
-            self.rescored = torch.zeros(bs * runner.kv_heads * max(1 << (width - 1).bit_length(), 16),
-                                        dtype=torch.int32, device=dev)
         self.fi_dense = self.fi_sparse = None
         group = runner.q_heads // runner.kv_heads
         if runner.dense_backend == "flashinfer":
@@ -366,22 +344,14 @@ class DecodeStep:
                 return self.fi_dense.run(q, layer.k_cache, layer.v_cache)
             return triton_attend_pages(q, layer.k_cache, layer.v_cache, self.block_table, self.seq_lens,
                                        self.dense_pages, self.dense_counts, cfg, layer.scale)
-        csr = self.fi_sparse.csr if self.fi_sparse is not None else None
-        if self.bounds is not None:
-            from sparrow_sgl.attention.kernels.triton_prefilter import select_pages_prefiltered
-
-            select_pages_prefiltered(q, self.block_table, self.seq_lens, self.budget_pages, cfg, self.pages,
-                                     key_sum=summaries.key_sum, count=summaries.count, centroids=centroid,
-                                     scores=self.scores, bounds=self.bounds, rescored=self.rescored, csr=csr)
-        else:
-            use_centroid = centroid is not None and cfg.bf16_centroids
-            select_pages_into(
+        use_centroid = centroid is not None and cfg.bf16_centroids
+        select_pages_into(
             q, self.block_table, self.seq_lens, self.budget_pages, cfg, self.pages,
-                key_sum=centroid if use_centroid else summaries.key_sum,
-                count=None if use_centroid else summaries.count, key_min=summaries.key_min, key_max=summaries.key_max,
-                scores=self.scores, counters=self.counters, csr=csr, one_launch=self.runner.one_launch_select,
-                all_heads=use_all_heads(),
-            )
+            key_sum=centroid if use_centroid else summaries.key_sum, count=None if use_centroid else summaries.count,
+            key_min=summaries.key_min, key_max=summaries.key_max, scores=self.scores, counters=self.counters,
+            csr=self.fi_sparse.csr if self.fi_sparse is not None else None, one_launch=self.runner.one_launch_select,
+            all_heads=use_all_heads(),
+        )
         if self.fi_sparse is not None:
             return self.fi_sparse.run(q, layer.k_cache, layer.v_cache)
         return triton_attend_pages(q, layer.k_cache, layer.v_cache, self.block_table, self.seq_lens, self.pages,
@@ -419,7 +389,6 @@ class GraphDecodeRunner:
         sparse_backend: str | None = None,
         bf16_centroids: bool = False,
         one_launch_select: bool | None = None,
-        centroid_copy: list[torch.Tensor] | None = None,
     ) -> None:
         layers = model.attention_layers
         first = layers[0]
@@ -435,7 +404,6 @@ class GraphDecodeRunner:
         self.bin_tokens = torch.ones(1, dtype=torch.int32, device=self.device)
         self.host_table, self.host_bin_tokens = np.zeros(MAX_BINS, dtype=np.int32), 1
         self.centroids: list[torch.Tensor] | None = None
-        self._centroid_copy = centroid_copy  # preallocated bf16 copies (per layer) keep_bf16_centroids fills
         self.steps: dict[StepKey, DecodeStep] = {}
         if bf16_centroids:
             self.keep_bf16_centroids()
@@ -443,15 +411,6 @@ class GraphDecodeRunner:
         self._pool = None
         self._workspace: torch.Tensor | None = None
         self.captures, self.capture_s = 0, 0.0  # graphs captured by this runner, and the seconds that took
-
-    def prefilters(self, cfg: SparsityConfig) -> bool:
-        """Whether sparse steps of this scorer select through the bf16 prefilter (`use_prefilter`; the centroid
-        scorer's two-launch, all-heads path, power-of-two KV heads, head_dim <= 256)."""
-        from sparrow_sgl.attention.kernels.triton_score_heads import use_all_heads
-
-        shape_ok = not self.kv_heads & (self.kv_heads - 1) and self.head_dim <= 256
-        return (cfg.scorer == "centroid" and not self.one_launch_select and shape_ok and use_prefilter()
-                and use_all_heads())
 
     def workspace(self) -> torch.Tensor:
         from sparrow_sgl.attention.kernels.flashinfer_decode import WORKSPACE_BYTES
@@ -467,8 +426,8 @@ class GraphDecodeRunner:
         they are dropped and captured again."""
         if self.centroids is not None:
             return
-        self.centroids = self._centroid_copy or [torch.zeros_like(a.summaries.key_sum, dtype=torch.bfloat16)
-                                                 for a in self.model.attention_layers]
+        self.centroids = [torch.zeros_like(a.summaries.key_sum, dtype=torch.bfloat16)
+                          for a in self.model.attention_layers]
         self.refresh_centroids()
         self.steps.clear()
         self.last_step = None
@@ -525,7 +484,7 @@ class GraphDecodeRunner:
         if not schedule.is_dense:
             table, k_cols = budget_table(schedule, width)
             self._load_schedule(table, schedule.bin_tokens)
-        if not schedule.is_dense and (sparsity.bf16_centroids or self.prefilters(sparsity)):
+        if sparsity.bf16_centroids and not schedule.is_dense:
             self.keep_bf16_centroids()
         key = StepKey.of(n, width, k_cols, sparsity, topk)
         step = self.steps.get(key)

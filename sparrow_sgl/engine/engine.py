@@ -18,7 +18,6 @@ import torch
 
 from sparrow_sgl.config import ConfigError, EngineConfig, Schedule, SparsityConfig
 from sparrow_sgl.engine.block_manager import BlockManager
-from sparrow_sgl.engine.cuda_graph import keeps_centroid_copy
 from sparrow_sgl.engine.kv_cache import GIB, KVCache, bytes_per_page, plan_num_pages
 from sparrow_sgl.engine.loader import (
     eos_token_ids,
@@ -119,9 +118,8 @@ class Engine:
         head_dim = self.model.model.layers[0].self_attn.head_dim
         shape = (hf.num_hidden_layers, hf.num_key_value_heads, cfg.page_size, head_dim)
         minmax = cfg.scorer == "quest"  # centroid engines keep no min/max summaries: more pages fit
-        # the GPU decoder may keep a bf16 centroid copy beside the pool (centroid-bf16, or the bf16 prefilter)
-        copy = self.device.type == "cuda" and keeps_centroid_copy(cfg.sparsity())
-        page_bytes = bytes_per_page(*shape, self.dtype, minmax=minmax, centroid_copy=copy)
+        # a centroid-bf16 engine's GPU decoder keeps a bf16 centroid copy beside the pool: planned with it
+        page_bytes = bytes_per_page(*shape, self.dtype, minmax=minmax, centroid_copy=cfg.sparsity().bf16_centroids)
         num_pages = num_pages or plan_num_pages(cfg, page_bytes)
         cache = KVCache(
             hf.num_hidden_layers, num_pages, hf.num_key_value_heads, cfg.page_size, head_dim, self.dtype, self.device,

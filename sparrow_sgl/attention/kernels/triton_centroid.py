@@ -12,12 +12,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Scoring a page by its bf16 centroid c~ instead of the float32 centroid moves the score by at most
-# BF16_SCORE_BOUND * sum_d |q_d| |c~_d|: 2^-8 for the rounding to bf16 (relative to the rounded value), and 2^-13
-# covers the float32 division and both float32 dot products of up to MAX_BOUND_DIM terms (< 4e-5 together).
-BF16_SCORE_BOUND = 2.0**-8 + 2.0**-13
-MAX_BOUND_DIM = 256
-
 
 @triton.jit
 def page_mean(key_sum, count):

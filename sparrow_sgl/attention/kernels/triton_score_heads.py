@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparrow_sgl.attention.kernels.triton_centroid import BF16_SCORE_BOUND, MAX_BOUND_DIM, bf16_centroid
+from sparrow_sgl.attention.kernels.triton_centroid import bf16_centroid
 
 HEADS_ENV = "SPARROW_SCORE_HEADS"
 PAGES_ENV = "SPARROW_SCORE_HEADS_PAGES"  # pages per program of the all-heads launch (a power of two, 8-512)
@@ -53,10 +53,9 @@ def _score_heads_kernel(
     block_table_ptr, stride_btb,
     seq_lens_ptr,
     scores_ptr, stride_ob, stride_oh,
-    bounds_ptr,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     SINK: tl.constexpr, LOCAL: tl.constexpr, BLOCK_P: tl.constexpr, PAGES_PER_PROG: tl.constexpr,
-    DIVIDE: tl.constexpr, ROUND: tl.constexpr, BOUND: tl.constexpr, BOUND_REL: tl.constexpr,
+    DIVIDE: tl.constexpr, ROUND: tl.constexpr,
 ):
     b = tl.program_id(0)
     start = tl.program_id(1) * PAGES_PER_PROG
@@ -86,12 +85,8 @@ def _score_heads_kernel(
                 score = score / tl.maximum(count, 1).to(tl.float32)[:, None]
             forced = (idx < SINK) | (idx >= n_pages - LOCAL)
             score = tl.where(forced[:, None], float("inf"), score)
-            dst = b * stride_ob + h[None, :] * stride_oh + idx[:, None]
-            tl.store(scores_ptr + dst, score, mask=exists[:, None])
-            if BOUND:  # how far the float32 centroid's score can be from this bf16 centroid's (triton_centroid)
-                weight = tl.sum(tl.abs(summary) * tl.abs(q_mean)[None, :, :], 2)
-                bound = tl.where(forced[:, None], 0.0, weight * BOUND_REL + 1e-30)
-                tl.store(bounds_ptr + dst, bound, mask=exists[:, None])
+            dst = scores_ptr + b * stride_ob + h[None, :] * stride_oh + idx[:, None]
+            tl.store(dst, score, mask=exists[:, None])
 
 
 def score_pages_all_heads(
@@ -109,14 +104,11 @@ def score_pages_all_heads(
     block_p: int = 8,
     num_warps: int = 4,
     bf16: bool = False,
-    bounds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Centroid scores of every page into scores [batch, kv_heads, width] (graph-capturable, no allocation).
 
     key_sum: [pages, kv_heads, D] float32 sums (count given) or centroids in any float dtype (count None);
     bf16: the centroid-bf16 scorer (sums given: each centroid rounded to bf16 before scoring);
-    bounds: with a bf16 centroid copy as key_sum (count None), also write into this tensor (same shape and strides
-    as scores) how far each page's float32-centroid score can be from the score written (0 for sink/local pages);
     pages_per_prog None: `all_heads_pages()`."""
     batch, q_heads, head_dim = q.shape
     kv_heads = key_sum.shape[1]
@@ -126,10 +118,6 @@ def score_pages_all_heads(
         raise ValueError(f"kv_heads ({kv_heads}) and head_dim ({head_dim}) must be powers of two")
     if scores.shape[:2] != (batch, kv_heads) or scores.shape[2] < block_table.shape[1] or scores.stride(2) != 1:
         raise ValueError(f"scores must be [{batch}, {kv_heads}, >= {block_table.shape[1]}], got {tuple(scores.shape)}")
-    if bounds is not None and (count is not None or key_sum.dtype != torch.bfloat16 or head_dim > MAX_BOUND_DIM
-                               or bounds.shape != scores.shape or bounds.stride() != scores.stride()):
-        raise ValueError("bounds need a bf16 centroid copy (count None, head_dim <= "
-                         f"{MAX_BOUND_DIM}) and a tensor laid out like scores")
     width = block_table.shape[1]
     pages_per_prog = min(pages_per_prog or all_heads_pages(), max(triton.next_power_of_2(width), 16))
     block_p = min(block_p, pages_per_prog)
@@ -140,10 +128,9 @@ def score_pages_all_heads(
         block_table, block_table.stride(0),
         seq_lens,
         scores, scores.stride(0), scores.stride(1),
-        bounds if bounds is not None else scores,
         KV_HEADS=kv_heads, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim, PAGE=page_size, SINK=sink_pages,
         LOCAL=local_pages, BLOCK_P=block_p, PAGES_PER_PROG=pages_per_prog, DIVIDE=count is not None,
-        ROUND=bf16 and count is not None, BOUND=bounds is not None, BOUND_REL=BF16_SCORE_BOUND,
+        ROUND=bf16 and count is not None,
         num_warps=num_warps,
     )
     return scores

@@ -97,13 +97,6 @@ def _order_key(score):
 
 
 @triton.jit
-def _key_value(key):
-    """The float32 whose `_order_key` is key (any key between two floats' keys maps between them)."""
-    bits = tl.where((key >> 31) == 1, key ^ 0x80000000, key ^ 0xFFFFFFFF)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _load_keys(score_row, idx, n_pages):
     exists = idx < n_pages
     # .cg: read at L2, where the other programs of the row stored their scores
@@ -327,28 +320,18 @@ def _topk_pages_kernel(
     score = tl.load(scores_ptr + b * stride_sb + h * stride_sh + idx, mask=exists, other=0.0)
     key = tl.where(exists, _order_key(score), 0)
     thresh = _kth_largest_key(key, exists, k, BITS, EARLY_EXIT)
-    _emit_row(key, exists, thresh, k, idx, n_pages, seq, row, h,
-              pages_ptr + b * stride_pb + h * stride_ph, k_cols, block_table_ptr + b * stride_btb,
-              csr_ptr, row_start_ptr, last_len_ptr, KV_HEADS, PAGE, BLOCK_N, WRITE_CSR)
-
-
-@triton.jit
-def _emit_row(key, exists, thresh, k, idx, n_pages, seq, row, h, out, k_cols, bt_row,
-              csr_ptr, row_start_ptr, last_len_ptr,
-              KV_HEADS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_CSR: tl.constexpr):
-    """Write a row's pages with keys above `thresh`, then its lowest-index ties up to k, ascending (and the CSR
-    list); the row's other entries up to k_cols are set to 0."""
     greater = exists & (key > thresh)
     ties = exists & (key == thresh)
     tie_rank = tl.cumsum(ties.to(tl.int32), 0) - 1
     need = k - tl.sum(greater.to(tl.int32), 0)
     chosen = greater | (ties & (tie_rank < need))
     pos = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    out = pages_ptr + b * stride_pb + h * stride_ph
     tl.store(out + pos, idx, mask=chosen)
     tl.store(out + idx, tl.zeros([BLOCK_N], tl.int32), mask=(idx >= k) & (idx < k_cols))
     if WRITE_CSR:
         start = tl.load(row_start_ptr + row)
-        phys = tl.load(bt_row + idx, mask=chosen, other=0)
+        phys = tl.load(block_table_ptr + b * stride_btb + idx, mask=chosen, other=0)
         tl.store(csr_ptr + start + pos, phys * KV_HEADS + h, mask=chosen)
         last_chosen = tl.max(tl.where(chosen, idx, -1), 0)
         last_len = tl.where(last_chosen == n_pages - 1, seq - (n_pages - 1) * PAGE, PAGE)
