@@ -225,6 +225,15 @@ def interp_extrapolate(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndar
     return np.maximum(y, 0.0)
 
 
+def with_width_steps(contexts: list[int], max_context: int) -> list[int]:
+    """The contexts plus, after each that fills a power-of-two number of pages, the context one page later: there the
+    engine's block-table width doubles (`cuda_graph.step_width`), so the rollout integral sees the jump in step time
+    instead of a line across it."""
+    pages = [c // PAGE for c in contexts if c % PAGE == 0]
+    steps = {(p + 1) * PAGE for p in pages if p and not p & (p - 1) and (p + 1) * PAGE <= max_context}
+    return sorted(set(contexts) | steps)
+
+
 def rollout_seconds(contexts: list[int], step_ms: list[float], max_context: int) -> float:
     """Decode time of one rollout step per KV length 1..max_context, from step times measured at `contexts`."""
     grid = np.arange(1, max_context + 1, dtype=float)
@@ -269,7 +278,7 @@ def run_model(name: str, args, bw: float, info: dict) -> tuple[list[dict], list[
     preset = presets[0]
     dense = Schedule.dense(page_size=PAGE, bin_tokens=preset.bin_tokens, dense_layers=list(preset.dense_layers))
     sparsity = dataclasses.replace(preset.sparsity(), kv_layout="HND")
-    contexts = [c for c in parse_ints(args.contexts) if c <= args.max_context]
+    contexts = with_width_steps([c for c in parse_ints(args.contexts) if c <= args.max_context], args.max_context)
     model = random_model(shape, args.max_context)
     batch = args.batch or fit_batch(shape, args.max_context, args.margin_gib, args.max_batch)
     pages_per_request = math.ceil(args.max_context / PAGE)

@@ -43,6 +43,9 @@
 #   call25 (session 15; ran on commit 60f9677, the prefilter since removed): the bf16 prefilter's GPU tests (exact
 #          selection with the bf16 copy), then its A/B against the shipped defaults (SPARROW_SCORE_PREFILTER=1) with
 #          the kernel profile at 2K / 16K / 32K
+#   call26: steps sized by the pages the requests reached (the new default) vs by the pages allocated up front
+#          (+alloc = SPARROW_TABLE_WIDTH=allocated), dense and sparse, with the GPU tests of the engine's decode
+#   call27: call20's run on session 15's tree (the committed rows)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -193,6 +196,19 @@ elif [ "$call" = call25 ]; then
     tests/test_graph_decode_gpu.py tests/test_decode_tiling.py tests/test_kernels_gpu.py > "$out/tests.log" 2>&1
   tail -15 "$out/tests.log"
   ab_profiled 360 "+pf=SPARROW_SCORE_PREFILTER=1,+pf32=SPARROW_SCORE_PREFILTER=1;SPARROW_SCORE_HEADS_PAGES=32" ab25
+  tests=""
+elif [ "$call" = call26 ]; then
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode_gpu.py tests/test_engine_gpu.py \
+    tests/test_engine_overlap.py tests/test_sampler_fused.py tests/test_decode_profile.py > "$out/tests.log" 2>&1
+  tail -15 "$out/tests.log"
+  timeout 380 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton --env-variants "+alloc=SPARROW_TABLE_WIDTH=allocated" \
+    --env-base dense-triton,sparse-triton,sparse-triton@0.80 --unfused '' --wall-reps 0 --results-dir /tmp/ab26 \
+    2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
+  cp /tmp/ab26/decode_e2e.json "$out/decode_e2e_ab.json"
+  tests=""
+elif [ "$call" = call27 ]; then
+  shipped_rows 540
   tests=""
 elif [ "$call" = call21 ]; then
   timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode_gpu.py \

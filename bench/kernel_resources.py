@@ -16,12 +16,21 @@ import torch
 
 
 def compiled_resources(jit_fn) -> list[dict]:
-    """What Triton's cache holds for `jit_fn`: per compiled kernel, its constants and resource use."""
+    """What Triton's cache holds for `jit_fn`: per compiled kernel, its constants and resource use. A kernel that was
+    compiled but cannot load on this GPU (e.g. a GEMM tile a tuning sweep tried, over the shared memory) is listed
+    with "fits": false and no register counts."""
+    from triton.runtime.errors import OutOfResources
+
     rows = []
     for cache in getattr(jit_fn, "device_caches", {}).values():
         for kernel in cache[0].values():
-            kernel._init_handles()
             meta = kernel.metadata
+            try:
+                kernel._init_handles()
+            except OutOfResources:
+                rows.append({"kernel": jit_fn.__name__, "num_warps": meta.num_warps, "num_stages": meta.num_stages,
+                             "shared_bytes": meta.shared, "fits": False})
+                continue
             rows.append({"kernel": jit_fn.__name__, "num_warps": meta.num_warps, "num_stages": meta.num_stages,
                          "shared_bytes": meta.shared, "registers": kernel.n_regs, "spills": kernel.n_spills,
                          "max_programs_per_sm": occupancy(meta.num_warps, kernel.n_regs, meta.shared)})

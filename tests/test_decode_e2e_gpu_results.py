@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.decode_e2e import append_rows, check_variants, interp_extrapolate, main, rollout_seconds, summarize
+from bench.decode_e2e import (
+    append_rows,
+    check_variants,
+    interp_extrapolate,
+    main,
+    rollout_seconds,
+    summarize,
+    with_width_steps,
+)
 from sparrow_sgl.config import ConfigError, Schedule
 from sparrow_sgl.costmodel import MeasuredCost, load_decode_rows
 from sparrow_sgl.schedule import load_preset
@@ -23,6 +31,12 @@ def test_interpolation_extends_linearly_and_integrates_per_token():
     assert interp_extrapolate(x, np.array([1.0, 5.0, 10.0]), np.array([2.0, 6.0, 11.0])).tolist() == [1, 2, 6, 13]
     # step time = context / 1000 ms -> sum over 1..N of c/1000 ms
     assert rollout_seconds([1000, 2000], [1.0, 2.0], 100) == pytest.approx(sum(range(1, 101)) / 1e6)
+
+
+def test_contexts_where_the_step_width_doubles_are_timed_on_both_sides():
+    assert with_width_steps([1024, 2048, 4096, 24576, 32768], 32768) == [1024, 1040, 2048, 2064, 4096, 4112, 24576,
+                                                                         32768]
+    assert with_width_steps([1000, 2048], 2048) == [1000, 2048]  # not a page multiple; nothing past the end
 
 
 def _rows(batch=4):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from types import SimpleNamespace
 
@@ -159,3 +160,22 @@ def test_env_variant_names_and_settings():
         "+w8": {"SPARROW_DECODE_WAVES": "8"}, "+x": {"A": "1", "B": "2"}}
     assert with_suffix("sparse-triton@0.80", "+w8") == "sparse-triton+w8@0.80"
     assert base_variant("sparse-triton+w8@0.80") == "sparse-triton+w8" and not is_what_if("sparse-triton+w8")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_kernel_resources_list_a_compiled_kernel_that_cannot_load():
+    """A kernel a tuning sweep compiled but that does not fit the GPU (call26: a 240 KB shared-memory GEMM tile)
+    is listed as not fitting instead of failing the whole profile record."""
+    from triton.runtime.errors import OutOfResources
+
+    from bench.kernel_resources import compiled_resources
+
+    class TooBig:
+        metadata = SimpleNamespace(num_warps=8, num_stages=2, shared=245760)
+
+        def _init_handles(self):
+            raise OutOfResources(245760, 232448, "shared memory")
+
+    jit_fn = SimpleNamespace(__name__="_linear_kernel", device_caches={0: ({"key": TooBig()},)})
+    assert compiled_resources(jit_fn) == [{"kernel": "_linear_kernel", "num_warps": 8, "num_stages": 2,
+                                           "shared_bytes": 245760, "fits": False}]

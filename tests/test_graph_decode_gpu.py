@@ -21,10 +21,12 @@ from sparrow_sgl.engine.cuda_graph import (
     GRAPH_BATCHES_ENV,
     MAX_BINS,
     MODE_ENV,
+    WIDTH_ENV,
     budget_table,
     host_budget_pages,
     make_gpu_decoder,
     padded_batch,
+    step_width,
     table_width,
 )
 from sparrow_sgl.schedule import load_preset
@@ -44,6 +46,20 @@ def test_padded_batches_and_table_widths(monkeypatch):
             padded_batch(3)
     monkeypatch.delenv(GRAPH_BATCHES_ENV)
     assert [table_width(p) for p in (1, 16, 17, 2048, 2049)] == [16, 16, 32, 2048, 4096]
+
+
+def test_step_width_follows_the_pages_reached_not_the_pages_allocated(monkeypatch):
+    tables = [list(range(2048)), list(range(100))]  # a 32K-token response allocated up front, a short one
+    assert step_width(tables, [0, 5], 16) == 16
+    assert step_width(tables, [2047, 99], 16) == 128  # 128 pages reached
+    assert step_width(tables, [2048, 99], 16) == 256  # the 129th page
+    assert step_width(tables, [32767, 99], 16) == 2048
+    assert step_width([list(range(40))], [1000], 16) == 64  # never wider than the tables
+    monkeypatch.setenv(WIDTH_ENV, "allocated")
+    assert step_width(tables, [0, 5], 16) == 2048
+    monkeypatch.setenv(WIDTH_ENV, "longest")
+    with pytest.raises(ValueError, match=WIDTH_ENV):
+        step_width(tables, [0, 5], 16)
 
 
 @pytest.mark.parametrize("schedule", [
@@ -178,6 +194,22 @@ def test_bfloat16_graph_equals_eager_and_scores_like_the_reference(tiny_model_fa
     scores = reference.score([r.prompt_ids for r in graph], [r.token_ids for r in graph], sparse=schedule)
     for r, s in zip(graph, scores):
         torch.testing.assert_close(s.logprobs, torch.tensor(r.logprobs), atol=5e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("schedule", ["dense", "fixed:16"])
+def test_steps_widen_with_the_pages_reached(tiny_model_dir, monkeypatch, schedule):
+    """Responses allocated 300 tokens (76 pages of 4) up front decode at 16, 32, 64 then 128 columns as they grow,
+    chained launch to launch within a width; the tokens are the eager path's (which the reference test pins)."""
+    prompts = random_prompts([30, 9], seed=12)
+    engine, graph = _generate(tiny_model_dir, monkeypatch, "float32", 4, schedule, prompts, "graph", max_new=270)
+    widths = {key.width for key in engine.runner.gpu_decoder().steps}
+    assert widths == {16, 32, 64, 128}
+    _, eager = _generate(tiny_model_dir, monkeypatch, "float32", 4, schedule, prompts, "eager", max_new=270)
+    for got, want in zip(graph, eager):
+        assert got.token_ids == want.token_ids
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-5, rtol=0)
 
 
 @pytest.mark.gpu

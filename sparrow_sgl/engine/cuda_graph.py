@@ -42,6 +42,7 @@ GRAPH_BATCHES_ENV = "SPARROW_GRAPH_BATCHES"
 # Powers of two. Finer sizes (steps of 8, as vLLM's and SGLang's lists) measured 4-5% slower sparse rollouts on an
 # H200 for 1.7B (34 -> 40 rows) and 8B (24 rows): the decode split plan (triton_decode.plan_splits) then puts just
 # over 8 programs per SM and a tail wave runs alone; idle padding rows exit at once (bench/results/NOTES.md, session 7)
+WIDTH_ENV = "SPARROW_TABLE_WIDTH"  # "reached" (default) or "allocated": what sizes a step's block table (step_width)
 PADDED_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MAX_BINS = 256  # budget bins a graph's device table holds (the last bin repeats past a schedule's end)
 MIN_WIDTH = 16  # smallest block-table width (pages) of a captured step
@@ -88,6 +89,21 @@ def padded_batch(n: int) -> int:
 def table_width(max_pages: int) -> int:
     """Block-table columns of a step: the longest request's pages rounded up to a power of two."""
     return max(MIN_WIDTH, 1 << max(max_pages - 1, 0).bit_length())
+
+
+def step_width(block_tables, positions, page_size: int) -> int:
+    """Block-table columns of a step: the pages its longest request has reached so far, not the pages allocated up
+    front for the whole response, rounded up to a power of two (`table_width`). Scoring, top-k and the attention
+    splits are sized by the width, so a rollout allocated 32K tokens runs its first 2K tokens at 128 columns, not
+    2048 (a step per width is captured: at most log2 of the longest table). `SPARROW_TABLE_WIDTH=allocated` sizes it
+    by the allocated pages instead, as before session 15."""
+    allocated = max(len(row) for row in block_tables)
+    mode = os.environ.get(WIDTH_ENV, "").strip() or "reached"
+    if mode not in ("reached", "allocated"):
+        raise ValueError(f"{WIDTH_ENV}={mode!r}: choose 'reached' (pages the requests reached) or 'allocated'")
+    if mode == "allocated":
+        return table_width(allocated)
+    return table_width(min(allocated, max(int(p) for p in positions) // page_size + 1))
 
 
 def budget_table(schedule: Schedule, width: int) -> tuple[np.ndarray, int]:
@@ -193,6 +209,7 @@ class DecodeStep:
         if table_key is None or table_key != self.table_key:
             table = np.zeros((bs, width), dtype=np.int32)
             for i, row in enumerate(block_tables):
+                row = row[:width]  # the pages past the step's width are not reached yet
                 table[i, : len(row)] = row
             self.block_table.copy_(torch.from_numpy(table))
             self.table_key = table_key
@@ -465,7 +482,8 @@ class GraphDecodeRunner:
         engine/sampler.py). after: the launched, unread step of the same requests whose sampled tokens this step
         feeds (token_ids is then ignored and the positions are one past that step's); where that step cannot be
         chained its tokens are read first."""
-        if after is not None and after.chainable and len(positions) == after.step.n_live:
+        if (after is not None and after.chainable and len(positions) == after.step.n_live
+                and step_width(block_tables, positions, sparsity.page_size) == after.step.key.width):
             step = after.step
             step.load_next(positions, sample_rows)
             self._run(step)
@@ -479,7 +497,7 @@ class GraphDecodeRunner:
     def _step(self, token_ids, positions, block_tables, schedule, sparsity, table_key, sample_rows=None,
               topk: int = -1) -> DecodeStep:
         n = len(token_ids)
-        width = table_width(max(len(row) for row in block_tables))
+        width = step_width(block_tables, positions, sparsity.page_size)
         k_cols = None
         if not schedule.is_dense:
             table, k_cols = budget_table(schedule, width)
