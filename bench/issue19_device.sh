@@ -45,7 +45,11 @@
 #          the kernel profile at 2K / 16K / 32K
 #   call26: steps sized by the pages the requests reached (the new default) vs by the pages allocated up front
 #          (+alloc = SPARROW_TABLE_WIDTH=allocated), dense and sparse, with the GPU tests of the engine's decode
-#   call27: call20's run on session 15's tree (the committed rows)
+#   call27: top-k programs of 1 / 2 warps (SPARROW_TOPK_WARPS; the default is 4 up to 2048 pages) and all-heads
+#          scoring at 8 pages per program, A/B per context now that short contexts run narrow tables
+#   call28: call20's run on session 15's tree (8 pages per scoring program, 1-warp top-k up to 256 pages: the
+#          committed rows)
+#   call29: the whole GPU suite on session 15's tree
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -208,7 +212,18 @@ elif [ "$call" = call26 ]; then
   cp /tmp/ab26/decode_e2e.json "$out/decode_e2e_ab.json"
   tests=""
 elif [ "$call" = call27 ]; then
+  timeout 400 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton \
+    --env-variants "+tw1=SPARROW_TOPK_WARPS=1,+tw2=SPARROW_TOPK_WARPS=2,+sh8=SPARROW_SCORE_HEADS_PAGES=8" \
+    --env-base sparse-triton,sparse-triton@0.80 --unfused '' --wall-reps 0 --results-dir /tmp/ab27 \
+    2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
+  cp /tmp/ab27/decode_e2e.json "$out/decode_e2e_ab.json"
+  tests=""
+elif [ "$call" = call28 ]; then
   shipped_rows 540
+  tests=""
+elif [ "$call" = call29 ]; then
+  gpu_suite 540
   tests=""
 elif [ "$call" = call21 ]; then
   timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode_gpu.py \

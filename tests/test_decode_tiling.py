@@ -115,7 +115,7 @@ def test_all_heads_scoring_is_the_engine_default(monkeypatch):
 
     monkeypatch.delenv(HEADS_ENV, raising=False)
     monkeypatch.delenv(PAGES_ENV, raising=False)
-    assert use_all_heads() and all_heads_pages() == 16
+    assert use_all_heads() and all_heads_pages() == 8
     monkeypatch.setenv(HEADS_ENV, "0")
     assert not use_all_heads()
     monkeypatch.setenv(HEADS_ENV, "yes")

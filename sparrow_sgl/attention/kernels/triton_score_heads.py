@@ -21,9 +21,11 @@ from sparrow_sgl.attention.kernels.triton_centroid import bf16_centroid
 
 HEADS_ENV = "SPARROW_SCORE_HEADS"
 PAGES_ENV = "SPARROW_SCORE_HEADS_PAGES"  # pages per program of the all-heads launch (a power of two, 8-512)
-# 16: on an H200 (session 14) scoring the engine's float32 key sums this way at 16 pages per program made sparse
-# rollouts 1.4 / 2.5 / 1.9% faster (Qwen3 1.7B / 4B / 8B, 0.86 presets) than the per-head launch; 32 and 128 less
-DEFAULT_PAGES = 16
+# 8: on an H200 (session 14) scoring the engine's float32 key sums this way at 16 pages per program made sparse
+# rollouts 1.4 / 2.5 / 1.9% faster (Qwen3 1.7B / 4B / 8B, 0.86 presets) than the per-head launch; once steps were
+# sized by the pages reached (session 15), 8 pages per program was faster than 16 at nearly every context
+# (20-60 us a step, +0.4-0.5% rollouts)
+DEFAULT_PAGES = 8
 
 
 def use_all_heads() -> bool:
@@ -36,7 +38,7 @@ def use_all_heads() -> bool:
 
 
 def all_heads_pages() -> int:
-    """Pages per program of the all-heads launch: `SPARROW_SCORE_HEADS_PAGES` (default 16). A graph sized for long
+    """Pages per program of the all-heads launch: `SPARROW_SCORE_HEADS_PAGES` (default 8). A graph sized for long
     contexts gives a short batch one program per request at 128 pages (32 programs at 2K: 5-8% slower steps on an
     H200, NOTES.md phase 5); fewer pages per program keep short rows spread over the GPU."""
     text = os.environ.get(PAGES_ENV, "").strip() or str(DEFAULT_PAGES)

@@ -371,10 +371,12 @@ def topk_early_exit() -> bool:
 
 
 def topk_warps(block_n: int) -> int:
-    """Warps of a top-k program: `SPARROW_TOPK_WARPS` (1-16, a power of two), default 4 per 2048 pages (4..16).
-    Fewer warps make each of the search's 32 reductions cheaper (1 warp: shuffles only, no shared memory or
-    barrier) at the cost of more elements per thread; not yet measured on a GPU (an A/B for the next device call)."""
-    warps = (_env_ints(TOPK_WARPS_ENV, 1, "1, 2, 4, 8 or 16") or [min(16, max(4, block_n // 512))])[0]
+    """Warps of a top-k program: `SPARROW_TOPK_WARPS` (1-16, a power of two); default one warp up to 256 pages, then
+    4 per 2048 pages (4..16). One warp makes each of the search's reductions cheaper (shuffles only, no shared
+    memory or barrier) at the cost of more elements per thread: on an H200 (session 15) it saved 20-40 us a step at
+    64-256 pages and lost from 512 pages on."""
+    default = 1 if block_n <= 256 else min(16, max(4, block_n // 512))
+    warps = (_env_ints(TOPK_WARPS_ENV, 1, "1, 2, 4, 8 or 16") or [default])[0]
     if warps > 16:
         raise ValueError(f"{TOPK_WARPS_ENV}={warps}: choose 1, 2, 4, 8 or 16")
     return warps
