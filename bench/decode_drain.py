@@ -68,7 +68,8 @@ def drain_summary(name: str, rows: list[dict], presets, dense, batch: int, args,
     limit = AnalyticCost(name, "h200", bytes_only=True)
     out = []
     for p in presets:
-        sparse_rows = [r for r in steps if r["schedule"] == p.name]
+        # the preset's own scorer: the engine's rows under another scorer ("centroid-bf16") share the schedule name
+        sparse_rows = [r for r in steps if r["schedule"] == p.name and r.get("scorer", p.scorer) == p.scorer]
         if not sparse_rows or not dense_rows:
             continue
         curves = StepCurves(dense_rows + sparse_rows)

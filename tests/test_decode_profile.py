@@ -117,6 +117,21 @@ def test_drain_summary_rows():
     assert row["ratio_to_predicted_drain"] == pytest.approx(row["speedup_drain"] / row["predicted_drain"], abs=2e-3)
 
 
+def test_drain_summary_reads_the_presets_scorer_only():
+    """The engine under "centroid-bf16" writes decode_step rows of the same schedule name (faster here); the drained
+    speedup of the preset is the shipped scorer's (call28 mixed them in: the bf16 rows, read last, won)."""
+    preset = load_preset("qwen3-1.7b-0.86")
+    dense = Schedule.dense(bin_tokens=preset.bin_tokens, dense_layers=list(preset.dense_layers))
+    args = SimpleNamespace(drain_lengths="1k,32k", drain_requests=16, max_context=32768)
+    shipped = _step_rows(preset)
+    bf16 = [r | {"variant": "sparse-triton-bf16c", "scorer": "centroid-bf16", "step_ms": r["step_ms"] / 2}
+            for r in shipped if r["budget"] is not None]
+    tagged = [r | {"scorer": preset.scorer} if r["budget"] is not None else r for r in shipped]
+    (want,) = drain_summary("qwen3-1.7b", shipped, [preset], dense, 8, args, {})
+    (got,) = drain_summary("qwen3-1.7b", tagged + bf16, [preset], dense, 8, args, {})
+    assert got["speedup_drain"] == want["speedup_drain"] and got["sparse_variant"] == "sparse-triton"
+
+
 @pytest.mark.gpu
 def test_profiler_sees_the_kernels_of_graph_replays():
     import torch
