@@ -49,7 +49,9 @@
 #          scoring at 8 pages per program, A/B per context now that short contexts run narrow tables
 #   call28: call20's run on session 15's tree (8 pages per scoring program, 1-warp top-k up to 256 pages: the
 #          committed rows)
-#   call29: the whole GPU suite on session 15's tree
+#   call29: the two-launch top-k by radix rounds (SPARROW_TOPK_SEARCH=radix: the one-launch kernel's 8-bit histogram
+#          select) vs the bit-by-bit search, A/B; the GPU tests of the selection kernels and the engine's decode
+#   call30: the whole GPU suite on session 15's tree
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -223,6 +225,16 @@ elif [ "$call" = call28 ]; then
   shipped_rows 540
   tests=""
 elif [ "$call" = call29 ]; then
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode_tiling.py \
+    tests/test_graph_decode_gpu.py > "$out/tests.log" 2>&1
+  tail -5 "$out/tests.log"
+  timeout 300 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton --env-variants "+radix=SPARROW_TOPK_SEARCH=radix" \
+    --env-base sparse-triton,sparse-triton@0.80 --unfused '' --wall-reps 0 --results-dir /tmp/ab29 \
+    2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
+  cp /tmp/ab29/decode_e2e.json "$out/decode_e2e_ab.json"
+  tests=""
+elif [ "$call" = call30 ]; then
   gpu_suite 540
   tests=""
 elif [ "$call" = call21 ]; then
