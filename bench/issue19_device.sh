@@ -49,9 +49,10 @@
 #          scoring at 8 pages per program, A/B per context now that short contexts run narrow tables
 #   call28: call20's run on session 15's tree (8 pages per scoring program, 1-warp top-k up to 256 pages: the
 #          committed rows)
-#   call29: the two-launch top-k by radix rounds (SPARROW_TOPK_SEARCH=radix: the one-launch kernel's 8-bit histogram
-#          select) vs the bit-by-bit search, A/B; the GPU tests of the selection kernels and the engine's decode
-#   call30: the whole GPU suite on session 15's tree
+#   call29 (ran on commit 283391a, the radix option since removed): the two-launch top-k by radix rounds
+#          (SPARROW_TOPK_SEARCH=radix: the one-launch kernel's 8-bit histogram select) vs the bit-by-bit search, A/B;
+#          the GPU tests of the selection kernels and the engine's decode (cut at 200 s, 84 passed)
+#   call30: the whole GPU suite on session 15's tree (not run in session 15: no device time left)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}

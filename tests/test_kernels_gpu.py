@@ -286,8 +286,7 @@ def _select_both(q, summaries, block_table, seq_lens, limit, cfg, k_cols, device
 @pytest.mark.parametrize("env,value", [("SPARROW_SCORE_TILE", "128x128"), ("SPARROW_SCORE_TILE", "128,abc,4"),
                                        ("SPARROW_SCORE_TILE", "96x128x4"), ("SPARROW_TOPK_BITS", "3"),
                                        ("SPARROW_TOPK_BITS", "four"), ("SPARROW_TOPK_WARPS", "32"),
-                                       ("SPARROW_TOPK_WARPS", "0"), ("SPARROW_TOPK_EXIT", "yes"),
-                                       ("SPARROW_TOPK_SEARCH", "heap")])
+                                       ("SPARROW_TOPK_WARPS", "0"), ("SPARROW_TOPK_EXIT", "yes")])
 def test_bad_selection_settings_are_clear_errors(monkeypatch, env, value):
     from sparrow_sgl.attention.kernels import triton_select
 
@@ -297,23 +296,18 @@ def test_bad_selection_settings_are_clear_errors(monkeypatch, env, value):
         triton_select.topk_bits(256)
         triton_select.topk_warps(256)
         triton_select.topk_early_exit()
-        triton_select.topk_search()
 
 
 @_kernel_test
 @pytest.mark.parametrize("scorer", ["centroid", "quest"])
 @pytest.mark.parametrize("chunk", [16, 2048])
 @pytest.mark.parametrize("bits,warps,early", [("1", "", "1"), ("1", "", "0"), ("1", "1", "1"), ("2", "", "1"),
-                                               ("2", "", "0"), ("4", "", "0"), ("8", "2", "0"), ("radix", "", "1"),
-                                               ("radix", "1", "1")])
+                                               ("2", "", "0"), ("4", "", "0"), ("8", "2", "0")])
 def test_one_launch_selection_equals_two_launches_and_reference(device, scorer, chunk, bits, warps, early,
                                                                  monkeypatch):
     """Mixed lengths (1 page, partial pages, several top-k chunks), budgets below and above the pages, ties; the
-    two-launch top-k searching 1, 2, 4 or 8 bits per step (SPARROW_TOPK_BITS) or by radix rounds
-    (SPARROW_TOPK_SEARCH=radix), in 1, 2 or the default number of warps (SPARROW_TOPK_WARPS), stopping early or not
-    (SPARROW_TOPK_EXIT), selects the same pages."""
-    monkeypatch.setenv("SPARROW_TOPK_SEARCH", "radix" if bits == "radix" else "bits")
-    bits = "1" if bits == "radix" else bits
+    two-launch top-k searching 1, 2, 4 or 8 bits per step (SPARROW_TOPK_BITS), in 1, 2 or the default number of
+    warps (SPARROW_TOPK_WARPS), stopping early or not (SPARROW_TOPK_EXIT), selects the same pages."""
     monkeypatch.setenv("SPARROW_TOPK_BITS", bits)
     monkeypatch.setenv("SPARROW_TOPK_WARPS", warps)
     monkeypatch.setenv("SPARROW_TOPK_EXIT", early)

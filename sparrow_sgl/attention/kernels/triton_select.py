@@ -37,7 +37,6 @@ from sparrow_sgl.config import SparsityConfig
 TOPK_BITS_ENV = "SPARROW_TOPK_BITS"
 TOPK_WARPS_ENV = "SPARROW_TOPK_WARPS"
 TOPK_EXIT_ENV = "SPARROW_TOPK_EXIT"
-TOPK_SEARCH_ENV = "SPARROW_TOPK_SEARCH"  # "bits" (default) or "radix": the two-launch top-k's search
 # 1: on an H200 the 4-bit search ([pages, 16] comparisons per step) made the top-k launch so much slower that
 # sparse rollouts lost 8-20% (bench/results/NOTES.md, session 5); 2/4/8 stay selectable for other GPUs
 DEFAULT_TOPK_BITS = 1
@@ -339,32 +338,6 @@ def _topk_pages_kernel(
         tl.store(last_len_ptr + row, last_len)
 
 
-@triton.jit
-def _topk_radix_kernel(
-    scores_ptr, stride_sb, stride_sh,
-    seq_lens_ptr, budget_pages_ptr,
-    block_table_ptr, stride_btb,
-    pages_ptr, stride_pb, stride_ph, k_cols,
-    csr_ptr, row_start_ptr, last_len_ptr,
-    KV_HEADS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_CSR: tl.constexpr, PDL: tl.constexpr,
-):
-    """Two-launch top-k with the one-launch kernel's radix select (`_topk_row`: 4 rounds of a 256-bin histogram,
-    BLOCK_N pages per chunk) instead of the bit-by-bit search (SPARROW_TOPK_SEARCH=radix)."""
-    pdl_enter(PDL)
-    row = tl.program_id(0)
-    b = row // KV_HEADS
-    h = row % KV_HEADS
-    seq = tl.load(seq_lens_ptr + b).to(tl.int32)
-    n_pages = (seq + PAGE - 1) // PAGE
-    k = tl.minimum(tl.load(budget_pages_ptr + b).to(tl.int32), n_pages)
-    csr_row = csr_ptr
-    if WRITE_CSR:
-        csr_row = csr_ptr + tl.load(row_start_ptr + row)
-    _topk_row(scores_ptr + b * stride_sb + h * stride_sh, n_pages, k, seq, pages_ptr + b * stride_pb + h * stride_ph,
-              k_cols, block_table_ptr + b * stride_btb, csr_row, last_len_ptr, row, h, KV_HEADS, PAGE, BLOCK_N,
-              WRITE_CSR)
-
-
 def _env_ints(name: str, count: int, form: str) -> list[int] | None:
     """`count` positive powers of two from environment variable `name` ('x'-separated), None when unset."""
     text = os.environ.get(name, "").strip()
@@ -395,15 +368,6 @@ def topk_early_exit() -> bool:
     if text not in ("0", "1"):
         raise ValueError(f"{TOPK_EXIT_ENV}={text!r}: choose 1 (stop early) or 0 (search all 32 bits)")
     return text == "1"
-
-
-def topk_search() -> str:
-    """The two-launch top-k's search: `SPARROW_TOPK_SEARCH`, "bits" (default: bit by bit from the top, stopping
-    early) or "radix" (`_topk_row`'s four 8-bit histogram rounds)."""
-    text = os.environ.get(TOPK_SEARCH_ENV, "").strip() or "bits"
-    if text not in ("bits", "radix"):
-        raise ValueError(f"{TOPK_SEARCH_ENV}={text!r}: choose 'bits' or 'radix'")
-    return text
 
 
 def topk_warps(block_n: int) -> int:
@@ -547,17 +511,6 @@ def select_pages_into(
     if not topk:
         return scores
     block_n = max(triton.next_power_of_2(max_pages), 16)
-    if topk_search() == "radix":
-        _topk_radix_kernel[(rows,)](
-            scores, scores.stride(0), scores.stride(1),
-            seq_lens, budget_pages,
-            block_table, block_table.stride(0),
-            pages_out, pages_out.stride(0), pages_out.stride(1), pages_out.shape[2],
-            indices, row_start, last_len,
-            KV_HEADS=kv_heads, PAGE=cfg.page_size, BLOCK_N=min(block_n, topk_chunk), WRITE_CSR=csr is not None,
-            PDL=pdl, num_warps=topk_warps(block_n), **launch_options(pdl),
-        )
-        return scores
     _topk_pages_kernel[(rows,)](
         scores, scores.stride(0), scores.stride(1),
         seq_lens, budget_pages,
