@@ -201,11 +201,13 @@ def test_bfloat16_graph_equals_eager_and_scores_like_the_reference(tiny_model_fa
 @pytest.mark.parametrize("schedule", ["dense", "fixed:16"])
 def test_steps_widen_with_the_pages_reached(tiny_model_dir, monkeypatch, schedule):
     """Responses allocated 300 tokens (76 pages of 4) up front decode at 16, 32, 64 then 128 columns as they grow,
-    chained launch to launch within a width; the tokens are the eager path's (which the reference test pins)."""
+    chained launch to launch within a width, sharing one logits buffer; the tokens are the eager path's (which the
+    reference test pins)."""
     prompts = random_prompts([30, 9], seed=12)
     engine, graph = _generate(tiny_model_dir, monkeypatch, "float32", 4, schedule, prompts, "graph", max_new=270)
-    widths = {key.width for key in engine.runner.gpu_decoder().steps}
-    assert widths == {16, 32, 64, 128}
+    steps = engine.runner.gpu_decoder().steps
+    assert {key.width for key in steps} == {16, 32, 64, 128}
+    assert len({step.logits.data_ptr() for step in steps.values()}) == 1  # one logits buffer per padded batch
     _, eager = _generate(tiny_model_dir, monkeypatch, "float32", 4, schedule, prompts, "eager", max_new=270)
     for got, want in zip(graph, eager):
         assert got.token_ids == want.token_ids
