@@ -100,6 +100,12 @@ ab_profiled() {  # ab_profiled SECONDS SETTINGS NAME: A/B of env settings over t
   cp "/tmp/$3/decode_e2e.json" "$out/decode_e2e_ab.json"
   cp "/tmp/$3/decode_profile.json" "$out/decode_profile_ab.json"
 }
+ab_now() {  # ab_now SECONDS SETTINGS NAME [BASE]: A/B of env settings over the shipped defaults -> $out
+  timeout "$1" python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton --env-variants "$2" --env-base "${4:-sparse-triton,sparse-triton@0.80}" \
+    --unfused '' --wall-reps 0 --results-dir "/tmp/$3" 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
+  cp "/tmp/$3/decode_e2e.json" "$out/decode_e2e_ab.json"
+}
 # call20's run: the shipped variants and the bf16-centroid one in one process, --profile --drain (committed rows)
 shipped_rows() {
   timeout "$1" python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
@@ -208,19 +214,10 @@ elif [ "$call" = call26 ]; then
   timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode_gpu.py tests/test_engine_gpu.py \
     tests/test_engine_overlap.py tests/test_sampler_fused.py tests/test_decode_profile.py > "$out/tests.log" 2>&1
   tail -15 "$out/tests.log"
-  timeout 380 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
-    --variants dense-triton,sparse-triton --env-variants "+alloc=SPARROW_TABLE_WIDTH=allocated" \
-    --env-base dense-triton,sparse-triton,sparse-triton@0.80 --unfused '' --wall-reps 0 --results-dir /tmp/ab26 \
-    2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
-  cp /tmp/ab26/decode_e2e.json "$out/decode_e2e_ab.json"
+  ab_now 380 "+alloc=SPARROW_TABLE_WIDTH=allocated" ab26 dense-triton,sparse-triton,sparse-triton@0.80
   tests=""
 elif [ "$call" = call27 ]; then
-  timeout 400 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
-    --variants dense-triton,sparse-triton \
-    --env-variants "+tw1=SPARROW_TOPK_WARPS=1,+tw2=SPARROW_TOPK_WARPS=2,+sh8=SPARROW_SCORE_HEADS_PAGES=8" \
-    --env-base sparse-triton,sparse-triton@0.80 --unfused '' --wall-reps 0 --results-dir /tmp/ab27 \
-    2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
-  cp /tmp/ab27/decode_e2e.json "$out/decode_e2e_ab.json"
+  ab_now 400 "+tw1=SPARROW_TOPK_WARPS=1,+tw2=SPARROW_TOPK_WARPS=2,+sh8=SPARROW_SCORE_HEADS_PAGES=8" ab27
   tests=""
 elif [ "$call" = call28 ]; then
   shipped_rows 540
@@ -229,11 +226,7 @@ elif [ "$call" = call29 ]; then
   timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode_tiling.py \
     tests/test_graph_decode_gpu.py > "$out/tests.log" 2>&1
   tail -5 "$out/tests.log"
-  timeout 300 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
-    --variants dense-triton,sparse-triton --env-variants "+radix=SPARROW_TOPK_SEARCH=radix" \
-    --env-base sparse-triton,sparse-triton@0.80 --unfused '' --wall-reps 0 --results-dir /tmp/ab29 \
-    2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
-  cp /tmp/ab29/decode_e2e.json "$out/decode_e2e_ab.json"
+  ab_now 300 "+radix=SPARROW_TOPK_SEARCH=radix" ab29
   tests=""
 elif [ "$call" = call30 ]; then
   gpu_suite 540
