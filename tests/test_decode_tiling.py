@@ -124,6 +124,16 @@ def test_all_heads_scoring_is_the_engine_default(monkeypatch):
 
 
 @needs_triton
+def test_top_k_programs_run_one_warp_on_narrow_tables(monkeypatch):
+    from sparrow_sgl.attention.kernels.triton_select import TOPK_WARPS_ENV, topk_warps
+
+    monkeypatch.delenv(TOPK_WARPS_ENV, raising=False)
+    assert [topk_warps(n) for n in (16, 128, 256, 512, 2048, 4096, 8192, 32768)] == [1, 1, 1, 4, 4, 8, 16, 16]
+    monkeypatch.setenv(TOPK_WARPS_ENV, "2")
+    assert topk_warps(128) == topk_warps(4096) == 2
+
+
+@needs_triton
 @pytest.mark.parametrize("value", ["4", "96", "1024", "many"])
 def test_bad_all_heads_pages_is_a_clear_error(monkeypatch, value):
     from sparrow_sgl.attention.kernels.triton_score_heads import PAGES_ENV, all_heads_pages
