@@ -80,9 +80,12 @@ ab_run() {  # ab_run SECONDS SETTINGS NAME: decode_e2e A/B of env settings over 
     --results-dir "/tmp/$3" 2>&1 | grep -v "it/s]" | grep -v '^{' | tee "$out/ab.log"
   cp "/tmp/$3/decode_e2e.json" "$out/decode_e2e_ab.json"
 }
-gpu_suite() {  # gpu_suite SECONDS: the whole GPU test suite, its full log -> $out/tests.log
-  timeout "$1" python3 -m pytest -q -m gpu -p no:cacheprovider tests > "$out/tests.log" 2>&1
+gpu_tests() {  # gpu_tests SECONDS PATHS...: GPU tests, their full log -> $out/tests.log
+  timeout "$1" python3 -m pytest -q -m gpu -p no:cacheprovider "${@:2}" > "$out/tests.log" 2>&1
   tail -15 "$out/tests.log"
+}
+gpu_suite() {  # gpu_suite SECONDS: the whole GPU test suite
+  gpu_tests "$1" tests
 }
 ab_shipped() {  # ab_shipped SECONDS SETTINGS NAME: A/B of env settings over the shipped sparse variant -> $out
   # (its base as in session 14's calls 22-23: the per-head scoring launch, the default until call23)
@@ -205,15 +208,13 @@ elif [ "$call" = call24 ]; then
   shipped_rows 170
   tests=""
 elif [ "$call" = call25 ]; then
-  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_prefilter_select.py \
-    tests/test_graph_decode_gpu.py tests/test_decode_tiling.py tests/test_kernels_gpu.py > "$out/tests.log" 2>&1
-  tail -15 "$out/tests.log"
+  gpu_tests 200 tests/test_prefilter_select.py tests/test_graph_decode_gpu.py tests/test_decode_tiling.py \
+    tests/test_kernels_gpu.py
   ab_profiled 360 "+pf=SPARROW_SCORE_PREFILTER=1,+pf32=SPARROW_SCORE_PREFILTER=1;SPARROW_SCORE_HEADS_PAGES=32" ab25
   tests=""
 elif [ "$call" = call26 ]; then
-  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode_gpu.py tests/test_engine_gpu.py \
-    tests/test_engine_overlap.py tests/test_sampler_fused.py tests/test_decode_profile.py > "$out/tests.log" 2>&1
-  tail -15 "$out/tests.log"
+  gpu_tests 200 tests/test_graph_decode_gpu.py tests/test_engine_gpu.py tests/test_engine_overlap.py \
+    tests/test_sampler_fused.py tests/test_decode_profile.py
   ab_now 380 "+alloc=SPARROW_TABLE_WIDTH=allocated" ab26 dense-triton,sparse-triton,sparse-triton@0.80
   tests=""
 elif [ "$call" = call27 ]; then
@@ -223,18 +224,15 @@ elif [ "$call" = call28 ]; then
   shipped_rows 540
   tests=""
 elif [ "$call" = call29 ]; then
-  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode_tiling.py \
-    tests/test_graph_decode_gpu.py > "$out/tests.log" 2>&1
-  tail -5 "$out/tests.log"
+  gpu_tests 200 tests/test_kernels_gpu.py tests/test_decode_tiling.py tests/test_graph_decode_gpu.py
   ab_now 300 "+radix=SPARROW_TOPK_SEARCH=radix" ab29
   tests=""
 elif [ "$call" = call30 ]; then
   gpu_suite 540
   tests=""
 elif [ "$call" = call21 ]; then
-  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode_gpu.py \
-    tests/test_qkv_append_gpu.py tests/test_kernels_gpu.py tests/test_attention.py > "$out/tests.log" 2>&1
-  tail -15 "$out/tests.log"
+  gpu_tests 240 tests/test_graph_decode_gpu.py tests/test_qkv_append_gpu.py tests/test_kernels_gpu.py \
+    tests/test_attention.py
   shipped_rows 300
   tests=""
 elif [ "$call" = call16 ]; then
