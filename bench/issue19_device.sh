@@ -53,6 +53,11 @@
 #          (SPARROW_TOPK_SEARCH=radix: the one-launch kernel's 8-bit histogram select) vs the bit-by-bit search, A/B;
 #          the GPU tests of the selection kernels and the engine's decode (cut at 200 s, 84 passed)
 #   call30: the whole GPU suite on session 15's tree (not run in session 15: no device time left)
+#   call31 (session 16): the engine's graph-decode GPU tests (session 15's step widths and shared logits buffer),
+#          then bench.l2_prefetch: does an L2 prefetch of o_proj / the next qkv weights in a latency-bound kernel
+#          shorten a stand-in decode layer (it does not: 0.2-15 us slower per layer)
+#   call32: SiLU x up in the gate_up GEMM's store (SPARROW_LINEAR_GLU, default on where timed faster) vs off
+#          (+noglu), dense and sparse, A/B in one process, with the GEMM and engine GPU tests first
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -226,6 +231,14 @@ elif [ "$call" = call28 ]; then
 elif [ "$call" = call29 ]; then
   gpu_tests 200 tests/test_kernels_gpu.py tests/test_decode_tiling.py tests/test_graph_decode_gpu.py
   ab_now 300 "+radix=SPARROW_TOPK_SEARCH=radix" ab29
+  tests=""
+elif [ "$call" = call32 ]; then
+  gpu_tests 200 tests/test_triton_linear.py tests/test_engine_gpu.py tests/test_pdl.py
+  ab_now 330 "+noglu=SPARROW_LINEAR_GLU=0" ab32 dense-triton,sparse-triton,sparse-triton@0.80
+  tests=""
+elif [ "$call" = call31 ]; then
+  gpu_tests 170 tests/test_graph_decode_gpu.py tests/test_engine_gpu.py
+  timeout 240 python3 -m bench.l2_prefetch 2>&1 | tee "$out/l2_prefetch.jsonl" | grep -v '^{'
   tests=""
 elif [ "$call" = call30 ]; then
   gpu_suite 540
