@@ -56,8 +56,9 @@
 #   call31 (session 16): the engine's graph-decode GPU tests (session 15's step widths and shared logits buffer),
 #          then bench.l2_prefetch: does an L2 prefetch of o_proj / the next qkv weights in a latency-bound kernel
 #          shorten a stand-in decode layer (it does not: 0.2-15 us slower per layer)
-#   call32: SiLU x up in the gate_up GEMM's store (SPARROW_LINEAR_GLU, default on where timed faster) vs off
-#          (+noglu), dense and sparse, A/B in one process, with the GEMM and engine GPU tests first
+#   call32 (ran on commit 9f2996b, the switch since removed): SiLU x up in the gate_up GEMM's store
+#          (SPARROW_LINEAR_GLU, on where timed faster) vs off (+noglu), dense and sparse, A/B in one process, with
+#          the GEMM and engine GPU tests first (+0.4% 4B, +0.1-0.3% 8B, -0.2..-0.4% 1.7B: removed)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}

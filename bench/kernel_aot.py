@@ -62,8 +62,7 @@ def compile_resources(jit_fn, constexprs: dict, arg_types: dict, divisible: set[
 
 
 def linear_rows(tiles: list[tuple[int, int, int]], rows: list[int]) -> list[dict]:
-    """`triton_linear._linear_kernel` (the small-M GEMM): plain, with the SiLU x up load of the down projection, and
-    with the SiLU x up store of the gate_up projection."""
+    """`triton_linear._linear_kernel` (the small-M GEMM), plain and with the SiLU x up load of the down projection."""
     from sparrow_sgl.attention.kernels import triton_linear
 
     linear = triton_linear._linear_kernel
@@ -74,12 +73,11 @@ def linear_rows(tiles: list[tuple[int, int, int]], rows: list[int]) -> list[dict
     for block_n, block_k, stages in tiles:
         for m in rows:
             block_m = max(16, 1 << (m - 1).bit_length())
-            for span in ("gemm", "down+silu", "gate_up+glu"):
+            for silu in (False, True):
                 const = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=True, HAS_BIAS=False,
-                             SILU=span == "down+silu", GLU=span == "gate_up+glu", PDL=False, EARLY_W=False,
-                             F32_DOT=False)
+                             SILU=silu, PDL=False, EARLY_W=False, F32_DOT=False)
                 row = compile_resources(linear, const, linear_types, linear_div, 4, stages)
-                out.append({**row, "span": span, "m": m, "tile": [block_n, block_k, stages]})
+                out.append({**row, "span": "down+silu" if silu else "gemm", "m": m, "tile": [block_n, block_k, stages]})
     return out
 
 

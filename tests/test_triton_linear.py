@@ -35,7 +35,6 @@ def _fresh_choices(monkeypatch, tmp_path):
     monkeypatch.setenv(linear_table.CACHE_ENV, str(tmp_path / "gemm-cache" / "choices.json"))
     monkeypatch.delenv(linear_mod.LINEAR_ENV, raising=False)
     monkeypatch.delenv(linear_mod.PDL_ENV, raising=False)
-    monkeypatch.delenv(linear_mod.GLU_ENV, raising=False)
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, silu: bool) -> torch.Tensor:
@@ -62,36 +61,7 @@ def test_cpu_linear_is_nn_linear_bit_for_bit(monkeypatch, mode):
     with torch.no_grad():
         assert torch.equal(ours(x), ref(x))
         assert torch.equal(ours.forward_silu_mul(gate_up), ref(F.silu(gate_up[:, :24]) * gate_up[:, 24:]))
-        assert ours.forward_glu(x) is None  # the caller runs the GEMM and SiLU x up as two ops
     assert not linear_mod.chosen()
-
-
-def test_glu_choice_has_its_own_key_and_switch(monkeypatch):
-    """The fused SiLU x up store is chosen per shape under its own key (input/output field 2), timed against the
-    module's own unfused pair; SPARROW_LINEAR_GLU=0 never asks; a bad value names the variable."""
-    timed = []
-
-    def fake_timing(x, weight, bias=None, *, silu=False, glu=False, unfused=None, **kw):
-        timed.append((glu, unfused is not None))
-        return {None: 1.0}
-
-    monkeypatch.setattr(linear_mod, "time_choices", fake_timing)
-    monkeypatch.setattr(Linear, "_triton_applies", lambda self, x, silu: True)
-    gate_up = Linear(16, 2 * 12, bias=False)
-    with torch.no_grad():
-        assert gate_up.forward_glu(torch.randn(5, 16)) is None  # cuBLAS + SiLU x up measured faster
-    assert timed == [(True, True)]
-    assert [key[6] for key in linear_mod.chosen()] == [2]
-    assert linear_table.table_key(*list(linear_mod.chosen())[0][1:]) == "8,24,16,float32,0,2,0"
-    monkeypatch.setattr(linear_mod, "_CHOICES", {})
-    monkeypatch.setenv(linear_mod.GLU_ENV, "0")
-    with torch.no_grad():
-        assert gate_up.forward_glu(torch.randn(5, 16)) is None
-    assert len(timed) == 1 and not linear_mod.chosen()
-    assert Linear(16, 12, bias=True).forward_glu(torch.randn(5, 16)) is None  # a bias: never fused
-    monkeypatch.setenv(linear_mod.GLU_ENV, "yes")
-    with pytest.raises(ValueError, match=linear_mod.GLU_ENV):
-        gate_up.forward_glu(torch.randn(5, 16))
 
 
 def test_auto_choice_is_cached_and_never_timed_inside_capture(monkeypatch):
@@ -307,43 +277,6 @@ def test_kernel_matches_float32_reference(device, case):
     assert not tl.workspace(x.device, 0, 0)[1].any()  # every tile counter back at 0: graph replays need no memset
 
 
-GLU_CASES = [  # M, output columns, K, (block_n, block_k, split_k): ragged N and K, split-K
-    (1, 64, 128, (64, 128, 1)),
-    (5, 100, 200, (64, 64, 3)),
-    (33, 130, 96, (32, 32, 2)),
-    (64, 257, 72, (128, 32, 3)),
-    (7, 48, 40, None),
-]
-
-
-@needs_triton
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", GLU_CASES, ids=lambda c: "m{}n{}k{}".format(*c[:3]))
-def test_glu_output_is_silu_mul_of_the_gemm(device, case):
-    """The store-fused SiLU x up equals the two launches it replaces (the same tile: the same sums, then the same
-    roundings) and the float32 reference within bf16 rounding."""
-    from sparrow_sgl.attention.kernels import triton_linear as tl
-
-    m, n, k, tile = case
-    g = torch.Generator().manual_seed(m * 1000 + n)
-    x = torch.randn(m, k, generator=g).bfloat16().to(device)
-    w = (torch.randn(2 * n, k, generator=g) * k**-0.5).bfloat16().to(device)
-    config = tl.Config(*tile, 4, 3) if tile else None
-    out = tl.linear(x, w, None, config, glu_output=True)
-    assert out.shape == (m, n) and out.dtype == torch.bfloat16
-    ref = F.linear(x.float(), w.float())
-    _check(out, F.silu(ref[:, :n]) * ref[:, n:])
-    unfused = fused.silu_mul(tl.linear(x, w, None, config or tl.default_config(m, n, k, x.device)))
-    if device == "cuda":  # the interpreter's float32 dot may sum a wider tile in another order
-        assert torch.equal(out, unfused)
-    else:
-        _check(out, unfused.float())
-    assert torch.equal(tl.linear(x, w, None, config, glu_output=True), out)  # deterministic split-K reduction
-    assert not tl.workspace(x.device, 0, 0)[1].any()
-    with pytest.raises(ValueError, match="glu_output"):
-        tl.linear(x, w[:-1], None, config, glu_output=True)
-
-
 @needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernel_float16_and_strided_rows(device):
@@ -448,8 +381,7 @@ def test_engine_greedy_tokens_triton_vs_cublas(tiny_model_dir, monkeypatch):
 
     launches = []
     real = tl.linear
-    monkeypatch.setattr(tl, "linear", lambda *a, **k: launches.append(
-        (k.get("glu_output", False), k.get("silu_input", False))) or real(*a, **k))
+    monkeypatch.setattr(tl, "linear", lambda *a, **k: launches.append(k.get("silu_input", False)) or real(*a, **k))
     prompts = random_prompts([30, 52, 9, 70], seed=5)
     params = SamplingParams(temperature=0.0, max_new_tokens=32, ignore_eos=True)
     variants = [("triton", "0"), ("auto", "0")] + ([("triton", "1")] if _sm90() else []) + [("cublas", "0")]
@@ -461,14 +393,7 @@ def test_engine_greedy_tokens_triton_vs_cublas(tiny_model_dir, monkeypatch):
         engine = make_engine(tiny_model_dir, device="cuda", dtype="bfloat16", page_size=16, num_kv_pages=256)
         rollouts[mode, pdl] = engine.generate(prompts, params, schedule="dense", progress=False)
         if mode == "triton":
-            glu = [g for g, _ in launches]
-            assert glu and any(glu) and not all(glu)  # plain GEMMs and gate_up with SiLU x up in its store
-            monkeypatch.setenv(linear_mod.GLU_ENV, "0")  # forced Triton without the fused store: the SiLU load
-            launches.clear()
-            glu_off = make_engine(tiny_model_dir, device="cuda", dtype="bfloat16", page_size=16, num_kv_pages=256)
-            rollouts["triton-noglu", pdl] = glu_off.generate(prompts, params, schedule="dense", progress=False)
-            assert any(s for _, s in launches) and not any(g for g, _ in launches)
-            monkeypatch.delenv(linear_mod.GLU_ENV)
+            assert launches and any(launches) and not all(launches)  # plain and SiLU-fused GEMMs were captured
         if mode == "cublas":
             assert not launches
     for variant, got in rollouts.items():

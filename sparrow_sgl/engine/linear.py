@@ -11,12 +11,9 @@ inside capture uses the cached choice, cuBLAS when there is none. On a GPU with 
 (`linear_table.py`, shipped for the H200 and the Qwen3 1.7B/4B/8B shapes) those are taken without timing; other
 shapes are timed once per machine and kept in a cache file that later engines read (`SPARROW_LINEAR_CACHE`). The
 engine's graph capture runs an eager warm-up forward first, so every decode GEMM is timed there.
-The MLP's SiLU x up is fused into the gate_up GEMM's store (`forward_glu`) where that timed faster than the GEMM's
-own choice plus the separate launch (`SPARROW_LINEAR_GLU=0` never fuses it there), else into down_proj's load where
-that is chosen (`forward_silu_mul`). `SPARROW_LINEAR_PDL=1` launches the Triton GEMMs with programmatic dependent
-launch (opt-in; sm_90+), and so does `SPARROW_PDL=1`, which launches every decode kernel so
-(`attention/kernels/pdl.py`). A PDL GEMM takes its shape's PDL-less choice: PDL moves when its programs start, not
-how they stream the weights.
+`SPARROW_LINEAR_PDL=1` launches the Triton GEMMs with programmatic dependent launch (opt-in; sm_90+), and so does
+`SPARROW_PDL=1`, which launches every decode kernel so (`attention/kernels/pdl.py`). A PDL GEMM takes its shape's
+PDL-less choice: PDL moves when its programs start, not how they stream the weights.
 """
 
 from __future__ import annotations
@@ -38,21 +35,12 @@ from sparrow_sgl.engine.linear_table import cache_path, load_table, lookup, read
 
 LINEAR_ENV = "SPARROW_LINEAR"
 PDL_ENV = "SPARROW_LINEAR_PDL"
-GLU_ENV = "SPARROW_LINEAR_GLU"
 MODES = ("auto", "cublas", "triton")
 MAX_M = 64  # triton_linear.MAX_M (not imported here: CPU-only installs have no triton)
 FLUSH_BYTES = 128 * 2**20  # written between timed runs: more than the L2 of an H100/H200 (50 MB)
 SLEEP_CYCLES = 200_000  # ~0.1 ms of GPU spin before each timed run, longer than a Python launch
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _CHOICES: dict[tuple, object] = {}  # choice key -> triton_linear.Config, or None for cuBLAS
-
-
-def glu_enabled() -> bool:
-    """SPARROW_LINEAR_GLU=0 never fuses SiLU x up into the gate_up GEMM's store (1, the default: where chosen)."""
-    value = os.environ.get(GLU_ENV, "").strip() or "1"
-    if value not in ("0", "1"):
-        raise ValueError(f"{GLU_ENV}={value!r}: expected 0 or 1")
-    return value == "1"
 
 
 def linear_mode() -> str:
@@ -71,8 +59,7 @@ def use_pdl(device: torch.device) -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear with the small-M Triton GEMM on CUDA where chosen; `forward_glu` / `forward_silu_mul` fuse the
-    MLP's SiLU x up into the gate_up GEMM's store / the down GEMM's load."""
+    """nn.Linear with the small-M Triton GEMM on CUDA where chosen; `forward_silu_mul` fuses the MLP's SiLU x up."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         config = self.triton_config(x)
@@ -81,16 +68,6 @@ class Linear(nn.Linear):
         from sparrow_sgl.attention.kernels.triton_linear import linear
 
         return linear(x, self.weight, self.bias, config, pdl=use_pdl(x.device))
-
-    def forward_glu(self, x: torch.Tensor) -> torch.Tensor | None:
-        """SiLU(gate) * up of this gate_up projection in one Triton launch (the activation in the GEMM's store),
-        where that is chosen over the GEMM and a separate SiLU x up; None where it is not (the caller runs both)."""
-        config = self.triton_config(x, glu=True)
-        if config is None:
-            return None
-        from sparrow_sgl.attention.kernels.triton_linear import linear
-
-        return linear(x, self.weight, None, config, glu_output=True, pdl=use_pdl(x.device))
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """self(SiLU(gate) * up) for gate_up [T, 2 in_features], in one Triton launch when that is chosen."""
@@ -101,20 +78,18 @@ class Linear(nn.Linear):
 
         return linear(gate_up, self.weight, self.bias, config, silu_input=True, pdl=use_pdl(gate_up.device))
 
-    def triton_config(self, x: torch.Tensor, silu: bool = False, glu: bool = False):
-        """The Triton config for this call, or None for cuBLAS / F.linear (glu: None for the unfused pair)."""
+    def triton_config(self, x: torch.Tensor, silu: bool = False):
+        """The Triton config for this call, or None for cuBLAS / F.linear."""
         mode = linear_mode()
-        if mode == "cublas" or not self._triton_applies(x, silu) or (glu and not self._glu_applies()):
+        if mode == "cublas" or not self._triton_applies(x, silu):
             return None
         m, (n, k) = x.shape[0], self.weight.shape
         if mode == "triton":
             from sparrow_sgl.attention.kernels.triton_linear import default_config
 
-            return default_config(m, n // 2 if glu else n, k, x.device)
-        # the key's input/output field: 0 plain, 1 SiLU x up in the load (silu), 2 in the store (glu); the last
-        # field (PDL) stays False: a PDL launch takes the PDL-less choice (module docstring)
-        key = (x.device, 1 << (m - 1).bit_length(), n, k, x.dtype, self.bias is not None, 2 if glu else int(silu),
-               False)
+            return default_config(m, n, k, x.device)
+        # the last field (PDL) stays False: a PDL launch takes the PDL-less choice (module docstring)
+        key = (x.device, 1 << (m - 1).bit_length(), n, k, x.dtype, self.bias is not None, silu, False)
         if key in _CHOICES:
             return _CHOICES[key]
         found, choice = shipped_choice(key)
@@ -122,8 +97,7 @@ class Linear(nn.Linear):
             if _capturing(x):
                 return None
             try:
-                unfused = (lambda: fused.silu_mul(self(x))) if glu else None
-                timings = time_choices(x, self.weight, self.bias, silu=silu, glu=glu, unfused=unfused)
+                timings = time_choices(x, self.weight, self.bias, silu=silu)
                 choice = min(timings, key=timings.get)
                 remember_choice(key, choice)
             except Exception as e:  # noqa: BLE001 - e.g. no memory for the L2 flush: this shape stays on cuBLAS
@@ -131,9 +105,6 @@ class Linear(nn.Linear):
                 choice = None
         _CHOICES[key] = choice
         return choice
-
-    def _glu_applies(self) -> bool:
-        return self.bias is None and self.weight.shape[0] % 2 == 0 and glu_enabled()
 
     def _triton_applies(self, x: torch.Tensor, silu: bool) -> bool:
         w, b = self.weight, self.bias
@@ -177,22 +148,17 @@ def _capturing(x: torch.Tensor) -> bool:
 
 def time_choices(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu: bool = False,
-    glu: bool = False, unfused: Callable[[], torch.Tensor] | None = None, pdl: bool = False, reps: int = 10,
+    pdl: bool = False, reps: int = 10,
 ) -> dict:
-    """Median microseconds of cuBLAS (key None; with silu: `fused.silu_mul` + F.linear; with glu: `unfused`, by
-    default F.linear + `fused.silu_mul`) and of every Triton candidate that launches (key: its Config), each run
-    from a cold L2, the candidates interleaved per rep."""
+    """Median microseconds of cuBLAS (key None; with silu: `fused.silu_mul` + F.linear) and of every Triton
+    candidate that launches (key: its Config), each run from a cold L2, the candidates interleaved per rep."""
     from sparrow_sgl.attention.kernels import triton_linear
 
     n, k = weight.shape
-    if glu:
-        baseline = unfused or (lambda: fused.silu_mul(F.linear(x, weight, bias)))
-    else:
-        baseline = lambda: F.linear(fused.silu_mul(x) if silu else x, weight, bias)  # noqa: E731
-    runs: dict[object, Callable[[], torch.Tensor]] = {None: baseline}
-    for config in triton_linear.candidates(x.shape[0], n, k, x.device, glu=glu):
-        runs[config] = functools.partial(triton_linear.linear, x, weight, bias, config, silu_input=silu,
-                                         glu_output=glu, pdl=pdl)
+    runs: dict[object, Callable[[], torch.Tensor]] = {
+        None: lambda: F.linear(fused.silu_mul(x) if silu else x, weight, bias)}
+    for config in triton_linear.candidates(x.shape[0], n, k, x.device):
+        runs[config] = functools.partial(triton_linear.linear, x, weight, bias, config, silu_input=silu, pdl=pdl)
     for key, fn in list(runs.items()):
         try:
             fn()  # compiles; a config can exceed this GPU's shared memory

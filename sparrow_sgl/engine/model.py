@@ -81,11 +81,7 @@ class Qwen3MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """SiLU x up fused into gate_up's store or else down's load, where each is chosen (engine/linear.py)."""
-        act = self.gate_up_proj.forward_glu(x)
-        if act is not None:
-            return self.down_proj(act)
-        return self.down_proj.forward_silu_mul(self.gate_up_proj(x))
+        return self.down_proj.forward_silu_mul(self.gate_up_proj(x))  # SiLU x up fused into down_proj where chosen
 
 
 class Qwen3DecoderLayer(nn.Module):

@@ -11,9 +11,6 @@ same order whoever arrives last: deterministic), adds the bias, writes the outpu
 CUDA-graph replays need no memset. No host sync; the workspace is allocated (and only grown, never freed: captured
 graphs keep pointers into it) by the caching allocator, normally before any capture.
 
-`glu_output=True` fuses it into the gate_up GEMM's store instead: each program streams the gate rows and the up
-rows of the same output columns (two accumulators), and the tile's last program writes SiLU(gate) * up, rounded
-as the two unfused launches round it, so gate_up never reaches memory and the SiLU x up launch disappears.
 `silu_input=True` fuses the MLP's SiLU x up into the load of x: the input is gate_up [M, 2K] and the kernel
 multiplies by A = SiLU(gate) * up rounded exactly like `triton_fused.silu_mul` (SiLU in float32, rounded to the
 dtype, times up, rounded), so the separate launch disappears. `pdl=True` launches with programmatic dependent
@@ -102,24 +99,13 @@ def _store_out(acc, out_ptr, stride_om, b_ptr, n, m, M, N, HAS_BIAS: tl.constexp
     tl.store(out_ptr + m[None, :] * stride_om + n[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _store_glu(gate, up, out_ptr, stride_om, n, m, M, N):
-    """SiLU(gate) * up -> out[m, n], rounded as the unfused path stores them: gate and up rounded to the dtype (the
-    gate_up GEMM's output), then `triton_fused.silu_mul`'s two roundings."""
-    dtype = out_ptr.dtype.element_ty
-    gate, up = _round(gate, dtype), _round(up, dtype)
-    act = _round(gate / (1.0 + tl.exp(-gate)), dtype)
-    mask = (n < N)[:, None] & (m < M)[None, :]
-    tl.store(out_ptr + m[None, :] * stride_om + n[:, None], _round(act * up, dtype).to(dtype), mask=mask)
-
-
 @triton.jit(do_not_specialize=["n_splits"])  # one compile serves split-K 1 and > 1
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, counter_ptr,
     M, N, K, stride_xm, stride_wn, stride_om, k_per_split, n_splits,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr, EARLY_W: tl.constexpr,
-    F32_DOT: tl.constexpr, GLU: tl.constexpr,
+    F32_DOT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -129,40 +115,25 @@ def _linear_kernel(
     # clamped rows: the weight stream needs no mask; rows past N or M are computed and dropped at the store
     w_rows = w_ptr + tl.minimum(n, N - 1).to(tl.int64)[:, None] * stride_wn
     x_rows = x_ptr + tl.minimum(m, M - 1).to(tl.int64)[None, :] * stride_xm
-    u_rows = w_rows + N.to(tl.int64) * stride_wn  # GLU: the up rows of the same output columns, N rows on
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     if EARLY_W:
         w = _w_tile(w_rows, k_start + kk, K, EVEN_K)  # weights do not depend on the previous kernel
         pdl_enter(PDL)
-        x = _x_tile(x_rows, k_start + kk, K, EVEN_K, SILU)
-        acc = _dot(w, x, acc, F32_DOT)
-        if GLU:
-            acc_u = _dot(_w_tile(u_rows, k_start + kk, K, EVEN_K), x, acc_u, F32_DOT)
+        acc = _dot(w, _x_tile(x_rows, k_start + kk, K, EVEN_K, SILU), acc, F32_DOT)
         k_start += BLOCK_K
     else:
         pdl_enter(PDL)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + kk
-        w = _w_tile(w_rows, k, K, EVEN_K)
-        x = _x_tile(x_rows, k, K, EVEN_K, SILU)
-        acc = _dot(w, x, acc, F32_DOT)
-        if GLU:
-            acc_u = _dot(_w_tile(u_rows, k, K, EVEN_K), x, acc_u, F32_DOT)
+        acc = _dot(_w_tile(w_rows, k, K, EVEN_K), _x_tile(x_rows, k, K, EVEN_K, SILU), acc, F32_DOT)
     if n_splits == 1:
-        if GLU:
-            _store_glu(acc, acc_u, out_ptr, stride_om, n, m, M, N)
-        else:
-            _store_out(acc, out_ptr, stride_om, b_ptr, n, m, M, N, HAS_BIAS)
+        _store_out(acc, out_ptr, stride_om, b_ptr, n, m, M, N, HAS_BIAS)
     else:
         mask = (n < N)[:, None] & (m < M)[None, :]
         offs = m[None, :] * N + n[:, None]
-        parts = 2 if GLU else 1  # GLU: each split's gate partial, then its up partial
-        tl.store(part_ptr + split.to(tl.int64) * parts * M * N + offs, acc, mask=mask)
-        if GLU:
-            tl.store(part_ptr + (split.to(tl.int64) * 2 + 1) * M * N + offs, acc_u, mask=mask)
+        tl.store(part_ptr + split.to(tl.int64) * M * N + offs, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial stores precede the release below
         ticket = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
         if ticket == n_splits - 1:  # the tile's last program: every partial is written
@@ -171,15 +142,8 @@ def _linear_kernel(
             # .cg: read at L2, where the other programs stored (never a stale L1 line)
             total = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
             for s in range(1, n_splits):
-                total += tl.load(part_ptr + s * parts * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            if GLU:
-                total_u = tl.load(part_ptr + M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                for s in range(1, n_splits):
-                    total_u += tl.load(part_ptr + (s * 2 + 1) * M * N + offs, mask=mask, other=0.0,
-                                       cache_modifier=".cg")
-                _store_glu(total, total_u, out_ptr, stride_om, n, m, M, N)
-            else:
-                _store_out(total, out_ptr, stride_om, b_ptr, n, m, M, N, HAS_BIAS)
+                total += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            _store_out(total, out_ptr, stride_om, b_ptr, n, m, M, N, HAS_BIAS)
 
 
 def block_m(m: int) -> int:
@@ -198,18 +162,16 @@ def fit_split(n: int, k: int, block_n: int, block_k: int, programs: int) -> int:
 
 
 def workspace_bytes(m: int, n: int, config: Config) -> int:
-    """Bytes of float32 partials for an [m, n] output (a GLU output's n counts its gate and up columns)."""
     return 0 if config.split_k == 1 else config.split_k * m * n * 4
 
 
-def candidates(m: int, n: int, k: int, device: torch.device, glu: bool = False) -> list[Config]:
-    """The configs timed for one shape (weight [n, K]; glu: a gate_up weight, n // 2 output columns): every tile at
-    every distinct split-K up to MAX_SPLIT whose grid has at most MAX_PROGRAMS_PER_SM programs per SM. Splits are
-    runtime arguments, so a tile compiles once per shape class; timing a candidate costs ~0.2 ms, and which split
-    balances the SMs best is hard to predict."""
+def candidates(m: int, n: int, k: int, device: torch.device) -> list[Config]:
+    """The configs timed for one shape: every tile at every distinct split-K up to MAX_SPLIT whose grid has at
+    most MAX_PROGRAMS_PER_SM programs per SM. Splits are runtime arguments, so a tile compiles once per shape class;
+    timing a candidate costs ~0.2 ms, and which split balances the SMs best is hard to predict."""
     out = []
     for block_n, block_k, warps, stages in TILES:
-        tiles, k_blocks = triton.cdiv(n // 2 if glu else n, block_n), triton.cdiv(k, block_k)
+        tiles, k_blocks = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
         for split in sorted({triton.cdiv(k_blocks, per) for per in range(1, k_blocks + 1)}):
             config = Config(block_n, block_k, split, warps, stages)
             small = split == 1 or (split <= MAX_SPLIT and tiles * split <= MAX_PROGRAMS_PER_SM * num_sms(device))
@@ -253,18 +215,11 @@ def linear(
     config: Config | None = None,
     *,
     silu_input: bool = False,
-    glu_output: bool = False,
     pdl: bool = False,
 ) -> torch.Tensor:
-    """x [M, K] (silu_input: gate_up [M, 2K]) @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, M <= 64.
-    glu_output: weight is gate_up [2N', K] and the result SiLU(x @ gate^T) * (x @ up^T) [M, N'] (no bias)."""
+    """x [M, K] (silu_input: gate_up [M, 2K]) @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, M <= 64."""
     n, k = weight.shape
     m = x.shape[0]
-    if glu_output:
-        if n % 2 or bias is not None or silu_input:
-            raise ValueError(f"glu_output needs a gate_up weight [2N, K] (got {tuple(weight.shape)}), no bias and "
-                             "no silu_input")
-        n //= 2
     if x.dim() != 2 or x.shape[1] != (2 * k if silu_input else k) or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError(f"x must be [M, {2 * k if silu_input else k}] and weight [N, K] with contiguous rows, "
                          f"got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -283,10 +238,9 @@ def linear(
     blocks_per_split = triton.cdiv(k_blocks, max(config.split_k, 1))
     split = triton.cdiv(k_blocks, blocks_per_split)  # no empty split (the PDL prologue loads a first tile)
     k_per_split = blocks_per_split * config.block_k
-    parts = 2 if glu_output else 1
-    part, counters = workspace(x.device, split * parts * m * n if split > 1 else 0, tiles if split > 1 else 0)
+    part, counters = workspace(x.device, split * m * n if split > 1 else 0, tiles if split > 1 else 0)
     shape = dict(BLOCK_M=block_m(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
-                 HAS_BIAS=bias is not None, SILU=silu_input, GLU=glu_output, PDL=pdl, F32_DOT=x.device.type != "cuda",
+                 HAS_BIAS=bias is not None, SILU=silu_input, PDL=pdl, F32_DOT=x.device.type != "cuda",
                  num_warps=config.num_warps, num_stages=config.num_stages)
     early_w = pdl and (config, tuple(shape.values())) not in _NO_EARLY_W
     while True:
