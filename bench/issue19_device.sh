@@ -59,6 +59,9 @@
 #   call32 (ran on commit 9f2996b, the switch since removed): SiLU x up in the gate_up GEMM's store
 #          (SPARROW_LINEAR_GLU, on where timed faster) vs off (+noglu), dense and sparse, A/B in one process, with
 #          the GEMM and engine GPU tests first (+0.4% 4B, +0.1-0.3% 8B, -0.2..-0.4% 1.7B: removed)
+#   call33 (session 17): a sparse layer's selection and attention in two row halves on two streams, staggered
+#          (SPARROW_ATTN_STREAMS=2, +2s) vs one stream, dense and sparse, A/B in one process, with the GPU tests of
+#          the row-half kernels and the engine's decode first
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -232,6 +235,10 @@ elif [ "$call" = call28 ]; then
 elif [ "$call" = call29 ]; then
   gpu_tests 200 tests/test_kernels_gpu.py tests/test_decode_tiling.py tests/test_graph_decode_gpu.py
   ab_now 300 "+radix=SPARROW_TOPK_SEARCH=radix" ab29
+  tests=""
+elif [ "$call" = call33 ]; then
+  gpu_tests 200 tests/test_decode_tiling.py tests/test_graph_decode_gpu.py tests/test_engine_gpu.py
+  ab_now 360 "+2s=SPARROW_ATTN_STREAMS=2" ab33 dense-triton,sparse-triton,sparse-triton@0.80
   tests=""
 elif [ "$call" = call32 ]; then
   gpu_tests 200 tests/test_triton_linear.py tests/test_engine_gpu.py tests/test_pdl.py
