@@ -61,7 +61,10 @@
 #          the GEMM and engine GPU tests first (+0.4% 4B, +0.1-0.3% 8B, -0.2..-0.4% 1.7B: removed)
 #   call33 (session 17): a sparse layer's selection and attention in two row halves on two streams, staggered
 #          (SPARROW_ATTN_STREAMS=2, +2s) vs one stream, dense and sparse, A/B in one process, with the GPU tests of
-#          the row-half kernels and the engine's decode first
+#          the row-half kernels and the engine's decode first (ran on commit ee2d93f, the switch since removed:
+#          0.2-5% slower)
+#   call34: the decode split plan's programs per SM (SPARROW_DECODE_WAVES 2 / 4 / 16 vs the default 8), dense and
+#          sparse, per context: does a short row (few pages per split) want fewer splits?
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -235,6 +238,10 @@ elif [ "$call" = call28 ]; then
 elif [ "$call" = call29 ]; then
   gpu_tests 200 tests/test_kernels_gpu.py tests/test_decode_tiling.py tests/test_graph_decode_gpu.py
   ab_now 300 "+radix=SPARROW_TOPK_SEARCH=radix" ab29
+  tests=""
+elif [ "$call" = call34 ]; then
+  ab_now 420 "+w2=SPARROW_DECODE_WAVES=2,+w4=SPARROW_DECODE_WAVES=4,+w16=SPARROW_DECODE_WAVES=16" ab34 \
+    dense-triton,sparse-triton,sparse-triton@0.80
   tests=""
 elif [ "$call" = call33 ]; then
   gpu_tests 200 tests/test_decode_tiling.py tests/test_graph_decode_gpu.py tests/test_engine_gpu.py

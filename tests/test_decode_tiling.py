@@ -79,54 +79,6 @@ def test_decode_split_and_tile_settings_match_reference(waves, block_pages, monk
         assert rel_err(out, ref) < 1e-4
 
 
-@_kernel_test
-def test_selection_in_row_halves_equals_the_whole_batch(device):
-    """The engine's two attention streams select per half: scoring alone, then the top-k alone over those scores
-    (score=False), on row slices of the step's buffers. The pages equal one whole-batch launch's."""
-    from sparrow_sgl.attention.kernels.triton_select import select_pages_into
-
-    cfg = SparsityConfig(kv_layout="HND")
-    seq = (1, 17, 300, 1000, 64)
-    q, k, _, block_table, seq_lens = make_problem("HND", seq=seq, q_heads=8, kv_heads=2, head_dim=32, device=device)
-    summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
-    limit = torch.tensor([1, 2, 7, 33, 3], dtype=torch.int32, device=device)
-    width = block_table.shape[1]
-    whole, halves = (torch.full((len(seq), 2, 64), -5, dtype=torch.int32, device=device) for _ in range(2))
-    scores = torch.zeros(len(seq), 2, width, device=device)
-    select_pages_into(q, block_table, seq_lens, limit, cfg, whole, key_sum=summaries.key_sum, count=summaries.count,
-                      scores=scores, one_launch=False, all_heads=True)
-    scores.zero_()
-    for rows in (slice(0, 3), slice(3, 5)):
-        args = (q[rows], block_table[rows], seq_lens[rows], limit[rows], cfg, halves[rows])
-        kw = dict(key_sum=summaries.key_sum, count=summaries.count, scores=scores[rows], one_launch=False,
-                  all_heads=True)
-        select_pages_into(*args, topk=False, **kw)
-        select_pages_into(*args, score=False, **kw)
-    assert torch.equal(halves, whole)
-    with pytest.raises(ValueError, match="score=False"):
-        select_pages_into(q, block_table, seq_lens, limit, cfg, whole, key_sum=summaries.key_sum,
-                          count=summaries.count, scores=scores, one_launch=True, score=False)
-
-
-@pytest.mark.gpu
-def test_decode_in_row_halves_planned_for_the_batch_writes_the_same_bits():
-    """Each half of a batch attended with the whole batch's split plan (plan_rows) writes the whole launch's bits."""
-    from sparrow_sgl.attention.kernels.triton_decode import triton_attend_pages
-
-    cfg = SparsityConfig(kv_layout="HND")
-    q, k, v, block_table, seq_lens = make_problem("HND", seq=(100, 3000, 17, 1000, 64), q_heads=32, kv_heads=8,
-                                                  dtype=torch.bfloat16, device="cuda")
-    summaries = PageSummaries.from_cache(k, block_table, seq_lens, cfg)
-    selection = select_pages(q, summaries, block_table, seq_lens, [48, 960, None, 320, 512], cfg)
-    pages, counts = selection.pages.int(), selection.valid.sum(-1).to(torch.int32)
-    whole = triton_attend_pages(q, k, v, block_table, seq_lens, pages, counts, cfg)
-    halves = torch.full_like(q, float("nan"))
-    for rows in (slice(0, 3), slice(3, 5)):
-        triton_attend_pages(q[rows], k, v, block_table[rows], seq_lens[rows], pages[rows], counts[rows], cfg,
-                            out=halves[rows], plan_rows=5 * 8)
-    assert torch.equal(halves, whole)
-
-
 @pytest.mark.gpu
 def test_decode_pipeline_settings_write_the_same_bits(monkeypatch):
     """SPARROW_DECODE_STAGES (Triton num_stages) and SPARROW_DECODE_PREFETCH (the next chunk's page ids loaded one

@@ -289,32 +289,3 @@ def test_select_launches_env_is_validated(monkeypatch):
         select_launches()
     monkeypatch.delenv("SPARROW_SELECT_LAUNCHES")
     assert select_launches() == 2
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("mode", ["graph", "eager"])
-def test_two_attention_streams_decode_the_same_bits(tiny_model_factory, monkeypatch, mode):
-    """SPARROW_ATTN_STREAMS=2 (the batch's halves on two streams) decodes the tokens and log-probs of one stream
-    exactly, with odd live counts (the halves differ) and the mixed schedule's dense layer and dense first bin."""
-    model_dir = tiny_model_factory(head_dim=128)
-    prompts = random_prompts([200, 90, 310, 41, 150], seed=9)  # 5 live rows of a padded batch of 8
-    runs = {}
-    for streams in ("1", "2"):
-        monkeypatch.setenv("SPARROW_ATTN_STREAMS", streams)
-        runs[streams] = _generate(model_dir, monkeypatch, "bfloat16", 16, _mixed_schedule(16), prompts, mode,
-                                  max_new=48)[1]
-    for got, want in zip(runs["2"], runs["1"]):
-        assert got.token_ids == want.token_ids
-        assert got.logprobs == want.logprobs
-        assert got.meta["kv_tokens_mean"] == want.meta["kv_tokens_mean"]
-
-
-def test_attention_streams_env_is_validated(monkeypatch):
-    from sparrow_sgl.engine.cuda_graph import attention_streams
-
-    monkeypatch.delenv("SPARROW_ATTN_STREAMS", raising=False)
-    assert attention_streams() == 1
-    monkeypatch.setenv("SPARROW_ATTN_STREAMS", "3")
-    with pytest.raises(ValueError, match="SPARROW_ATTN_STREAMS"):
-        attention_streams()

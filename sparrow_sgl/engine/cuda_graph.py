@@ -39,7 +39,6 @@ REMOVED_CENTROID_ENV = "SPARROW_BF16_CENTROIDS"  # replaced by the "centroid-bf1
 SELECT_ENV = "SPARROW_SELECT_LAUNCHES"
 APPEND_ENV = "SPARROW_FUSED_APPEND"
 GRAPH_BATCHES_ENV = "SPARROW_GRAPH_BATCHES"
-STREAMS_ENV = "SPARROW_ATTN_STREAMS"
 WIDTH_ENV = "SPARROW_TABLE_WIDTH"  # "reached" (default) or "allocated": what sizes a step's block table (step_width)
 # Powers of two. Finer sizes (steps of 8, as vLLM's and SGLang's lists) measured 4-5% slower sparse rollouts on an
 # H200 for 1.7B (34 -> 40 rows) and 8B (24 rows): the decode split plan (triton_decode.plan_splits) then puts just
@@ -60,15 +59,6 @@ def select_launches() -> int:
     value = os.environ.get(SELECT_ENV, "").strip() or "2"
     if value not in ("1", "2"):
         raise ValueError(f"{SELECT_ENV}={value!r}: choose 1 (fused score + top-k) or 2 (two launches)")
-    return int(value)
-
-
-def attention_streams() -> int:
-    """`SPARROW_ATTN_STREAMS`: 1 (default) or 2, the streams a sparse layer's selection and attention run on; read
-    while a step is captured."""
-    value = os.environ.get(STREAMS_ENV, "").strip() or "1"
-    if value not in ("1", "2"):
-        raise ValueError(f"{STREAMS_ENV}={value!r}: choose 1 or 2 (the batch's halves interleaved on two streams)")
     return int(value)
 
 
@@ -372,54 +362,17 @@ class DecodeStep:
             return triton_attend_pages(q, layer.k_cache, layer.v_cache, self.block_table, self.seq_lens,
                                        self.dense_pages, self.dense_counts, cfg, layer.scale)
         use_centroid = centroid is not None and cfg.bf16_centroids
-        summary = dict(key_sum=centroid if use_centroid else summaries.key_sum,
-                       count=None if use_centroid else summaries.count,
-                       key_min=summaries.key_min, key_max=summaries.key_max, all_heads=use_all_heads())
-        if (self.fi_sparse is None and not self.runner.one_launch_select and self.n_live >= 2
-                and attention_streams() == 2):
-            return self._attend_in_halves(layer, q, summary)
         select_pages_into(
-            q, self.block_table, self.seq_lens, self.budget_pages, cfg, self.pages, scores=self.scores,
-            counters=self.counters, csr=self.fi_sparse.csr if self.fi_sparse is not None else None,
-            one_launch=self.runner.one_launch_select, **summary,
+            q, self.block_table, self.seq_lens, self.budget_pages, cfg, self.pages,
+            key_sum=centroid if use_centroid else summaries.key_sum, count=None if use_centroid else summaries.count,
+            key_min=summaries.key_min, key_max=summaries.key_max, scores=self.scores, counters=self.counters,
+            csr=self.fi_sparse.csr if self.fi_sparse is not None else None, one_launch=self.runner.one_launch_select,
+            all_heads=use_all_heads(),
         )
         if self.fi_sparse is not None:
             return self.fi_sparse.run(q, layer.k_cache, layer.v_cache)
         return triton_attend_pages(q, layer.k_cache, layer.v_cache, self.block_table, self.seq_lens, self.pages,
                                    self.sparse_counts, cfg, layer.scale)
-
-    def _attend_in_halves(self, layer, q: torch.Tensor, summary: dict) -> torch.Tensor:
-        """A sparse layer's selection and attention over the live rows' two halves on two streams, staggered: half
-        B scores its pages while half A runs its top-k, and B's top-k runs beside A's attention, so each half's
-        latency-bound launches overlap the other half's bandwidth-bound ones. Every row's bits equal the one-stream
-        launches' (the decode splits are planned for the whole batch)."""
-        from sparrow_sgl.attention.kernels.triton_decode import triton_attend_pages
-        from sparrow_sgl.attention.kernels.triton_select import select_pages_into
-
-        cfg, kv, bs = self.cfg, self.runner.kv_heads, self.key.batch
-        out = torch.empty_like(q)
-
-        def select(rows: slice, score: bool, topk: bool) -> None:
-            select_pages_into(q[rows], self.block_table[rows], self.seq_lens[rows], self.budget_pages[rows], cfg,
-                              self.pages[rows], scores=self.scores[rows], one_launch=False, score=score, topk=topk,
-                              **summary)
-
-        def attend(rows: slice) -> None:
-            triton_attend_pages(q[rows], layer.k_cache, layer.v_cache, self.block_table[rows], self.seq_lens[rows],
-                                self.pages[rows], self.sparse_counts[rows], cfg, layer.scale, out=out[rows],
-                                plan_rows=bs * kv)
-
-        half_a, half_b = slice(0, (self.n_live + 1) // 2), slice((self.n_live + 1) // 2, bs)
-        main, side = torch.cuda.current_stream(q.device), self.runner.side_stream()
-        select(half_a, score=True, topk=False)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            select(half_b, score=True, topk=True)
-            attend(half_b)
-        select(half_a, score=False, topk=True)
-        attend(half_a)
-        main.wait_stream(side)
-        return out
 
 
 @dataclass
@@ -475,7 +428,6 @@ class GraphDecodeRunner:
         self._pool = None
         self._workspace: torch.Tensor | None = None
         self._logits: dict[int, torch.Tensor] = {}
-        self._side: torch.cuda.Stream | None = None
         self.captures, self.capture_s = 0, 0.0  # graphs captured by this runner, and the seconds that took
 
     def logits_buffer(self, batch: int) -> torch.Tensor:
@@ -485,13 +437,6 @@ class GraphDecodeRunner:
         if batch not in self._logits:
             self._logits[batch] = torch.zeros(batch, self.vocab_size, dtype=torch.float32, device=self.device)
         return self._logits[batch]
-
-    def side_stream(self) -> torch.cuda.Stream:
-        """The second stream of `SPARROW_ATTN_STREAMS=2`, one per runner (a capture forks it from the capturing
-        stream and joins it back within each layer)."""
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        return self._side
 
     def workspace(self) -> torch.Tensor:
         from sparrow_sgl.attention.kernels.flashinfer_decode import WORKSPACE_BYTES

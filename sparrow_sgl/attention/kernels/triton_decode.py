@@ -184,15 +184,11 @@ def triton_attend_pages(
     cfg: SparsityConfig,
     scale: float | None = None,
     out: torch.Tensor | None = None,
-    plan_rows: int | None = None,
 ) -> torch.Tensor:
     """Attention of q [batch, q_heads, D] over the pages listed per (request, KV head).
 
     pages: [batch, kv_heads or 1, K] logical page indices, the first counts[b, h] of each row attended (any order);
     counts: [batch, kv_heads or 1] int. Size-1 head dims broadcast (dense: one list for all heads).
-    plan_rows: the (request, KV head) rows the split plan is made for (default: this launch's). A launch over part
-    of a batch, run beside the launch over the rest, passes the whole batch's rows: its programs then fill its
-    share of the GPU, and its results equal the whole launch's bit for bit.
     """
     batch, q_heads, head_dim = q.shape
     k_hnd, v_hnd = to_hnd(k_cache, cfg), to_hnd(v_cache, cfg)
@@ -207,7 +203,7 @@ def triton_attend_pages(
     group = q_heads // kv_heads
     waves, block_p = decode_tiling(cfg.page_size)
     stages, prefetch, warps = decode_pipeline()
-    splits, _ = plan_splits(plan_rows or batch * kv_heads, pages.shape[2], block_p, _num_sms(q.device), waves)
+    splits, _ = plan_splits(batch * kv_heads, pages.shape[2], block_p, _num_sms(q.device), waves)
     if out is None:
         out = torch.empty_like(q)
     if out.shape != q.shape or out.stride(2) != 1:

@@ -422,7 +422,6 @@ def select_pages_into(
     topk: bool = True,
     topk_chunk: int = TOPK_CHUNK,
     all_heads: bool = False,
-    score: bool = True,
 ) -> torch.Tensor:
     """Write the selected logical pages of every (request, KV head) into `pages_out` [batch, kv_heads, K] int32.
 
@@ -435,9 +434,8 @@ def select_pages_into(
     page * kv_heads + h of the row's i-th selected page (row_start must be the exclusive cumsum of the row counts).
     counters: int32 [>= batch * kv_heads], zero before the first call; the one-launch kernel leaves it zero again.
     pages_per_prog / block_p / num_warps: the scoring tile (`score_tiling`); one_launch=False: the two-launch
-    baseline; topk=False: scoring only, score=False: top-k only over the `scores` a scoring-only call wrote (two-launch
-    path: benchmarks time the parts apart, the engine's two streams interleave them); topk_chunk: pages per chunk
-    of the one-launch top-k (a power of two; tests use small ones to exercise the multi-chunk loop).
+    baseline; topk=False: scoring only (two-launch path; benchmarks time the parts apart); topk_chunk: pages per
+    chunk of the one-launch top-k (a power of two; tests use small ones to exercise the multi-chunk loop).
     all_heads: the two-launch path scores the centroid scorer's pages with one program per (request, page chunk)
     over every KV head (`triton_score_heads`) instead of one per (request, KV head, page chunk).
     Returns the scores buffer [batch, kv_heads, max_pages] (entries past a request's pages are unwritten).
@@ -468,8 +466,6 @@ def select_pages_into(
         raise ValueError(f"counters must be a contiguous int32 tensor of >= {rows} entries (zeros)")
     if topk_chunk < 16 or topk_chunk & (topk_chunk - 1):
         raise ValueError(f"topk_chunk must be a power of two >= 16, got {topk_chunk}")
-    if not score and (one_launch or scores is None):
-        raise ValueError("score=False (top-k only) needs one_launch=False and the scores a scoring call wrote")
     if scores is None:
         scores = torch.empty(batch, kv_heads, max_pages, dtype=torch.float32, device=q.device)
     group = q_heads // kv_heads
@@ -499,12 +495,12 @@ def select_pages_into(
             PDL=pdl, num_warps=warps, **launch_options(pdl),
         )
         return scores
-    if score and all_heads and not quest and not kv_heads & (kv_heads - 1):
+    if all_heads and not quest and not kv_heads & (kv_heads - 1):
         from sparrow_sgl.attention.kernels.triton_score_heads import score_pages_all_heads
 
         score_pages_all_heads(q, block_table, seq_lens, summaries[0], count, scores, page_size=cfg.page_size,
                               sink_pages=cfg.sink_pages, local_pages=cfg.local_pages, bf16=cfg.bf16_centroids)
-    elif score:
+    else:
         _score_pages_kernel[grid](
             q, q.stride(0), q.stride(1), *summaries,
             block_table, block_table.stride(0),
