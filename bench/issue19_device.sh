@@ -65,6 +65,8 @@
 #          0.2-5% slower)
 #   call34: the decode split plan's programs per SM (SPARROW_DECODE_WAVES 2 / 4 / 16 vs the default 8), dense and
 #          sparse, per context: does a short row (few pages per split) want fewer splits?
+#   call35: bench.decode_splits, the decode kernel alone at forced split counts 1-16 on the three models' live
+#          batches, 48-2048 pages per row (the data for a split plan that counts resident waves), with its GPU tests
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -238,6 +240,10 @@ elif [ "$call" = call28 ]; then
 elif [ "$call" = call29 ]; then
   gpu_tests 200 tests/test_kernels_gpu.py tests/test_decode_tiling.py tests/test_graph_decode_gpu.py
   ab_now 300 "+radix=SPARROW_TOPK_SEARCH=radix" ab29
+  tests=""
+elif [ "$call" = call35 ]; then
+  gpu_tests 120 tests/test_decode_splits_bench.py
+  timeout 420 python3 -m bench.decode_splits 2>&1 | tee "$out/decode_splits.jsonl" | grep -v '^{"bench": "decode_splits", "model' | tail -5
   tests=""
 elif [ "$call" = call34 ]; then
   ab_now 420 "+w2=SPARROW_DECODE_WAVES=2,+w4=SPARROW_DECODE_WAVES=4,+w16=SPARROW_DECODE_WAVES=16" ab34 \

@@ -184,11 +184,13 @@ def triton_attend_pages(
     cfg: SparsityConfig,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of q [batch, q_heads, D] over the pages listed per (request, KV head).
 
     pages: [batch, kv_heads or 1, K] logical page indices, the first counts[b, h] of each row attended (any order);
     counts: [batch, kv_heads or 1] int. Size-1 head dims broadcast (dense: one list for all heads).
+    splits: programs per row (None: `plan_splits`); benchmarks force it to measure the plan.
     """
     batch, q_heads, head_dim = q.shape
     k_hnd, v_hnd = to_hnd(k_cache, cfg), to_hnd(v_cache, cfg)
@@ -203,7 +205,10 @@ def triton_attend_pages(
     group = q_heads // kv_heads
     waves, block_p = decode_tiling(cfg.page_size)
     stages, prefetch, warps = decode_pipeline()
-    splits, _ = plan_splits(batch * kv_heads, pages.shape[2], block_p, _num_sms(q.device), waves)
+    if splits is None:
+        splits, _ = plan_splits(batch * kv_heads, pages.shape[2], block_p, _num_sms(q.device), waves)
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
     if out is None:
         out = torch.empty_like(q)
     if out.shape != q.shape or out.stride(2) != 1:
