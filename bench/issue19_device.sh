@@ -67,6 +67,9 @@
 #          sparse, per context: does a short row (few pages per split) want fewer splits?
 #   call35: bench.decode_splits, the decode kernel alone at forced split counts 1-16 on the three models' live
 #          batches, 48-2048 pages per row (the data for a split plan that counts resident waves), with its GPU tests
+#   call36: the resident-wave split plan (new default; live rows, the fitted model) vs the earlier rule (+w8 =
+#          SPARROW_DECODE_WAVES=8), dense and sparse, A/B in one process, with the decode and engine GPU tests first
+#   call37: call20's run on session 17's tree (the committed rows)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -240,6 +243,14 @@ elif [ "$call" = call28 ]; then
 elif [ "$call" = call29 ]; then
   gpu_tests 200 tests/test_kernels_gpu.py tests/test_decode_tiling.py tests/test_graph_decode_gpu.py
   ab_now 300 "+radix=SPARROW_TOPK_SEARCH=radix" ab29
+  tests=""
+elif [ "$call" = call36 ]; then
+  gpu_tests 200 tests/test_decode_tiling.py tests/test_graph_decode_gpu.py tests/test_engine_gpu.py \
+    tests/test_decode_splits_bench.py
+  ab_now 360 "+w8=SPARROW_DECODE_WAVES=8" ab36 dense-triton,sparse-triton,sparse-triton@0.80
+  tests=""
+elif [ "$call" = call37 ]; then
+  shipped_rows 560
   tests=""
 elif [ "$call" = call35 ]; then
   gpu_tests 120 tests/test_decode_splits_bench.py

@@ -152,3 +152,29 @@ def test_bad_decode_pipeline_settings_are_clear_errors(monkeypatch, env, value):
     monkeypatch.setenv(env, value)
     with pytest.raises(ValueError, match=env):
         decode_pipeline()
+
+
+@needs_triton
+def test_the_split_plan_counts_resident_waves_of_live_rows(monkeypatch):
+    """The resident-wave plan at the shapes bench.decode_splits timed on an H200 (132 SMs, 4 programs each): the
+    split counts it picks there (NOTES.md, session 17), and SPARROW_DECODE_WAVES restores the earlier rule."""
+    from sparrow_sgl.attention.kernels.triton_decode import WAVES_ENV, decode_tiling, plan_splits
+
+    monkeypatch.delenv(WAVES_ENV, raising=False)
+    picks = {rows: [plan_splits(rows, pages, 4, 132)[0] for pages in (48, 192, 384, 2048)]
+             for rows in (34 * 8, 25 * 8, 24 * 8)}
+    assert picks == {272: [1, 3, 7, 9], 200: [2, 2, 5, 5], 192: [2, 2, 5, 8]}
+    assert plan_splits(25 * 8, 2048, 4, 132, waves=8)[0] == 6  # the earlier rule: ceil(8 x 132 / 200)
+    assert decode_tiling(16) == (None, 4)
+    monkeypatch.setenv(WAVES_ENV, "8")
+    assert decode_tiling(16) == (8, 4)
+
+
+@needs_triton
+@pytest.mark.parametrize("value", ["0", "four"])
+def test_bad_resident_programs_setting_is_a_clear_error(monkeypatch, value):
+    from sparrow_sgl.attention.kernels.triton_decode import RESIDENT_ENV, plan_splits
+
+    monkeypatch.setenv(RESIDENT_ENV, value)
+    with pytest.raises(ValueError, match=RESIDENT_ENV):
+        plan_splits(200, 2048, 4, 132)

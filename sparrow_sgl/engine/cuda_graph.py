@@ -360,7 +360,7 @@ class DecodeStep:
             if self.fi_dense is not None:
                 return self.fi_dense.run(q, layer.k_cache, layer.v_cache)
             return triton_attend_pages(q, layer.k_cache, layer.v_cache, self.block_table, self.seq_lens,
-                                       self.dense_pages, self.dense_counts, cfg, layer.scale)
+                                       self.dense_pages, self.dense_counts, cfg, layer.scale, plan_rows=self._live_rows)
         use_centroid = centroid is not None and cfg.bf16_centroids
         select_pages_into(
             q, self.block_table, self.seq_lens, self.budget_pages, cfg, self.pages,
@@ -372,7 +372,13 @@ class DecodeStep:
         if self.fi_sparse is not None:
             return self.fi_sparse.run(q, layer.k_cache, layer.v_cache)
         return triton_attend_pages(q, layer.k_cache, layer.v_cache, self.block_table, self.seq_lens, self.pages,
-                                   self.sparse_counts, cfg, layer.scale)
+                                   self.sparse_counts, cfg, layer.scale, plan_rows=self._live_rows)
+
+    @property
+    def _live_rows(self) -> int:
+        """(request, KV head) rows of the live requests: the decode split plan counts these (the padding rows'
+        programs exit at once), as loaded when the step is captured or run eagerly."""
+        return max(self.n_live, 1) * self.runner.kv_heads
 
 
 @dataclass

@@ -3,9 +3,8 @@
 Split-KV (flash-decoding): grid (batch * kv_heads, splits). A program takes one (request, KV head), all query heads
 of its GQA group at once (a [group, D] x [D, tokens] product on the tensor cores), and every SPLITS-th chunk of the
 row's selected pages (each row's own count is split evenly, so one fixed grid suits a CUDA graph); it keeps
-an online softmax and writes its partial output and log-sum-exp. A second kernel merges the splits; when the
-(request, KV head) rows alone give every SM `SPARROW_DECODE_WAVES` programs (default 8) there is one split and the
-kernel writes the output directly (one launch, no partials).
+an online softmax and writes its partial output and log-sum-exp. A second kernel merges the splits; with one split
+(`plan_splits` counts the resident waves of programs) the kernel writes the output directly (one launch).
 Works on either cache layout through strides.
 """
 
@@ -127,23 +126,39 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-WAVES_ENV = "SPARROW_DECODE_WAVES"  # programs per SM the split plan aims for
+WAVES_ENV = "SPARROW_DECODE_WAVES"  # set: the earlier split rule, aiming for this many programs per SM
+RESIDENT_ENV = "SPARROW_DECODE_RESIDENT"  # decode programs one SM holds at once (default 4)
 STAGES_ENV = "SPARROW_DECODE_STAGES"  # software-pipeline stages of the decode loop (Triton num_stages)
 PREFETCH_ENV = "SPARROW_DECODE_PREFETCH"  # 1 (default): each iteration loads the next chunk's page ids
 DECODE_WARPS_ENV = "SPARROW_DECODE_WARPS"  # warps per decode program (default 4)
 BLOCK_ENV = "SPARROW_DECODE_BLOCK_PAGES"  # pages per loop iteration of a program (default 64 tokens' worth)
-# 8 (was 2): on an H200 the padded decode batches (32-64 requests x 8 KV heads) left 1-3 long programs per SM and
-# the last ones ran alone; 8 per SM measured 2-5% faster dense and sparse steps at 8K-32K (NOTES.md, phase 5).
-DEFAULT_WAVES = 8
+# 128 registers x 128 threads (4 warps, head_dim 128, bf16): 4 programs per H100 / H200 SM (bench.kernel_resources)
+DEFAULT_RESIDENT = 4
+MAX_SPLITS = 16
+# The resident-wave plan's model. Costs in chunk-times (one chunk: BLOCK_P pages of one row): a program's own start
+# and partial store, the merge launch, and each split's partials; a last wave holding fewer programs still takes
+# TAIL_WAVE of a full one. Fitted to bench.decode_splits on an H200 (NOTES.md, session 17): the plan's split count
+# is the fastest measured at 16 of its 21 shapes and within 2.3% of it at the others.
+PROGRAM_COST, MERGE_COST, SPLIT_COST, TAIL_WAVE = 2.0, 2.0, 0.5, 0.9
 
 
-def decode_tiling(page_size: int) -> tuple[int, int]:
-    """(programs per SM to aim for, pages per iteration), read when a launch is built (or captured)."""
-    waves = int(os.environ.get(WAVES_ENV, "").strip() or DEFAULT_WAVES)
+def decode_tiling(page_size: int) -> tuple[int | None, int]:
+    """(programs per SM of the earlier split rule, or None for the resident-wave plan; pages per iteration), read
+    when a launch is built (or captured)."""
+    text = os.environ.get(WAVES_ENV, "").strip()
+    waves = int(text) if text else None
     block_p = int(os.environ.get(BLOCK_ENV, "").strip() or max(1, 64 // page_size))
-    if waves < 1 or block_p < 1 or block_p & (block_p - 1):
+    if (waves is not None and waves < 1) or block_p < 1 or block_p & (block_p - 1):
         raise ValueError(f"{WAVES_ENV}={waves} must be >= 1 and {BLOCK_ENV}={block_p} a power of two")
     return waves, block_p
+
+
+def resident_programs() -> int:
+    """Decode programs one SM holds at once: `SPARROW_DECODE_RESIDENT` (default 4)."""
+    text = os.environ.get(RESIDENT_ENV, "").strip() or str(DEFAULT_RESIDENT)
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{RESIDENT_ENV}={text!r} must be an integer >= 1")
+    return int(text)
 
 
 def decode_pipeline() -> tuple[int, bool, int]:
@@ -164,11 +179,28 @@ def decode_pipeline() -> tuple[int, bool, int]:
     return int(stages), prefetch == "1", int(warps)
 
 
-def plan_splits(rows: int, max_entries: int, block_p: int, num_sms: int, waves: int = DEFAULT_WAVES
+def plan_splits(rows: int, max_entries: int, block_p: int, num_sms: int, waves: int | None = None
                 ) -> tuple[int, int]:
-    """(splits, pages per split): enough programs to fill the GPU `waves` times over, each with >= block_p pages."""
+    """(splits, pages per split) of a launch over `rows` live (request, KV head) rows of <= max_entries pages.
+
+    Default, the resident-wave plan: the GPU runs its `resident_programs()` x SMs programs in waves, and a wave of
+    long programs only partly filled leaves the DRAM idle (3 splits of 200 rows: 27% slower than 5). Among 1..16
+    splits it picks the fewest with the least modelled time: waves x (chunks per program + PROGRAM_COST), + MERGE_COST
+    + SPLIT_COST per split when split. waves given (`SPARROW_DECODE_WAVES`): the earlier rule, enough programs to
+    fill every SM `waves` times over, counting padding rows as live ones."""
     chunks = max(triton.cdiv(max_entries, block_p), 1)
-    splits = min(max(triton.cdiv(waves * num_sms, rows), 1), chunks)
+    if waves is not None:
+        splits = min(max(triton.cdiv(waves * num_sms, rows), 1), chunks)
+    else:
+        slots, rows = num_sms * resident_programs(), max(rows, 1)
+
+        def modelled(s: int) -> tuple[float, int]:
+            full, tail = divmod(rows * s, slots)
+            wave_count = full + (max(tail / slots, TAIL_WAVE) if tail else 0)
+            merge = MERGE_COST + SPLIT_COST * s if s > 1 else 0.0
+            return wave_count * (triton.cdiv(chunks, s) + PROGRAM_COST) + merge, s
+
+        splits = min(range(1, min(chunks, MAX_SPLITS) + 1), key=modelled)
     pages_per_split = triton.cdiv(chunks, splits) * block_p
     return triton.cdiv(max(max_entries, 1), pages_per_split), pages_per_split
 
@@ -185,12 +217,15 @@ def triton_attend_pages(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     splits: int | None = None,
+    plan_rows: int | None = None,
 ) -> torch.Tensor:
     """Attention of q [batch, q_heads, D] over the pages listed per (request, KV head).
 
     pages: [batch, kv_heads or 1, K] logical page indices, the first counts[b, h] of each row attended (any order);
     counts: [batch, kv_heads or 1] int. Size-1 head dims broadcast (dense: one list for all heads).
-    splits: programs per row (None: `plan_splits`); benchmarks force it to measure the plan.
+    splits: programs per row (None: `plan_splits`); benchmarks force it to measure the plan. plan_rows: the live
+    rows the plan counts (default batch x KV heads; a CUDA-graph step passes its real requests', since its padding
+    rows' programs exit at once).
     """
     batch, q_heads, head_dim = q.shape
     k_hnd, v_hnd = to_hnd(k_cache, cfg), to_hnd(v_cache, cfg)
@@ -206,7 +241,7 @@ def triton_attend_pages(
     waves, block_p = decode_tiling(cfg.page_size)
     stages, prefetch, warps = decode_pipeline()
     if splits is None:
-        splits, _ = plan_splits(batch * kv_heads, pages.shape[2], block_p, _num_sms(q.device), waves)
+        splits, _ = plan_splits(plan_rows or batch * kv_heads, pages.shape[2], block_p, _num_sms(q.device), waves)
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
     if out is None:
