@@ -224,8 +224,8 @@ def triton_attend_pages(
     pages: [batch, kv_heads or 1, K] logical page indices, the first counts[b, h] of each row attended (any order);
     counts: [batch, kv_heads or 1] int. Size-1 head dims broadcast (dense: one list for all heads).
     splits: programs per row (None: `plan_splits`); benchmarks force it to measure the plan. plan_rows: the live
-    rows the plan counts (default batch x KV heads; a CUDA-graph step passes its real requests', since its padding
-    rows' programs exit at once).
+    rows the resident-wave plan counts (default batch x KV heads; a CUDA-graph step passes its real requests',
+    since its padding rows' programs exit at once; the earlier rule, `SPARROW_DECODE_WAVES`, counts every row).
     """
     batch, q_heads, head_dim = q.shape
     k_hnd, v_hnd = to_hnd(k_cache, cfg), to_hnd(v_cache, cfg)
@@ -241,7 +241,8 @@ def triton_attend_pages(
     waves, block_p = decode_tiling(cfg.page_size)
     stages, prefetch, warps = decode_pipeline()
     if splits is None:
-        splits, _ = plan_splits(plan_rows or batch * kv_heads, pages.shape[2], block_p, _num_sms(q.device), waves)
+        rows = batch * kv_heads if waves is not None else plan_rows or batch * kv_heads  # the earlier rule: all rows
+        splits, _ = plan_splits(rows, pages.shape[2], block_p, _num_sms(q.device), waves)
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
     if out is None:
