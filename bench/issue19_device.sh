@@ -69,9 +69,10 @@
 #          batches, 48-2048 pages per row (the data for a split plan that counts resident waves), with its GPU tests
 #   call36: the resident-wave split plan (new default; live rows, the fitted model) vs the earlier rule (+w8 =
 #          SPARROW_DECODE_WAVES=8), dense and sparse, A/B in one process, with the decode and engine GPU tests first
-#          (ran on 2c6bde7, where +w8 applied the earlier rule to the live rows, not every row: not the old plan)
+#          (ran on 41f7be5, where +w8 applied the earlier rule to the live rows, not every row: not the old plan)
 #   call36b: call36's A/B again, +w8 now exactly the earlier plan (every row counted)
 #   call37: call20's run on session 17's tree (the committed rows)
+#   call38: the GPU tests of the decode kernels, their tiling and PDL on session 17's final tree
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -253,6 +254,9 @@ elif [ "$call" = call36 ]; then
   tests=""
 elif [ "$call" = call36b ]; then
   ab_now 360 "+w8=SPARROW_DECODE_WAVES=8" ab36b dense-triton,sparse-triton,sparse-triton@0.80
+  tests=""
+elif [ "$call" = call38 ]; then
+  gpu_tests 230 tests/test_decode_tiling.py tests/test_kernels_gpu.py tests/test_pdl.py tests/test_attention.py
   tests=""
 elif [ "$call" = call37 ]; then
   shipped_rows 560
