@@ -73,6 +73,7 @@
 #   call36b: call36's A/B again, +w8 now exactly the earlier plan (every row counted)
 #   call37: call20's run on session 17's tree (the committed rows)
 #   call38: the GPU tests of the decode kernels, their tiling and PDL on session 17's final tree
+#   call39: the SGLang graph decode state's Triton path (all-heads scoring now) against its torch reference
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -254,6 +255,9 @@ elif [ "$call" = call36 ]; then
   tests=""
 elif [ "$call" = call36b ]; then
   ab_now 360 "+w8=SPARROW_DECODE_WAVES=8" ab36b dense-triton,sparse-triton,sparse-triton@0.80
+  tests=""
+elif [ "$call" = call39 ]; then
+  gpu_tests 100 tests/test_graph_state_gpu.py
   tests=""
 elif [ "$call" = call38 ]; then
   gpu_tests 230 tests/test_decode_tiling.py tests/test_kernels_gpu.py tests/test_pdl.py tests/test_attention.py

@@ -18,8 +18,9 @@ as `Schedule.budget_at`) and the attended-token accounting from `req_pool_indice
 accumulates per slot on the device (padded rows add zero) and is read once, when the request's report is popped
 (or earlier, when a retracted request's slot changes hands: `RequestRegistry.bind_slot`).
 Reused pieces of the embedded engine's graph decode (`engine/cuda_graph.py`): the per-bin page table of a schedule
-and the Triton kernels (`select_pages_into`, `triton_attend_pages`, `append_decode`). On CPU the same buffers feed
-the torch reference (`sparse_decode`), which is how the CPU tests drive the hooks.
+and the Triton kernels (`select_pages_into` with the engine's scoring launch, `triton_attend_pages`,
+`append_decode`). On CPU the same buffers feed the torch reference (`sparse_decode`), which is how the CPU tests
+drive the hooks.
 """
 
 from __future__ import annotations
@@ -142,12 +143,14 @@ class GraphDecodeState:
             return sparse_decode(q, k_cache, v_cache, block_table, seq_lens, budget * cfg.page_size, cfg,
                                  summaries=summaries, scale=scale)
         from sparrow_sgl.attention.kernels.triton_decode import triton_attend_pages
+        from sparrow_sgl.attention.kernels.triton_score_heads import use_all_heads
         from sparrow_sgl.attention.kernels.triton_select import select_pages_into
 
         pages = self.pages[:bs]
         select_pages_into(q, block_table, seq_lens, budget, cfg, pages, key_sum=summaries.key_sum,
                           count=summaries.count, key_min=summaries.key_min, key_max=summaries.key_max,
-                          scores=self.scores[:bs], counters=self.counters, one_launch=self.one_launch_select)
+                          scores=self.scores[:bs], counters=self.counters, one_launch=self.one_launch_select,
+                          all_heads=use_all_heads())
         counts = budget[:, None]  # every KV head of a row keeps the row's page count (size-1 dim broadcasts)
         out = triton_attend_pages(q.to(k_cache.dtype), k_cache, v_cache, block_table, seq_lens, pages, counts, cfg,
                                   scale)
