@@ -74,6 +74,8 @@
 #   call37: call20's run on session 17's tree (the committed rows)
 #   call38: the GPU tests of the decode kernels, their tiling and PDL on session 17's final tree
 #   call39: the SGLang graph decode state's Triton path (all-heads scoring now) against its torch reference
+#   call40 (prepared, not run): graph batch sizes in steps of 8 again (+g8), now that the split plan counts live
+#          rows (session 7 measured them 4-5% slower under the earlier plan)
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -255,6 +257,10 @@ elif [ "$call" = call36 ]; then
   tests=""
 elif [ "$call" = call36b ]; then
   ab_now 360 "+w8=SPARROW_DECODE_WAVES=8" ab36b dense-triton,sparse-triton,sparse-triton@0.80
+  tests=""
+elif [ "$call" = call40 ]; then
+  ab_now 360 "+g8=SPARROW_GRAPH_BATCHES=1:2:4:8:16:24:32:40:48:56:64:128:256" ab40 \
+    dense-triton,sparse-triton,sparse-triton@0.80
   tests=""
 elif [ "$call" = call39 ]; then
   gpu_tests 100 tests/test_graph_state_gpu.py

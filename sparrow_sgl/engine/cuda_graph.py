@@ -42,7 +42,9 @@ GRAPH_BATCHES_ENV = "SPARROW_GRAPH_BATCHES"
 WIDTH_ENV = "SPARROW_TABLE_WIDTH"  # "reached" (default) or "allocated": what sizes a step's block table (step_width)
 # Powers of two. Finer sizes (steps of 8, as vLLM's and SGLang's lists) measured 4-5% slower sparse rollouts on an
 # H200 for 1.7B (34 -> 40 rows) and 8B (24 rows): the decode split plan (triton_decode.plan_splits) then puts just
-# over 8 programs per SM and a tail wave runs alone; idle padding rows exit at once (bench/results/NOTES.md, session 7)
+# over 8 programs per SM and a tail wave runs alone; idle padding rows exit at once (bench/results/NOTES.md, session 7).
+# Since session 17 the plan counts live rows and resident waves, so the padding no longer sets it; finer sizes
+# (less work in the other per-row kernels) are unmeasured since (e.g. SPARROW_GRAPH_BATCHES=1:2:4:8:16:24:32:40:48:64).
 PADDED_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MAX_BINS = 256  # budget bins a graph's device table holds (the last bin repeats past a schedule's end)
 MIN_WIDTH = 16  # smallest block-table width (pages) of a captured step
