@@ -76,6 +76,8 @@
 #   call39: the SGLang graph decode state's Triton path (all-heads scoring now) against its torch reference
 #   call40 (prepared, not run): graph batch sizes in steps of 8 again (+g8), now that the split plan counts live
 #          rows (session 7 measured them 4-5% slower under the earlier plan)
+#   call41 (prepared, not run): the engine's decode GPU tests with steps keyed by their live rows' split plan (a graph
+#          per plan, new in session 17 after call39), then the drained rollouts of the shipped variants
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
 set -o pipefail
 call=${1:-call2}
@@ -257,6 +259,12 @@ elif [ "$call" = call36 ]; then
   tests=""
 elif [ "$call" = call36b ]; then
   ab_now 360 "+w8=SPARROW_DECODE_WAVES=8" ab36b dense-triton,sparse-triton,sparse-triton@0.80
+  tests=""
+elif [ "$call" = call41 ]; then
+  gpu_tests 200 tests/test_graph_decode_gpu.py tests/test_engine_gpu.py tests/test_engine_overlap.py
+  timeout 360 python3 -m bench.decode_e2e --models $models --contexts $contexts --presets 0.86,0.80 \
+    --variants dense-triton,sparse-triton --unfused '' --wall-reps 0 --drain --results-dir /tmp/drain41 2>&1 \
+    | grep -v "it/s]" | grep -v '^{' | tee "$out/e2e.log"
   tests=""
 elif [ "$call" = call40 ]; then
   ab_now 360 "+g8=SPARROW_GRAPH_BATCHES=1:2:4:8:16:24:32:40:48:56:64:128:256" ab40 \

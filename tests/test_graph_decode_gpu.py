@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,14 +16,16 @@ import torch
 from engine_helpers import random_prompts
 from triton_helpers import HAS_TRITON, INTERPRET
 
-from sparrow_sgl.config import EngineConfig, Schedule
+from sparrow_sgl.config import EngineConfig, Schedule, SparsityConfig
 from sparrow_sgl.engine import Engine, SamplingParams
 from sparrow_sgl.engine.cuda_graph import (
     GRAPH_BATCHES_ENV,
     MAX_BINS,
     MODE_ENV,
     WIDTH_ENV,
+    GraphDecodeRunner,
     budget_table,
+    decode_splits,
     host_budget_pages,
     make_gpu_decoder,
     padded_batch,
@@ -60,6 +63,26 @@ def test_step_width_follows_the_pages_reached_not_the_pages_allocated(monkeypatc
     monkeypatch.setenv(WIDTH_ENV, "longest")
     with pytest.raises(ValueError, match=WIDTH_ENV):
         step_width(tables, [0, 5], 16)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_a_step_is_keyed_by_the_split_plan_of_its_live_requests(monkeypatch):
+    """The decode programs per row come from the live requests (an H200: 132 SMs), not the padded batch, so a batch
+    shrinking within its padded size captures another graph when its plan changes; SPARROW_DECODE_WAVES restores
+    the earlier rule over the padded rows."""
+    monkeypatch.delenv("SPARROW_DECODE_WAVES", raising=False)
+    assert decode_splits(34, 8, 2048, 256, 16, 132) == (9, 5)  # 272 live rows of a padded 64
+    assert decode_splits(25, 8, 2048, 512, 16, 132) == (5, 5)  # 200 of 256
+    assert decode_splits(13, 8, 2048, None, 16, 132) == (5, 0)  # no sparse layers
+    assert decode_splits(20, 8, 2048, 512, 16, 132) != decode_splits(25, 8, 2048, 512, 16, 132)  # same padded 32
+    runner = SimpleNamespace(dense_backend="triton", sparse_backend="flashinfer", kv_heads=8,
+                             device=torch.device("cpu"))
+    cfg = SparsityConfig(page_size=16)
+    assert GraphDecodeRunner._decode_splits(runner, 25, 2048, 512, cfg) == (5, 0)  # FlashInfer attends sparse layers
+    runner.dense_backend = "flashinfer"
+    assert GraphDecodeRunner._decode_splits(runner, 25, 2048, 512, cfg) == (0, 0)
+    monkeypatch.setenv("SPARROW_DECODE_WAVES", "8")
+    assert decode_splits(34, 8, 2048, 256, 16, 132) == (3, 3)
 
 
 @pytest.mark.parametrize("schedule", [

@@ -149,11 +149,26 @@ class StepKey:
     k_cols: int
     sparsity: tuple
     sample_topk: int = -1
+    splits: tuple[int, int] = (0, 0)  # Triton decode programs per row: dense launches, sparse launches (0: none)
 
     @staticmethod
-    def of(n: int, width: int, k_cols: int | None, cfg: SparsityConfig, sample_topk: int = -1) -> StepKey:
+    def of(n: int, width: int, k_cols: int | None, cfg: SparsityConfig, sample_topk: int = -1,
+           splits: tuple[int, int] = (0, 0)) -> StepKey:
         settings = (cfg.page_size, cfg.sink_pages, cfg.local_pages, cfg.scorer, tuple(cfg.dense_layers))
-        return StepKey(padded_batch(n), width, k_cols is not None, k_cols or 0, settings, sample_topk)
+        return StepKey(padded_batch(n), width, k_cols is not None, k_cols or 0, settings, sample_topk, splits)
+
+
+def decode_splits(n: int, kv_heads: int, width: int, k_cols: int | None, page_size: int, sms: int) -> tuple[int, int]:
+    """The Triton decode's programs per row for a step of n live requests: (dense launches over `width` pages,
+    sparse launches over `k_cols`; 0 without sparse layers). The plan counts the live rows, since a padded batch's
+    padding rows exit at once (`triton_decode.plan_splits`; `SPARROW_DECODE_WAVES`: the earlier rule, every row), so
+    a graph is captured per plan: a batch that shrinks within its padded size gets the plan of its live rows."""
+    from sparrow_sgl.attention.kernels.triton_decode import decode_tiling, plan_splits
+
+    waves, block_p = decode_tiling(page_size)
+    rows = (padded_batch(n) if waves is not None else max(n, 1)) * kv_heads
+    dense = plan_splits(rows, width, block_p, sms, waves)[0]
+    return dense, plan_splits(rows, k_cols, block_p, sms, waves)[0] if k_cols else 0
 
 
 class DecodeStep:
@@ -362,7 +377,8 @@ class DecodeStep:
             if self.fi_dense is not None:
                 return self.fi_dense.run(q, layer.k_cache, layer.v_cache)
             return triton_attend_pages(q, layer.k_cache, layer.v_cache, self.block_table, self.seq_lens,
-                                       self.dense_pages, self.dense_counts, cfg, layer.scale, plan_rows=self._live_rows)
+                                       self.dense_pages, self.dense_counts, cfg, layer.scale,
+                                       splits=self.key.splits[0] or None)
         use_centroid = centroid is not None and cfg.bf16_centroids
         select_pages_into(
             q, self.block_table, self.seq_lens, self.budget_pages, cfg, self.pages,
@@ -374,13 +390,7 @@ class DecodeStep:
         if self.fi_sparse is not None:
             return self.fi_sparse.run(q, layer.k_cache, layer.v_cache)
         return triton_attend_pages(q, layer.k_cache, layer.v_cache, self.block_table, self.seq_lens, self.pages,
-                                   self.sparse_counts, cfg, layer.scale, plan_rows=self._live_rows)
-
-    @property
-    def _live_rows(self) -> int:
-        """(request, KV head) rows of the live requests: the decode split plan counts these (the padding rows'
-        programs exit at once), as loaded when the step is captured or run eagerly."""
-        return max(self.n_live, 1) * self.runner.kv_heads
+                                   self.sparse_counts, cfg, layer.scale, splits=self.key.splits[1] or None)
 
 
 @dataclass
@@ -521,7 +531,7 @@ class GraphDecodeRunner:
             self._load_schedule(table, schedule.bin_tokens)
         if sparsity.bf16_centroids and not schedule.is_dense:
             self.keep_bf16_centroids()
-        key = StepKey.of(n, width, k_cols, sparsity, topk)
+        key = StepKey.of(n, width, k_cols, sparsity, topk, splits=self._decode_splits(n, width, k_cols, sparsity))
         step = self.steps.get(key)
         if step is None:
             step = self.steps[key] = DecodeStep(self, key, sparsity)
@@ -530,6 +540,15 @@ class GraphDecodeRunner:
         self._run(step)
         self.last_step = step
         return step
+
+    def _decode_splits(self, n: int, width: int, k_cols: int | None, cfg: SparsityConfig) -> tuple[int, int]:
+        """`decode_splits` of the launches that run the Triton decode (0 where FlashInfer attends)."""
+        if self.dense_backend != "triton" and (k_cols is None or self.sparse_backend != "triton"):
+            return 0, 0
+        from sparrow_sgl.attention.kernels.triton_decode import num_sms
+
+        dense, sparse = decode_splits(n, self.kv_heads, width, k_cols, cfg.page_size, num_sms(self.device))
+        return (dense if self.dense_backend == "triton" else 0), (sparse if self.sparse_backend == "triton" else 0)
 
     def _load_schedule(self, table: np.ndarray, bin_tokens: int) -> None:
         if bin_tokens != self.host_bin_tokens or not np.array_equal(table, self.host_table):

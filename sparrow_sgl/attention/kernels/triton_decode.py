@@ -120,7 +120,7 @@ def _merge_splits_kernel(
     tl.store(out_ptr + b * stride_ob + (row % Q_HEADS) * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -217,15 +217,13 @@ def triton_attend_pages(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     splits: int | None = None,
-    plan_rows: int | None = None,
 ) -> torch.Tensor:
     """Attention of q [batch, q_heads, D] over the pages listed per (request, KV head).
 
     pages: [batch, kv_heads or 1, K] logical page indices, the first counts[b, h] of each row attended (any order);
     counts: [batch, kv_heads or 1] int. Size-1 head dims broadcast (dense: one list for all heads).
-    splits: programs per row (None: `plan_splits`); benchmarks force it to measure the plan. plan_rows: the live
-    rows the resident-wave plan counts (default batch x KV heads; a CUDA-graph step passes its real requests',
-    since its padding rows' programs exit at once; the earlier rule, `SPARROW_DECODE_WAVES`, counts every row).
+    splits: programs per row (None: `plan_splits` over every row). A CUDA-graph step passes the plan of its live
+    requests' rows (its padding rows' programs exit at once); benchmarks force it to measure the plan.
     """
     batch, q_heads, head_dim = q.shape
     k_hnd, v_hnd = to_hnd(k_cache, cfg), to_hnd(v_cache, cfg)
@@ -241,8 +239,7 @@ def triton_attend_pages(
     waves, block_p = decode_tiling(cfg.page_size)
     stages, prefetch, warps = decode_pipeline()
     if splits is None:
-        rows = batch * kv_heads if waves is not None else plan_rows or batch * kv_heads  # the earlier rule: all rows
-        splits, _ = plan_splits(rows, pages.shape[2], block_p, _num_sms(q.device), waves)
+        splits, _ = plan_splits(batch * kv_heads, pages.shape[2], block_p, num_sms(q.device), waves)
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
     if out is None:
