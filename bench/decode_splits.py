@@ -1,6 +1,7 @@
 """The decode kernel's split plan, measured: one attention layer's Triton decode (+ split merge) at forced splits.
 
-    python -m bench.decode_splits [--models qwen3-1.7b,qwen3-4b,qwen3-8b --entries 48,96,2048 --splits 1,2,3,5]
+    python -m bench.decode_splits [--models qwen3-1.7b,qwen3-4b,qwen3-8b --entries 48,96,2048 --splits 1,2,3,5
+                                   --live 16,12,8]
 
 Each (request, KV head) row runs `splits` programs, so a launch has live rows x splits real programs; the GPU holds
 only so many at once (`resident`: SMs x programs per SM of the compiled kernel), and a last, part-filled wave of
@@ -10,7 +11,8 @@ requests, padded to the graph's 64 / 32 / 32 rows; padding rows attend one page,
 row attending `entries` pages (a sparse budget or a dense row) scattered over a pool, for each forced split count.
 Two KV pools alternate in the captured chain so no launch reads what the previous one left in L2. Prints one JSON
 line per (model, entries, splits): microseconds per layer, the bytes floor at the copy bandwidth, and the split
-count the engine's plan (`triton_decode.plan_splits`) picks there; then the compiled kernels' resources.
+count the engine's plan (`triton_decode.plan_splits`) picks there; then the compiled kernels' resources. `--live`
+also times smaller live batches (a drained rollout's), padded as the engine pads them.
 """
 
 from __future__ import annotations
@@ -23,14 +25,19 @@ import torch
 from bench.common import copy_bandwidth_gbs, device_info, graph_time_us, parse_ints, require_cuda
 from bench.kernel_resources import compiled_resources
 
-# model: (live requests, padded graph rows, q heads, KV heads); head_dim 128, bf16, 16-token pages
-SHAPES = {"qwen3-1.7b": (34, 64, 16, 8), "qwen3-4b": (25, 32, 32, 8), "qwen3-8b": (24, 32, 32, 8)}
+# model: (live requests of the benchmark's batch, q heads, KV heads); head_dim 128, bf16, 16-token pages
+SHAPES = {"qwen3-1.7b": (34, 16, 8), "qwen3-4b": (25, 32, 8), "qwen3-8b": (24, 32, 8)}
 PAGE, HEAD_DIM = 16, 128
 
 
-def problem(model: str, entries: int, device: str = "cuda") -> dict:
-    """Inputs of one layer's decode at `model`'s batch, every live row attending `entries` pages (two KV pools)."""
-    live, rows, q_heads, kv_heads = SHAPES[model]
+def problem(model: str, entries: int, device: str = "cuda", live: int | None = None) -> dict:
+    """Inputs of one layer's decode at `model`'s batch (or `live` requests in the engine's padded batch), every live
+    row attending `entries` pages (two KV pools)."""
+    from sparrow_sgl.engine.cuda_graph import padded_batch
+
+    live_default, q_heads, kv_heads = SHAPES[model]
+    live = live or live_default
+    rows = padded_batch(live)  # the engine's graph batch (powers of two by default)
     pool = live * entries + 1  # page 0: the padding rows' page
     perm = torch.randperm(pool - 1, device=device).int() + 1
     block_table = torch.zeros(rows, entries, dtype=torch.int32, device=device)
@@ -44,7 +51,7 @@ def problem(model: str, entries: int, device: str = "cuda") -> dict:
     q = torch.randn(rows, q_heads, HEAD_DIM, dtype=torch.bfloat16, device=device)
     kv_bytes = 2 * live * entries * PAGE * kv_heads * HEAD_DIM * 2
     return dict(q=q, caches=caches, block_table=block_table, seq_lens=seq_lens, pages=pages, counts=counts,
-                kv_bytes=kv_bytes, rows=rows * kv_heads)
+                kv_bytes=kv_bytes, rows=rows * kv_heads, live_rows=live * kv_heads, live=live)
 
 
 def time_layer_us(p: dict, splits: int, chain: int = 8) -> float:
@@ -66,11 +73,12 @@ def time_layer_us(p: dict, splits: int, chain: int = 8) -> float:
 
 
 def planned_splits(p: dict, entries: int) -> int:
+    """The engine's split count for this problem: its plan over the live rows (`SPARROW_DECODE_WAVES`: every row)."""
     from sparrow_sgl.attention.kernels.triton_decode import decode_tiling, plan_splits
 
     waves, block_p = decode_tiling(PAGE)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    return plan_splits(p["rows"], entries, block_p, sms, waves)[0]
+    return plan_splits(p["rows"] if waves is not None else p["live_rows"], entries, block_p, sms, waves)[0]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,26 +86,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default=",".join(SHAPES))
     ap.add_argument("--entries", default="48,96,192,384,512,1024,2048", help="pages each live row attends")
     ap.add_argument("--splits", default="1,2,3,4,5,6,7,8,9,10,12,14,16")
+    ap.add_argument("--live", default="", help="live requests to time besides each model's batch, e.g. 16,12,8")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in SHAPES]
     entries, splits = parse_ints(args.entries), parse_ints(args.splits)
-    if unknown or not models or min(entries) < 1 or min(splits) < 1:
-        ap.error(f"--models from {sorted(SHAPES)} (unknown: {unknown}); --entries and --splits must be >= 1")
+    lives = parse_ints(args.live) if args.live.strip() else []
+    if unknown or not models or min(entries) < 1 or min(splits) < 1 or min(lives, default=1) < 1:
+        ap.error(f"--models from {sorted(SHAPES)} (unknown: {unknown}); --entries, --splits and --live must be >= 1")
     require_cuda()
     bw = copy_bandwidth_gbs()
     print(json.dumps({"bench": "decode_splits", **device_info(), "copy_bw_gbs": bw}), flush=True)
     for model in models:
-        for n in entries:
-            p = problem(model, n)
-            planned = planned_splits(p, n)
-            for s in splits:
-                us = time_layer_us(p, s)
-                print(json.dumps({"bench": "decode_splits", "model": model, "entries": n, "splits": s,
-                                  "us": round(us, 2), "floor_us": round(p["kv_bytes"] / bw / 1e3, 2),
-                                  "planned": planned}), flush=True)
-            del p
-            torch.cuda.empty_cache()
+        for live in [SHAPES[model][0], *lives]:
+            for n in entries:
+                p = problem(model, n, live=live)
+                planned = planned_splits(p, n)
+                for s in splits:
+                    us = time_layer_us(p, s)
+                    print(json.dumps({"bench": "decode_splits", "model": model, "live": live, "entries": n,
+                                      "splits": s, "us": round(us, 2), "floor_us": round(p["kv_bytes"] / bw / 1e3, 2),
+                                      "planned": planned}), flush=True)
+                del p
+                torch.cuda.empty_cache()
     from sparrow_sgl.attention.kernels import triton_decode
 
     for row in compiled_resources(triton_decode._sparse_decode_kernel):

@@ -76,6 +76,8 @@
 #   call39: the SGLang graph decode state's Triton path (all-heads scoring now) against its torch reference
 #   call40 (prepared, not run): graph batch sizes in steps of 8 again (+g8), now that the split plan counts live
 #          rows (session 7 measured them 4-5% slower under the earlier plan)
+#   call42 (prepared, not run): bench.decode_splits on drain-size live batches (16 / 12 / 8 / 4 requests) to check
+#          the resident-wave model where it was not fitted
 #   call41 (prepared, not run): the engine's decode GPU tests with steps keyed by their live rows' split plan (a graph
 #          per plan, new in session 17 after call39), then the drained rollouts of the shipped variants
 # usage (repo root, .gpu carried): bash bench/issue19_device.sh callN (N as above)
@@ -259,6 +261,10 @@ elif [ "$call" = call36 ]; then
   tests=""
 elif [ "$call" = call36b ]; then
   ab_now 360 "+w8=SPARROW_DECODE_WAVES=8" ab36b dense-triton,sparse-triton,sparse-triton@0.80
+  tests=""
+elif [ "$call" = call42 ]; then
+  timeout 420 python3 -m bench.decode_splits --live 16,12,8,4 --entries 48,192,512,2048 2>&1 \
+    | tee "$out/decode_splits.jsonl" | grep -v '"model"' | tail -3
   tests=""
 elif [ "$call" = call41 ]; then
   gpu_tests 200 tests/test_graph_decode_gpu.py tests/test_engine_gpu.py tests/test_engine_overlap.py

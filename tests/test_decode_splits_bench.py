@@ -9,7 +9,8 @@ import pytest
 import torch
 
 
-@pytest.mark.parametrize("argv", [["--models", "qwen3-70b"], ["--entries", "0"], ["--splits", "0,2"]])
+@pytest.mark.parametrize("argv", [["--models", "qwen3-70b"], ["--entries", "0"], ["--splits", "0,2"],
+                                  ["--live", "0"]])
 def test_bad_settings_are_refused_by_name(argv, capsys):
     from bench.decode_splits import main
 
@@ -22,10 +23,11 @@ def test_bad_settings_are_refused_by_name(argv, capsys):
 def test_one_tiny_run_prints_a_row_per_split_count(capsys):
     from bench.decode_splits import main
 
-    main(["--models", "qwen3-4b", "--entries", "48", "--splits", "1,3"])
+    main(["--models", "qwen3-4b", "--entries", "48", "--splits", "1,3", "--live", "3"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     timed = [r for r in rows if "splits" in r]
-    assert [r["splits"] for r in timed] == [1, 3] and all(r["us"] > 0 and r["planned"] >= 1 for r in timed)
+    assert [(r["live"], r["splits"]) for r in timed] == [(25, 1), (25, 3), (3, 1), (3, 3)]
+    assert all(r["us"] > 0 and r["planned"] >= 1 for r in timed)
     assert any("resources" in r for r in rows)
 
 
