@@ -51,7 +51,7 @@ def problem(model: str, entries: int, device: str = "cuda", live: int | None = N
     q = torch.randn(rows, q_heads, HEAD_DIM, dtype=torch.bfloat16, device=device)
     kv_bytes = 2 * live * entries * PAGE * kv_heads * HEAD_DIM * 2
     return dict(q=q, caches=caches, block_table=block_table, seq_lens=seq_lens, pages=pages, counts=counts,
-                kv_bytes=kv_bytes, rows=rows * kv_heads, live_rows=live * kv_heads, live=live)
+                kv_bytes=kv_bytes)
 
 
 def time_layer_us(p: dict, splits: int, chain: int = 8) -> float:
@@ -72,13 +72,12 @@ def time_layer_us(p: dict, splits: int, chain: int = 8) -> float:
     return graph_time_us(layers, reps=10, warmup=2, flush=False)["median_us"] / chain
 
 
-def planned_splits(p: dict, entries: int) -> int:
-    """The engine's split count for this problem: its plan over the live rows (`SPARROW_DECODE_WAVES`: every row)."""
-    from sparrow_sgl.attention.kernels.triton_decode import decode_tiling, plan_splits
+def planned_splits(model: str, live: int, entries: int) -> int:
+    """The engine's split count for this problem (`cuda_graph.decode_splits`, a dense row of `entries` pages)."""
+    from sparrow_sgl.attention.kernels.triton_decode import num_sms
+    from sparrow_sgl.engine.cuda_graph import decode_splits
 
-    waves, block_p = decode_tiling(PAGE)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    return plan_splits(p["rows"] if waves is not None else p["live_rows"], entries, block_p, sms, waves)[0]
+    return decode_splits(live, SHAPES[model][2], entries, None, PAGE, num_sms(torch.device("cuda")))[0]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         for live in [SHAPES[model][0], *lives]:
             for n in entries:
                 p = problem(model, n, live=live)
-                planned = planned_splits(p, n)
+                planned = planned_splits(model, live, n)
                 for s in splits:
                     us = time_layer_us(p, s)
                     print(json.dumps({"bench": "decode_splits", "model": model, "live": live, "entries": n,

@@ -543,8 +543,6 @@ class GraphDecodeRunner:
 
     def _decode_splits(self, n: int, width: int, k_cols: int | None, cfg: SparsityConfig) -> tuple[int, int]:
         """`decode_splits` of the launches that run the Triton decode (0 where FlashInfer attends)."""
-        if self.dense_backend != "triton" and (k_cols is None or self.sparse_backend != "triton"):
-            return 0, 0
         from sparrow_sgl.attention.kernels.triton_decode import num_sms
 
         dense, sparse = decode_splits(n, self.kv_heads, width, k_cols, cfg.page_size, num_sms(self.device))

@@ -10,6 +10,7 @@ Works on either cache layout through strides.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -179,6 +180,19 @@ def decode_pipeline() -> tuple[int, bool, int]:
     return int(stages), prefetch == "1", int(warps)
 
 
+@functools.lru_cache(maxsize=4096)
+def _resident_wave_splits(rows: int, chunks: int, slots: int) -> int:
+    """The resident-wave plan's split count (cached: the engine asks for it at every step it loads)."""
+
+    def modelled(s: int) -> tuple[float, int]:
+        full, tail = divmod(rows * s, slots)
+        wave_count = full + (max(tail / slots, TAIL_WAVE) if tail else 0)
+        merge = MERGE_COST + SPLIT_COST * s if s > 1 else 0.0
+        return wave_count * (-(-chunks // s) + PROGRAM_COST) + merge, s
+
+    return min(range(1, min(chunks, MAX_SPLITS) + 1), key=modelled)
+
+
 def plan_splits(rows: int, max_entries: int, block_p: int, num_sms: int, waves: int | None = None
                 ) -> tuple[int, int]:
     """(splits, pages per split) of a launch over `rows` live (request, KV head) rows of <= max_entries pages.
@@ -192,15 +206,7 @@ def plan_splits(rows: int, max_entries: int, block_p: int, num_sms: int, waves: 
     if waves is not None:
         splits = min(max(triton.cdiv(waves * num_sms, rows), 1), chunks)
     else:
-        slots, rows = num_sms * resident_programs(), max(rows, 1)
-
-        def modelled(s: int) -> tuple[float, int]:
-            full, tail = divmod(rows * s, slots)
-            wave_count = full + (max(tail / slots, TAIL_WAVE) if tail else 0)
-            merge = MERGE_COST + SPLIT_COST * s if s > 1 else 0.0
-            return wave_count * (triton.cdiv(chunks, s) + PROGRAM_COST) + merge, s
-
-        splits = min(range(1, min(chunks, MAX_SPLITS) + 1), key=modelled)
+        splits = _resident_wave_splits(max(rows, 1), chunks, num_sms * resident_programs())
     pages_per_split = triton.cdiv(chunks, splits) * block_p
     return triton.cdiv(max(max_entries, 1), pages_per_split), pages_per_split
 
